@@ -1,0 +1,188 @@
+"""HTTP handlers of the v1 API: parse, call the domain, render. The routes table is in app.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import Response
+
+from . import catalog, checks, ledger, tenants
+from .errors import ValidationFailed
+from .http import Ctx, JSONResponse, Q, endpoint, require
+from .receipts import jwks as load_jwks
+from .schemas import (
+    BulkCheckIn,
+    BulkCheckOut,
+    CheckOut,
+    ConsentIn,
+    CookieIn,
+    CookieOut,
+    Jwks,
+    KeysOut,
+    PolicyVersionIn,
+    PolicyVersionList,
+    PolicyVersionOut,
+    PurposeIn,
+    PurposeOut,
+    RecordOut,
+    RotateKeysIn,
+    SubjectConsents,
+    TenantCreated,
+    TenantIn,
+    TenantOut,
+)
+
+KEY_RE = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+LIMIT = Q("limit", int, default=50, minimum=1, maximum=500, description="page size")
+CURSOR = Q("cursor", description="next_cursor of the previous page")
+
+
+def tenant_out(t: Any) -> dict[str, Any]:
+    return {k: getattr(t, k) for k in TenantOut.model_fields}
+
+
+def path_key(ctx: Ctx, name: str) -> str:
+    import re
+
+    value = ctx.path(name)
+    require(bool(re.match(KEY_RE, value)), name, "lowercase letters, digits, _ . - (at most 64)")
+    return value
+
+
+@endpoint(auth="admin", summary="Create a tenant; its keys are returned once", body=TenantIn,
+          status=201, response=TenantCreated, write=True)
+def create_tenant(ctx: Ctx) -> Any:
+    tenant, keys = tenants.create_tenant(ctx.db, ctx.body)
+    return {**tenant_out(tenant), "keys": {"secret_key": keys["secret"], "publishable_key": keys["publishable"]}}
+
+
+@endpoint(auth="secret", summary="The calling tenant's settings", response=TenantOut)
+def get_own_tenant(ctx: Ctx) -> Any:
+    return tenant_out(ctx.tenant)
+
+
+@endpoint(auth="secret", summary="Rotate the tenant's keys; the old ones stop working at once",
+          body=RotateKeysIn, response=KeysOut, write=True)
+def rotate_keys(ctx: Ctx) -> Any:
+    kinds = ["secret", "publishable"] if ctx.body.kind == "both" else [ctx.body.kind]
+    keys = tenants.rotate_keys(ctx.db, ctx.principal.tenant_id, kinds)  # type: ignore[union-attr]
+    return {"secret_key": keys.get("secret"), "publishable_key": keys.get("publishable")}
+
+
+@endpoint(auth="admin", summary="Rotate a tenant's keys (admin)", body=RotateKeysIn, response=KeysOut, write=True)
+def admin_rotate_keys(ctx: Ctx) -> Any:
+    kinds = ["secret", "publishable"] if ctx.body.kind == "both" else [ctx.body.kind]
+    keys = tenants.rotate_keys(ctx.db, ctx.path("tenant_id"), kinds)
+    return {"secret_key": keys.get("secret"), "publishable_key": keys.get("publishable")}
+
+
+def purpose_out(p: Any) -> dict[str, Any]:
+    return {k: getattr(p, k) for k in PurposeOut.model_fields}
+
+
+@endpoint(auth="secret", summary="Create or update a purpose (201 created, 200 updated)",
+          body=PurposeIn, response=PurposeOut, write=True, responses={201: "created"})
+def put_purpose(ctx: Ctx) -> Any:
+    purpose, created = catalog.put_purpose(ctx.db, ctx.principal.tenant_id, path_key(ctx, "key"), ctx.body)  # type: ignore[union-attr]
+    return (201 if created else 200), purpose_out(purpose)
+
+
+@endpoint(auth="secret", summary="List purposes", response=None, responses={200: "list of purposes"})
+def list_purposes(ctx: Ctx) -> Any:
+    return {"items": [purpose_out(p) for p in catalog.list_purposes(ctx.db, ctx.principal.tenant_id)]}  # type: ignore[union-attr]
+
+
+@endpoint(auth="secret", summary="Create or update a cookie disclosure (201 created, 200 updated)",
+          body=CookieIn, response=CookieOut, write=True, responses={201: "created"})
+def put_cookie(ctx: Ctx) -> Any:
+    name = ctx.path("name")
+    require(0 < len(name) <= 128 and name.isprintable(), "name", "1 to 128 printable characters")
+    cookie, created = catalog.put_cookie(ctx.db, ctx.principal.tenant_id, name, ctx.body)  # type: ignore[union-attr]
+    return (201 if created else 200), catalog.cookie_out(cookie)
+
+
+@endpoint(auth="secret", summary="List cookie disclosures", responses={200: "list of cookies"})
+def list_cookies(ctx: Ctx) -> Any:
+    return {"items": [catalog.cookie_out(c) for c in catalog.list_cookies(ctx.db, ctx.principal.tenant_id)]}  # type: ignore[union-attr]
+
+
+@endpoint(auth="secret", summary="Publish an immutable policy version", body=PolicyVersionIn,
+          status=201, response=PolicyVersionOut, write=True)
+def publish_version(ctx: Ctx) -> Any:
+    t = ctx.tenant
+    v = catalog.publish_version(ctx.db, t.id, t.notice_days, path_key(ctx, "policy"), ctx.body)
+    return catalog.version_out(v)
+
+
+@endpoint(auth="secret", summary="List a policy's versions, newest first", query=(LIMIT, CURSOR),
+          response=PolicyVersionList)
+def list_versions(ctx: Ctx) -> Any:
+    rows, nxt = catalog.list_versions(ctx.db, ctx.principal.tenant_id, path_key(ctx, "policy"),  # type: ignore[union-attr]
+                                      limit=ctx.query["limit"], cursor=ctx.query["cursor"])
+    return {"items": [catalog.version_out(v) for v in rows], "next_cursor": nxt}
+
+
+def idempotency_key(ctx: Ctx) -> str | None:
+    key = ctx.request.headers.get("idempotency-key")
+    if key is not None:
+        require(0 < len(key) <= 200 and key.isprintable(), "Idempotency-Key", "1 to 200 printable characters")
+    return key
+
+
+@endpoint(auth="secret", summary="Record one decision; returns the record and its receipt "
+          "(201; 200 when an Idempotency-Key replays an earlier request)", body=ConsentIn, status=201,
+          response=RecordOut, write=True, responses={200: "replayed"}, headers=("Idempotency-Key",))
+def record_consent(ctx: Ctx) -> Any:
+    s = ctx.services
+    result = ledger.record_decision(ctx.db, ctx.tenant, ctx.body, signer=s.signer, issuer=s.settings.issuer,
+                                    idempotency_key=idempotency_key(ctx))
+    return (201 if result.created else 200), ledger.record_out(result.record, result.status)
+
+
+@endpoint(auth="secret", summary="Current state per purpose for one subject, with receipts",
+          response=SubjectConsents)
+def subject_consents(ctx: Ctx) -> Any:
+    t = ctx.tenant
+    subject = ledger.lookup_subject(ctx.db, t, ctx.path("subject"))
+    states = checks.subject_states(ctx.db, t, subject.id)
+    claims = checks.state_receipt_claims(ctx.services.settings.issuer, t, subject.id, states)
+    for s in states:
+        s.pop("legal_basis")
+    return {"subject": subject.id, "purposes": states, "receipt": ctx.services.signer.sign(claims)}
+
+
+CHECK_QUERY = (
+    Q("purpose", required=True, max_length=64),
+    Q("subject", max_length=400, description="user id, or sub_…, user:…, email:…, anon:…"),
+    Q("email", max_length=320),
+    Q("anonymous_id", max_length=200),
+)
+
+
+@endpoint(auth="secret", summary="May we? One subject, one purpose", query=CHECK_QUERY, response=CheckOut)
+def check_one(ctx: Ctx) -> Any:
+    q = ctx.query
+    given = [(k, q[k]) for k in ("subject", "email", "anonymous_id") if q[k]]
+    if len(given) != 1:
+        raise ValidationFailed.field("subject", "give exactly one of subject, email, anonymous_id")
+    name, value = given[0]
+    kind, value = ledger.parse_subject_ref(value) if name == "subject" else ({"email": "email", "anonymous_id": "anon"}[name], value)
+    return checks.check(ctx.db, ctx.tenant, purpose=q["purpose"], kind=kind, value=value)
+
+
+@endpoint(auth="secret", summary="Bulk check: one purpose for up to 100,000 emails or subjects",
+          body=BulkCheckIn, response=BulkCheckOut)
+def check_bulk(ctx: Ctx) -> Any:
+    b = ctx.body
+    n = len(b.emails if b.emails is not None else b.subjects)
+    limit = ctx.services.settings.max_bulk
+    if n > limit:
+        raise ValidationFailed.field("emails" if b.emails is not None else "subjects", f"at most {limit} per call")
+    return checks.bulk_check(ctx.db, ctx.tenant, purpose=b.purpose, emails=b.emails, subjects=b.subjects)
+
+
+@endpoint(auth=None, summary="Public receipt verification keys (old keys kept after rotation)", response=Jwks)
+def jwks(ctx: Ctx) -> Any:
+    return JSONResponse(load_jwks(ctx.db), headers={"Cache-Control": "public, max-age=300"})
+
+

@@ -1,0 +1,229 @@
+"""Purposes, cookie disclosures and immutable policy versions of a tenant."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .errors import BadRequest, Conflict, NotFound, ValidationFailed
+from .models import Cookie, PolicyPurpose, PolicyVersion, Purpose, utcnow
+from .schemas import CookieIn, PolicyVersionIn, PurposeIn
+
+CLOCK_SKEW = timedelta(minutes=1)
+
+
+def put_purpose(db: Session, tenant_id: str, key: str, spec: PurposeIn) -> tuple[Purpose, bool]:
+    """Create or update a purpose; returns (purpose, created)."""
+    now = utcnow()
+    purpose = db.get(Purpose, (tenant_id, key))
+    data = spec.model_dump(mode="json")
+    if purpose is None:
+        purpose = Purpose(tenant_id=tenant_id, key=key, created_at=now, updated_at=now, **data)
+        db.add(purpose)
+        db.flush()
+        return purpose, True
+    if purpose.kind != spec.kind and _purpose_published(db, tenant_id, key):
+        raise Conflict(f"purpose {key!r} is in a published policy version; its kind cannot change")
+    for name, value in data.items():
+        setattr(purpose, name, value)
+    purpose.updated_at = now
+    db.flush()
+    return purpose, False
+
+
+def _purpose_published(db: Session, tenant_id: str, key: str) -> bool:
+    q = sa.select(PolicyPurpose.policy_version_id).where(
+        PolicyPurpose.tenant_id == tenant_id, PolicyPurpose.purpose == key
+    )
+    return db.execute(q.limit(1)).first() is not None
+
+
+def get_purpose(db: Session, tenant_id: str, key: str) -> Purpose | None:
+    return db.get(Purpose, (tenant_id, key))
+
+
+def list_purposes(db: Session, tenant_id: str) -> list[Purpose]:
+    q = sa.select(Purpose).where(Purpose.tenant_id == tenant_id).order_by(Purpose.key)
+    return list(db.execute(q).scalars())
+
+
+def put_cookie(db: Session, tenant_id: str, name: str, spec: CookieIn) -> tuple[Cookie, bool]:
+    """Create or update a cookie disclosure; its purpose must exist."""
+    if get_purpose(db, tenant_id, spec.purpose) is None:
+        raise ValidationFailed.field("purpose", f"unknown purpose {spec.purpose!r}")
+    now = utcnow()
+    data = spec.model_dump(mode="json")
+    data["lifetime"] = str(data["lifetime"])
+    cookie = db.get(Cookie, (tenant_id, name))
+    created = cookie is None
+    if cookie is None:
+        cookie = Cookie(tenant_id=tenant_id, name=name, created_at=now, updated_at=now, **data)
+        db.add(cookie)
+    else:
+        for field, value in data.items():
+            setattr(cookie, field, value)
+        cookie.updated_at = now
+    db.flush()
+    return cookie, created
+
+
+def list_cookies(db: Session, tenant_id: str) -> list[Cookie]:
+    q = sa.select(Cookie).where(Cookie.tenant_id == tenant_id).order_by(Cookie.name)
+    return list(db.execute(q).scalars())
+
+
+def cookie_out(cookie: Cookie) -> dict[str, Any]:
+    """The public shape of a disclosure (also the snapshot kept in versions and records)."""
+    lifetime: str | int = cookie.lifetime if cookie.lifetime == "session" else int(cookie.lifetime)
+    return {
+        "name": cookie.name,
+        "provider": cookie.provider,
+        "purpose": cookie.purpose,
+        "http_only": cookie.http_only,
+        "secure": cookie.secure,
+        "same_site": cookie.same_site,
+        "lifetime": lifetime,
+        "description": cookie.description,
+        "translations": cookie.translations,
+    }
+
+
+def publish_version(
+    db: Session, tenant_id: str, notice_days: int, policy_key: str, spec: PolicyVersionIn
+) -> PolicyVersion:
+    """Publish an immutable policy version, enforcing the notice period for material ones."""
+    now = utcnow()
+    errors: list[dict[str, str]] = []
+    known = {p.key for p in list_purposes(db, tenant_id)}
+    for i, key in enumerate(spec.purposes):
+        if key not in known:
+            errors.append({"field": f"purposes[{i}]", "message": f"unknown purpose {key!r}"})
+    if len(set(spec.purposes)) != len(spec.purposes):
+        errors.append({"field": "purposes", "message": "purposes must not repeat"})
+    cookies = {c.name: c for c in list_cookies(db, tenant_id)}
+    if spec.cookies is None:
+        chosen = [c for c in cookies.values() if c.purpose in spec.purposes]
+    else:
+        chosen = []
+        for i, name in enumerate(spec.cookies):
+            if name not in cookies:
+                errors.append({"field": f"cookies[{i}]", "message": f"unknown cookie {name!r}"})
+            else:
+                chosen.append(cookies[name])
+    notice = timedelta(days=notice_days)
+    effective = spec.effective_at or (now + notice if spec.material else now)
+    if spec.material and effective < now + notice - CLOCK_SKEW:
+        errors.append({
+            "field": "effective_at",
+            "message": f"a material version may take effect no sooner than {notice_days} days "
+            f"after publication (the tenant's notice period): {(now + notice).isoformat()}",
+        })
+    elif effective < now - CLOCK_SKEW:
+        errors.append({"field": "effective_at", "message": "may not be before publication"})
+    if errors:
+        raise ValidationFailed(errors)
+    version = PolicyVersion(
+        tenant_id=tenant_id,
+        policy_key=policy_key,
+        version=spec.version,
+        document_url=spec.document_url,
+        document_sha256=spec.document_sha256,
+        published_at=now,
+        effective_at=effective,
+        material=spec.material,
+        purposes=list(spec.purposes),
+        cookies=[cookie_out(c) for c in chosen],
+    )
+    try:
+        with db.begin_nested():
+            db.add(version)
+            db.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"policy {policy_key!r} already has version {spec.version!r}") from exc
+    for key in spec.purposes:
+        db.add(PolicyPurpose(
+            policy_version_id=version.id, purpose=key, tenant_id=tenant_id, policy_key=policy_key,
+            material=spec.material, effective_at=effective,
+        ))
+    db.flush()
+    return version
+
+
+def version_out(v: PolicyVersion) -> dict[str, Any]:
+    return {
+        "policy": v.policy_key,
+        "version": v.version,
+        "document_url": v.document_url,
+        "document_sha256": v.document_sha256,
+        "published_at": v.published_at,
+        "effective_at": v.effective_at,
+        "material": v.material,
+        "purposes": v.purposes,
+        "cookies": v.cookies,
+    }
+
+
+def encode_cursor(value: int) -> str:
+    return base64.urlsafe_b64encode(str(value).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except ValueError as exc:
+        raise BadRequest("cursor is not one this service issued", code="bad_cursor") from exc
+
+
+def list_versions(
+    db: Session, tenant_id: str, policy_key: str, *, limit: int, cursor: str | None
+) -> tuple[list[PolicyVersion], str | None]:
+    """Versions newest first, cursor-paginated."""
+    q = sa.select(PolicyVersion).where(
+        PolicyVersion.tenant_id == tenant_id, PolicyVersion.policy_key == policy_key
+    )
+    after = decode_cursor(cursor)
+    if after is not None:
+        q = q.where(PolicyVersion.id < after)  # type: ignore[operator]
+    rows = list(db.execute(q.order_by(PolicyVersion.id.desc()).limit(limit + 1)).scalars())  # type: ignore[union-attr]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (encode_cursor(rows[-1].id) if more and rows else None)  # type: ignore[arg-type]
+
+
+def get_version(db: Session, tenant_id: str, policy_key: str, version: str) -> PolicyVersion | None:
+    q = sa.select(PolicyVersion).where(
+        PolicyVersion.tenant_id == tenant_id,
+        PolicyVersion.policy_key == policy_key,
+        PolicyVersion.version == version,
+    )
+    return db.execute(q).scalars().first()
+
+
+def current_version(
+    db: Session, tenant_id: str, policy_key: str, at: datetime | None = None, purpose: str | None = None
+) -> PolicyVersion | None:
+    """The newest version in effect at ``at`` (default now), optionally covering ``purpose``."""
+    q = sa.select(PolicyVersion).where(
+        PolicyVersion.tenant_id == tenant_id,
+        PolicyVersion.policy_key == policy_key,
+        PolicyVersion.effective_at <= (at or utcnow()),
+    )
+    if purpose is not None:
+        q = q.join(PolicyPurpose, PolicyPurpose.policy_version_id == PolicyVersion.id).where(
+            PolicyPurpose.purpose == purpose
+        )
+    return db.execute(q.order_by(PolicyVersion.id.desc()).limit(1)).scalars().first()  # type: ignore[union-attr]
+
+
+def require_version(db: Session, tenant_id: str, policy_key: str, version: str) -> PolicyVersion:
+    v = get_version(db, tenant_id, policy_key, version)
+    if v is None:
+        raise NotFound(f"policy {policy_key!r} has no version {version!r}")
+    return v

@@ -1,0 +1,156 @@
+"""Consent checks: the hot path. One indexed query per single check; chunked queries for bulk.
+
+Staleness is decided inside the query by an EXISTS over policy_purpose (a newer material
+version covering the purpose and in effect), so no cache can go stale behind a write.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from . import crypto
+from .catalog import get_purpose, list_purposes
+from .errors import ValidationFailed
+from .ledger import SI, STATE, parse_subject_ref
+from .models import ConsentRecord, PolicyPurpose, Tenant, utcnow
+from .receipts import record_claims
+from .state import derive_status, is_allowed
+
+PP = PolicyPurpose.__table__  # type: ignore[attr-defined]
+REC = ConsentRecord.__table__  # type: ignore[attr-defined]
+BULK_CHUNK = 5000
+
+
+def _stale(now: Any) -> Any:
+    return sa.exists().where(
+        PP.c.tenant_id == STATE.c.tenant_id,
+        PP.c.purpose == STATE.c.purpose,
+        PP.c.policy_key == STATE.c.policy_key,
+        PP.c.material.is_(True),
+        PP.c.effective_at <= now,
+        PP.c.policy_version_id > STATE.c.policy_version_id,
+    ).label("stale")
+
+
+_COLUMNS = (STATE.c.subject_id, STATE.c.decision, STATE.c.confirmed, STATE.c.policy_version, STATE.c.record_seq)
+
+# GET /v1/check by identifier: one round trip (identifier -> state -> record receipt).
+_SINGLE_BY_IDENT = (
+    sa.select(*_COLUMNS, REC.c.id.label("record_id"), REC.c.receipt, _stale(sa.bindparam("now")))
+    .select_from(SI.join(STATE, sa.and_(STATE.c.tenant_id == SI.c.tenant_id, STATE.c.subject_id == SI.c.subject_id)))
+    .join(REC, REC.c.seq == STATE.c.record_seq)
+    .where(SI.c.tenant_id == sa.bindparam("t"), SI.c.kind == sa.bindparam("k"),
+           SI.c.value_hash == sa.bindparam("h"), STATE.c.purpose == sa.bindparam("p"))
+)
+_SINGLE_BY_ID = (
+    sa.select(*_COLUMNS, REC.c.id.label("record_id"), REC.c.receipt, _stale(sa.bindparam("now")))
+    .select_from(STATE.join(REC, REC.c.seq == STATE.c.record_seq))
+    .where(STATE.c.tenant_id == sa.bindparam("t"), STATE.c.subject_id == sa.bindparam("s"),
+           STATE.c.purpose == sa.bindparam("p"))
+)
+
+
+def check(db: Session, tenant: Tenant, *, purpose: str, kind: str, value: str) -> dict[str, Any]:
+    """``{allowed, status, purpose, subject, policy_version, record_id, receipt}`` for one subject."""
+    now = utcnow()
+    if kind == "id":
+        row = db.execute(_SINGLE_BY_ID, {"t": tenant.id, "s": value, "p": purpose, "now": now}).first()
+    else:
+        if kind == "email":
+            value = crypto.normalize_email(value)
+        h = crypto.keyed_hash(tenant.hash_key, kind, value)
+        row = db.execute(_SINGLE_BY_IDENT, {"t": tenant.id, "k": kind, "h": h, "p": purpose, "now": now}).first()
+    if row is None:
+        if get_purpose(db, tenant.id, purpose) is None:  # only paid for on a miss
+            raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
+        return {"allowed": False, "status": "none", "purpose": purpose, "subject": None,
+                "policy_version": None, "record_id": None, "receipt": None}
+    status = derive_status(row.decision, confirmed=row.confirmed, stale=row.stale)
+    return {"allowed": is_allowed(status), "status": status, "purpose": purpose,
+            "subject": row.subject_id, "policy_version": row.policy_version,
+            "record_id": row.record_id, "receipt": row.receipt}
+
+
+def bulk_check(db: Session, tenant: Tenant, *, purpose: str, emails: list[str] | None,
+               subjects: list[str] | None) -> dict[str, Any]:
+    """One purpose for many emails or subject references, in input order."""
+    if get_purpose(db, tenant.id, purpose) is None:
+        raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
+    now = utcnow()
+    items = emails if emails is not None else subjects or []
+    keys: list[tuple[str, str]] = []  # (kind, hash-or-id) per input
+    for raw in items:
+        if emails is not None:
+            keys.append(("email", crypto.keyed_hash(tenant.hash_key, "email", crypto.normalize_email(raw))))
+        else:
+            kind, value = parse_subject_ref(raw)
+            keys.append((kind, value if kind == "id" else crypto.keyed_hash(tenant.hash_key, kind, value)))
+    found: dict[tuple[str, str], tuple[str, bool, bool]] = {}
+    by_kind: dict[str, list[str]] = {}
+    for kind, h in keys:
+        by_kind.setdefault(kind, []).append(h)
+    cols = (STATE.c.decision, STATE.c.confirmed, _stale(now))
+    for kind, hashes in by_kind.items():
+        unique = list(dict.fromkeys(hashes))
+        for i in range(0, len(unique), BULK_CHUNK):
+            chunk = unique[i:i + BULK_CHUNK]
+            if kind == "id":
+                q = sa.select(STATE.c.subject_id.label("key"), *cols).where(
+                    STATE.c.tenant_id == tenant.id, STATE.c.purpose == purpose, STATE.c.subject_id.in_(chunk))
+            else:
+                q = (sa.select(SI.c.value_hash.label("key"), *cols)
+                     .select_from(SI.join(STATE, sa.and_(STATE.c.tenant_id == SI.c.tenant_id,
+                                                         STATE.c.subject_id == SI.c.subject_id)))
+                     .where(SI.c.tenant_id == tenant.id, SI.c.kind == kind, SI.c.value_hash.in_(chunk),
+                            STATE.c.purpose == purpose))
+            for row in db.execute(q):
+                found[(kind, row.key)] = (row.decision, row.confirmed, row.stale)
+    results = []
+    allowed_count = 0
+    for raw, key in zip(items, keys):
+        hit = found.get(key)
+        status = derive_status(hit[0], confirmed=hit[1], stale=hit[2]) if hit else "none"
+        allowed = is_allowed(status)
+        allowed_count += allowed
+        results.append({"id": raw, "allowed": allowed, "status": status})
+    return {"purpose": purpose, "count": len(results), "allowed_count": allowed_count, "results": results}
+
+
+def subject_states(db: Session, tenant: Tenant, subject_id: str, *, at: datetime | None = None) -> list[dict[str, Any]]:
+    """Current state of every purpose of the tenant for one subject."""
+    now = at or utcnow()
+    rows = db.execute(
+        sa.select(STATE.c.purpose, *_COLUMNS, REC.c.id.label("record_id"), REC.c.receipt,
+                  REC.c.recorded_at, _stale(now))
+        .select_from(STATE.join(REC, REC.c.seq == STATE.c.record_seq))
+        .where(STATE.c.tenant_id == tenant.id, STATE.c.subject_id == subject_id)
+    ).all()
+    by_purpose = {r.purpose: r for r in rows}
+    out = []
+    for p in list_purposes(db, tenant.id):
+        r = by_purpose.get(p.key)
+        status = derive_status(r.decision, confirmed=r.confirmed, stale=r.stale) if r else "none"
+        out.append({
+            "purpose": p.key, "status": status, "allowed": is_allowed(status),
+            "policy_version": r.policy_version if r else None,
+            "recorded_at": r.recorded_at if r else None,
+            "record_id": r.record_id if r else None,
+            "receipt": r.receipt if r else None,
+            "legal_basis": p.legal_basis,
+        })
+    return out
+
+
+def state_receipt_claims(issuer: str, tenant: Tenant, subject_id: str, states: list[dict[str, Any]]) -> dict[str, Any]:
+    """A receipt over a subject's whole current state (signed at read time)."""
+    claims = record_claims(
+        issuer=issuer, tenant_id=tenant.id, subject_id=subject_id, policy=None,
+        record={"id": None, "record_hash": None, "source": "state", "recorded_at": crypto.iso(utcnow())},
+        purposes=[{"purpose": s["purpose"], "status": s["status"], "legal_basis": s["legal_basis"],
+                   "record_id": s["record_id"], "policy_version": s["policy_version"]} for s in states],
+    )
+    return claims

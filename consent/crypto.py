@@ -1,0 +1,135 @@
+"""All cryptography in one place: receipt signing keys (Ed25519 / EdDSA JWTs), keyed
+identifier hashes, API key hashing, canonical JSON hashing and itsdangerous tokens.
+
+Library exceptions are turned into ``errors.BadToken``; decoding always pins the algorithm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+
+from .errors import BadToken
+
+ALGORITHM = "EdDSA"
+
+
+def canonical_json(value: Any) -> bytes:
+    """Deterministic JSON bytes: sorted keys, no spaces, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def keyed_hash(key: str, kind: str, value: str) -> str:
+    """HMAC-SHA256 of an identifier under the tenant's key: lookups never need the raw value."""
+    return hmac.new(bytes.fromhex(key), f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def normalize_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def new_id(prefix: str, nbytes: int = 12) -> str:
+    return f"{prefix}_{secrets.token_hex(nbytes)}"
+
+
+def new_secret_hex(nbytes: int = 32) -> str:
+    return secrets.token_hex(nbytes)
+
+
+def new_api_key(kind: str) -> str:
+    """A fresh key: ``sk_...`` (secret) or ``pk_...`` (publishable)."""
+    return ("sk_" if kind == "secret" else "pk_") + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """How API keys and admin tokens are stored: SHA-256 hex (tokens are high-entropy)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def tokens_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def iso(dt: datetime) -> str:
+    """RFC 3339 UTC with microseconds, the form used inside hashes and receipts."""
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    kid: str
+    private_pem: str
+    public_jwk: dict[str, Any]
+
+
+def generate_signing_key() -> KeyPair:
+    """A new Ed25519 key with its public JWK; the kid is the RFC 7638 thumbprint."""
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    jwk = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(private.public_key()))
+    thumb = canonical_json({"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"]})
+    kid = jwt.utils.base64url_encode(hashlib.sha256(thumb).digest()).decode()[:22]
+    jwk.update({"kid": kid, "alg": ALGORITHM, "use": "sig"})
+    return KeyPair(kid=kid, private_pem=pem, public_jwk=jwk)
+
+
+class Signer:
+    """Signs receipts with one private key; the loaded key object is reused (cheap signing)."""
+
+    def __init__(self, kid: str, private_pem: str):
+        self.kid = kid
+        self._key = serialization.load_pem_private_key(private_pem.encode(), password=None)
+        self._headers = {"kid": kid, "typ": "JWT"}
+
+    def __repr__(self) -> str:  # never print key material
+        return f"Signer(kid={self.kid!r})"
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers=self._headers)  # type: ignore[arg-type]
+
+
+def verify_jwt(token: str, jwks: dict[str, Any], *, audience: str | None = None) -> dict[str, Any]:
+    """Verify an EdDSA JWT against a JWKS dict; raises BadToken."""
+    try:
+        header = jwt.get_unverified_header(token)
+        if header.get("alg") != ALGORITHM:
+            raise BadToken(f"algorithm {header.get('alg')!r} is not accepted")
+        keys = {k.get("kid"): k for k in jwks.get("keys", [])}
+        jwk = keys.get(header.get("kid"))
+        if jwk is None:
+            raise BadToken("unknown key id")
+        key = jwt.PyJWK(jwk, algorithm=ALGORITHM)
+        return jwt.decode(token, key, algorithms=[ALGORITHM], options={"verify_aud": False})
+    except jwt.PyJWTError as exc:
+        raise BadToken(str(exc)) from exc
+
+
+def serializer(secrets_newest_last: list[str], salt: str) -> URLSafeTimedSerializer:
+    """An itsdangerous serializer that signs with the newest secret and accepts older ones."""
+    return URLSafeTimedSerializer(list(secrets_newest_last), salt=salt)
+
+
+def loads_token(s: URLSafeTimedSerializer, token: str, max_age: int | None = None) -> Any:
+    """Decode an itsdangerous token, turning its exceptions into our own."""
+    try:
+        return s.loads(token, max_age=max_age)
+    except SignatureExpired as exc:
+        raise BadToken("token expired", expired=True) from exc
+    except BadSignature as exc:
+        raise BadToken("token signature does not match") from exc

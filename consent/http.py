@@ -1,0 +1,273 @@
+"""The thin HTTP layer: an ``endpoint`` decorator that authenticates, parses and validates
+input, runs the handler in one database transaction (committed or rolled back here only),
+and renders JSON. Its declarations (auth, body, query, responses) also drive /openapi.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .db import transaction
+from .errors import (
+    BadRequest,
+    ConsentError,
+    Forbidden,
+    MalformedJSON,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from .models import Tenant
+from .tenants import Principal, authenticate_key, get_tenant, is_admin_token
+
+JSON_TYPES = ("application/json",)
+
+
+class JSONResponse(Response):
+    """orjson-rendered JSON; datetimes as RFC 3339 UTC with Z."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+def dumps(content: Any) -> bytes:
+    return orjson.dumps(content, option=orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS, default=_default)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def problem_response(exc: ConsentError, instance: str | None = None, request_id: str | None = None) -> Response:
+    body = exc.to_problem(instance)
+    if request_id:
+        body["request_id"] = request_id
+    return Response(dumps(body), status_code=exc.status, headers=exc.headers,
+                    media_type="application/problem+json")
+
+
+@dataclass(frozen=True)
+class Q:
+    """A declared query parameter: parsed, validated (422 naming it) and documented."""
+
+    name: str
+    type: type = str
+    required: bool = False
+    default: Any = None
+    description: str = ""
+    minimum: int | None = None
+    maximum: int | None = None
+    max_length: int = 1000
+    choices: tuple[str, ...] | None = None
+
+    def parse(self, raw: str | None) -> Any:
+        if raw is None or raw == "":
+            if self.required:
+                raise ValidationFailed.field(self.name, "is required")
+            return self.default
+        if len(raw) > self.max_length:
+            raise ValidationFailed.field(self.name, f"longer than {self.max_length} characters")
+        if self.choices is not None and raw not in self.choices:
+            raise ValidationFailed.field(self.name, f"must be one of {', '.join(self.choices)}")
+        if self.type is int:
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ValidationFailed.field(self.name, "must be an integer") from None
+            if (self.minimum is not None and value < self.minimum) or (
+                self.maximum is not None and value > self.maximum
+            ):
+                raise ValidationFailed.field(self.name, f"must be between {self.minimum} and {self.maximum}")
+            return value
+        if self.type is datetime:
+            return parse_time(self.name, raw)
+        return raw
+
+
+def parse_time(name: str, raw: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "+"))
+    except ValueError:
+        raise ValidationFailed.field(name, "must be an RFC 3339 timestamp") from None
+    if value.tzinfo is None:
+        raise ValidationFailed.field(name, "must carry a time zone (e.g. Z)")
+    return value
+
+
+@dataclass
+class Meta:
+    """What an endpoint declares; read by the OpenAPI builder."""
+
+    auth: str | None
+    summary: str
+    body: type[BaseModel] | None = None
+    query: tuple[Q, ...] = ()
+    status: int = 200
+    response: type[BaseModel] | None = None
+    responses: dict[int, str] = field(default_factory=dict)
+    write: bool = False
+    text_body: bool = False
+    media_types: tuple[str, ...] = ("application/json",)
+    headers: tuple[str, ...] = ()
+
+
+@dataclass
+class Ctx:
+    """What a handler gets: the request, its transaction, caller, parsed body and query."""
+
+    request: Request
+    db: Session
+    services: Any
+    principal: Principal | None
+    body: Any
+    query: dict[str, Any]
+    _tenant: Tenant | None = None
+
+    @property
+    def tenant(self) -> Tenant:
+        if self._tenant is None:
+            assert self.principal is not None
+            self._tenant = get_tenant(self.db, self.principal.tenant_id)
+        return self._tenant
+
+    def path(self, name: str) -> str:
+        return str(self.request.path_params[name])
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("use 'Authorization: Bearer <key>'")
+    return token.strip()
+
+
+def authenticate(db: Session, services: Any, request: Request, auth: str) -> Principal | None:
+    """Check the caller against what the route needs: admin, secret or publishable key."""
+    token = bearer(request)
+    if token is None and auth == "publishable":
+        token = request.query_params.get("key")
+    if token is None:
+        raise Unauthorized("this route needs an API key")
+    if auth == "admin":
+        if is_admin_token(db, token, services.admin_token):
+            return None
+        if authenticate_key(db, token) is not None:
+            raise Forbidden("this route needs the admin token, not a tenant key", code="wrong_key_type")
+        raise Unauthorized("unknown admin token")
+    principal = authenticate_key(db, token) if len(token) < 200 else None
+    if principal is None:
+        if is_admin_token(db, token, services.admin_token):
+            raise Forbidden("the admin token cannot act for a tenant; use the tenant's secret key",
+                            code="wrong_key_type")
+        raise Unauthorized("unknown or revoked API key")
+    if principal.kind != auth:
+        raise Forbidden(f"this route needs a {auth} key, not a {principal.kind} key", code="wrong_key_type")
+    return principal
+
+
+async def read_body(request: Request, meta: Meta, limit: int) -> Any:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    allowed = JSON_TYPES + (("text/plain",) if meta.text_body else ())
+    if ctype not in allowed and not ctype.endswith("+json"):
+        raise UnsupportedMediaType(f"send the body as {' or '.join(allowed)}")
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"the body may be at most {limit} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body may be at most {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:  # orjson refuses lone surrogates and some edge cases json accepts; be exact
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise MalformedJSON("the body is not valid JSON") from None
+    assert meta.body is not None
+    try:
+        return meta.body.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed(validation_errors(exc)) from None
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        out.append({"field": loc, "message": err["msg"]})
+    return out
+
+
+def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable[[Ctx], Any]], Any]:
+    """Wrap a sync handler ``fn(ctx)`` that returns a body (dict/model), ``(status, body)`` or a Response."""
+    meta = Meta(auth=auth, summary=summary, **kw)
+
+    def deco(fn: Callable[[Ctx], Any]) -> Any:
+        async def handler(request: Request) -> Response:
+            services = request.app.state.services
+            body = await read_body(request, meta, services.settings.max_body_bytes) if meta.body else None
+            query = {q.name: q.parse(request.query_params.get(q.name)) for q in meta.query}
+
+            def work() -> Any:
+                with transaction(services.engine, write=meta.write) as db:
+                    principal = authenticate(db, services, request, auth) if auth else None
+                    return fn(Ctx(request, db, services, principal, body, query))
+
+            return render(await run_in_threadpool(work), meta.status)
+
+        handler.meta = meta  # type: ignore[attr-defined]
+        handler.__name__ = fn.__name__
+        handler.__doc__ = fn.__doc__
+        return handler
+
+    return deco
+
+
+def describe(*, auth: str | None = None, summary: str, **kw: Any) -> Callable[[Any], Any]:
+    """Attach OpenAPI metadata to a plain async handler (no transaction, no auth)."""
+
+    def deco(fn: Any) -> Any:
+        fn.meta = Meta(auth=auth, summary=summary, **kw)
+        return fn
+
+    return deco
+
+
+def render(result: Any, status: int) -> Response:
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, tuple):
+        status, result = result
+    return JSONResponse(result, status_code=status)
+
+
+def require(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ValidationFailed.field(field_name, message)
+
+
+__all__ = ["BadRequest", "Ctx", "JSONResponse", "Q", "endpoint", "problem_response", "render", "require"]

@@ -1,0 +1,331 @@
+"""The append-only consent ledger: subjects, their identifiers, and recording a decision
+with its hash chain link and signed receipt, in one transaction."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from . import crypto
+from .catalog import current_version, get_purpose, get_version
+from .errors import IdempotencyConflict, NotFound, ValidationFailed
+from .models import ConsentRecord, ConsentState, Subject, SubjectIdentifier, Tenant, utcnow
+from .receipts import record_claims
+from .schemas import ConsentIn, SubjectRef
+from .state import derive_status
+
+PRIORITY = ("user", "email", "anon")
+SI = SubjectIdentifier.__table__  # type: ignore[attr-defined]
+STATE = ConsentState.__table__  # type: ignore[attr-defined]
+
+
+def insert_for(db: Session) -> Any:
+    """The dialect's INSERT (for ON CONFLICT), SQLite or PostgreSQL."""
+    return postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def identifier_hashes(tenant: Tenant, ref: SubjectRef) -> list[tuple[str, str, str]]:
+    """(kind, keyed hash, raw value) for each identifier given, highest priority first."""
+    out = []
+    if ref.user_id:
+        out.append(("user", crypto.keyed_hash(tenant.hash_key, "user", ref.user_id), ref.user_id))
+    if ref.email:
+        email = crypto.normalize_email(ref.email)
+        out.append(("email", crypto.keyed_hash(tenant.hash_key, "email", email), email))
+    if ref.anonymous_id:
+        out.append(("anon", crypto.keyed_hash(tenant.hash_key, "anon", ref.anonymous_id), ref.anonymous_id))
+    return out
+
+
+def find_subject_id(db: Session, tenant: Tenant, kind: str, value: str) -> str | None:
+    """The subject known by one identifier (``kind`` user, email or anon), if any."""
+    if kind == "email":
+        value = crypto.normalize_email(value)
+    h = crypto.keyed_hash(tenant.hash_key, kind, value)
+    return db.execute(
+        sa.select(SI.c.subject_id).where(SI.c.tenant_id == tenant.id, SI.c.kind == kind, SI.c.value_hash == h)
+    ).scalar()
+
+
+def parse_subject_ref(value: str) -> tuple[str, str]:
+    """A path/query subject: ``sub_…`` (our id), ``email:…``, ``anon:…``, ``user:…``, else a user id."""
+    if value.startswith("sub_"):
+        return "id", value
+    for kind, prefix in (("email", "email:"), ("anon", "anon:"), ("user", "user:")):
+        if value.startswith(prefix):
+            return kind, value[len(prefix):]
+    return "user", value
+
+
+def lookup_subject(db: Session, tenant: Tenant, value: str) -> Subject:
+    """The subject named by a path parameter, or 404 (another tenant's is simply not found)."""
+    kind, raw = parse_subject_ref(value)
+    sid = raw if kind == "id" else find_subject_id(db, tenant, kind, raw)
+    subject = db.get(Subject, sid) if sid else None
+    if subject is None or subject.tenant_id != tenant.id:
+        raise NotFound("subject not found")
+    return subject
+
+
+def resolve_subject(db: Session, tenant: Tenant, ref: SubjectRef) -> Subject:
+    """Find or create the subject for these identifiers and lock it for a chain append.
+
+    The highest-priority known identifier wins (user id, then email, then anonymous id);
+    identifiers not yet known are attached to it; one owned by another subject is left alone.
+    """
+    ids = identifier_hashes(tenant, ref)
+    cond = sa.or_(*[sa.and_(SI.c.kind == k, SI.c.value_hash == h) for k, h, _ in ids])
+    rows = db.execute(sa.select(SI.c.kind, SI.c.subject_id).where(SI.c.tenant_id == tenant.id, cond)).all()
+    owners = {r.kind: r.subject_id for r in rows}
+    subject_id = next((owners[k] for k in PRIORITY if k in owners), None)
+    now = utcnow()
+    if subject_id is None:
+        subject_id = crypto.new_id("sub", 12)
+        db.add(Subject(
+            id=subject_id, tenant_id=tenant.id, created_at=now,
+            pseudonym=crypto.keyed_hash(tenant.hash_key, "subject", subject_id),
+        ))
+        db.flush()
+    missing = [(k, h, v) for k, h, v in ids if k not in owners]
+    if missing:
+        ins = insert_for(db)(SI).values([
+            {"tenant_id": tenant.id, "kind": k, "value_hash": h, "value": v,
+             "subject_id": subject_id, "created_at": now}
+            for k, h, v in missing
+        ]).on_conflict_do_nothing()
+        db.execute(ins)
+        if not owners:
+            # A concurrent request may have created the same person first: follow its owner.
+            k, h, _ = ids[0]
+            winner = db.execute(sa.select(SI.c.subject_id).where(
+                SI.c.tenant_id == tenant.id, SI.c.kind == k, SI.c.value_hash == h)).scalar_one()
+            if winner != subject_id:
+                db.execute(sa.delete(SI).where(SI.c.subject_id == subject_id))
+                db.execute(sa.delete(Subject.__table__).where(Subject.__table__.c.id == subject_id))  # type: ignore[attr-defined]
+                subject_id = winner
+    return lock_subject(db, subject_id)
+
+
+def lock_subject(db: Session, subject_id: str) -> Subject:
+    """The subject row, locked until commit (PostgreSQL) so chain appends stay linear."""
+    q = sa.select(Subject).where(Subject.id == subject_id).with_for_update()
+    subject = db.execute(q.execution_options(populate_existing=True)).scalar_one()
+    return subject
+
+
+def truncate_ip(ip: str, full: bool) -> str | None:
+    """IPv4 to /24 and IPv6 to /48 unless the tenant keeps full addresses; junk is dropped."""
+    try:
+        addr = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        return None
+    if full:
+        return str(addr)
+    prefix = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).network_address)
+
+
+def build_evidence(tenant: Tenant, given: dict[str, Any] | None, *, ip: str | None, user_agent: str | None) -> dict[str, Any]:
+    evidence = dict(given or {})
+    ip = evidence.pop("ip", None) or ip
+    ua = evidence.pop("user_agent", None) or user_agent
+    if ip:
+        kept = truncate_ip(ip, tenant.store_full_ip)
+        if kept:
+            evidence["ip"] = kept
+    if ua and tenant.store_user_agent:
+        evidence["user_agent"] = ua[:1000]
+    return evidence
+
+
+def record_content(record: ConsentRecord, pseudonym: str, disclosures_sha256: str | None) -> dict[str, Any]:
+    """What a record hash covers. Identifiers appear only as the subject's keyed pseudonym and
+    evidence only by its hash, so erasure can drop both without breaking the chain."""
+    return {
+        "v": 1,
+        "id": record.id,
+        "tenant": record.tenant_id,
+        "subject": pseudonym,
+        "purpose": record.purpose,
+        "decision": record.decision,
+        "confirmed": record.confirmed,
+        "policy": {"key": record.policy_key, "version": record.policy_version},
+        "source": record.source,
+        "evidence_sha256": record.evidence_sha256,
+        "disclosures_sha256": disclosures_sha256,
+        "recorded_at": crypto.iso(record.recorded_at),
+        "prev_hash": record.prev_hash,
+    }
+
+
+def compute_record_hash(record: ConsentRecord, pseudonym: str) -> str:
+    disclosures = crypto.sha256_hex(crypto.canonical_json(record.disclosures)) if record.disclosures else None
+    return crypto.sha256_hex(crypto.canonical_json(record_content(record, pseudonym, disclosures)))
+
+
+@dataclass
+class Recorded:
+    record: ConsentRecord
+    created: bool
+    status: str
+
+
+def find_by_idempotency_key(db: Session, tenant_id: str, key: str) -> ConsentRecord | None:
+    q = sa.select(ConsentRecord).where(ConsentRecord.tenant_id == tenant_id, ConsentRecord.idempotency_key == key)
+    return db.execute(q).scalars().first()
+
+
+def replay(existing: ConsentRecord, request_sha256: str) -> Recorded:
+    if existing.request_sha256 != request_sha256:
+        raise IdempotencyConflict("this Idempotency-Key was used with a different request body")
+    return Recorded(existing, False, status_of_record(existing))
+
+
+def status_of_record(record: ConsentRecord) -> str:
+    return derive_status(record.decision, confirmed=record.confirmed, stale=False)
+
+
+def record_decision(
+    db: Session,
+    tenant: Tenant,
+    spec: ConsentIn,
+    *,
+    signer: crypto.Signer,
+    issuer: str,
+    idempotency_key: str | None = None,
+    ip: str | None = None,
+    user_agent: str | None = None,
+    confirmed: bool | None = None,
+) -> Recorded:
+    """Validate and append one decision, with its chain link, state update and receipt."""
+    request_sha256 = crypto.sha256_hex(crypto.canonical_json(spec.model_dump(mode="json")))
+    if idempotency_key:
+        existing = find_by_idempotency_key(db, tenant.id, idempotency_key)
+        if existing is not None:
+            return replay(existing, request_sha256)
+
+    purpose = get_purpose(db, tenant.id, spec.purpose)
+    if purpose is None:
+        raise ValidationFailed.field("purpose", f"unknown purpose {spec.purpose!r}")
+    if spec.decision == "acknowledged" and purpose.kind != "notice":
+        raise ValidationFailed.field("decision", "acknowledged is only for notice purposes")
+    if spec.decision != "acknowledged" and purpose.kind == "notice" and spec.decision != "withdrawn":
+        raise ValidationFailed.field("decision", f"notice purpose {purpose.key!r} takes acknowledged")
+
+    at = spec.recorded_at or utcnow()
+    if spec.policy_version:
+        version = get_version(db, tenant.id, spec.policy, spec.policy_version)
+        if version is None:
+            raise ValidationFailed.field("policy_version", f"policy {spec.policy!r} has no version {spec.policy_version!r}")
+    else:
+        version = current_version(db, tenant.id, spec.policy, at=at, purpose=spec.purpose)
+    withdrawal = spec.decision == "withdrawn"  # always accepted, with or without a version
+    if version is None and not withdrawal:
+        raise ValidationFailed.field("policy_version", f"no version of policy {spec.policy!r} covering {spec.purpose!r} is in effect; give policy_version")
+    if version is not None and spec.purpose not in version.purposes:
+        if not withdrawal:
+            raise ValidationFailed.field("purpose", f"purpose {spec.purpose!r} is not in {spec.policy} version {version.version!r}")
+        version = None
+
+    subject = resolve_subject(db, tenant, spec.subject)
+    if confirmed is None:
+        confirmed = not (spec.decision == "granted" and purpose.double_opt_in)
+    evidence = build_evidence(tenant, spec.evidence.model_dump(exclude_none=True) if spec.evidence else None,
+                              ip=ip, user_agent=user_agent)
+    disclosures = None
+    if spec.decision == "acknowledged" and version is not None:
+        disclosures = [c for c in version.cookies if c.get("purpose") == purpose.key] or list(version.cookies)
+    record = ConsentRecord(
+        id=crypto.new_id("rec", 12),
+        tenant_id=tenant.id,
+        subject_id=subject.id,
+        purpose=purpose.key,
+        decision=spec.decision,
+        confirmed=confirmed,
+        policy_key=version.policy_key if version else None,
+        policy_version_id=version.id if version else None,
+        policy_version=version.version if version else None,
+        source=spec.source,
+        evidence=evidence,
+        evidence_sha256=crypto.sha256_hex(crypto.canonical_json(evidence)),
+        disclosures=disclosures,
+        recorded_at=at,
+        idempotency_key=idempotency_key,
+        request_sha256=request_sha256,
+        prev_hash=subject.head_hash,
+        record_hash="",
+        receipt="",
+    )
+    record.record_hash = compute_record_hash(record, subject.pseudonym)
+    status = status_of_record(record)
+    policy = None
+    if version is not None:
+        policy = {"key": version.policy_key, "version": version.version,
+                  "sha256": version.document_sha256, "url": version.document_url}
+    record.receipt = signer.sign(record_claims(
+        issuer=issuer, tenant_id=tenant.id, subject_id=subject.id, policy=policy,
+        record={"id": record.id, "record_hash": record.record_hash, "source": record.source,
+                "recorded_at": crypto.iso(at)},
+        purposes=[{"purpose": purpose.key, "status": status, "legal_basis": purpose.legal_basis,
+                   "kind": purpose.kind}],
+    ))
+    try:
+        with db.begin_nested():
+            db.add(record)
+            db.flush()
+    except IntegrityError:
+        # Same Idempotency-Key committed by a concurrent request after our first look.
+        existing = find_by_idempotency_key(db, tenant.id, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return replay(existing, request_sha256)
+    subject.head_hash = record.record_hash
+    upsert_state(db, record)
+    db.flush()
+    return Recorded(record, True, status)
+
+
+def upsert_state(db: Session, record: ConsentRecord) -> None:
+    """Keep consent_state in step: the newest decision (by recorded_at) per subject and purpose."""
+    values = {
+        "tenant_id": record.tenant_id, "subject_id": record.subject_id, "purpose": record.purpose,
+        "record_seq": record.seq, "decision": record.decision, "confirmed": record.confirmed,
+        "policy_key": record.policy_key, "policy_version_id": record.policy_version_id,
+        "policy_version": record.policy_version, "recorded_at": record.recorded_at,
+    }
+    ins = insert_for(db)(STATE).values(values)
+    update = {k: ins.excluded[k] for k in values if k not in ("tenant_id", "subject_id", "purpose")}
+    db.execute(ins.on_conflict_do_update(
+        index_elements=["tenant_id", "subject_id", "purpose"], set_=update,
+        where=STATE.c.recorded_at <= ins.excluded.recorded_at,
+    ))
+
+
+def record_out(record: ConsentRecord, status: str | None = None) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "subject": record.subject_id,
+        "purpose": record.purpose,
+        "decision": record.decision,
+        "status": status or status_of_record(record),
+        "policy": {"key": record.policy_key, "version": record.policy_version},
+        "source": record.source,
+        "recorded_at": record.recorded_at,
+        "record_hash": record.record_hash,
+        "prev_hash": record.prev_hash,
+        "receipt": record.receipt,
+    }
+
+
+def records_of(db: Session, tenant_id: str, subject_id: str, *, before: datetime | None = None) -> list[ConsentRecord]:
+    q = sa.select(ConsentRecord).where(ConsentRecord.tenant_id == tenant_id, ConsentRecord.subject_id == subject_id)
+    if before is not None:
+        q = q.where(ConsentRecord.recorded_at <= before)
+    return list(db.execute(q.order_by(ConsentRecord.seq)).scalars())  # type: ignore[arg-type]

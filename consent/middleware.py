@@ -1,0 +1,82 @@
+"""Pure ASGI middleware: a request id on every request and response, and the security
+headers every response carries (HTML responses get a strict CSP)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("consent.access")
+
+BASE_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+HTML_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'none'; style-src 'self' 'unsafe-inline'; script-src 'self'; img-src 'self' data:; "
+     b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    @classmethod
+    def as_middleware(cls) -> Middleware:
+        return Middleware(cls)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_id(scope) or secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.perf_counter()
+        status = 0
+
+        async def send_wrapped(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                headers.extend(BASE_HEADERS)
+                ctype = next((v for k, v in headers if k == b"content-type"), b"")
+                if ctype.startswith(b"text/html"):
+                    headers.extend(h for h in HTML_HEADERS if not any(k == h[0] for k, _ in headers))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapped)
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                log.info("request", extra=_access(scope, status, start, request_id))
+
+
+def _incoming_id(scope: Scope) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k == b"x-request-id":
+            value = v.decode("latin-1")
+            if 0 < len(value) <= 64 and value.replace("-", "").isalnum():
+                return value
+    return None
+
+
+def _access(scope: Scope, status: int, start: float, request_id: str) -> dict[str, Any]:
+    route = scope.get("route")
+    return {
+        "request_id": request_id,
+        "method": scope.get("method"),
+        "route": getattr(route, "path", None) or "unmatched",
+        "status": status,
+        "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+    }

@@ -1,0 +1,233 @@
+"""Table models. Portable across SQLite and PostgreSQL: tz-aware UTC timestamps, JSON columns,
+named constraints. API shapes live in ``schemas.py`` so no internal column leaks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored as UTC and always returned tz-aware, on every backend."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def ts(nullable: bool = False, index: bool = False) -> Any:
+    return Field(sa_column=sa.Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+def jsoncol(nullable: bool = False) -> Any:
+    return Field(sa_column=sa.Column(sa.JSON(), nullable=nullable))
+
+
+class Tenant(SQLModel, table=True):
+    __tablename__ = "tenant"
+    id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(max_length=200)
+    allowed_origins: list[str] = jsoncol()
+    notice_days: int = 30
+    store_full_ip: bool = False
+    store_user_agent: bool = True
+    default_lang: str = Field(default="en", max_length=16)
+    hash_key: str = Field(max_length=128)  # HMAC key for identifier hashes, never returned
+    token_secret: str = Field(max_length=128)  # signs subject tokens and email links
+    evidence_retention_days: int | None = None
+    record_retention_years: int | None = None
+    created_at: datetime = ts()
+    closed_at: datetime | None = ts(nullable=True)
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    kind: str = Field(max_length=16)  # secret | publishable
+    key_hash: str = Field(unique=True, max_length=64)
+    prefix: str = Field(max_length=16)
+    created_at: datetime = ts()
+    revoked_at: datetime | None = ts(nullable=True)
+
+
+class AdminToken(SQLModel, table=True):
+    __tablename__ = "admin_token"
+    id: str = Field(primary_key=True, max_length=40)
+    token_hash: str = Field(unique=True, max_length=64)
+    created_at: datetime = ts()
+    revoked_at: datetime | None = ts(nullable=True)
+
+
+class SigningKey(SQLModel, table=True):
+    __tablename__ = "signing_key"
+    kid: str = Field(primary_key=True, max_length=64)
+    algorithm: str = Field(default="EdDSA", max_length=16)
+    private_pem: str  # never leaves the service
+    public_jwk: dict[str, Any] = jsoncol()
+    created_at: datetime = ts()
+    retired_at: datetime | None = ts(nullable=True)
+
+
+class Purpose(SQLModel, table=True):
+    __tablename__ = "purpose"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=40)
+    key: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(max_length=16)  # consent | notice
+    legal_basis: str = Field(max_length=32)
+    double_opt_in: bool = False
+    gpc: bool = False  # a GPC signal counts as an opt-out for this purpose
+    title: str = Field(default="", max_length=200)
+    description: str = Field(default="", max_length=2000)
+    translations: dict[str, Any] = jsoncol()
+    created_at: datetime = ts()
+    updated_at: datetime = ts()
+
+
+class Cookie(SQLModel, table=True):
+    __tablename__ = "cookie"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=40)
+    name: str = Field(primary_key=True, max_length=128)
+    provider: str = Field(max_length=200)
+    purpose: str = Field(max_length=64)
+    http_only: bool = False
+    secure: bool = True
+    same_site: str = Field(default="Lax", max_length=8)
+    lifetime: str = Field(max_length=32)  # "session" or a number of seconds
+    description: str = Field(default="", max_length=2000)
+    translations: dict[str, Any] = jsoncol()
+    created_at: datetime = ts()
+    updated_at: datetime = ts()
+
+
+class PolicyVersion(SQLModel, table=True):
+    __tablename__ = "policy_version"
+    __table_args__ = (sa.UniqueConstraint("tenant_id", "policy_key", "version"),)
+    id: int | None = Field(default=None, sa_column=sa.Column(BigInt, primary_key=True, autoincrement=True))
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    policy_key: str = Field(max_length=64)
+    version: str = Field(max_length=64)
+    document_url: str = Field(max_length=2000)
+    document_sha256: str = Field(max_length=64)
+    published_at: datetime = ts()
+    effective_at: datetime = ts()
+    material: bool = False
+    purposes: list[str] = jsoncol()
+    cookies: list[dict[str, Any]] = jsoncol()  # snapshot of the disclosures in force
+
+
+class PolicyPurpose(SQLModel, table=True):
+    """One row per purpose a policy version covers: makes staleness one indexed EXISTS."""
+
+    __tablename__ = "policy_purpose"
+    __table_args__ = (sa.Index(None, "tenant_id", "purpose", "policy_key", "effective_at"),)
+    policy_version_id: int = Field(
+        sa_column=sa.Column(BigInt, sa.ForeignKey("policy_version.id"), primary_key=True)
+    )
+    purpose: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=40)
+    policy_key: str = Field(max_length=64)
+    material: bool = False
+    effective_at: datetime = ts()
+
+
+class Subject(SQLModel, table=True):
+    __tablename__ = "subject"
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    pseudonym: str = Field(max_length=64)  # keyed hash used inside record hashes and exports
+    head_hash: str | None = Field(default=None, max_length=64)  # last record hash (chain head)
+    created_at: datetime = ts()
+    erased_at: datetime | None = ts(nullable=True)
+
+
+class SubjectIdentifier(SQLModel, table=True):
+    """How a subject is found: keyed hashes of user id, email and anonymous ids."""
+
+    __tablename__ = "subject_identifier"
+    tenant_id: str = Field(primary_key=True, max_length=40)
+    kind: str = Field(primary_key=True, max_length=8)  # user | email | anon
+    value_hash: str = Field(primary_key=True, max_length=64)
+    value: str | None = Field(default=None, max_length=320)  # raw, dropped on erasure
+    subject_id: str = Field(foreign_key="subject.id", index=True, max_length=40)
+    created_at: datetime = ts()
+
+
+class ConsentRecord(SQLModel, table=True):
+    """One append-only decision. Never updated in place (erasure only drops evidence)."""
+
+    __tablename__ = "consent_record"
+    __table_args__ = (
+        sa.UniqueConstraint("tenant_id", "idempotency_key"),
+        sa.Index(None, "tenant_id", "subject_id", "seq"),
+        sa.Index(None, "tenant_id", "recorded_at"),
+    )
+    seq: int | None = Field(default=None, sa_column=sa.Column(BigInt, primary_key=True, autoincrement=True))
+    id: str = Field(unique=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=40)
+    subject_id: str = Field(foreign_key="subject.id", max_length=40)
+    purpose: str = Field(max_length=64)
+    decision: str = Field(max_length=24)
+    confirmed: bool = True  # false only for a double-opt-in grant awaiting confirmation
+    policy_key: str | None = Field(default=None, max_length=64)
+    policy_version_id: int | None = Field(default=None, sa_column=sa.Column(BigInt, nullable=True))
+    policy_version: str | None = Field(default=None, max_length=64)
+    source: str = Field(max_length=16)
+    evidence: dict[str, Any] | None = jsoncol(nullable=True)
+    evidence_sha256: str = Field(max_length=64)
+    disclosures: list[dict[str, Any]] | None = jsoncol(nullable=True)
+    recorded_at: datetime = ts()
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    request_sha256: str | None = Field(default=None, max_length=64)
+    prev_hash: str | None = Field(default=None, max_length=64)
+    record_hash: str = Field(max_length=64)
+    receipt: str
+
+
+class ConsentState(SQLModel, table=True):
+    """Current decision per subject and purpose, kept in step with the ledger on every write."""
+
+    __tablename__ = "consent_state"
+    tenant_id: str = Field(primary_key=True, max_length=40)
+    subject_id: str = Field(primary_key=True, max_length=40)
+    purpose: str = Field(primary_key=True, max_length=64)
+    record_seq: int = Field(sa_column=sa.Column(BigInt, nullable=False))
+    decision: str = Field(max_length=24)
+    confirmed: bool = True
+    policy_key: str | None = Field(default=None, max_length=64)
+    policy_version_id: int | None = Field(default=None, sa_column=sa.Column(BigInt, nullable=True))
+    policy_version: str | None = Field(default=None, max_length=64)
+    recorded_at: datetime = ts()
+
+
+TABLES = SQLModel.metadata

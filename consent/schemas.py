@@ -1,0 +1,296 @@
+"""API shapes (request and response bodies), separate from the table models so internal
+columns (hash keys, raw identifiers, private keys) never leak. They also feed /openapi.json."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Key = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+Lang = Annotated[str, Field(min_length=2, max_length=16, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
+Decision = Literal["granted", "denied", "withdrawn", "acknowledged"]
+Source = Literal["snippet", "api", "email_link", "gpc", "import"]
+Status = Literal[
+    "granted", "denied", "withdrawn", "acknowledged", "stale", "pending_confirmation", "none"
+]
+EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
+ORIGIN_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
+URL_RE = re.compile(r"^https?://\S+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class Translation(Strict):
+    title: str | None = Field(default=None, max_length=200)
+    description: str | None = Field(default=None, max_length=2000)
+
+
+class TenantIn(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    allowed_origins: list[str] = Field(default_factory=list, max_length=50)
+    notice_days: int = Field(default=30, ge=0, le=365)
+    store_full_ip: bool = False
+    store_user_agent: bool = True
+    default_lang: Lang = "en"
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if not ORIGIN_RE.match(origin):
+                raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+        return [o.rstrip("/") for o in v]
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str
+    allowed_origins: list[str]
+    notice_days: int
+    store_full_ip: bool
+    store_user_agent: bool
+    default_lang: str
+    created_at: datetime
+
+
+class KeysOut(BaseModel):
+    secret_key: str | None = None
+    publishable_key: str | None = None
+
+
+class TenantCreated(TenantOut):
+    keys: KeysOut
+
+
+class RotateKeysIn(Strict):
+    kind: Literal["secret", "publishable", "both"] = "both"
+
+
+class PurposeIn(Strict):
+    kind: Literal["consent", "notice"] = "consent"
+    legal_basis: Literal["consent", "contract", "legitimate_interest", "legal_obligation"] = "consent"
+    double_opt_in: bool = False
+    gpc: bool = False
+    title: str = Field(default="", max_length=200)
+    description: str = Field(default="", max_length=2000)
+    translations: dict[Lang, Translation] = Field(default_factory=dict, max_length=50)
+
+    @model_validator(mode="after")
+    def _notice_rules(self) -> PurposeIn:
+        if self.kind == "notice" and self.double_opt_in:
+            raise ValueError("a notice purpose cannot require double opt-in")
+        return self
+
+
+class PurposeOut(BaseModel):
+    key: str
+    kind: str
+    legal_basis: str
+    double_opt_in: bool
+    gpc: bool
+    title: str
+    description: str
+    translations: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class CookieIn(Strict):
+    provider: str = Field(min_length=1, max_length=200)
+    purpose: Key
+    http_only: bool = False
+    secure: bool = True
+    same_site: Literal["Strict", "Lax", "None"] = "Lax"
+    lifetime: Literal["session"] | Annotated[int, Field(gt=0, le=10 * 365 * 86400)] = "session"
+    description: str = Field(default="", max_length=2000)
+    translations: dict[Lang, Translation] = Field(default_factory=dict, max_length=50)
+
+
+class CookieOut(BaseModel):
+    name: str
+    provider: str
+    purpose: str
+    http_only: bool
+    secure: bool
+    same_site: str
+    lifetime: str | int
+    description: str
+    translations: dict[str, Any]
+
+
+class PolicyVersionIn(Strict):
+    version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+    document_url: str = Field(max_length=2000, pattern=URL_RE.pattern)
+    document_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    effective_at: datetime | None = None
+    material: bool = False
+    purposes: list[Key] = Field(min_length=1, max_length=100)
+    cookies: list[str] | None = Field(default=None, max_length=200)
+
+    @field_validator("effective_at")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            raise ValueError("must carry a time zone (RFC 3339, e.g. 2026-01-01T00:00:00Z)")
+        return v
+
+
+class PolicyVersionOut(BaseModel):
+    policy: str
+    version: str
+    document_url: str
+    document_sha256: str
+    published_at: datetime
+    effective_at: datetime
+    material: bool
+    purposes: list[str]
+    cookies: list[dict[str, Any]]
+
+
+class Page(BaseModel):
+    next_cursor: str | None = None
+
+
+class PolicyVersionList(Page):
+    items: list[PolicyVersionOut]
+
+
+class SubjectRef(Strict):
+    user_id: str | None = Field(default=None, min_length=1, max_length=200)
+    email: str | None = Field(default=None, max_length=320)
+    anonymous_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str | None) -> str | None:
+        if v is not None and not EMAIL_RE.match(v):
+            raise ValueError("not an email address")
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> SubjectRef:
+        if not (self.user_id or self.email or self.anonymous_id):
+            raise ValueError("give at least one of user_id, email, anonymous_id")
+        return self
+
+
+class Evidence(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    ip: str | None = Field(default=None, max_length=64)
+    user_agent: str | None = Field(default=None, max_length=1000)
+
+
+class ConsentIn(Strict):
+    subject: SubjectRef
+    purpose: Key
+    decision: Decision
+    policy: Key = "privacy"
+    policy_version: str | None = Field(default=None, min_length=1, max_length=64)
+    source: Source = "api"
+    evidence: Evidence | None = None
+    recorded_at: datetime | None = Field(
+        default=None, description="Only for source=import: when the decision was originally made."
+    )
+
+    @model_validator(mode="after")
+    def _import_time(self) -> ConsentIn:
+        if self.recorded_at is not None:
+            if self.source != "import":
+                raise ValueError("recorded_at may only be given with source=import")
+            if self.recorded_at.tzinfo is None:
+                raise ValueError("recorded_at must carry a time zone")
+        return self
+
+
+class PolicyRef(BaseModel):
+    key: str | None
+    version: str | None
+
+
+class RecordOut(BaseModel):
+    id: str
+    subject: str
+    purpose: str
+    decision: str
+    status: Status
+    policy: PolicyRef
+    source: str
+    recorded_at: datetime
+    record_hash: str
+    prev_hash: str | None
+    receipt: str
+
+
+class PurposeState(BaseModel):
+    purpose: str
+    status: Status
+    allowed: bool
+    policy_version: str | None
+    recorded_at: datetime | None
+    record_id: str | None
+    receipt: str | None
+
+
+class SubjectConsents(BaseModel):
+    subject: str
+    purposes: list[PurposeState]
+    receipt: str | None = Field(description="A receipt over all current states, signed now.")
+
+
+class CheckOut(BaseModel):
+    allowed: bool
+    status: Status
+    purpose: str
+    subject: str | None
+    policy_version: str | None
+    record_id: str | None
+    receipt: str | None
+
+
+class BulkCheckIn(Strict):
+    purpose: Key
+    emails: list[str] | None = None
+    subjects: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BulkCheckIn:
+        if (self.emails is None) == (self.subjects is None):
+            raise ValueError("give exactly one of emails, subjects")
+        return self
+
+
+class BulkResult(BaseModel):
+    id: str
+    allowed: bool
+    status: Status
+
+
+class BulkCheckOut(BaseModel):
+    purpose: str
+    count: int
+    allowed_count: int
+    results: list[BulkResult]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, Any] = Field(default_factory=dict)
+
+
+class Jwks(BaseModel):
+    keys: list[dict[str, Any]]
+
+
+class Problem(BaseModel):
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+    instance: str | None = None
+    errors: list[dict[str, str]] | None = None

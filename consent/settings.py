@@ -1,0 +1,61 @@
+"""Settings: one frozen object, read once from the environment (``CONSENT_*``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.config import Config
+from starlette.datastructures import Secret
+
+DEFAULT_DATA_DIR = "consent-data"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    database_url: str = ""
+    admin_token: Secret | None = None
+    issuer: str = "http://127.0.0.1:8000"
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    demo: bool = True
+    migrate_on_start: bool = True
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_bulk: int = 100_000
+    log_level: str = "info"
+    workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    rate_limit_per_minute: int = 600
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Read settings from ``environ`` (default: the process environment)."""
+        config = Config(environ=dict(os.environ if environ is None else environ))
+        data_dir = Path(config("CONSENT_DATA_DIR", default=DEFAULT_DATA_DIR))
+        default_db = f"sqlite:///{data_dir / 'consent.db'}"
+        token = config("CONSENT_ADMIN_TOKEN", cast=Secret, default=None)
+        values: dict[str, object] = dict(
+            database_url=config("CONSENT_DATABASE_URL", default=default_db),
+            admin_token=token if token and str(token) else None,
+            issuer=config("CONSENT_ISSUER", default="http://127.0.0.1:8000").rstrip("/"),
+            data_dir=data_dir,
+            demo=config("CONSENT_DEMO", cast=bool, default=True),
+            migrate_on_start=config("CONSENT_MIGRATE_ON_START", cast=bool, default=True),
+            max_body_bytes=config("CONSENT_MAX_BODY_BYTES", cast=int, default=16 * 1024 * 1024),
+            max_bulk=config("CONSENT_MAX_BULK", cast=int, default=100_000),
+            log_level=config("CONSENT_LOG_LEVEL", default="info"),
+            workers=config("CONSENT_WORKERS", cast=int, default=1),
+            host=config("CONSENT_HOST", default="127.0.0.1"),
+            port=config("CONSENT_PORT", cast=int, default=8000),
+            rate_limit_per_minute=config("CONSENT_RATE_LIMIT_PER_MINUTE", cast=int, default=600),
+        )
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,112 @@
+"""Tenants, their API keys (stored hashed, rotatable) and admin tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from . import crypto
+from .errors import NotFound
+from .models import AdminToken, ApiKey, Tenant, utcnow
+from .schemas import TenantIn
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant and the kind of key (``secret`` or ``publishable``)."""
+
+    tenant_id: str
+    kind: str
+    key_id: str
+
+
+def create_tenant(db: Session, spec: TenantIn) -> tuple[Tenant, dict[str, str]]:
+    """A new tenant with one secret and one publishable key (returned raw, once)."""
+    tenant = Tenant(
+        id=crypto.new_id("ten", 8),
+        name=spec.name,
+        allowed_origins=spec.allowed_origins,
+        notice_days=spec.notice_days,
+        store_full_ip=spec.store_full_ip,
+        store_user_agent=spec.store_user_agent,
+        default_lang=spec.default_lang,
+        hash_key=crypto.new_secret_hex(),
+        token_secret=crypto.new_secret_hex(),
+        created_at=utcnow(),
+    )
+    db.add(tenant)
+    db.flush()
+    keys = {kind: issue_key(db, tenant.id, kind) for kind in ("secret", "publishable")}
+    return tenant, keys
+
+
+def issue_key(db: Session, tenant_id: str, kind: str) -> str:
+    raw = crypto.new_api_key(kind)
+    db.add(
+        ApiKey(
+            id=crypto.new_id("key", 8),
+            tenant_id=tenant_id,
+            kind=kind,
+            key_hash=crypto.hash_token(raw),
+            prefix=raw[:7],
+            created_at=utcnow(),
+        )
+    )
+    db.flush()
+    return raw
+
+
+def rotate_keys(db: Session, tenant_id: str, kinds: list[str]) -> dict[str, str]:
+    """Revoke every live key of each kind and issue a fresh one."""
+    get_tenant(db, tenant_id)
+    out = {}
+    for kind in kinds:
+        db.execute(
+            sa.update(ApiKey)
+            .where(ApiKey.tenant_id == tenant_id, ApiKey.kind == kind, ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
+            .values(revoked_at=utcnow())
+        )
+        out[kind] = issue_key(db, tenant_id, kind)
+    return out
+
+
+def get_tenant(db: Session, tenant_id: str) -> Tenant:
+    tenant = db.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"tenant {tenant_id!r} not found")
+    return tenant
+
+
+_KEY_LOOKUP = sa.select(ApiKey.tenant_id, ApiKey.kind, ApiKey.id, ApiKey.key_hash).where(
+    ApiKey.key_hash == sa.bindparam("h"), ApiKey.revoked_at.is_(None)  # type: ignore[union-attr]
+)
+
+
+def authenticate_key(db: Session, raw: str) -> Principal | None:
+    """The principal behind a raw API key, or None (unknown or revoked)."""
+    digest = crypto.hash_token(raw)
+    row = db.execute(_KEY_LOOKUP, {"h": digest}).first()
+    if row is None or not crypto.tokens_equal(row.key_hash, digest):
+        return None
+    return Principal(tenant_id=row.tenant_id, kind=row.kind, key_id=row.id)
+
+
+def create_admin_token(db: Session) -> str:
+    raw = "adm_" + crypto.new_secret_hex(24)
+    db.add(AdminToken(id=crypto.new_id("adm", 6), token_hash=crypto.hash_token(raw), created_at=utcnow()))
+    db.flush()
+    return raw
+
+
+def is_admin_token(db: Session, raw: str, env_token: str | None) -> bool:
+    if env_token and crypto.tokens_equal(raw, env_token):
+        return True
+    digest = crypto.hash_token(raw)
+    row = db.execute(
+        sa.select(AdminToken.token_hash).where(
+            AdminToken.token_hash == digest, AdminToken.revoked_at.is_(None)  # type: ignore[union-attr]
+        )
+    ).first()
+    return row is not None and crypto.tokens_equal(row.token_hash, digest)
