@@ -101,13 +101,22 @@ async def on_consent_error(request: Request, exc: Exception) -> Response:
     return problem_response(exc, instance_of(request), request.scope.get("state", {}).get("request_id"))
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method any route on this path accepts (a path may have one Route per method)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.path_regex.match(request.url.path):
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
+
+
 async def on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     err: ConsentError
     if exc.status_code == 404:
         err = NotFound("no such route")
     elif exc.status_code == 405:
-        err = MethodNotAllowed(f"{request.method} is not allowed here")
+        err = MethodNotAllowed(f"{request.method} is not allowed here", headers={"Allow": allowed_methods(request)})
     else:
         err = ConsentError(str(exc.detail))
         err.status, err.code = exc.status_code, "http_error"
