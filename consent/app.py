@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +20,7 @@ from starlette.routing import Route
 
 from . import api, db, ratelimit, receipts
 from .crypto import Signer
-from .errors import ConsentError, MethodNotAllowed, NotFound
+from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
 from .http import JSONResponse, describe, problem_response
 from .metrics import metrics_handler
 from .middleware import RequestContextMiddleware
@@ -123,6 +124,14 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
     return problem_response(err, instance_of(request), request.scope.get("state", {}).get("request_id"))
 
 
+async def on_database_error(request: Request, exc: Exception) -> Response:
+    """Database unreachable (or a transient driver failure): 503 with Retry-After, not a 500."""
+    log.warning("database error on %s %s: %s", request.method, instance_of(request) or "unmatched route",
+                type(getattr(exc, "orig", None) or exc).__name__)
+    err = Unavailable("the database is unavailable; retry shortly", headers={"Retry-After": "1"})
+    return problem_response(err, instance_of(request), request.scope.get("state", {}).get("request_id"))
+
+
 async def on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, instance_of(request) or "unmatched route")
     return problem_response(ConsentError("an unexpected error occurred; it has been logged"), instance_of(request),
@@ -156,7 +165,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=ratelimit.guard(list(routes), settings.rate_limit_routes),
         middleware=[RequestContextMiddleware.as_middleware()],
         exception_handlers={ConsentError: on_consent_error, HTTPException: on_http_exception,
-                            Exception: on_unexpected},
+                            sa_exc.OperationalError: on_database_error, Exception: on_unexpected},
         lifespan=lifespan,
     )
     return app
