@@ -56,7 +56,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         # connections closed after 5 s, at most limit_concurrency connections+tasks (503 beyond),
         # in-flight requests get 10 s to finish on SIGTERM. A slowloris that trickles headers is
         # bounded only by limit_concurrency: put a reverse proxy in front (docs/reliability.md).
-        timeout_graceful_shutdown=10, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
+        # h11, not httptools: only h11 enforces a header-size limit in uvicorn.
+        http="h11", timeout_graceful_shutdown=10, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
         limit_concurrency=settings.limit_concurrency, backlog=2048,
     )
     return 0
