@@ -19,6 +19,7 @@ WRITE = {"sqlite_immediate": True}
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with the per-backend settings this service relies on."""
+    kwargs.setdefault("hide_parameters", True)  # driver errors (logged) never carry emails or keys
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":

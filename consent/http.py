@@ -185,6 +185,12 @@ def authenticate(db: Session, services: Any, request: Request, auth: str) -> Pri
 
 
 async def read_body(request: Request, meta: Meta, limit: int) -> Any:
+    """Read, parse and validate the body (415/413/400/422)."""
+    return parse_body(await read_raw(request, meta, limit), meta)
+
+
+async def read_raw(request: Request, meta: Meta, limit: int) -> bytes:
+    """The raw body, after the content type (415) and size (413) checks."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     allowed = JSON_TYPES + (("text/plain",) if meta.text_body else ())
     if ctype not in allowed and not ctype.endswith("+json"):
@@ -199,7 +205,11 @@ async def read_body(request: Request, meta: Meta, limit: int) -> Any:
         if size > limit:
             raise PayloadTooLarge(f"the body may be at most {limit} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def parse_body(raw: bytes, meta: Meta) -> Any:
+    """JSON-decode (400) and validate against ``meta.body`` (422)."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -212,6 +222,12 @@ async def read_body(request: Request, meta: Meta, limit: int) -> Any:
         return meta.body.model_validate(data)
     except ValidationError as exc:
         raise ValidationFailed(validation_errors(exc)) from None
+
+
+def require_credentials(request: Request, auth: str) -> None:
+    """401 at once, before the body is read, when the caller presents no usable credentials."""
+    if bearer(request) is None and not (auth == "publishable" and request.query_params.get("key")):
+        raise Unauthorized("this route needs an API key")
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
@@ -228,13 +244,19 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
 
     def deco(fn: Callable[[Ctx], Any]) -> Any:
         async def handler(request: Request) -> Response:
+            # Order: no credentials (401) → content type/size (415/413) → in the transaction:
+            # key check (401/403) → JSON (400) → validation (422). An unauthenticated caller
+            # learns nothing about the body rules and never makes us parse a large body.
             services = request.app.state.services
-            body = await read_body(request, meta, services.settings.max_body_bytes) if meta.body else None
-            query = {q.name: q.parse(request.query_params.get(q.name)) for q in meta.query}
+            if auth:
+                require_credentials(request, auth)
+            raw = await read_raw(request, meta, services.settings.max_body_bytes) if meta.body else None
 
             def work() -> Any:
                 with transaction(services.engine, write=meta.write) as db:
                     principal = authenticate(db, services, request, auth) if auth else None
+                    body = parse_body(raw, meta) if raw is not None else None
+                    query = {q.name: q.parse(request.query_params.get(q.name)) for q in meta.query}
                     return fn(Ctx(request, db, services, principal, body, query))
 
             return render(await run_in_threadpool(work), meta.status)

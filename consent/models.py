@@ -231,3 +231,14 @@ class ConsentState(SQLModel, table=True):
 
 
 TABLES = SQLModel.metadata
+
+
+# --- reliability (issue 7) -------------------------------------------------------------
+
+class RateLimitCounter(SQLModel, table=True):
+    """Fixed-window request counters shared by every service process (see ratelimit.py)."""
+
+    __tablename__ = "rate_limit"
+    bucket: str = Field(primary_key=True, max_length=100)
+    window_start: int = Field(sa_column=sa.Column(BigInt, primary_key=True, autoincrement=False))
+    hits: int = 0

@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 Key = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
 Lang = Annotated[str, Field(min_length=2, max_length=16, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
@@ -33,9 +33,9 @@ class Translation(Strict):
 class TenantIn(Strict):
     name: str = Field(min_length=1, max_length=200)
     allowed_origins: list[str] = Field(default_factory=list, max_length=50)
-    notice_days: int = Field(default=30, ge=0, le=365)
-    store_full_ip: bool = False
-    store_user_agent: bool = True
+    notice_days: StrictInt = Field(default=30, ge=0, le=365)
+    store_full_ip: StrictBool = False
+    store_user_agent: StrictBool = True
     default_lang: Lang = "en"
 
     @field_validator("allowed_origins")
@@ -74,8 +74,8 @@ class RotateKeysIn(Strict):
 class PurposeIn(Strict):
     kind: Literal["consent", "notice"] = "consent"
     legal_basis: Literal["consent", "contract", "legitimate_interest", "legal_obligation"] = "consent"
-    double_opt_in: bool = False
-    gpc: bool = False
+    double_opt_in: StrictBool = False
+    gpc: StrictBool = False
     title: str = Field(default="", max_length=200)
     description: str = Field(default="", max_length=2000)
     translations: dict[Lang, Translation] = Field(default_factory=dict, max_length=50)
@@ -103,10 +103,10 @@ class PurposeOut(BaseModel):
 class CookieIn(Strict):
     provider: str = Field(min_length=1, max_length=200)
     purpose: Key
-    http_only: bool = False
-    secure: bool = True
+    http_only: StrictBool = False
+    secure: StrictBool = True
     same_site: Literal["Strict", "Lax", "None"] = "Lax"
-    lifetime: Literal["session"] | Annotated[int, Field(gt=0, le=10 * 365 * 86400)] = "session"
+    lifetime: Literal["session"] | Annotated[StrictInt, Field(gt=0, le=10 * 365 * 86400)] = "session"
     description: str = Field(default="", max_length=2000)
     translations: dict[Lang, Translation] = Field(default_factory=dict, max_length=50)
 
@@ -128,7 +128,7 @@ class PolicyVersionIn(Strict):
     document_url: str = Field(max_length=2000, pattern=URL_RE.pattern)
     document_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     effective_at: datetime | None = None
-    material: bool = False
+    material: StrictBool = False
     purposes: list[Key] = Field(min_length=1, max_length=100)
     cookies: list[str] | None = Field(default=None, max_length=200)
 
