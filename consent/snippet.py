@@ -6,7 +6,7 @@ user id. No Starlette here; the HTTP side (CORS, ETag) is in api_snippet.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -16,7 +16,7 @@ from .catalog import current_version, get_purpose, get_version
 from .errors import BadToken, Conflict, NotFound, Unauthorized, ValidationFailed
 from .ledger import SI, STATE, find_subject_id, lock_subject, record_decision, resolve_subject
 from .models import ConsentRecord, PolicyPurpose, PolicyVersion, Purpose, Tenant, utcnow
-from .schemas import ConsentIn, Evidence, SubjectRef
+from .schemas import ConsentIn, Evidence, Source, SubjectRef
 from .schemas_snippet import SnippetConsentsIn
 
 TEXTS: dict[str, dict[str, str]] = {
@@ -102,8 +102,9 @@ def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None)
     if version is None:
         raise NotFound(f"policy {policy_key!r} has no version in effect", code="no_policy_version")
     chosen = pick_lang(lang, tenant.default_lang)
+    pt = Purpose.__table__  # type: ignore[attr-defined]
     purposes = {p.key: p for p in db.execute(
-        sa.select(Purpose).where(Purpose.tenant_id == tenant.id, Purpose.key.in_(version.purposes))  # type: ignore[attr-defined]
+        sa.select(Purpose).where(pt.c.tenant_id == tenant.id, pt.c.key.in_(version.purposes))
     ).scalars()}
     asks = ask_labels(db, version, now)
     out_purposes = []
@@ -207,7 +208,7 @@ def record_choices(db: Session, tenant: Tenant, body: SnippetConsentsIn, visit: 
         purpose = get_purpose(db, tenant.id, choice.purpose)
         if purpose is None:
             raise ValidationFailed.field(f"choices[{i}].purpose", f"unknown purpose {choice.purpose!r}")
-        source = "gpc" if gpc and purpose.gpc and choice.decision == "denied" else "snippet"
+        source: Source = "gpc" if gpc and purpose.gpc and choice.decision == "denied" else "snippet"
         if source == "gpc":
             label = body.policy_version
             if label is None:
@@ -220,7 +221,7 @@ def record_choices(db: Session, tenant: Tenant, body: SnippetConsentsIn, visit: 
                 continue
         spec = ConsentIn(subject=ref, purpose=purpose.key, decision=choice.decision, policy=body.policy,
                          policy_version=body.policy_version, source=source,
-                         evidence=Evidence(**evidence) if evidence else None)
+                         evidence=Evidence.model_validate(evidence) if evidence else None)
         try:
             result = record_decision(
                 db, tenant, spec, signer=signer, issuer=issuer,
@@ -280,7 +281,8 @@ def link(db: Session, tenant: Tenant, anonymous_id: str, user_id: str, *, signer
         original = db.execute(sa.select(ConsentRecord).where(ConsentRecord.seq == a.record_seq)).scalar_one()
         spec = ConsentIn(subject=SubjectRef(user_id=user_id), purpose=purpose, decision=a.decision,
                          policy=a.policy_key or "privacy", policy_version=a.policy_version,
-                         source=original.source, evidence=Evidence(linked_from_record=original.id))
+                         source=cast(Source, original.source),
+                         evidence=Evidence.model_validate({"linked_from_record": original.id}))
         result = record_decision(db, tenant, spec, signer=signer, issuer=issuer, confirmed=a.confirmed)
         carried.append({"purpose": purpose, "decision": a.decision, "from_record": original.id,
                         "record_id": result.record.id})

@@ -12,14 +12,15 @@ from sqlalchemy.orm import Session
 from . import crypto
 from .models import SubjectTokenKey, Tenant, utcnow
 
+STK = SubjectTokenKey.__table__  # type: ignore[attr-defined]
 LIVE_KEYS = 2  # the signing key and the one before it (tokens live 10 minutes at most)
 
 
 def live_keys(db: Session, tenant_id: str) -> list[SubjectTokenKey]:
     """The tenant's live keys, newest first."""
     q = (sa.select(SubjectTokenKey)
-         .where(SubjectTokenKey.tenant_id == tenant_id, SubjectTokenKey.retired_at.is_(None))  # type: ignore[union-attr]
-         .order_by(SubjectTokenKey.created_at.desc(), SubjectTokenKey.kid))  # type: ignore[attr-defined]
+         .where(STK.c.tenant_id == tenant_id, STK.c.retired_at.is_(None))
+         .order_by(STK.c.created_at.desc(), STK.c.kid))
     return list(db.execute(q).scalars())
 
 
@@ -34,8 +35,7 @@ def rotate(db: Session, tenant_id: str) -> SubjectTokenKey:
     key = _new_key(db, tenant_id)
     old = [k.kid for k in live_keys(db, tenant_id)[LIVE_KEYS:]]
     if old:
-        db.execute(sa.update(SubjectTokenKey).where(SubjectTokenKey.kid.in_(old))  # type: ignore[attr-defined]
-                   .values(retired_at=utcnow()))
+        db.execute(sa.update(STK).where(STK.c.kid.in_(old)).values(retired_at=utcnow()))
     return key
 
 

@@ -228,11 +228,15 @@ def test_keyboard_preference_center_escape_and_reject(live: Live, context: Any) 
     assert state(t, aid, "strictly_necessary")["status"] == "acknowledged"
 
 
+GPC_ON = "Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true})"
+
+
 def test_gpc_records_denied_once(live: Live, browser: Any) -> None:
     sqlite_only(live)
     t = live.tenant()
     ctx = browser.new_context(extra_http_headers={"Sec-GPC": "1"})
-    ctx.add_init_script("Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true})")
+    ctx.set_default_timeout(10_000)
+    ctx.add_init_script(GPC_ON)
     try:
         page = ctx.new_page()
         page.goto(live.page_url(t))
@@ -249,8 +253,39 @@ def test_gpc_records_denied_once(live: Live, browser: Any) -> None:
             page.evaluate("Consent.ready")
             settled(page, t)
         assert state(t, aid, "marketing_email")["record_id"] == first["record_id"]
+        # the visitor may still opt in explicitly; that is kept on later page views
+        page.evaluate("Consent.open()")
+        page.check("input[data-cns-purpose=marketing_email]")
+        page.click("[data-cns=save]")
+        settled(page, t)
+        page.reload()
+        page.evaluate("Consent.ready")
+        settled(page, t)
+        c = state(t, aid, "marketing_email")
+        assert c["status"] == "granted" and source_of(c) == "snippet"
     finally:
         ctx.close()
+
+
+def test_gpc_wins_over_an_earlier_opt_in(live: Live, context: Any) -> None:
+    sqlite_only(live)
+    t = live.tenant()
+    page = context.new_page()
+    page.goto(live.page_url(t))
+    page.wait_for_selector("#cns-banner", state="visible")
+    tab_to(page, "[data-cns=accept]")
+    settled(page, t)
+    aid = anon_id(page)
+    assert state(t, aid, "analytics")["status"] == "granted"
+    context.add_init_script(GPC_ON)  # the visitor turns on Global Privacy Control
+    page.reload()
+    page.evaluate("Consent.ready")
+    settled(page, t)
+    c = state(t, aid, "analytics")
+    assert c["status"] == "denied" and source_of(c) == "gpc"
+    assert page.evaluate("Consent.get('analytics')") == "denied"
+    assert state(t, aid, "product_updates")["status"] == "pending_confirmation"  # not a GPC purpose
+    assert page.locator("#cns-banner").count() == 0
 
 
 def test_offline_choice_arrives_after_reconnect(live: Live, context: Any) -> None:
