@@ -146,7 +146,8 @@ def preflight_for(methods: tuple[str, ...]) -> Any:
                     raise Unauthorized("unknown or revoked publishable key")
                 tenant = get_tenant(db, principal.tenant_id)
                 if not origin_allowed(tenant, origin):
-                    raise OriginNotAllowed(f"origin {origin!r} is not allowed for this key")
+                    raise OriginNotAllowed(f"origin {origin!r} is not allowed for this key" if origin
+                                           else "a preflight needs an Origin header")
 
         try:
             await run_in_threadpool(allowed)
