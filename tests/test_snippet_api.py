@@ -438,3 +438,15 @@ def test_demo_page(db_url: str, client: TestClient, tenant: Tenant) -> None:
         help_page = demo.get("/demo", params={"key": '"><script>alert(1)</script>'})
         assert help_page.status_code == 200 and "alert(1)" not in help_page.text
         assert demo.get("/demo/demo.js").headers["content-type"].startswith("text/javascript")
+
+
+def test_concurrent_double_submission_records_once(tenant: Tenant) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    choices = [choice("marketing_email", "granted", "k_race_000001"), choice("analytics", "denied", "k_race_000002")]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: submit(tenant, choices, anon="a_race"), range(6)))
+    assert sorted(r.status_code for r in results) == [200] * 5 + [201], [r.text for r in results]
+    ids = {tuple(x["record_id"] for x in r.json()["records"]) for r in results}
+    assert len(ids) == 1
+    assert tenant.check("marketing_email", anonymous_id="a_race")["record_id"] == next(iter(ids))[0]
