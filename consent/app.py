@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import api, db, ratelimit, receipts
+from . import api, api_snippet, db, ratelimit, receipts
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
 from .http import JSONResponse, describe, problem_response
@@ -87,6 +87,24 @@ routes = [
     Route("/v1/check", api.check_bulk, methods=["POST"], name="check_bulk"),
     # --- reliability (issue 7) ---
     Route("/metrics", metrics_handler, methods=["GET"], name="metrics"),
+    # --- snippet (issue 3): publishable-key routes with CORS, subject tokens, linking, assets ---
+    Route("/v1/snippet/config", api_snippet.snippet_config, methods=["GET"], name="snippet_config"),
+    Route("/v1/snippet/config", api_snippet.preflight_for(("GET",)), methods=["OPTIONS"],
+          name="snippet_config_preflight"),
+    Route("/v1/snippet/consents", api_snippet.snippet_consents, methods=["POST"], name="snippet_consents"),
+    Route("/v1/snippet/consents", api_snippet.preflight_for(("POST",)), methods=["OPTIONS"],
+          name="snippet_consents_preflight"),
+    Route("/v1/subject-tokens", api_snippet.mint_subject_token, methods=["POST"], name="mint_subject_token"),
+    Route("/v1/subject-tokens/secret", api_snippet.subject_token_secret, methods=["GET"],
+          name="subject_token_secret"),
+    Route("/v1/subject-tokens/secret/rotate", api_snippet.rotate_subject_token_secret, methods=["POST"],
+          name="rotate_subject_token_secret"),
+    Route("/v1/subjects/link", api_snippet.link_subject, methods=["POST"], name="link_subject"),
+    Route("/.well-known/gpc.json", api_snippet.gpc_json, methods=["GET"], name="gpc_json"),
+    Route("/snippet.js", api_snippet.snippet_js, methods=["GET"], name="snippet_js"),
+    Route("/demo", api_snippet.demo_page, methods=["GET"], name="demo"),
+    Route("/demo/demo.js", api_snippet.demo_js, methods=["GET"], name="demo_js"),
+    # --- end snippet ---
 ]
 
 

@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             _print(demo)
             print(f"Try: curl -H 'Authorization: Bearer {demo['secret_key']}' "
                   f"'{base}/v1/check?email=ada@example.com&purpose=marketing_email'")
-            print(f"Demo page: {base}/demo")
+            print(f"Demo page: {base}/demo?key={demo['publishable_key']}")
         elif first:
             print("No tenants yet: create one with `consent tenants create --name NAME`.")
     engine.dispose()
