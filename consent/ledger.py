@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import crypto
-from .catalog import current_version, get_purpose, get_version
+from .catalog import CLOCK_SKEW, current_version, get_purpose, get_version
 from .errors import IdempotencyConflict, NotFound, ValidationFailed
 from .models import ConsentRecord, ConsentState, PolicyPurpose, Subject, SubjectIdentifier, Tenant, utcnow
 from .receipts import record_claims
@@ -231,6 +231,8 @@ def record_decision(
         raise ValidationFailed.field("decision", f"notice purpose {purpose.key!r} takes acknowledged")
 
     at = spec.recorded_at or utcnow()
+    if at > utcnow() + CLOCK_SKEW:  # a future-dated import would outrank every later decision
+        raise ValidationFailed.field("recorded_at", "may not be in the future")
     if spec.policy_version:
         version = get_version(db, tenant.id, spec.policy, spec.policy_version)
         if version is None:
