@@ -16,7 +16,15 @@ from sqlalchemy.orm import Session
 from . import crypto
 from .catalog import CLOCK_SKEW, current_version, get_purpose, get_version
 from .errors import IdempotencyConflict, NotFound, ValidationFailed
-from .models import ConsentRecord, ConsentState, PolicyPurpose, Subject, SubjectIdentifier, Tenant, utcnow
+from .models import (
+    ConsentRecord,
+    ConsentState,
+    PolicyPurpose,
+    Subject,
+    SubjectIdentifier,
+    Tenant,
+    utcnow,
+)
 from .receipts import record_claims
 from .schemas import ConsentIn, SubjectRef
 from .state import derive_status
