@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -83,6 +83,8 @@ class Q:
             return self.default
         if len(raw) > self.max_length:
             raise ValidationFailed.field(self.name, f"longer than {self.max_length} characters")
+        if "\x00" in raw:
+            raise ValidationFailed.field(self.name, "must not contain NUL characters")
         if self.choices is not None and raw not in self.choices:
             raise ValidationFailed.field(self.name, f"must be one of {', '.join(self.choices)}")
         if self.type is int:
@@ -107,7 +109,10 @@ def parse_time(name: str, raw: str) -> datetime:
         raise ValidationFailed.field(name, "must be an RFC 3339 timestamp") from None
     if value.tzinfo is None:
         raise ValidationFailed.field(name, "must carry a time zone (e.g. Z)")
-    return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValidationFailed.field(name, "is out of range") from None
 
 
 @dataclass
@@ -213,10 +218,9 @@ def parse_body(raw: bytes, meta: Meta) -> Any:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        try:  # orjson refuses lone surrogates and some edge cases json accepts; be exact
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise MalformedJSON("the body is not valid JSON") from None
+        data = _loads_strict(raw)
+    if b"\\u0000" in raw:  # cheap pre-check: a NUL can only arrive escaped
+        _reject_nul(data, "body")
     assert meta.body is not None
     try:
         return meta.body.model_validate(data)
@@ -228,6 +232,41 @@ def require_credentials(request: Request, auth: str) -> None:
     """401 at once, before the body is read, when the caller presents no usable credentials."""
     if bearer(request) is None and not (auth == "publishable" and request.query_params.get("key")):
         raise Unauthorized("this route needs an API key")
+
+
+def _loads_strict(raw: bytes) -> Any:
+    """What orjson refused, parsed by ``json`` (exact error for edge cases), but never NaN,
+    Infinity, lone surrogates or pathological nesting, which no database column can store."""
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError("number out of range")
+        return value
+
+    try:
+        data = json.loads(raw, parse_constant=no_constant, parse_float=finite)
+        orjson.dumps(data)  # refuses lone surrogates and nesting deeper than we store
+    except (ValueError, UnicodeDecodeError, RecursionError, orjson.JSONEncodeError):
+        raise MalformedJSON("the body is not valid JSON") from None
+    return data
+
+
+def _reject_nul(value: Any, where: str) -> None:
+    """NUL characters cannot be stored in PostgreSQL text: refuse them naming the field."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValidationFailed.field(where, "must not contain NUL characters")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_nul(k, where)
+            _reject_nul(v, f"{where}.{k}" if where != "body" else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _reject_nul(v, f"{where}[{i}]")
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
@@ -255,6 +294,9 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
             def work() -> Any:
                 with transaction(services.engine, write=meta.write) as db:
                     principal = authenticate(db, services, request, auth) if auth else None
+                    for name, value in request.path_params.items():
+                        if "\x00" in str(value):
+                            raise ValidationFailed.field(name, "must not contain NUL characters")
                     body = parse_body(raw, meta) if raw is not None else None
                     query = {q.name: q.parse(request.query_params.get(q.name)) for q in meta.query}
                     return fn(Ctx(request, db, services, principal, body, query))

@@ -4,7 +4,7 @@ columns (hash keys, raw identifiers, private keys) never leak. They also feed /o
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
@@ -19,6 +19,14 @@ Status = Literal[
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 ORIGIN_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
 URL_RE = re.compile(r"^https?://\S+$")
+
+
+def in_utc_range(value: datetime) -> datetime:
+    """The instant in UTC; refuses times that only exist in another zone (year 0 or 10000)."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp out of range") from None
 
 
 class Strict(BaseModel):
@@ -137,7 +145,7 @@ class PolicyVersionIn(Strict):
     def _aware(cls, v: datetime | None) -> datetime | None:
         if v is not None and v.tzinfo is None:
             raise ValueError("must carry a time zone (RFC 3339, e.g. 2026-01-01T00:00:00Z)")
-        return v
+        return in_utc_range(v) if v is not None else None
 
 
 class PolicyVersionOut(BaseModel):
@@ -204,6 +212,7 @@ class ConsentIn(Strict):
                 raise ValueError("recorded_at may only be given with source=import")
             if self.recorded_at.tzinfo is None:
                 raise ValueError("recorded_at must carry a time zone")
+            self.recorded_at = in_utc_range(self.recorded_at)
         return self
 
 
