@@ -133,3 +133,52 @@ def loads_token(s: URLSafeTimedSerializer, token: str, max_age: int | None = Non
         raise BadToken("token expired", expired=True) from exc
     except BadSignature as exc:
         raise BadToken("token signature does not match") from exc
+
+
+class KeySet:
+    """Public keys for offline verification (a JWKS dict, file or URL), EdDSA only.
+
+    Keys are parsed once per kid; a URL is read through PyJWKClient, which refetches the set
+    when it meets an unknown kid (keys rotated since the export was made).
+    """
+
+    def __init__(self, jwks: dict[str, Any] | None = None, url: str | None = None):
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._client = jwt.PyJWKClient(url, cache_jwk_set=True, lifespan=3600) if url else None
+        for k in (jwks or {}).get("keys", []):
+            if k.get("kty") == "OKP" and k.get("kid"):
+                self._keys[k["kid"]] = jwt.PyJWK(k, algorithm=ALGORITHM)
+
+    def _key(self, kid: str | None) -> jwt.PyJWK:
+        if kid is None:
+            raise BadToken("token has no key id")
+        key = self._keys.get(kid)
+        if key is None and self._client is not None:
+            try:
+                key = self._client.get_signing_key(kid)
+            except jwt.PyJWTError as exc:
+                raise BadToken(f"unknown key id {kid!r}: {exc}") from exc
+            self._keys[kid] = key
+        if key is None:
+            raise BadToken(f"unknown key id {kid!r}")
+        return key
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """Claims of an EdDSA JWT signed by one of these keys; raises BadToken.
+
+        Besides the signature, the signature segment must be canonical base64url: a flipped
+        padding bit decodes to the same bytes, and an export must reject any changed byte.
+        """
+        try:
+            header = jwt.get_unverified_header(token)
+            if header.get("alg") != ALGORITHM:
+                raise BadToken(f"algorithm {header.get('alg')!r} is not accepted")
+            sig = token.rsplit(".", 1)[-1]
+            if jwt.utils.base64url_encode(jwt.utils.base64url_decode(sig)).decode() != sig:
+                raise BadToken("signature is not canonical base64url")
+            return jwt.decode(token, self._key(header.get("kid")), algorithms=[ALGORITHM],
+                              options={"verify_aud": False, "verify_iat": False})
+        except jwt.PyJWTError as exc:
+            raise BadToken(str(exc)) from exc
+        except (ValueError, UnicodeDecodeError) as exc:  # binascii errors are ValueErrors
+            raise BadToken(f"malformed token: {exc}") from exc
