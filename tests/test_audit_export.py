@@ -215,3 +215,40 @@ def test_export_auth_and_manifest_isolation(client, tenant: Tenant) -> None:
     other = make_tenant(client)
     assert other.get(f"/v1/exports/{export_id}/manifest").status_code == 404
     assert other.get("/v1/exports/consents").content.count(b"\n") == 1  # only its (empty) manifest
+
+
+def test_migrations_round_trip_with_export_tables(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from consent import db
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    db.migrate(url)
+    db.downgrade(url, "base")
+    db.migrate(url)
+    engine = sa.create_engine(url)
+    try:
+        insp = sa.inspect(engine)
+        assert "export_manifest" in insp.get_table_names()
+        assert "ix_consent_record_tenant_id_seq" in {i["name"] for i in insp.get_indexes("consent_record")}
+    finally:
+        engine.dispose()
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    import io
+
+    from consent.cli_audit import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = Progress(200, stream)
+        bar(100)
+        bar(200)
+        bar.close()
+    assert "100/200 records" in tty.getvalue() and tty.getvalue().endswith("200/200 records\n")
+    assert pipe.getvalue() == ""
