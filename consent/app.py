@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import api, api_snippet, db, ratelimit, receipts
+from . import api, api_audit, api_snippet, db, ratelimit, receipts
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
 from .http import JSONResponse, describe, problem_response
@@ -105,6 +105,15 @@ routes = [
     Route("/demo", api_snippet.demo_page, methods=["GET"], name="demo"),
     Route("/demo/demo.js", api_snippet.demo_js, methods=["GET"], name="demo_js"),
     # --- end snippet ---
+    # --- audit exports and data-subject rights (issue 5, consent/api_audit.py) ---
+    Route("/v1/exports/consents", api_audit.export_consents, methods=["GET"], name="export_consents"),
+    Route("/v1/exports/{export_id}/manifest", api_audit.export_manifest, methods=["GET"], name="export_manifest"),
+    Route("/v1/subjects/{subject}/export", api_audit.subject_export, methods=["GET"], name="subject_export"),
+    Route("/v1/subjects/{subject}", api_audit.erase_subject, methods=["DELETE"], name="erase_subject"),
+    Route("/v1/tenant/retention", api_audit.get_retention, methods=["GET"], name="get_retention"),
+    Route("/v1/tenant/retention", api_audit.put_retention, methods=["PUT"], name="put_retention"),
+    Route("/v1/tenants/{tenant_id}/close", api_audit.close_tenant, methods=["POST"], name="close_tenant"),
+    # --- end issue 5 ---
 ]
 
 

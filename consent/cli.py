@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import db, receipts, tenants
+from . import cli_audit, db, receipts, tenants
 from .models import Tenant
 from .schemas import TenantIn
 from .settings import Settings
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sk = sub.add_parser("signing-key", help="rotate the receipt signing key")
     sk.add_argument("action", choices=["rotate"])
     sk.set_defaults(func=cmd_signing_key)
+    cli_audit.add_commands(sub)  # export, verify, retention (issue 5)
     return p
 
 

@@ -252,3 +252,21 @@ class SubjectTokenKey(SQLModel, table=True):
     secret: str = Field(max_length=128)  # returned to the tenant's secret-key holder, never logged
     created_at: datetime = ts()
     retired_at: datetime | None = ts(nullable=True)
+# --- audit exports (issue 5) ---------------------------------------------------------------
+
+# Keyset pagination of a tenant's ledger by seq (streaming exports): one index range scan.
+sa.Index("ix_consent_record_tenant_id_seq", ConsentRecord.__table__.c.tenant_id,  # type: ignore[attr-defined]
+         ConsentRecord.__table__.c.seq)  # type: ignore[attr-defined]
+
+
+class ExportManifest(SQLModel, table=True):
+    """The signed manifest of every completed ledger export, fetchable after the stream."""
+
+    __tablename__ = "export_manifest"
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    format: str = Field(max_length=8)
+    count: int = Field(sa_column=sa.Column(BigInt, nullable=False))
+    body_sha256: str = Field(max_length=64)
+    manifest: str  # the EdDSA JWT
+    created_at: datetime = ts()
