@@ -14,7 +14,7 @@ from . import exports, ledger, retention, rights
 from .catalog import get_purpose
 from .db import transaction
 from .errors import NotFound, ValidationFailed
-from .http import Ctx, Q, authenticate, describe, endpoint
+from .http import Ctx, Q, authenticate, describe, endpoint, parse_query, require_credentials
 from .schemas_audit import AccessExport, ErasureOut, ManifestOut, RetentionIn, RetentionOut, TenantClosed
 
 EXPORT_QUERY = (
@@ -33,19 +33,20 @@ MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
           responses={200: "application/x-ndjson or text/csv stream"}, headers=())
 async def export_consents(request: Request) -> Response:
     services = request.app.state.services
-    q = {p.name: p.parse(request.query_params.get(p.name)) for p in EXPORT_QUERY}
-    if q["from"] is not None and q["to"] is not None and q["from"] >= q["to"]:
-        raise ValidationFailed.field("to", "must be after from")
+    require_credentials(request, "secret")  # 401 before any input error, like every other route
 
-    def prepare() -> str:
+    def prepare() -> tuple[str, dict[str, Any]]:
         with transaction(services.engine) as db:
             principal = authenticate(db, services, request, "secret")
             assert principal is not None
+            q = parse_query(request, EXPORT_QUERY)
+            if q["from"] is not None and q["to"] is not None and q["from"] >= q["to"]:
+                raise ValidationFailed.field("to", "must be after from")
             if q["purpose"] is not None and get_purpose(db, principal.tenant_id, q["purpose"]) is None:
                 raise ValidationFailed.field("purpose", f"unknown purpose {q['purpose']!r}")
-            return principal.tenant_id
+            return principal.tenant_id, q
 
-    tenant_id = await run_in_threadpool(prepare)  # errors here are still problem+json
+    tenant_id, q = await run_in_threadpool(prepare)  # errors here are still problem+json
     flt = exports.ExportFilter(tenant_id, q["from"], q["to"], q["purpose"], q["policy_version"])
     export_id = exports.new_export_id()
     body = exports.stream_export(services.engine, flt, q["format"], signer=services.signer,

@@ -99,7 +99,7 @@ routes = [
           name="subject_token_secret"),
     Route("/v1/subject-tokens/secret/rotate", api_snippet.rotate_subject_token_secret, methods=["POST"],
           name="rotate_subject_token_secret"),
-    Route("/v1/subjects/link", api_snippet.link_subject, methods=["POST"], name="link_subject"),
+    Route("/v1/subject-links", api_snippet.link_subject, methods=["POST"], name="link_subject"),
     Route("/.well-known/gpc.json", api_snippet.gpc_json, methods=["GET"], name="gpc_json"),
     Route("/snippet.js", api_snippet.snippet_js, methods=["GET"], name="snippet_js"),
     Route("/demo", api_snippet.demo_page, methods=["GET"], name="demo"),

@@ -77,7 +77,7 @@ class Q:
     choices: tuple[str, ...] | None = None
 
     def parse(self, raw: str | None) -> Any:
-        if raw is None or raw == "":
+        if raw is None or (raw == "" and self.type is str):  # an empty number or time is invalid
             if self.required:
                 raise ValidationFailed.field(self.name, "is required")
             return self.default
@@ -100,6 +100,17 @@ class Q:
         if self.type is datetime:
             return parse_time(self.name, raw)
         return raw
+
+
+def parse_query(request: Request, declared: tuple[Q, ...], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Parse the declared query parameters. A route that declares any refuses unknown ones:
+    a mistyped filter (``purpse=``) must not silently widen an export or a list."""
+    if declared:
+        known = {q.name for q in declared} | set(extra)
+        for name in request.query_params:
+            if name not in known:
+                raise ValidationFailed.field(name, f"unknown query parameter (known: {', '.join(sorted(known))})")
+    return {q.name: q.parse(request.query_params.get(q.name)) for q in declared}
 
 
 def parse_time(name: str, raw: str) -> datetime:
@@ -298,7 +309,7 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
                         if "\x00" in str(value):
                             raise ValidationFailed.field(name, "must not contain NUL characters")
                     body = parse_body(raw, meta) if raw is not None else None
-                    query = {q.name: q.parse(request.query_params.get(q.name)) for q in meta.query}
+                    query = parse_query(request, meta.query, ("key",) if auth == "publishable" else ())
                     return fn(Ctx(request, db, services, principal, body, query))
 
             return render(await run_in_threadpool(work), meta.status)

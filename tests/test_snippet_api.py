@@ -356,7 +356,7 @@ def test_subject_token_secret_rotation(tenant: Tenant) -> None:
 # --- linking -------------------------------------------------------------------------------
 
 def link(t: Tenant, anon: str, user: str, expect: int = 200) -> dict[str, Any]:
-    r = t.post("/v1/subjects/link", json={"anonymous_id": anon, "user_id": user})
+    r = t.post("/v1/subject-links", json={"anonymous_id": anon, "user_id": user})
     assert r.status_code == expect, r.text
     return dict(r.json())
 
@@ -389,7 +389,7 @@ def test_link_rules(tenant: Tenant) -> None:
     r = tenant.get("/v1/subjects/user-l2/consents")
     assert r.status_code == 200
     assert {p["purpose"]: p["status"] for p in r.json()["purposes"]}["strictly_necessary"] == "acknowledged"
-    r = tenant.post("/v1/subjects/link", json={"anonymous_id": "a b", "user_id": "u"})
+    r = tenant.post("/v1/subject-links", json={"anonymous_id": "a b", "user_id": "u"})
     assert r.status_code == 422
 
 
