@@ -159,7 +159,8 @@ CHECK_QUERY = (
 )
 
 
-@endpoint(auth="secret", summary="May we? One subject, one purpose", query=CHECK_QUERY, response=CheckOut)
+@endpoint(auth="secret", summary="May we? One subject, one purpose", query=CHECK_QUERY, response=CheckOut,
+          inline=True)
 def check_one(ctx: Ctx) -> Any:
     q = ctx.query
     given = [(k, q[k]) for k in ("subject", "email", "anonymous_id") if q[k]]
@@ -167,7 +168,7 @@ def check_one(ctx: Ctx) -> Any:
         raise ValidationFailed.field("subject", "give exactly one of subject, email, anonymous_id")
     name, value = given[0]
     kind, value = ledger.parse_subject_ref(value) if name == "subject" else ({"email": "email", "anonymous_id": "anon"}[name], value)
-    return checks.check(ctx.db, ctx.tenant, purpose=q["purpose"], kind=kind, value=value)
+    return checks.check(ctx.db, ctx.tenant_ref, purpose=q["purpose"], kind=kind, value=value)
 
 
 @endpoint(auth="secret", summary="Bulk check: one purpose for up to 100,000 emails or subjects",
@@ -178,7 +179,7 @@ def check_bulk(ctx: Ctx) -> Any:
     limit = ctx.services.settings.max_bulk
     if n > limit:
         raise ValidationFailed.field("emails" if b.emails is not None else "subjects", f"at most {limit} per call")
-    return checks.bulk_check(ctx.db, ctx.tenant, purpose=b.purpose, emails=b.emails, subjects=b.subjects)
+    return checks.bulk_check(ctx.db, ctx.tenant_ref, purpose=b.purpose, emails=b.emails, subjects=b.subjects)
 
 
 @endpoint(auth=None, summary="Public receipt verification keys (old keys kept after rotation)", response=Jwks)
