@@ -100,6 +100,7 @@ def machine() -> dict[str, str]:
         "packages": f"starlette {starlette.__version__}, uvicorn {uvicorn.__version__}, "
                     f"sqlalchemy {sqlalchemy.__version__}",
         "load": "wrk 4.1 (1 thread) on 127.0.0.1, same machine",
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -469,7 +470,9 @@ def write_results(profile: Profile, mach: dict[str, str], metas: dict[str, Any],
         f"`.venv/bin/python bench/run.py{' --quick' if profile.name == 'quick' else ''}` "
         f"({profile.name} profile; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"{time.monotonic() - started:.0f} s). How to read it: docs/bench.md.", "",
-        "## Machine", "", *[f"- {k}: {v}" for k, v in mach.items()], "",
+        "## Machine", "", *[f"- {k}: {v}" for k, v in mach.items()],
+        f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+        "(other work on the machine shifts absolute numbers; compare rows of the same run)", "",
         "## Ledger", "",
         f"- {metas['subjects']:,} subjects, 3 purposes, 2 policy versions, "
         f"{metas['sqlite']['records']:,} records per database (plus those the record runs add)",

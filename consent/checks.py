@@ -100,6 +100,12 @@ def bulk_check(db: Session, tenant: Tenant | TenantRef, *, purpose: str, emails:
     found: dict[tuple[str, str], tuple[str, bool, bool]] = {}
     conn = db.connection()
     postgres = conn.dialect.name == "postgresql"
+    if postgres and len(keys) > 1000:
+        # Perf: the planner guesses 100 rows for the unpacked key list and probes two indexes per
+        # key; for many keys hash joins win: 100,000 emails 3.07 s -> 0.76 s (full bench ledger).
+        # SET LOCAL ends with this read-only transaction.
+        conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
+        conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
     for kind, hashes in by_kind.items():
         unique = list(dict.fromkeys(hashes))
         for key, decision, confirmed, stale in conn.execute(_bulk_query(tenant.id, purpose, kind, now, unique, postgres)):
