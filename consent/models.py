@@ -231,3 +231,24 @@ class ConsentState(SQLModel, table=True):
 
 
 TABLES = SQLModel.metadata
+
+
+# --- reliability (issue 7) -------------------------------------------------------------
+
+class RateLimitCounter(SQLModel, table=True):
+    """Fixed-window request counters shared by every service process (see ratelimit.py)."""
+
+    __tablename__ = "rate_limit"
+    bucket: str = Field(primary_key=True, max_length=100)
+    window_start: int = Field(sa_column=sa.Column(BigInt, primary_key=True, autoincrement=False))
+    hits: int = 0
+class SubjectTokenKey(SQLModel, table=True):
+    """A tenant's HS256 secret for subject tokens (minted by its backend, verified here).
+    The newest live key signs; the one before it still verifies until the next rotation."""
+
+    __tablename__ = "subject_token_key"
+    kid: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    secret: str = Field(max_length=128)  # returned to the tenant's secret-key holder, never logged
+    created_at: datetime = ts()
+    retired_at: datetime | None = ts(nullable=True)

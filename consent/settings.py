@@ -29,6 +29,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     rate_limit_per_minute: int = 600
+    rate_limit_ip_per_minute: int = 300
+    rate_limit_routes: tuple[str, ...] = ()
+    limit_concurrency: int = 1000
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -56,6 +59,10 @@ class Settings:
             host=config("CONSENT_HOST", default="127.0.0.1"),
             port=config("CONSENT_PORT", cast=int, default=8000),
             rate_limit_per_minute=config("CONSENT_RATE_LIMIT_PER_MINUTE", cast=int, default=600),
+            rate_limit_ip_per_minute=config("CONSENT_RATE_LIMIT_IP_PER_MINUTE", cast=int, default=300),
+            rate_limit_routes=tuple(n.strip() for n in config("CONSENT_RATE_LIMIT_ROUTES", default="").split(",")
+                                    if n.strip()),
+            limit_concurrency=config("CONSENT_LIMIT_CONCURRENCY", cast=int, default=1000),
         )
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
