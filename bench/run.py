@@ -319,7 +319,8 @@ def bench_bare(workers: int, profile: Profile, tmp: Path) -> Result:
 def bench_service(kind: str, workers: int, meta: dict[str, Any], profile: Profile, tmp: Path) -> list[Result]:
     env = {"CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false", "CONSENT_MIGRATE_ON_START": "false",
            "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN, "CONSENT_ISSUER": "http://127.0.0.1",
-           "CONSENT_LOG_LEVEL": "warning", "CONSENT_RATE_LIMIT_PER_MINUTE": "100000000"}
+           "CONSENT_LOG_LEVEL": "warning", "CONSENT_RATE_LIMIT_PER_MINUTE": "100000000",
+           "CONSENT_RATE_LIMIT_IP_PER_MINUTE": "100000000"}
     name = f"{kind} w{workers}"
     n = meta["subjects"]
     sk, pk = meta["secret_key"], meta["publishable_key"]
