@@ -301,7 +301,7 @@ end
 
 def route_present(base: str, path: str, headers: dict[str, str]) -> bool:
     r = httpx.get(base + path, headers=headers, timeout=30)
-    return not (r.status_code == 404 and "no route" in r.text)
+    return not (r.status_code == 404 and "route" in r.json().get("detail", ""))
 
 
 # --- one configuration ----------------------------------------------------------------------
@@ -515,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
                 if only and kind not in only and f"{kind}{w}" not in only:
                     continue
                 log(f"service on {kind}, {w} worker(s) ...")
-                results.extend(bench_service(kind, w, metas[kind], profile, tmp))
+                try:
+                    results.extend(bench_service(kind, w, metas[kind], profile, tmp))
+                except Exception as exc:  # one broken cell must not lose the whole run
+                    results.append(Result(f"{kind} w{w}", "(run failed)", note=f"{type(exc).__name__}: {exc}"[:200]))
     out = write_results(profile, mach, metas, results, started)
     print(out)
     return 0
