@@ -167,7 +167,8 @@ CHECK_QUERY = (
 )
 
 
-@endpoint(auth="secret", summary="May we? One subject, one purpose", query=CHECK_QUERY, response=CheckOut)
+@endpoint(auth="secret", summary="May we? One subject, one purpose", query=CHECK_QUERY, response=CheckOut,
+          inline=True)
 def check_one(ctx: Ctx) -> Any:
     q = ctx.query
     given = [(k, q[k]) for k in ("subject", "email", "anonymous_id") if q[k]]
@@ -177,7 +178,7 @@ def check_one(ctx: Ctx) -> Any:
     kind, value = ledger.parse_subject_ref(value) if name == "subject" else ({"email": "email", "anonymous_id": "anon"}[name], value)
     if q["at"] is not None:  # as-of answers: off the hot path
         return asof.check_at(ctx.db, ctx.tenant, purpose=q["purpose"], kind=kind, value=value, at=q["at"])
-    return checks.check(ctx.db, ctx.tenant, purpose=q["purpose"], kind=kind, value=value)
+    return checks.check(ctx.db, ctx.tenant_ref, purpose=q["purpose"], kind=kind, value=value)
 
 
 @endpoint(auth="secret", summary="Bulk check: one purpose for up to 100,000 emails or subjects",
@@ -188,7 +189,7 @@ def check_bulk(ctx: Ctx) -> Any:
     limit = ctx.services.settings.max_bulk
     if n > limit:
         raise ValidationFailed.field("emails" if b.emails is not None else "subjects", f"at most {limit} per call")
-    return checks.bulk_check(ctx.db, ctx.tenant, purpose=b.purpose, emails=b.emails, subjects=b.subjects)
+    return checks.bulk_check(ctx.db, ctx.tenant_ref, purpose=b.purpose, emails=b.emails, subjects=b.subjects)
 
 
 @endpoint(auth=None, summary="Public receipt verification keys (old keys kept after rotation)", response=Jwks)

@@ -1,4 +1,4 @@
-"""Consent checks: the hot path. One indexed query per single check; chunked queries for bulk.
+"""Consent checks: the hot path. One indexed query per single check; one query for a bulk check.
 
 Staleness is decided inside the query by an EXISTS over policy_purpose (a newer material
 version covering the purpose and in effect), so no cache can go stale behind a write.
@@ -9,7 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from . import crypto
@@ -17,12 +19,12 @@ from .catalog import get_purpose, list_purposes
 from .errors import ValidationFailed
 from .ledger import SI, STATE, parse_subject_ref
 from .models import ConsentRecord, PolicyPurpose, Tenant, utcnow
+from .tenants import TenantRef
 from .receipts import record_claims
 from .state import derive_status, is_allowed
 
 PP = PolicyPurpose.__table__  # type: ignore[attr-defined]
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
-BULK_CHUNK = 5000
 
 
 def _stale(now: Any) -> Any:
@@ -54,16 +56,17 @@ _SINGLE_BY_ID = (
 )
 
 
-def check(db: Session, tenant: Tenant, *, purpose: str, kind: str, value: str) -> dict[str, Any]:
+def check(db: Session, tenant: Tenant | TenantRef, *, purpose: str, kind: str, value: str) -> dict[str, Any]:
     """``{allowed, status, purpose, subject, policy_version, record_id, receipt}`` for one subject."""
     now = utcnow()
+    conn = db.connection()  # Perf: Core on the connection, not Session.execute (~60 us CPU saved)
     if kind == "id":
-        row = db.execute(_SINGLE_BY_ID, {"t": tenant.id, "s": value, "p": purpose, "now": now}).first()
+        row = conn.execute(_SINGLE_BY_ID, {"t": tenant.id, "s": value, "p": purpose, "now": now}).first()
     else:
         if kind == "email":
             value = crypto.normalize_email(value)
         h = crypto.keyed_hash(tenant.hash_key, kind, value)
-        row = db.execute(_SINGLE_BY_IDENT, {"t": tenant.id, "k": kind, "h": h, "p": purpose, "now": now}).first()
+        row = conn.execute(_SINGLE_BY_IDENT, {"t": tenant.id, "k": kind, "h": h, "p": purpose, "now": now}).first()
     if row is None:
         if get_purpose(db, tenant.id, purpose) is None:  # only paid for on a miss
             raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
@@ -75,7 +78,7 @@ def check(db: Session, tenant: Tenant, *, purpose: str, kind: str, value: str) -
             "record_id": row.record_id, "receipt": row.receipt}
 
 
-def bulk_check(db: Session, tenant: Tenant, *, purpose: str, emails: list[str] | None,
+def bulk_check(db: Session, tenant: Tenant | TenantRef, *, purpose: str, emails: list[str] | None,
                subjects: list[str] | None) -> dict[str, Any]:
     """One purpose for many emails or subject references, in input order."""
     if get_purpose(db, tenant.id, purpose) is None:
@@ -83,32 +86,30 @@ def bulk_check(db: Session, tenant: Tenant, *, purpose: str, emails: list[str] |
     now = utcnow()
     items = emails if emails is not None else subjects or []
     keys: list[tuple[str, str]] = []  # (kind, hash-or-id) per input
-    for raw in items:
-        if emails is not None:
-            keys.append(("email", crypto.keyed_hash(tenant.hash_key, "email", crypto.normalize_email(raw))))
-        else:
+    if emails is not None:
+        # Perf: one precomputed HMAC state for all 100,000 emails (0.18 s instead of 0.43 s).
+        keys = [("email", h) for h in crypto.keyed_hashes(
+            tenant.hash_key, "email", [crypto.normalize_email(e) for e in emails])]
+    else:
+        for raw in items:
             kind, value = parse_subject_ref(raw)
             keys.append((kind, value if kind == "id" else crypto.keyed_hash(tenant.hash_key, kind, value)))
-    found: dict[tuple[str, str], tuple[str, bool, bool]] = {}
     by_kind: dict[str, list[str]] = {}
     for kind, h in keys:
         by_kind.setdefault(kind, []).append(h)
-    cols = (STATE.c.decision, STATE.c.confirmed, _stale(now))
+    found: dict[tuple[str, str], tuple[str, bool, bool]] = {}
+    conn = db.connection()
+    postgres = conn.dialect.name == "postgresql"
+    if postgres and len(keys) > 1000:
+        # Perf: the planner guesses 100 rows for the unpacked key list and probes two indexes per
+        # key; for many keys hash joins win: 100,000 emails 3.07 s -> 0.76 s (full bench ledger).
+        # SET LOCAL ends with this read-only transaction.
+        conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
+        conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
     for kind, hashes in by_kind.items():
         unique = list(dict.fromkeys(hashes))
-        for i in range(0, len(unique), BULK_CHUNK):
-            chunk = unique[i:i + BULK_CHUNK]
-            if kind == "id":
-                q = sa.select(STATE.c.subject_id.label("key"), *cols).where(
-                    STATE.c.tenant_id == tenant.id, STATE.c.purpose == purpose, STATE.c.subject_id.in_(chunk))
-            else:
-                q = (sa.select(SI.c.value_hash.label("key"), *cols)
-                     .select_from(SI.join(STATE, sa.and_(STATE.c.tenant_id == SI.c.tenant_id,
-                                                         STATE.c.subject_id == SI.c.subject_id)))
-                     .where(SI.c.tenant_id == tenant.id, SI.c.kind == kind, SI.c.value_hash.in_(chunk),
-                            STATE.c.purpose == purpose))
-            for row in db.execute(q):
-                found[(kind, row.key)] = (row.decision, row.confirmed, row.stale)
+        for key, decision, confirmed, stale in conn.execute(_bulk_query(tenant.id, purpose, kind, now, unique, postgres)):
+            found[(kind, key)] = (decision, confirmed, bool(stale))
     results = []
     allowed_count = 0
     for raw, key in zip(items, keys):
@@ -118,6 +119,45 @@ def bulk_check(db: Session, tenant: Tenant, *, purpose: str, emails: list[str] |
         allowed_count += allowed
         results.append({"id": raw, "allowed": allowed, "status": status})
     return {"purpose": purpose, "count": len(results), "allowed_count": allowed_count, "results": results}
+
+
+def _bulk_query(tenant_id: str, purpose: str, kind: str, now: Any, keys: list[str], postgres: bool) -> Any:
+    """States of one purpose for many subject ids or identifier hashes, with staleness.
+
+    Perf: staleness comes from a join to the newest material version per policy in effect
+    (a tiny aggregate the planner builds once), not an EXISTS evaluated per row; it is still
+    the same statement, so the same snapshot as the states.
+    """
+    newest = (
+        sa.select(PP.c.policy_key, sa.func.max(PP.c.policy_version_id).label("newest"))
+        .where(PP.c.tenant_id == tenant_id, PP.c.purpose == purpose, PP.c.material.is_(True),
+               PP.c.effective_at <= now)
+        .group_by(PP.c.policy_key)
+        .subquery("newest")
+    )
+    stale = sa.func.coalesce(newest.c.newest > STATE.c.policy_version_id, False)
+    # Perf: all keys in ONE bound parameter, a JSON array unpacked by the database in C
+    # (json_each / jsonb_array_elements_text). One statement, one snapshot; no 100,000 bound
+    # parameters to render (0.3 s of 0.7 s on SQLite) and no per-element array dumping in
+    # psycopg (0.7 s for a text[] of 100,000).
+    doc = sa.bindparam("keys", orjson.dumps(keys).decode(), type_=sa.String)
+    if postgres:
+        listed = sa.select(sa.func.jsonb_array_elements_text(sa.cast(doc, postgresql.JSONB)))
+    else:
+        listed = sa.select(sa.column("value", sa.String)).select_from(sa.func.json_each(doc))
+    if kind == "id":
+        where = STATE.c.subject_id.in_(listed)
+        base = sa.select(STATE.c.subject_id, STATE.c.decision, STATE.c.confirmed, stale).select_from(
+            STATE.outerjoin(newest, newest.c.policy_key == STATE.c.policy_key))
+        return base.where(STATE.c.tenant_id == tenant_id, STATE.c.purpose == purpose, where)
+    where = SI.c.value_hash.in_(listed)
+    return (
+        sa.select(SI.c.value_hash, STATE.c.decision, STATE.c.confirmed, stale)
+        .select_from(
+            SI.join(STATE, sa.and_(STATE.c.tenant_id == SI.c.tenant_id, STATE.c.subject_id == SI.c.subject_id))
+            .outerjoin(newest, newest.c.policy_key == STATE.c.policy_key))
+        .where(SI.c.tenant_id == tenant_id, SI.c.kind == kind, where, STATE.c.purpose == purpose)
+    )
 
 
 def subject_states(db: Session, tenant: Tenant, subject_id: str, *, at: datetime | None = None) -> list[dict[str, Any]]:

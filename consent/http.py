@@ -30,7 +30,7 @@ from .errors import (
     ValidationFailed,
 )
 from .models import Tenant
-from .tenants import Principal, authenticate_key, get_tenant, is_admin_token
+from .tenants import Principal, TenantRef, authenticate_key, get_tenant, is_admin_token
 
 JSON_TYPES = ("application/json",)
 
@@ -141,6 +141,9 @@ class Meta:
     text_body: bool = False
     media_types: tuple[str, ...] = ("application/json",)
     headers: tuple[str, ...] = ()
+    # Run on the event loop instead of the threadpool: only for short indexed reads. Perf: the
+    # threadpool hop alone cost ~190 us CPU per GET /v1/check (of ~1,100 us before this work).
+    inline: bool = False
 
 
 @dataclass
@@ -161,6 +164,12 @@ class Ctx:
             assert self.principal is not None
             self._tenant = get_tenant(self.db, self.principal.tenant_id)
         return self._tenant
+
+    @property
+    def tenant_ref(self) -> TenantRef:
+        """The tenant's id and hash key, read with the API key: no query (unlike ``tenant``)."""
+        assert self.principal is not None and self.principal.hash_key
+        return TenantRef(self.principal.tenant_id, self.principal.hash_key)
 
     def path(self, name: str) -> str:
         return str(self.request.path_params[name])
@@ -312,7 +321,7 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
                     query = parse_query(request, meta.query, ("key",) if auth == "publishable" else ())
                     return fn(Ctx(request, db, services, principal, body, query))
 
-            return render(await run_in_threadpool(work), meta.status)
+            return render(work() if meta.inline else await run_in_threadpool(work), meta.status)
 
         handler.meta = meta  # type: ignore[attr-defined]
         handler.__name__ = fn.__name__

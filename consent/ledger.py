@@ -299,16 +299,22 @@ def record_decision(
         purposes=[{"purpose": purpose.key, "status": status, "legal_basis": purpose.legal_basis,
                    "kind": purpose.kind}],
     ))
-    try:
-        with db.begin_nested():
-            db.add(record)
-            db.flush()
-    except IntegrityError:
-        # Same Idempotency-Key committed by a concurrent request after our first look.
-        existing = find_by_idempotency_key(db, tenant.id, idempotency_key) if idempotency_key else None
-        if existing is None:
-            raise
-        return replay(existing, request_sha256)
+    if idempotency_key is None:
+        # Perf: no Idempotency-Key, no race to recover from: skip the SAVEPOINT and its RELEASE
+        # (2 of the 14 statements of a record on PostgreSQL).
+        db.add(record)
+        db.flush()
+    else:
+        try:
+            with db.begin_nested():
+                db.add(record)
+                db.flush()
+        except IntegrityError:
+            # Same Idempotency-Key committed by a concurrent request after our first look.
+            existing = find_by_idempotency_key(db, tenant.id, idempotency_key)
+            if existing is None:
+                raise
+            return replay(existing, request_sha256)
     subject.head_hash = record.record_hash
     upsert_state(db, record)
     db.flush()

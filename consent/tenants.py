@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -20,6 +20,15 @@ class Principal:
     tenant_id: str
     kind: str
     key_id: str
+    hash_key: str = field(default="", repr=False, compare=False)  # the tenant's, read with the key
+
+
+@dataclass(frozen=True)
+class TenantRef:
+    """What the check queries need of a tenant (read in the same query as the API key)."""
+
+    id: str
+    hash_key: str = field(repr=False)
 
 
 def create_tenant(db: Session, spec: TenantIn) -> tuple[Tenant, dict[str, str]]:
@@ -79,18 +88,25 @@ def get_tenant(db: Session, tenant_id: str) -> Tenant:
     return tenant
 
 
-_KEY_LOOKUP = sa.select(ApiKey.tenant_id, ApiKey.kind, ApiKey.id, ApiKey.key_hash).where(
-    ApiKey.key_hash == sa.bindparam("h"), ApiKey.revoked_at.is_(None)  # type: ignore[union-attr]
+_KEY = ApiKey.__table__  # type: ignore[attr-defined]
+_TENANT = Tenant.__table__  # type: ignore[attr-defined]
+# Perf: the key and its tenant's hash key in one indexed join (unique key_hash), so a check
+# needs no second query for the tenant (2 queries per GET /v1/check instead of 3); Core
+# columns run on the connection, skipping the ORM execute path (~120 us CPU per request).
+_KEY_LOOKUP = (
+    sa.select(_KEY.c.tenant_id, _KEY.c.kind, _KEY.c.id, _KEY.c.key_hash, _TENANT.c.hash_key)
+    .join(_TENANT, _TENANT.c.id == _KEY.c.tenant_id)
+    .where(_KEY.c.key_hash == sa.bindparam("h"), _KEY.c.revoked_at.is_(None))
 )
 
 
 def authenticate_key(db: Session, raw: str) -> Principal | None:
     """The principal behind a raw API key, or None (unknown or revoked)."""
     digest = crypto.hash_token(raw)
-    row = db.execute(_KEY_LOOKUP, {"h": digest}).first()
+    row = db.connection().execute(_KEY_LOOKUP, {"h": digest}).first()
     if row is None or not crypto.tokens_equal(row.key_hash, digest):
         return None
-    return Principal(tenant_id=row.tenant_id, kind=row.kind, key_id=row.id)
+    return Principal(tenant_id=row.tenant_id, kind=row.kind, key_id=row.id, hash_key=row.hash_key)
 
 
 def create_admin_token(db: Session) -> str:

@@ -1,0 +1,109 @@
+"""CPU cost per request of one route, in process (no network, no load generator): the number
+to watch while optimising on a busy machine. Optionally under cProfile.
+
+    .venv/bin/python bench/profile_app.py check|record|bulk [--backend sqlite|postgresql] [--n 2000] [--profile]
+
+Uses the cached ledger of `bench/run.py --quick` (run that once first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import pstats
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from consent.app import create_app  # noqa: E402
+from consent.settings import Settings  # noqa: E402
+
+
+async def call(app: Any, method: str, path: str, query: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query.encode(),
+             "root_path": "", "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    sent = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(msg: dict[str, Any]) -> None:
+        nonlocal status
+        if msg["type"] == "http.response.start":
+            status = msg["status"]
+        elif msg["type"] == "http.response.body":
+            chunks.append(msg.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("route", choices=["check", "record", "bulk"])
+    p.add_argument("--backend", default="sqlite")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("sort", nargs="?", default="cumulative", choices=["cumulative", "tottime"])
+    args = p.parse_args()
+    meta = json.loads((HERE / ".cache" / "ledger-quick.json").read_text())[args.backend]
+    settings = Settings.from_env({"CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false",
+                                  "CONSENT_MIGRATE_ON_START": "false", "CONSENT_LOG_LEVEL": "warning"})
+    app = create_app(settings)
+    auth = {"authorization": f"Bearer {meta['secret_key']}"}
+    n = args.n if args.route != "bulk" else max(1, args.n // 1000)
+
+    def make() -> tuple[str, str, str, dict[str, str], bytes]:
+        i = random.randrange(meta["subjects"])
+        if args.route == "check":
+            return "GET", "/v1/check", f"purpose=marketing_email&email=user{i}%40bench.example", auth, b""
+        if args.route == "record":
+            body = json.dumps({"subject": {"email": f"user{i}@bench.example"}, "purpose": "analytics",
+                               "decision": random.choice(["granted", "denied"])}).encode()
+            return "POST", "/v1/consents", "", {**auth, "content-type": "application/json"}, body
+        body = json.dumps({"purpose": "marketing_email",
+                           "emails": [f"user{j}@bench.example" for j in range(100_000)]}).encode()
+        return "POST", "/v1/check", "", {**auth, "content-type": "application/json"}, body
+
+    async with app.router.lifespan_context(app):
+        for _ in range(20):
+            status, out = await call(app, *make())
+            assert status in (200, 201), out[:300]
+        prof = cProfile.Profile() if args.profile else None
+        wall, cpu = time.perf_counter(), time.process_time()
+        if prof:
+            prof.enable()
+        for _ in range(n):
+            await call(app, *make())
+        if prof:
+            prof.disable()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"{args.route} on {args.backend}: {cpu / n * 1e6:,.0f} us CPU and {wall / n * 1e6:,.0f} us wall per request")
+    if prof:
+        pstats.Stats(prof).sort_stats(sys.argv[-1] if sys.argv[-1] in ("tottime", "cumulative") else "cumulative").print_stats(40)
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main())

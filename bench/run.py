@@ -1,0 +1,528 @@
+"""The benchmark: bare Starlette vs the service (SQLite, PostgreSQL; 1 and 2 workers), one run.
+
+    .venv/bin/python bench/run.py            # full: 100,000 subjects / ~500,000 records
+    .venv/bin/python bench/run.py --quick    # 10,000 subjects / ~50,000 records, short runs
+
+Servers run under uvicorn (httptools, uvloop, no access log) on 127.0.0.1; load comes from
+`wrk` (installed with apt-get if missing) and, for the bulk check and the export, from this
+process with httpx. Every run is bounded (wrk -d, httpx timeouts). Prints one table and writes
+bench/RESULTS.md. The generated ledgers are cached in bench/.cache (SQLite) and the PostgreSQL
+databases bench_perf / bench_perf_quick; --rebuild makes them again. See docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import ledger  # noqa: E402
+
+from consent import db  # noqa: E402
+
+PG_BASE = os.environ.get("BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
+ADMIN_TOKEN = "adm_bench_0123456789abcdef"
+CACHE_VERSION = 1
+HARD_LIMIT_S = 15 * 60  # the whole run stops here, whatever happens
+
+
+@dataclass
+class Profile:
+    name: str
+    subjects: int
+    warmup: int  # seconds (wrk takes whole seconds)
+    duration: int
+    bulk_calls: int
+
+    @property
+    def pg_db(self) -> str:
+        return "bench_perf" if self.name == "full" else "bench_perf_quick"
+
+
+FULL = Profile("full", 100_000, 2, 8, 3)
+QUICK = Profile("quick", 10_000, 1, 3, 2)
+
+
+@dataclass
+class Result:
+    config: str
+    test: str
+    c1: dict[str, float] | None = None
+    c32: dict[str, float] | None = None
+    note: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- machine --------------------------------------------------------------------------------
+
+def machine() -> dict[str, str]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().split()[1]
+    pg = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc", "show server_version"],
+                        capture_output=True, text=True).stdout.strip() or "?"
+    import sqlalchemy
+    import starlette
+    import uvicorn
+
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores", "memory": f"{int(mem) // 1024 // 1024} GiB",
+        "os": platform.platform(), "python": platform.python_version(),
+        "postgresql": pg, "sqlite": sqlite3.sqlite_version,
+        "packages": f"starlette {starlette.__version__}, uvicorn {uvicorn.__version__}, "
+                    f"sqlalchemy {sqlalchemy.__version__}",
+        "load": "wrk 4.1 (1 thread) on 127.0.0.1, same machine",
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+# --- ledger cache ---------------------------------------------------------------------------
+
+def ledgers(profile: Profile, rebuild: bool) -> dict[str, dict[str, Any]]:
+    """{"sqlite": meta, "postgresql": meta} for a ledger of this profile's size, cached."""
+    cache = HERE / ".cache"
+    cache.mkdir(exist_ok=True)
+    sqlite_url = f"sqlite:///{cache / f'ledger-{profile.name}.db'}"
+    pg_url = f"{PG_BASE}/{profile.pg_db}"
+    meta_file = cache / f"ledger-{profile.name}.json"
+    metas = None
+    if meta_file.exists() and not rebuild:
+        saved = json.loads(meta_file.read_text())
+        if saved.get("version") == CACHE_VERSION and saved.get("subjects") == profile.subjects and _present(saved):
+            metas = saved
+    if metas is None:
+        _ensure_pg_database(profile.pg_db)
+        log(f"generating the {profile.name} ledger ({profile.subjects:,} subjects) ...")
+        t = time.monotonic()
+        built = ledger.build([sqlite_url, pg_url], profile.subjects, log=log)
+        metas = {"version": CACHE_VERSION, "subjects": profile.subjects,
+                 "sqlite": {**built[sqlite_url], "url": sqlite_url},
+                 "postgresql": {**built[pg_url], "url": pg_url}}
+        meta_file.write_text(json.dumps(metas, default=str))
+        log(f"  generated in {time.monotonic() - t:.0f} s")
+    for kind in ("sqlite", "postgresql"):
+        db.migrate(metas[kind]["url"])  # new indexes etc. since the cache was made
+    return metas
+
+
+def _present(saved: dict[str, Any]) -> bool:
+    import sqlalchemy as sa
+
+    for kind in ("sqlite", "postgresql"):
+        try:
+            engine = sa.create_engine(saved[kind]["url"])
+            with engine.connect() as conn:
+                n = conn.execute(sa.text("SELECT count(*) FROM tenant WHERE id = :t"),
+                                 {"t": saved[kind]["tenant_id"]}).scalar()
+            engine.dispose()
+        except Exception:
+            return False
+        if n != 1:
+            return False
+    return True
+
+
+def _ensure_pg_database(name: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"{PG_BASE}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        if not conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    engine.dispose()
+
+
+# --- servers --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A uvicorn process tree on 127.0.0.1, stopped on exit."""
+
+    def __init__(self, app: str, workers: int, env: dict[str, str], factory: bool):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", str(workers), "--http", "httptools", "--loop", "uvloop", "--no-access-log",
+               "--log-level", "warning"]
+        if factory:
+            cmd.append("--factory")
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=str(HERE if not factory else ROOT),
+                                     start_new_session=True)
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        probe = "/" if not factory else "/healthz"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.base + probe, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            self.stop()
+            raise RuntimeError("server did not start in 60 s")
+        time.sleep(0.5 * workers)  # let every worker finish its startup
+
+    def pids(self) -> list[int]:
+        """The uvicorn process and its children (the workers)."""
+        out = [self.proc.pid]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                out.append(int(stat.parent.name))
+        return out
+
+    def rss_kib(self) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # our own process group, started above
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+# --- load -----------------------------------------------------------------------------------
+
+def ensure_wrk() -> str:
+    path = shutil.which("wrk")
+    if path:
+        return path
+    log("installing wrk (apt-get install -y wrk) ...")
+    subprocess.run(["apt-get", "install", "-y", "wrk"], check=False, capture_output=True)
+    path = shutil.which("wrk")
+    if not path:
+        sys.exit("wrk is required: apt-get install -y wrk")
+    return path
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(base: str, script: str, conns: int, profile: Profile, tmp: Path) -> dict[str, float]:
+    """Warm up, then one bounded wrk run; rps, p50/p99 in ms and the count of bad answers."""
+    lua = tmp / f"s{abs(hash(script))}.lua"
+    lua.write_text(script)
+    exe = ensure_wrk()
+
+    def run(seconds: int) -> str:
+        cmd = [exe, "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "--latency", "-s", str(lua), base]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
+
+    run(profile.warmup)
+    out = run(profile.duration)
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not found:
+        raise RuntimeError(f"wrk gave no result:\n{out}")
+    rps = float(found.group(1))
+    lat = {m.group(1): float(m.group(2)) * UNITS[m.group(3)]
+           for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50": lat.get("50", float("nan")), "p99": lat.get("99", float("nan")),
+            "bad": float(bad.group(1)) if bad else 0.0, "socket_errors": 1.0 if errors else 0.0}
+
+
+def lua_get(path_expr: str, headers: dict[str, str], subjects: int = 1) -> str:
+    hdrs = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+    return f"""{hdrs}
+local n = {subjects}
+local seeded = false
+request = function()
+  if not seeded then math.randomseed(os.time() * 1000 + math.floor(os.clock() * 1e6)); seeded = true end
+  local i = math.random(0, n - 1)
+  return wrk.format("GET", {path_expr})
+end
+"""
+
+
+def lua_record(key: str, subjects: int) -> str:
+    return f"""wrk.headers["Authorization"] = "Bearer {key}"
+wrk.headers["Content-Type"] = "application/json"
+local purposes = {{"marketing_email", "analytics", "personalization"}}
+local decisions = {{"granted", "denied"}}
+local seeded = false
+request = function()
+  if not seeded then math.randomseed(os.time() * 1000 + math.floor(os.clock() * 1e6)); seeded = true end
+  local i = math.random(0, {subjects} - 1)
+  local body = '{{"subject":{{"email":"user' .. i .. '@bench.example"}},"purpose":"' ..
+    purposes[math.random(1, 3)] .. '","decision":"' .. decisions[math.random(1, 2)] .. '"}}'
+  return wrk.format("POST", "/v1/consents", nil, body)
+end
+"""
+
+
+def route_present(base: str, path: str, headers: dict[str, str]) -> bool:
+    r = httpx.get(base + path, headers=headers, timeout=30)
+    return not (r.status_code == 404 and "route" in r.json().get("detail", ""))
+
+
+# --- one configuration ----------------------------------------------------------------------
+
+def bench_bare(workers: int, profile: Profile, tmp: Path) -> Result:
+    server = Server("bare_app:app", workers, {}, factory=False)
+    try:
+        script = lua_get('"/"', {})
+        return Result(f"bare w{workers}", "GET / (constant JSON)",
+                      wrk(server.base, script, 1, profile, tmp), wrk(server.base, script, 32, profile, tmp))
+    finally:
+        server.stop()
+
+
+def bench_service(kind: str, workers: int, meta: dict[str, Any], profile: Profile, tmp: Path) -> list[Result]:
+    env = {"CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false", "CONSENT_MIGRATE_ON_START": "false",
+           "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN, "CONSENT_ISSUER": "http://127.0.0.1",
+           "CONSENT_LOG_LEVEL": "warning", "CONSENT_RATE_LIMIT_PER_MINUTE": "100000000",
+           "CONSENT_RATE_LIMIT_IP_PER_MINUTE": "100000000"}
+    name = f"{kind} w{workers}"
+    n = meta["subjects"]
+    sk, pk = meta["secret_key"], meta["publishable_key"]
+    auth = {"Authorization": f"Bearer {sk}"}
+    server = Server("consent.app:create_app", workers, env, factory=True)
+    out: list[Result] = []
+    try:
+        # Correctness first: a known subject answers with a receipt.
+        r = httpx.get(server.base + "/v1/check", params={"purpose": "marketing_email", "email": ledger.email_of(1)},
+                      headers=auth, timeout=30)
+        assert r.status_code == 200 and r.json()["receipt"], r.text
+        check = lua_get('"/v1/check?purpose=marketing_email&email=user" .. i .. "%40bench.example"', auth, n)
+        out.append(Result(name, "GET /v1/check", wrk(server.base, check, 1, profile, tmp),
+                          wrk(server.base, check, 32, profile, tmp)))
+        rec = lua_record(sk, n)
+        out.append(Result(name, "POST /v1/consents", wrk(server.base, rec, 1, profile, tmp),
+                          wrk(server.base, rec, 32, profile, tmp)))
+        out.append(bulk(server, name, auth, n, profile))
+        out.extend(snippet(server, name, pk, profile, tmp))
+        out.append(export(server, name, auth))
+    finally:
+        server.stop()
+    return out
+
+
+def bulk(server: Server, name: str, auth: dict[str, str], subjects: int, profile: Profile) -> Result:
+    """POST /v1/check with 100,000 emails (known ones first, the rest unknown): seconds per call."""
+    emails = [ledger.email_of(i) for i in range(100_000)]
+    body = json.dumps({"purpose": "marketing_email", "emails": emails})
+    headers = {**auth, "Content-Type": "application/json"}
+    times = []
+    with httpx.Client(timeout=60) as client:
+        for n in range(profile.bulk_calls + 1):
+            t = time.perf_counter()
+            r = client.post(server.base + "/v1/check", content=body, headers=headers)
+            elapsed = time.perf_counter() - t
+            assert r.status_code == 200, r.text[:300]
+            if n:  # the first call is the warm-up
+                times.append(elapsed)
+        found = sum(1 for x in r.json()["results"] if x["status"] != "none")
+    return Result(name, "POST /v1/check x100,000 emails",
+                  note=f"{min(times):.2f} s best, {sum(times) / len(times):.2f} s mean per call "
+                       f"({found:,} known)",
+                  values={"seconds": sum(times) / len(times)})
+
+
+def snippet(server: Server, name: str, pk: str, profile: Profile, tmp: Path) -> list[Result]:
+    auth = {"Authorization": f"Bearer {pk}"}
+    if not route_present(server.base, "/v1/snippet/config", auth):
+        return [Result(name, "GET /v1/snippet/config", note="n/a (route not present)")]
+    r = httpx.get(server.base + "/v1/snippet/config", headers=auth, timeout=30)
+    etag = r.headers.get("etag")
+    fresh = lua_get('"/v1/snippet/config"', auth)
+    out = [Result(name, "GET /v1/snippet/config (fresh)", wrk(server.base, fresh, 1, profile, tmp),
+                  wrk(server.base, fresh, 32, profile, tmp), note=f"status {r.status_code}")]
+    if etag:
+        cond = lua_get('"/v1/snippet/config"', {**auth, "If-None-Match": etag.replace('"', '\\"')})
+        out.append(Result(name, "GET /v1/snippet/config (If-None-Match)", wrk(server.base, cond, 1, profile, tmp),
+                          wrk(server.base, cond, 32, profile, tmp), note="304"))
+    else:
+        out.append(Result(name, "GET /v1/snippet/config (If-None-Match)", note="n/a (no ETag)"))
+    return out
+
+
+def export(server: Server, name: str, auth: dict[str, str]) -> Result:
+    """The whole ledger as JSONL: records/s and peak RSS of the server processes while it streams."""
+    path = "/v1/exports/consents"
+    if not route_present(server.base, path + "?from=2100-01-01T00:00:00Z", auth):
+        return Result(name, "GET /v1/exports/consents", note="n/a (route not present)")
+    before = server.rss_kib()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], server.rss_kib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines = 0
+    t = time.perf_counter()
+    try:
+        with httpx.stream("GET", server.base + path, params={"format": "jsonl"}, headers=auth,
+                          timeout=httpx.Timeout(30, read=120)) as r:
+            assert r.status_code == 200, r.read()[:300]
+            for chunk in r.iter_bytes():
+                lines += chunk.count(b"\n")
+    finally:
+        done.set()
+        sampler.join()
+    elapsed = time.perf_counter() - t
+    rate = lines / elapsed
+    return Result(name, "GET /v1/exports/consents (all, jsonl)",
+                  note=f"{lines:,} lines in {elapsed:.1f} s = {rate:,.0f} records/s; "
+                       f"RSS {before // 1024} MiB before, {peak[0] // 1024} MiB peak",
+                  values={"rate": rate, "rss_before": before, "rss_peak": peak[0]})
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def fmt(m: dict[str, float] | None) -> list[str]:
+    if not m:
+        return ["", "", ""]
+    rps = f"{m['rps']:,.0f}" + (" (!)" if m["bad"] or m["socket_errors"] else "")
+    return [rps, f"{m['p50']:.2f}", f"{m['p99']:.2f}"]
+
+
+def table(results: list[Result]) -> str:
+    head = ["config", "test", "c=1 req/s", "p50 ms", "p99 ms", "c=32 req/s", "p50 ms", "p99 ms", "notes"]
+    rows = [[r.config, r.test, *fmt(r.c1), *fmt(r.c32), r.note] for r in results]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def verdicts(results: list[Result]) -> list[str]:
+    by = {(r.config, r.test): r for r in results}
+    out = []
+    for w in (1, 2):
+        bare = by.get((f"bare w{w}", "GET / (constant JSON)"))
+        for kind in ("sqlite", "postgresql"):
+            chk = by.get((f"{kind} w{w}", "GET /v1/check"))
+            if bare and chk and bare.c32 and chk.c32:
+                ratio = chk.c32["rps"] / bare.c32["rps"]
+                ok = ratio >= 0.5 and chk.c32["p99"] <= 10
+                out.append(f"- single check {kind} w{w}: {ratio:.0%} of bare w{w} at 32 clients "
+                           f"(c=1: {chk.c1['rps'] / bare.c1['rps']:.0%}), p99 {chk.c32['p99']:.2f} ms "  # type: ignore[index]
+                           f"-> {'PASS' if ok else 'FAIL'} (>= 50%, p99 <= 10 ms)")
+    rec = by.get(("postgresql w2", "POST /v1/consents"))
+    if rec and rec.c32:
+        out.append(f"- record with receipt, postgresql w2: {rec.c32['rps']:,.0f}/s at 32 clients -> "
+                   f"{'PASS' if rec.c32['rps'] >= 1000 else 'FAIL'} (>= 1,000/s)")
+    for r in results:
+        if "seconds" in r.values:
+            out.append(f"- bulk check {r.config}: {r.values['seconds']:.2f} s per 100,000 emails -> "
+                       f"{'PASS' if r.values['seconds'] <= 1 else 'FAIL'} (<= 1 s)")
+        if "rate" in r.values:
+            out.append(f"- export {r.config}: {r.values['rate']:,.0f} records/s -> "
+                       f"{'PASS' if r.values['rate'] >= 100_000 else 'FAIL'} (>= 100,000/s); peak RSS "
+                       f"{r.values['rss_peak'] // 1024} MiB (was {r.values['rss_before'] // 1024} MiB)")
+    return out
+
+
+def write_results(profile: Profile, mach: dict[str, str], metas: dict[str, Any], results: list[Result],
+                  started: float) -> str:
+    text = [
+        "# Benchmark results", "",
+        f"`.venv/bin/python bench/run.py{' --quick' if profile.name == 'quick' else ''}` "
+        f"({profile.name} profile; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"{time.monotonic() - started:.0f} s). How to read it: docs/bench.md.", "",
+        "## Machine", "", *[f"- {k}: {v}" for k, v in mach.items()],
+        f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+        "(other work on the machine shifts absolute numbers; compare rows of the same run)", "",
+        "## Ledger", "",
+        f"- {metas['subjects']:,} subjects, 3 purposes, 2 policy versions, "
+        f"{metas['sqlite']['records']:,} records per database (plus those the record runs add)",
+        f"- wrk: {profile.warmup:g} s warm-up then {profile.duration:g} s measured per cell, 1 thread; "
+        "c=1 and c=32 connections", "",
+        "## Results", "", table(results), "",
+        "(!) = some answers were not 2xx/3xx or sockets failed: see the raw wrk output.", "",
+        "## Targets", "", *verdicts(results), "",
+    ]
+    out = "\n".join(text)
+    (HERE / "RESULTS.md").write_text(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small ledger, short runs (about 3 minutes)")
+    p.add_argument("--rebuild", action="store_true", help="generate the ledgers again")
+    p.add_argument("--only", default="", help="comma list of configs to run, e.g. bare,sqlite1,postgresql2")
+    args = p.parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    started = time.monotonic()
+    timer = threading.Timer(HARD_LIMIT_S, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.daemon = True
+    timer.start()
+    ensure_wrk()
+    mach = machine()
+    metas = ledgers(profile, args.rebuild)
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for w in (1, 2):
+            if not only or "bare" in only or f"bare{w}" in only:
+                log(f"bare starlette, {w} worker(s) ...")
+                results.append(bench_bare(w, profile, tmp))
+        for kind in ("sqlite", "postgresql"):
+            for w in (1, 2):
+                if only and kind not in only and f"{kind}{w}" not in only:
+                    continue
+                log(f"service on {kind}, {w} worker(s) ...")
+                try:
+                    results.extend(bench_service(kind, w, metas[kind], profile, tmp))
+                except Exception as exc:  # one broken cell must not lose the whole run
+                    results.append(Result(f"{kind} w{w}", "(run failed)", note=f"{type(exc).__name__}: {exc}"[:200]))
+    out = write_results(profile, mach, metas, results, started)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
