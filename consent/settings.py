@@ -29,6 +29,15 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     rate_limit_per_minute: int = 600
+    # integrations (issue 4): email links and the webhook delivery worker
+    email_confirm_days: int = 7
+    webhook_worker: bool = True
+    webhook_poll_seconds: float = 1.0
+    webhook_timeout_seconds: float = 5.0
+    webhook_backoff_seconds: float = 5.0
+    webhook_backoff_max_seconds: float = 3600.0
+    webhook_retry_seconds: int = 86400
+    webhook_disable_after: int = 30
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -56,6 +65,14 @@ class Settings:
             host=config("CONSENT_HOST", default="127.0.0.1"),
             port=config("CONSENT_PORT", cast=int, default=8000),
             rate_limit_per_minute=config("CONSENT_RATE_LIMIT_PER_MINUTE", cast=int, default=600),
+            email_confirm_days=config("CONSENT_EMAIL_CONFIRM_DAYS", cast=int, default=7),
+            webhook_worker=config("CONSENT_WEBHOOK_WORKER", cast=bool, default=True),
+            webhook_poll_seconds=config("CONSENT_WEBHOOK_POLL_SECONDS", cast=float, default=1.0),
+            webhook_timeout_seconds=config("CONSENT_WEBHOOK_TIMEOUT_SECONDS", cast=float, default=5.0),
+            webhook_backoff_seconds=config("CONSENT_WEBHOOK_BACKOFF_SECONDS", cast=float, default=5.0),
+            webhook_backoff_max_seconds=config("CONSENT_WEBHOOK_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
+            webhook_retry_seconds=config("CONSENT_WEBHOOK_RETRY_SECONDS", cast=int, default=86400),
+            webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
         )
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
