@@ -4,6 +4,7 @@ first N requests (then recover), fail always, or serve a fixed JSON document (a 
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,11 +31,12 @@ class Receiver:
     hits: int = 0
     server: ThreadingHTTPServer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    path: str = field(default_factory=lambda: f"/hook/{secrets.token_hex(6)}")
 
     @property
     def url(self) -> str:
         assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        return f"http://127.0.0.1:{self.server.server_address[1]}{self.path}"
 
     def start(self) -> Receiver:
         receiver = self
@@ -53,6 +55,11 @@ class Receiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path != receiver.path:  # another test's endpoint on a reused port
+                    self.send_response(404)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 with receiver.lock:
                     receiver.hits += 1
                     fail = receiver.fail_always or receiver.hits <= receiver.fail_first
