@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 
 from . import catalog, email_links, events, notices, webhooks
 from .db import transaction
-from .errors import ConsentError, Conflict, PayloadTooLarge
+from .errors import Conflict, ConsentError, PayloadTooLarge
 from .http import Ctx, JSONResponse, Q, authenticate, describe, dumps, endpoint, problem_response
 from .schemas import Evidence, Key, Strict, SubjectRef
 

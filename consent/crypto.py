@@ -160,7 +160,7 @@ def new_webhook_secret() -> str:
 
 
 def _webhook_key(secret: str) -> bytes:
-    raw = secret[len(WEBHOOK_SECRET_PREFIX):] if secret.startswith(WEBHOOK_SECRET_PREFIX) else secret
+    raw = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
     try:
         return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -42,8 +42,9 @@ class Link:
 
 def link_secrets(db: Session, tenant: Tenant) -> list[str]:
     """The tenant's link secrets, oldest first (itsdangerous signs with the last)."""
-    extra = db.execute(sa.select(EmailLinkSecret.secret).where(EmailLinkSecret.tenant_id == tenant.id)
-                       .order_by(EmailLinkSecret.created_at, EmailLinkSecret.id)).scalars()  # type: ignore[arg-type]
+    t = EmailLinkSecret.__table__  # type: ignore[attr-defined]
+    extra = db.execute(sa.select(t.c.secret).where(t.c.tenant_id == tenant.id)
+                       .order_by(t.c.created_at, t.c.id)).scalars()
     return [tenant.token_secret, *extra]
 
 
@@ -141,8 +142,8 @@ def unsubscribe(db: Session, link: Link, *, one_click: bool, signer: crypto.Sign
     """Withdraw consent for the link's purpose; (record, created). A second use changes nothing."""
     spec = ConsentIn(subject=_subject_ref(db, link), purpose=link.purpose.key, decision="withdrawn",
                      source="email_link",
-                     evidence=Evidence(method="rfc8058_one_click" if one_click else "unsubscribe_page",
-                                       link_id=link.link_id))
+                     evidence=Evidence.model_validate({"method": "rfc8058_one_click" if one_click else "unsubscribe_page",
+                                                         "link_id": link.link_id}))
     return _act(db, link, spec, f"email_link:unsubscribe:{link.link_id}", signer=signer, issuer=issuer,
                 ip=ip, user_agent=user_agent)
 
@@ -164,10 +165,11 @@ def confirm(db: Session, link: Link, *, signer: crypto.Signer, issuer: str, ip: 
                        code="nothing_to_confirm")
     if state.confirmed:
         raise Conflict("this subscription is already confirmed", code="already_confirmed")
-    pending = db.execute(sa.select(ledger.ConsentRecord.id).where(ledger.ConsentRecord.seq == state.record_seq)).scalar()
+    rec = ledger.ConsentRecord.__table__  # type: ignore[attr-defined]
+    pending = db.execute(sa.select(rec.c.id).where(rec.c.seq == state.record_seq)).scalar()
     spec = ConsentIn(subject=_subject_ref(db, link), purpose=link.purpose.key, decision="granted",
                      source="email_link", policy=state.policy_key or "privacy",
                      policy_version=state.policy_version,
-                     evidence=Evidence(method="double_opt_in_confirmation", link_id=link.link_id,
-                                       pending_record_id=pending))
+                     evidence=Evidence.model_validate({"method": "double_opt_in_confirmation", "link_id": link.link_id,
+                                                         "pending_record_id": pending}))
     return _act(db, link, spec, key, signer=signer, issuer=issuer, ip=ip, user_agent=user_agent, confirmed=True)

@@ -103,8 +103,8 @@ def record_notices(db: Session, tenant: Tenant, version: PolicyVersion, *, limit
                     continue
                 spec = ConsentIn(subject=ref, purpose=p["purpose"], decision="notified", source="api",
                                  policy=version.policy_key, policy_version=version.version,
-                                 evidence=Evidence(**(evidence or {}), notice_for_version=version.version,
-                                                   effective_at=crypto.iso(version.effective_at)))
+                                 evidence=Evidence.model_validate({**(evidence or {}), "notice_for_version": version.version,
+                                                                   "effective_at": crypto.iso(version.effective_at)}))
                 try:
                     r = ledger.record_decision(db, tenant, spec, signer=signer, issuer=issuer,
                                                idempotency_key=f"notice:{version.id}:{line['subject']}:{p['purpose']}")

@@ -59,8 +59,8 @@ def create_endpoint(db: Session, tenant_id: str, *, url: str, event_types: list[
 
 def list_endpoints(db: Session, tenant_id: str) -> list[WebhookEndpoint]:
     q = (sa.select(WebhookEndpoint)
-         .where(WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.deleted_at.is_(None))  # type: ignore[union-attr]
-         .order_by(WebhookEndpoint.created_at))
+         .where(ENDPOINT.c.tenant_id == tenant_id, ENDPOINT.c.deleted_at.is_(None))
+         .order_by(ENDPOINT.c.created_at))
     return list(db.execute(q).scalars())
 
 
@@ -172,8 +172,8 @@ def claim_due(engine: Engine, settings: Settings, limit: int = BATCH) -> list[Jo
         jobs = []
         for tenant_id in {r.tenant_id for r in rows}:
             mine = [r for r in rows if r.tenant_id == tenant_id]
-            evs = db.execute(sa.select(EVENT).where(EVENT.c.tenant_id == tenant_id, EVENT.c.position.in_(
-                {r.event_position for r in mine}))).all()
+            evs = list(db.execute(sa.select(EVENT).where(EVENT.c.tenant_id == tenant_id, EVENT.c.position.in_(
+                {r.event_position for r in mine}))).all())
             by_pos = {e.position: e for e in evs}
             rendered = {e["position"]: e for e in events.render(db, tenant_id, evs)}
             for r in mine:

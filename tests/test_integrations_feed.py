@@ -83,7 +83,7 @@ def test_notices_for_a_material_version(client) -> None:
     assert all(x["notified"] is False and x["reachable"] for x in lines)
     assert all([p["purpose"] for p in x["purposes"]] == ["marketing_email"] for x in lines)
     # record the notices in two calls
-    r = t.post("/v1/policies/privacy/versions/v2/notices", json={"limit": 2, "evidence": {"channel": "email"}})
+    r = t.post("/v1/policies/privacy/versions/v2/notices", json={"limit": 2, "evidence": {"channel": "email", "notice_for_version": "x"}})
     assert r.status_code == 200 and r.json()["notified"] == 2 and r.json()["more"] is True
     r = t.post("/v1/policies/privacy/versions/v2/notices", json={})
     assert r.json()["notified"] == 2 and r.json()["more"] is False
