@@ -139,13 +139,23 @@ def _act(db: Session, link: Link, spec: ConsentIn, key: str, *, signer: crypto.S
 
 def unsubscribe(db: Session, link: Link, *, one_click: bool, signer: crypto.Signer, issuer: str,
                 ip: str | None, user_agent: str | None) -> tuple[Any, bool]:
-    """Withdraw consent for the link's purpose; (record, created). A second use changes nothing."""
+    """Withdraw consent for the link's purpose; (record, created).
+
+    Idempotent: while the purpose is already withdrawn or denied nothing is recorded (a mail
+    provider's retry, a second click). An old link still works after the person subscribes
+    again: the key includes the state it acted on, so a concurrent double POST records once.
+    """
+    state = pending_state(db, link)
+    if state is not None and state.decision in ("withdrawn", "denied"):
+        rec = ledger.ConsentRecord.__table__  # type: ignore[attr-defined]
+        latest = db.execute(sa.select(ledger.ConsentRecord).where(rec.c.seq == state.record_seq)).scalar_one()
+        return latest, False
     spec = ConsentIn(subject=_subject_ref(db, link), purpose=link.purpose.key, decision="withdrawn",
                      source="email_link",
                      evidence=Evidence.model_validate({"method": "rfc8058_one_click" if one_click else "unsubscribe_page",
-                                                         "link_id": link.link_id}))
-    return _act(db, link, spec, f"email_link:unsubscribe:{link.link_id}", signer=signer, issuer=issuer,
-                ip=ip, user_agent=user_agent)
+                                                       "link_id": link.link_id}))
+    key = f"email_link:unsubscribe:{link.link_id}:{state.record_seq if state else 0}"
+    return _act(db, link, spec, key, signer=signer, issuer=issuer, ip=ip, user_agent=user_agent)
 
 
 def pending_state(db: Session, link: Link) -> ConsentState | None:

@@ -90,6 +90,12 @@ def test_one_click_exactly_as_a_mail_provider_sends_it(client, tenant: Tenant) -
     assert r2.status_code == 200 and r2.json()["already"] is True
     assert r2.json()["record_id"] == evs[-1]["data"]["record_id"]
     assert len(events_of(tenant)) == before + 1
+    # an old link still works after the person subscribes again
+    tenant.record(email="ada@example.com")
+    r3 = client.post(path, content=b"List-Unsubscribe=One-Click", headers={**FORM, **JSON})
+    assert r3.status_code == 200 and r3.json()["already"] is False
+    assert tenant.check(email="ada@example.com")["status"] == "withdrawn"
+    assert len(events_of(tenant)) == before + 3
     # the page's own form (and multipart, as some providers send) work too, on a new link
     tenant.record(email="ada@example.com")
     path2 = path_of(links(tenant, email="ada@example.com")["unsubscribe_url"])
@@ -226,3 +232,18 @@ def test_link_body_too_large(client, tenant: Tenant) -> None:
     path = path_of(links(tenant, email="big@example.com")["unsubscribe_url"])
     r = client.post(path, content=b"x" * 20000, headers={**FORM, **JSON})
     assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+
+
+def test_concurrent_clicks_record_once(client, tenant: Tenant) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    tenant.record(email="cc@example.com")
+    path = path_of(links(tenant, email="cc@example.com")["unsubscribe_url"])
+    before = len(events_of(tenant))
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: client.post(path, content=b"List-Unsubscribe=One-Click",
+                                                      headers={**FORM, **JSON}), range(6)))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    assert sum(not r.json()["already"] for r in results) == 1
+    assert len({r.json()["record_id"] for r in results}) == 1
+    assert len(events_of(tenant)) == before + 1
