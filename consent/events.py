@@ -90,6 +90,9 @@ def _allocate(db: Session) -> None:
     for ev in pending:
         by_tenant.setdefault(ev["tenant_id"], []).append(ev)
     now = utcnow()
+    # Read the endpoints before taking the counter lock: the lock is held until COMMIT, so
+    # everything done under it is paid by every other writer of the tenant.
+    endpoints = {t: _endpoints(db, t) for t in by_tenant}
     for tenant_id in sorted(by_tenant):  # a fixed lock order if one transaction spans tenants
         events = by_tenant[tenant_id]
         n = len(events)
@@ -102,7 +105,7 @@ def _allocate(db: Session) -> None:
             ev["position"] = last - n + 1 + i
             ev["created_at"] = now
         db.execute(sa.insert(EVENT), events)
-        enqueue_deliveries(db, tenant_id, events, now)
+        enqueue_deliveries(db, tenant_id, events, endpoints[tenant_id], now)
 
 
 def type_matches(patterns: Iterable[str], event_type: str) -> bool:
@@ -113,12 +116,16 @@ def type_matches(patterns: Iterable[str], event_type: str) -> bool:
     return False
 
 
-def enqueue_deliveries(db: Session, tenant_id: str, events: list[dict[str, Any]], now: Any) -> None:
-    """The outbox: one pending delivery per (event, enabled endpoint that wants its type)."""
-    endpoints = db.execute(
+def _endpoints(db: Session, tenant_id: str) -> list[Any]:
+    return list(db.execute(
         sa.select(ENDPOINT.c.id, ENDPOINT.c.event_types).where(
             ENDPOINT.c.tenant_id == tenant_id, ENDPOINT.c.enabled.is_(True), ENDPOINT.c.deleted_at.is_(None))
-    ).all()
+    ).all())
+
+
+def enqueue_deliveries(db: Session, tenant_id: str, events: list[dict[str, Any]], endpoints: list[Any],
+                       now: Any) -> None:
+    """The outbox: one pending delivery per (event, enabled endpoint that wants its type)."""
     rows = [
         {"tenant_id": tenant_id, "endpoint_id": ep.id, "event_id": ev["id"], "event_position": ev["position"],
          "event_type": ev["type"], "status": "pending", "attempts": 0, "next_attempt_at": now,
