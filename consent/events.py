@@ -17,7 +17,7 @@ SQLite ``BEGIN IMMEDIATE`` already serialises writers; the same code runs there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,6 +43,8 @@ ENDPOINT = WebhookEndpoint.__table__  # type: ignore[attr-defined]
 DELIVERY = WebhookDelivery.__table__  # type: ignore[attr-defined]
 _PENDING = "consent.pending_events"
 _LISTENING = "consent.events_listening"
+_ENQUEUED = "consent.deliveries_enqueued"
+_wakers: list[Callable[[], None]] = []  # delivery loops of this process, told after a commit
 EVENT_TYPES = ("consent.granted", "consent.denied", "consent.withdrawn", "consent.acknowledged",
                "consent.notified")
 
@@ -52,6 +54,7 @@ def on_record(db: Session, record: ConsentRecord, status: str) -> None:
     if not db.info.get(_LISTENING):
         sa_event.listen(db, "before_commit", _allocate)
         sa_event.listen(db, "after_soft_rollback", _forget)
+        sa_event.listen(db, "after_commit", _wake)
         db.info[_LISTENING] = True
     db.info.setdefault(_PENDING, []).append({
         "tenant_id": record.tenant_id,
@@ -71,6 +74,22 @@ def on_record(db: Session, record: ConsentRecord, status: str) -> None:
             "record_hash": record.record_hash,
         },
     })
+
+
+def add_waker(fn: Callable[[], None]) -> None:
+    """Call ``fn`` (thread-safe, non-blocking) after a commit that wrote outbox rows."""
+    _wakers.append(fn)
+
+
+def remove_waker(fn: Callable[[], None]) -> None:
+    if fn in _wakers:
+        _wakers.remove(fn)
+
+
+def _wake(db: Session) -> None:
+    if db.info.pop(_ENQUEUED, False):
+        for fn in list(_wakers):
+            fn()
 
 
 def _forget(db: Session, previous: SessionTransaction) -> None:
@@ -134,6 +153,7 @@ def enqueue_deliveries(db: Session, tenant_id: str, events: list[dict[str, Any]]
     ]
     if rows:
         db.execute(sa.insert(DELIVERY), rows)
+        db.info[_ENQUEUED] = True
 
 
 def read_events(db: Session, tenant_id: str, *, after: int, limit: int) -> list[Any]:

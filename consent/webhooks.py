@@ -284,14 +284,28 @@ class DeliveryWorker:
     def __init__(self, engine: Engine, settings: Settings):
         self.engine, self.settings = engine, settings
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> DeliveryWorker:
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="webhook-delivery")
+        events.add_waker(self.wake)
         return self
 
+    def wake(self) -> None:
+        """Called from request threads after a commit that wrote outbox rows: deliver now."""
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # the loop closed meanwhile (shutdown)
+                pass
+
     async def stop(self) -> None:
+        events.remove_waker(self.wake)
         self._stop.set()
+        self._wake.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout=self.settings.webhook_timeout_seconds + 5)
@@ -316,10 +330,11 @@ class DeliveryWorker:
                     log.exception("webhook delivery pass failed")
                 if busy:
                     continue
-                try:
-                    await asyncio.wait_for(self._stop.wait(), timeout=self.settings.webhook_poll_seconds)
+                try:  # until the poll interval passes, or this process commits new outbox rows
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.settings.webhook_poll_seconds)
                 except TimeoutError:
                     pass
+                self._wake.clear()
 
 
 def start_worker(engine: Engine, settings: Settings) -> DeliveryWorker | None:

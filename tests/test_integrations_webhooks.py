@@ -214,3 +214,21 @@ def test_delivery_log_pagination(client, tenant: Tenant, receiver: Receiver, fas
     assert tenant.get(f"/v1/webhooks/{wh['id']}/deliveries", params={"cursor": "!!"}).status_code == 400
     assert tenant.get("/v1/webhooks/wh_nope/deliveries").status_code == 404
     assert tenant.delete(f"/v1/webhooks/{wh['id']}").status_code == 204
+
+
+def test_in_process_worker_starts_delivers_and_stops(settings, receiver: Receiver) -> None:
+    from starlette.testclient import TestClient
+
+    from consent.app import create_app
+
+    s = dataclasses.replace(settings, webhook_worker=True, webhook_poll_seconds=5.0)
+    with TestClient(create_app(s)) as c:
+        t = make_tenant(c)
+        register(t, receiver.url, event_types=["consent.withdrawn"])
+        start = time.monotonic()
+        t.record(email="worker@example.com", decision="withdrawn")
+        got = receiver.wait_for(1, timeout=4)  # woken by the commit, not by the 5 s poll
+        assert len(got) == 1 and time.monotonic() - start < 4
+        assert got[0].json()["data"]["identifiers"] == {"email": "worker@example.com"}
+    # the lifespan stopped the loop: later records wait in the outbox for a running worker
+    assert webhooks.events._wakers == []
