@@ -22,6 +22,9 @@ RUN pip install . \
 
 USER consent
 EXPOSE 8000
+# Ready = database reachable and migrations at head (python: the slim image has no curl).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('CONSENT_PORT', '8000'), timeout=4)" || exit 1
 # `consent serve` applies migrations, then runs uvicorn with CONSENT_WORKERS workers.
 # Point CONSENT_DATABASE_URL at PostgreSQL in production (postgresql+psycopg://user:pass@host/db).
 CMD ["consent", "serve"]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from starlette.responses import Response
 
-from . import catalog, checks, ledger, tenants
+from . import asof, catalog, checks, crypto, ledger, tenants
 from .errors import ValidationFailed
 from .http import Ctx, JSONResponse, Q, endpoint, require
 from .receipts import jwks as load_jwks
@@ -139,13 +140,19 @@ def record_consent(ctx: Ctx) -> Any:
     return (201 if result.created else 200), ledger.record_out(result.record, result.status)
 
 
-@endpoint(auth="secret", summary="Current state per purpose for one subject, with receipts",
-          response=SubjectConsents)
+AT = Q("at", datetime, description="answer as of this RFC 3339 time (state then, receipt of the record then in force)")
+
+
+@endpoint(auth="secret", summary="Current state per purpose for one subject, with receipts (or as of `at`)",
+          query=(AT,), response=SubjectConsents)
 def subject_consents(ctx: Ctx) -> Any:
     t = ctx.tenant
     subject = ledger.lookup_subject(ctx.db, t, ctx.path("subject"))
-    states = checks.subject_states(ctx.db, t, subject.id)
+    at = ctx.query["at"]
+    states = checks.subject_states(ctx.db, t, subject.id) if at is None else asof.subject_states_at(ctx.db, t, subject.id, at)
     claims = checks.state_receipt_claims(ctx.services.settings.issuer, t, subject.id, states)
+    if at is not None:
+        claims["as_of"] = crypto.iso(at)
     for s in states:
         s.pop("legal_basis")
     return {"subject": subject.id, "purposes": states, "receipt": ctx.services.signer.sign(claims)}
@@ -156,6 +163,7 @@ CHECK_QUERY = (
     Q("subject", max_length=400, description="user id, or sub_…, user:…, email:…, anon:…"),
     Q("email", max_length=320),
     Q("anonymous_id", max_length=200),
+    AT,
 )
 
 
@@ -167,6 +175,8 @@ def check_one(ctx: Ctx) -> Any:
         raise ValidationFailed.field("subject", "give exactly one of subject, email, anonymous_id")
     name, value = given[0]
     kind, value = ledger.parse_subject_ref(value) if name == "subject" else ({"email": "email", "anonymous_id": "anon"}[name], value)
+    if q["at"] is not None:  # as-of answers: off the hot path
+        return asof.check_at(ctx.db, ctx.tenant, purpose=q["purpose"], kind=kind, value=value, at=q["at"])
     return checks.check(ctx.db, ctx.tenant, purpose=q["purpose"], kind=kind, value=value)
 
 

@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 
 from . import catalog, email_links, events, notices, webhooks
 from .db import transaction
-from .errors import Conflict, ConsentError, PayloadTooLarge
+from .errors import BadRequest, Conflict, ConsentError, PayloadTooLarge
 from .http import Ctx, JSONResponse, Q, authenticate, describe, dumps, endpoint, problem_response
 from .schemas import Evidence, Key, Strict, SubjectRef
 
@@ -187,8 +187,9 @@ def rotate_link_secret(ctx: Ctx) -> Any:
 
 
 def wants_json(request: Request) -> bool:
-    accept = request.headers.get("accept", "")
-    return "json" in accept and "text/html" not in accept
+    """Browsers (navigation, form posts) send ``Accept: text/html,…`` and get pages; mail
+    providers and API callers (no Accept, ``*/*`` or JSON) get JSON and problem+json."""
+    return "text/html" not in request.headers.get("accept", "")
 
 
 PAGE = """<!doctype html>
@@ -266,9 +267,12 @@ async def unsubscribe_page(request: Request) -> Response:
     return await run_link(request, work)  # type: ignore[no-any-return]
 
 
-@describe(summary="RFC 8058 one-click unsubscribe: withdraws at once; idempotent per link",
-          body=OneClickForm, media_types=("application/x-www-form-urlencoded", "multipart/form-data"),
-          response=LinkResult, responses={**LINK_RESPONSES, 413: "body too large"})
+# The body is not parsed as an API body (no ``body=`` declared): mail providers send
+# ``List-Unsubscribe=One-Click`` form-encoded or multipart (OneClickForm), and any POST with a
+# valid token acts; the evidence records which it was.
+@describe(summary="RFC 8058 one-click unsubscribe (body List-Unsubscribe=One-Click, form-encoded or "
+          "multipart): withdraws at once; idempotent", response=LinkResult,
+          responses={**LINK_RESPONSES, 413: "body too large"})
 async def unsubscribe(request: Request) -> Response:
     services = request.app.state.services
     token = request.path_params["token"]
@@ -355,7 +359,8 @@ FEED_QUERY = (
 
 
 @describe(auth="secret", summary="Change feed: every record once, in commit order, with a cursor; "
-          "wait= long-polls", query=FEED_QUERY, response=EventList)
+          "wait= long-polls", query=FEED_QUERY, response=EventList,
+          responses={400: "after is beyond the end of the feed (bad_cursor)"})
 async def list_events(request: Request) -> Response:
     services = request.app.state.services
     q = {p.name: p.parse(request.query_params.get(p.name)) for p in FEED_QUERY}
@@ -367,6 +372,9 @@ async def list_events(request: Request) -> Response:
                 principal = authenticate(db, services, request, "secret")
                 assert principal is not None
                 tenant_id = principal.tenant_id
+                if q["after"] > events.last_position(db, tenant_id):
+                    raise BadRequest("after is beyond the end of the feed: pass a position you have seen "
+                                     "(next_cursor), or 0", code="bad_cursor")
             rows = events.read_events(db, tenant_id, after=q["after"], limit=q["limit"] + 1)
             return tenant_id, events.render(db, tenant_id, rows)
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -17,11 +18,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import api, db, receipts, webhooks
+from . import api, api_audit, api_snippet, db, ratelimit, receipts, webhooks
 from . import api_integrations as integ
 from .crypto import Signer
-from .errors import ConsentError, MethodNotAllowed, NotFound
+from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
 from .http import JSONResponse, describe, problem_response
+from .metrics import metrics_handler
 from .middleware import RequestContextMiddleware
 from .openapi import openapi_handler
 from .settings import Settings
@@ -84,6 +86,35 @@ routes = [
     Route("/v1/subjects/{subject}/consents", api.subject_consents, methods=["GET"], name="subject_consents"),
     Route("/v1/check", api.check_one, methods=["GET"], name="check_one"),
     Route("/v1/check", api.check_bulk, methods=["POST"], name="check_bulk"),
+    # --- reliability (issue 7) ---
+    Route("/metrics", metrics_handler, methods=["GET"], name="metrics"),
+    # --- snippet (issue 3): publishable-key routes with CORS, subject tokens, linking, assets ---
+    Route("/v1/snippet/config", api_snippet.snippet_config, methods=["GET"], name="snippet_config"),
+    Route("/v1/snippet/config", api_snippet.preflight_for(("GET",)), methods=["OPTIONS"],
+          name="snippet_config_preflight"),
+    Route("/v1/snippet/consents", api_snippet.snippet_consents, methods=["POST"], name="snippet_consents"),
+    Route("/v1/snippet/consents", api_snippet.preflight_for(("POST",)), methods=["OPTIONS"],
+          name="snippet_consents_preflight"),
+    Route("/v1/subject-tokens", api_snippet.mint_subject_token, methods=["POST"], name="mint_subject_token"),
+    Route("/v1/subject-tokens/secret", api_snippet.subject_token_secret, methods=["GET"],
+          name="subject_token_secret"),
+    Route("/v1/subject-tokens/secret/rotate", api_snippet.rotate_subject_token_secret, methods=["POST"],
+          name="rotate_subject_token_secret"),
+    Route("/v1/subject-links", api_snippet.link_subject, methods=["POST"], name="link_subject"),
+    Route("/.well-known/gpc.json", api_snippet.gpc_json, methods=["GET"], name="gpc_json"),
+    Route("/snippet.js", api_snippet.snippet_js, methods=["GET"], name="snippet_js"),
+    Route("/demo", api_snippet.demo_page, methods=["GET"], name="demo"),
+    Route("/demo/demo.js", api_snippet.demo_js, methods=["GET"], name="demo_js"),
+    # --- end snippet ---
+    # --- audit exports and data-subject rights (issue 5, consent/api_audit.py) ---
+    Route("/v1/exports/consents", api_audit.export_consents, methods=["GET"], name="export_consents"),
+    Route("/v1/exports/{export_id}/manifest", api_audit.export_manifest, methods=["GET"], name="export_manifest"),
+    Route("/v1/subjects/{subject}/export", api_audit.subject_export, methods=["GET"], name="subject_export"),
+    Route("/v1/subjects/{subject}", api_audit.erase_subject, methods=["DELETE"], name="erase_subject"),
+    Route("/v1/tenant/retention", api_audit.get_retention, methods=["GET"], name="get_retention"),
+    Route("/v1/tenant/retention", api_audit.put_retention, methods=["PUT"], name="put_retention"),
+    Route("/v1/tenants/{tenant_id}/close", api_audit.close_tenant, methods=["POST"], name="close_tenant"),
+    # --- end issue 5 ---
     # --- integrations (issue 4): email links, change feed, webhooks, policy-change notices ---
     Route("/v1/email-links", integ.create_email_links, methods=["POST"], name="create_email_links"),
     Route("/v1/email-links/secrets/rotate", integ.rotate_link_secret, methods=["POST"], name="rotate_link_secret"),
@@ -104,27 +135,52 @@ routes = [
 ]
 
 
+def instance_of(request: Request) -> str | None:
+    """The problem's ``instance``: the route template, never the raw path (which may carry an
+    email address or a token the caller put in it)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None)
+
+
 async def on_consent_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ConsentError)
-    return problem_response(exc, request.url.path, request.scope.get("state", {}).get("request_id"))
+    return problem_response(exc, instance_of(request), request.scope.get("state", {}).get("request_id"))
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method any route on this path accepts (a path may have one Route per method)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.path_regex.match(request.url.path):
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     err: ConsentError
     if exc.status_code == 404:
-        err = NotFound(f"no route {request.url.path}")
+        err = NotFound("no such route")
     elif exc.status_code == 405:
-        err = MethodNotAllowed(f"{request.method} is not allowed here")
+        err = MethodNotAllowed(f"{request.method} is not allowed here", headers={"Allow": allowed_methods(request)})
     else:
         err = ConsentError(str(exc.detail))
         err.status, err.code = exc.status_code, "http_error"
-    return problem_response(err, request.url.path, request.scope.get("state", {}).get("request_id"))
+    return problem_response(err, instance_of(request), request.scope.get("state", {}).get("request_id"))
+
+
+async def on_database_error(request: Request, exc: Exception) -> Response:
+    """Database unreachable (or a transient driver failure): 503 with Retry-After, not a 500."""
+    log.warning("database error on %s %s: %s", request.method, instance_of(request) or "unmatched route",
+                type(getattr(exc, "orig", None) or exc).__name__)
+    err = Unavailable("the database is unavailable; retry shortly", headers={"Retry-After": "1"})
+    return problem_response(err, instance_of(request), request.scope.get("state", {}).get("request_id"))
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem_response(ConsentError("an unexpected error occurred; it has been logged"), request.url.path)
+    log.exception("unhandled error on %s %s", request.method, instance_of(request) or "unmatched route")
+    return problem_response(ConsentError("an unexpected error occurred; it has been logged"), instance_of(request),
+                            request.scope.get("state", {}).get("request_id"))
 
 
 def prepare(settings: Settings, engine: Engine) -> Signer:
@@ -155,10 +211,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             engine.dispose()
 
     app = Starlette(
-        routes=list(routes),
+        routes=ratelimit.guard(list(routes), settings.rate_limit_routes),
         middleware=[RequestContextMiddleware.as_middleware()],
         exception_handlers={ConsentError: on_consent_error, HTTPException: on_http_exception,
-                            Exception: on_unexpected},
+                            sa_exc.OperationalError: on_database_error, Exception: on_unexpected},
         lifespan=lifespan,
     )
     return app

@@ -113,8 +113,13 @@ def publish_version(
         for i, name in enumerate(spec.cookies):
             if name not in cookies:
                 errors.append({"field": f"cookies[{i}]", "message": f"unknown cookie {name!r}"})
+            elif cookies[name].purpose not in spec.purposes:
+                errors.append({"field": f"cookies[{i}]", "message": f"cookie {name!r} is for purpose "
+                               f"{cookies[name].purpose!r}, which this version does not cover"})
             else:
                 chosen.append(cookies[name])
+        if len(set(spec.cookies)) != len(spec.cookies):
+            errors.append({"field": "cookies", "message": "cookies must not repeat"})
     notice = timedelta(days=notice_days)
     effective = spec.effective_at or (now + notice if spec.material else now)
     if spec.material and effective < now + notice - CLOCK_SKEW:
@@ -176,9 +181,12 @@ def decode_cursor(cursor: str | None) -> int | None:
     if not cursor:
         return None
     try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        value = int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
     except ValueError as exc:
         raise BadRequest("cursor is not one this service issued", code="bad_cursor") from exc
+    if not 0 < value < 2**63:  # ids are positive BIGINTs; larger values overflow the driver
+        raise BadRequest("cursor is not one this service issued", code="bad_cursor")
+    return value
 
 
 def list_versions(

@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import db, receipts, tenants
+from . import cli_audit, db, receipts, tenants
 from .models import Tenant
 from .schemas import TenantIn
 from .settings import Settings
@@ -23,7 +23,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from .demo import seed_demo
+    from .logs import configure, log_config
 
+    configure(settings.log_level)
+    if args.workers > 1:
+        prepare_multiprocess_metrics(settings)
     db.migrate(settings.database_url)
     engine = db.create_db_engine(settings.database_url)
     with db.transaction(engine, write=True) as session:
@@ -39,16 +43,35 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             _print(demo)
             print(f"Try: curl -H 'Authorization: Bearer {demo['secret_key']}' "
                   f"'{base}/v1/check?email=ada@example.com&purpose=marketing_email'")
-            print(f"Demo page: {base}/demo")
+            print(f"Demo page: {base}/demo?key={demo['publishable_key']}")
         elif first:
             print("No tenants yet: create one with `consent tenants create --name NAME`.")
     engine.dispose()
     uvicorn.run(
         "consent.app:create_app", factory=True, host=args.host, port=args.port,
         workers=args.workers, log_level=settings.log_level, proxy_headers=True,
-        timeout_graceful_shutdown=10, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
+        log_config=log_config(settings.log_level),
+        access_log=False,  # ours (consent.access) logs route templates, never paths or queries
+        # Slow or greedy clients: bounded header size (431/400 past 64 KiB), idle keep-alive
+        # connections closed after 5 s, at most limit_concurrency connections+tasks (503 beyond),
+        # in-flight requests get 10 s to finish on SIGTERM. A slowloris that trickles headers is
+        # bounded only by limit_concurrency: put a reverse proxy in front (docs/reliability.md).
+        # h11, not httptools: only h11 enforces a header-size limit in uvicorn.
+        http="h11", timeout_graceful_shutdown=10, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
+        limit_concurrency=settings.limit_concurrency, backlog=2048,
     )
     return 0
+
+
+def prepare_multiprocess_metrics(settings: Settings) -> None:
+    """Several workers: prometheus_client multiprocess mode in an emptied directory."""
+    import os
+    import shutil
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(settings.data_dir / "metrics")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -129,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sk = sub.add_parser("signing-key", help="rotate the receipt signing key")
     sk.add_argument("action", choices=["rotate"])
     sk.set_defaults(func=cmd_signing_key)
+    cli_audit.add_commands(sub)  # export, verify, retention (issue 5)
     return p
 
 

@@ -19,6 +19,7 @@ WRITE = {"sqlite_immediate": True}
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with the per-backend settings this service relies on."""
+    kwargs.setdefault("hide_parameters", True)  # driver errors (logged) never carry emails or keys
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -68,9 +69,13 @@ def transaction(engine: Engine, *, write: bool = False) -> Iterator[Session]:
 def migrations_dir() -> Path:
     """Where the Alembic scripts live (the repo's ``migrations/``, or CONSENT_MIGRATIONS_DIR)."""
     env = os.environ.get("CONSENT_MIGRATIONS_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "migrations"
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "migrations"
+    if not (path / "env.py").is_file():  # e.g. a non-editable install without the variable
+        from .errors import ConsentError
+
+        raise ConsentError(f"no Alembic migrations at {path}; set CONSENT_MIGRATIONS_DIR to the "
+                           "repository's migrations/ directory")
+    return path
 
 
 def alembic_config(url: str) -> Any:

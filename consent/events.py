@@ -88,7 +88,7 @@ def remove_waker(fn: Callable[[], None]) -> None:
 
 def _wake(db: Session) -> None:
     if db.info.pop(_ENQUEUED, False):
-        for fn in list(_wakers):
+        for fn in _wakers[:]:  # a copy: a loop may stop meanwhile
             fn()
 
 
@@ -154,6 +154,12 @@ def enqueue_deliveries(db: Session, tenant_id: str, events: list[dict[str, Any]]
     if rows:
         db.execute(sa.insert(DELIVERY), rows)
         db.info[_ENQUEUED] = True
+
+
+def last_position(db: Session, tenant_id: str) -> int:
+    """The newest position handed out for the tenant (0 before the first record)."""
+    value = db.execute(sa.select(COUNTER.c.last_position).where(COUNTER.c.tenant_id == tenant_id)).scalar()
+    return int(value or 0)
 
 
 def read_events(db: Session, tenant_id: str, *, after: int, limit: int) -> list[Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -77,12 +77,14 @@ class Q:
     choices: tuple[str, ...] | None = None
 
     def parse(self, raw: str | None) -> Any:
-        if raw is None or raw == "":
+        if raw is None or (raw == "" and self.type is str):  # an empty number or time is invalid
             if self.required:
                 raise ValidationFailed.field(self.name, "is required")
             return self.default
         if len(raw) > self.max_length:
             raise ValidationFailed.field(self.name, f"longer than {self.max_length} characters")
+        if "\x00" in raw:
+            raise ValidationFailed.field(self.name, "must not contain NUL characters")
         if self.choices is not None and raw not in self.choices:
             raise ValidationFailed.field(self.name, f"must be one of {', '.join(self.choices)}")
         if self.type is int:
@@ -100,6 +102,17 @@ class Q:
         return raw
 
 
+def parse_query(request: Request, declared: tuple[Q, ...], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Parse the declared query parameters. A route that declares any refuses unknown ones:
+    a mistyped filter (``purpse=``) must not silently widen an export or a list."""
+    if declared:
+        known = {q.name for q in declared} | set(extra)
+        for name in request.query_params:
+            if name not in known:
+                raise ValidationFailed.field(name, f"unknown query parameter (known: {', '.join(sorted(known))})")
+    return {q.name: q.parse(request.query_params.get(q.name)) for q in declared}
+
+
 def parse_time(name: str, raw: str) -> datetime:
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "+"))
@@ -107,7 +120,10 @@ def parse_time(name: str, raw: str) -> datetime:
         raise ValidationFailed.field(name, "must be an RFC 3339 timestamp") from None
     if value.tzinfo is None:
         raise ValidationFailed.field(name, "must carry a time zone (e.g. Z)")
-    return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValidationFailed.field(name, "is out of range") from None
 
 
 @dataclass
@@ -185,6 +201,12 @@ def authenticate(db: Session, services: Any, request: Request, auth: str) -> Pri
 
 
 async def read_body(request: Request, meta: Meta, limit: int) -> Any:
+    """Read, parse and validate the body (415/413/400/422)."""
+    return parse_body(await read_raw(request, meta, limit), meta)
+
+
+async def read_raw(request: Request, meta: Meta, limit: int) -> bytes:
+    """The raw body, after the content type (415) and size (413) checks."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     allowed = JSON_TYPES + (("text/plain",) if meta.text_body else ())
     if ctype not in allowed and not ctype.endswith("+json"):
@@ -199,19 +221,63 @@ async def read_body(request: Request, meta: Meta, limit: int) -> Any:
         if size > limit:
             raise PayloadTooLarge(f"the body may be at most {limit} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def parse_body(raw: bytes, meta: Meta) -> Any:
+    """JSON-decode (400) and validate against ``meta.body`` (422)."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        try:  # orjson refuses lone surrogates and some edge cases json accepts; be exact
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise MalformedJSON("the body is not valid JSON") from None
+        data = _loads_strict(raw)
+    if b"\\u0000" in raw:  # cheap pre-check: a NUL can only arrive escaped
+        _reject_nul(data, "body")
     assert meta.body is not None
     try:
         return meta.body.model_validate(data)
     except ValidationError as exc:
         raise ValidationFailed(validation_errors(exc)) from None
+
+
+def require_credentials(request: Request, auth: str) -> None:
+    """401 at once, before the body is read, when the caller presents no usable credentials."""
+    if bearer(request) is None and not (auth == "publishable" and request.query_params.get("key")):
+        raise Unauthorized("this route needs an API key")
+
+
+def _loads_strict(raw: bytes) -> Any:
+    """What orjson refused, parsed by ``json`` (exact error for edge cases), but never NaN,
+    Infinity, lone surrogates or pathological nesting, which no database column can store."""
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError("number out of range")
+        return value
+
+    try:
+        data = json.loads(raw, parse_constant=no_constant, parse_float=finite)
+        orjson.dumps(data)  # refuses lone surrogates and nesting deeper than we store
+    except (ValueError, UnicodeDecodeError, RecursionError, orjson.JSONEncodeError):
+        raise MalformedJSON("the body is not valid JSON") from None
+    return data
+
+
+def _reject_nul(value: Any, where: str) -> None:
+    """NUL characters cannot be stored in PostgreSQL text: refuse them naming the field."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValidationFailed.field(where, "must not contain NUL characters")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_nul(k, where)
+            _reject_nul(v, f"{where}.{k}" if where != "body" else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _reject_nul(v, f"{where}[{i}]")
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
@@ -228,13 +294,22 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
 
     def deco(fn: Callable[[Ctx], Any]) -> Any:
         async def handler(request: Request) -> Response:
+            # Order: no credentials (401) → content type/size (415/413) → in the transaction:
+            # key check (401/403) → JSON (400) → validation (422). An unauthenticated caller
+            # learns nothing about the body rules and never makes us parse a large body.
             services = request.app.state.services
-            body = await read_body(request, meta, services.settings.max_body_bytes) if meta.body else None
-            query = {q.name: q.parse(request.query_params.get(q.name)) for q in meta.query}
+            if auth:
+                require_credentials(request, auth)
+            raw = await read_raw(request, meta, services.settings.max_body_bytes) if meta.body else None
 
             def work() -> Any:
                 with transaction(services.engine, write=meta.write) as db:
                     principal = authenticate(db, services, request, auth) if auth else None
+                    for name, value in request.path_params.items():
+                        if "\x00" in str(value):
+                            raise ValidationFailed.field(name, "must not contain NUL characters")
+                    body = parse_body(raw, meta) if raw is not None else None
+                    query = parse_query(request, meta.query, ("key",) if auth == "publishable" else ())
                     return fn(Ctx(request, db, services, principal, body, query))
 
             return render(await run_in_threadpool(work), meta.status)

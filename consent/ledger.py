@@ -14,9 +14,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import crypto, events
-from .catalog import current_version, get_purpose, get_version
+from .catalog import CLOCK_SKEW, current_version, get_purpose, get_version
 from .errors import IdempotencyConflict, NotFound, ValidationFailed
-from .models import ConsentRecord, ConsentState, Subject, SubjectIdentifier, Tenant, utcnow
+from .models import (
+    ConsentRecord,
+    ConsentState,
+    PolicyPurpose,
+    Subject,
+    SubjectIdentifier,
+    Tenant,
+    utcnow,
+)
 from .receipts import record_claims
 from .schemas import ConsentIn, SubjectRef
 from .state import derive_status
@@ -188,6 +196,17 @@ def replay(existing: ConsentRecord, request_sha256: str) -> Recorded:
     return Recorded(existing, False, status_of_record(existing))
 
 
+def superseded(db: Session, record: ConsentRecord) -> bool:
+    """A newer material version covering the record's purpose is in effect (the check's rule)."""
+    pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
+    q = sa.select(pp.c.policy_version_id).where(
+        pp.c.tenant_id == record.tenant_id, pp.c.purpose == record.purpose,
+        pp.c.policy_key == record.policy_key, pp.c.material.is_(True), pp.c.effective_at <= utcnow(),
+        pp.c.policy_version_id > record.policy_version_id,
+    )
+    return db.execute(q.limit(1)).first() is not None
+
+
 def status_of_record(record: ConsentRecord) -> str:
     return derive_status(record.decision, confirmed=record.confirmed, stale=False)
 
@@ -220,6 +239,8 @@ def record_decision(
         raise ValidationFailed.field("decision", f"notice purpose {purpose.key!r} takes acknowledged")
 
     at = spec.recorded_at or utcnow()
+    if at > utcnow() + CLOCK_SKEW:  # a future-dated import would outrank every later decision
+        raise ValidationFailed.field("recorded_at", "may not be in the future")
     if spec.policy_version:
         version = get_version(db, tenant.id, spec.policy, spec.policy_version)
         if version is None:
@@ -264,7 +285,9 @@ def record_decision(
         receipt="",
     )
     record.record_hash = compute_record_hash(record, subject.pseudonym)
-    status = status_of_record(record)
+    # A version picked by default is the newest in effect, so only a named one can be superseded.
+    stale = bool(spec.policy_version) and version is not None and superseded(db, record)
+    status = derive_status(record.decision, confirmed=record.confirmed, stale=stale)
     policy = None
     if version is not None:
         policy = {"key": version.policy_key, "version": version.version,

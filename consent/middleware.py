@@ -11,6 +11,9 @@ from typing import Any
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import metrics
+from .logs import request_id_var
+
 log = logging.getLogger("consent.access")
 
 BASE_HEADERS = [
@@ -39,6 +42,7 @@ class RequestContextMiddleware:
             return
         request_id = _incoming_id(scope) or secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
         start = time.perf_counter()
         status = 0
 
@@ -58,8 +62,11 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_wrapped)
         finally:
+            access = _access(scope, status, start, request_id)
+            metrics.observe(access["method"] or "", access["route"], status, access["duration_ms"] / 1000)
             if log.isEnabledFor(logging.INFO):
-                log.info("request", extra=_access(scope, status, start, request_id))
+                log.info("request", extra=access)
+            request_id_var.reset(token)
 
 
 def _incoming_id(scope: Scope) -> str | None:

@@ -233,6 +233,45 @@ class ConsentState(SQLModel, table=True):
 TABLES = SQLModel.metadata
 
 
+# --- reliability (issue 7) -------------------------------------------------------------
+
+class RateLimitCounter(SQLModel, table=True):
+    """Fixed-window request counters shared by every service process (see ratelimit.py)."""
+
+    __tablename__ = "rate_limit"
+    bucket: str = Field(primary_key=True, max_length=100)
+    window_start: int = Field(sa_column=sa.Column(BigInt, primary_key=True, autoincrement=False))
+    hits: int = 0
+class SubjectTokenKey(SQLModel, table=True):
+    """A tenant's HS256 secret for subject tokens (minted by its backend, verified here).
+    The newest live key signs; the one before it still verifies until the next rotation."""
+
+    __tablename__ = "subject_token_key"
+    kid: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    secret: str = Field(max_length=128)  # returned to the tenant's secret-key holder, never logged
+    created_at: datetime = ts()
+    retired_at: datetime | None = ts(nullable=True)
+# --- audit exports (issue 5) ---------------------------------------------------------------
+
+# Keyset pagination of a tenant's ledger by seq (streaming exports): one index range scan.
+sa.Index("ix_consent_record_tenant_id_seq", ConsentRecord.__table__.c.tenant_id,  # type: ignore[attr-defined]
+         ConsentRecord.__table__.c.seq)  # type: ignore[attr-defined]
+
+
+class ExportManifest(SQLModel, table=True):
+    """The signed manifest of every completed ledger export, fetchable after the stream."""
+
+    __tablename__ = "export_manifest"
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    format: str = Field(max_length=8)
+    count: int = Field(sa_column=sa.Column(BigInt, nullable=False))
+    body_sha256: str = Field(max_length=64)
+    manifest: str  # the EdDSA JWT
+    created_at: datetime = ts()
+
+
 # --- integrations (issue 4): email-link secrets, change feed, webhook outbox ---------------------
 
 

@@ -80,6 +80,7 @@ def build_openapi(routes: list[Any]) -> dict[str, Any]:
                                      {"description": text, "content": problem})
             for code, text in ERRORS.items():
                 responses.setdefault(code, {"description": text, "content": problem})
+            op["responses"] = responses
             if meta.auth:
                 op["security"] = [{"bearer": []}]
             paths.setdefault(route.path, {})[method.lower()] = op

@@ -4,10 +4,10 @@ columns (hash keys, raw identifiers, private keys) never leak. They also feed /o
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 Key = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
 Lang = Annotated[str, Field(min_length=2, max_length=16, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
@@ -19,6 +19,14 @@ Status = Literal[
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 ORIGIN_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
 URL_RE = re.compile(r"^https?://\S+$")
+
+
+def in_utc_range(value: datetime) -> datetime:
+    """The instant in UTC; refuses times that only exist in another zone (year 0 or 10000)."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp out of range") from None
 
 
 class Strict(BaseModel):
@@ -33,9 +41,9 @@ class Translation(Strict):
 class TenantIn(Strict):
     name: str = Field(min_length=1, max_length=200)
     allowed_origins: list[str] = Field(default_factory=list, max_length=50)
-    notice_days: int = Field(default=30, ge=0, le=365)
-    store_full_ip: bool = False
-    store_user_agent: bool = True
+    notice_days: StrictInt = Field(default=30, ge=0, le=365)
+    store_full_ip: StrictBool = False
+    store_user_agent: StrictBool = True
     default_lang: Lang = "en"
 
     @field_validator("allowed_origins")
@@ -74,8 +82,8 @@ class RotateKeysIn(Strict):
 class PurposeIn(Strict):
     kind: Literal["consent", "notice"] = "consent"
     legal_basis: Literal["consent", "contract", "legitimate_interest", "legal_obligation"] = "consent"
-    double_opt_in: bool = False
-    gpc: bool = False
+    double_opt_in: StrictBool = False
+    gpc: StrictBool = False
     title: str = Field(default="", max_length=200)
     description: str = Field(default="", max_length=2000)
     translations: dict[Lang, Translation] = Field(default_factory=dict, max_length=50)
@@ -103,10 +111,10 @@ class PurposeOut(BaseModel):
 class CookieIn(Strict):
     provider: str = Field(min_length=1, max_length=200)
     purpose: Key
-    http_only: bool = False
-    secure: bool = True
+    http_only: StrictBool = False
+    secure: StrictBool = True
     same_site: Literal["Strict", "Lax", "None"] = "Lax"
-    lifetime: Literal["session"] | Annotated[int, Field(gt=0, le=10 * 365 * 86400)] = "session"
+    lifetime: Literal["session"] | Annotated[StrictInt, Field(gt=0, le=10 * 365 * 86400)] = "session"
     description: str = Field(default="", max_length=2000)
     translations: dict[Lang, Translation] = Field(default_factory=dict, max_length=50)
 
@@ -128,7 +136,7 @@ class PolicyVersionIn(Strict):
     document_url: str = Field(max_length=2000, pattern=URL_RE.pattern)
     document_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     effective_at: datetime | None = None
-    material: bool = False
+    material: StrictBool = False
     purposes: list[Key] = Field(min_length=1, max_length=100)
     cookies: list[str] | None = Field(default=None, max_length=200)
 
@@ -137,7 +145,7 @@ class PolicyVersionIn(Strict):
     def _aware(cls, v: datetime | None) -> datetime | None:
         if v is not None and v.tzinfo is None:
             raise ValueError("must carry a time zone (RFC 3339, e.g. 2026-01-01T00:00:00Z)")
-        return v
+        return in_utc_range(v) if v is not None else None
 
 
 class PolicyVersionOut(BaseModel):
@@ -204,6 +212,7 @@ class ConsentIn(Strict):
                 raise ValueError("recorded_at may only be given with source=import")
             if self.recorded_at.tzinfo is None:
                 raise ValueError("recorded_at must carry a time zone")
+            self.recorded_at = in_utc_range(self.recorded_at)
         return self
 
 

@@ -29,6 +29,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     rate_limit_per_minute: int = 600
+    rate_limit_ip_per_minute: int = 300
+    rate_limit_routes: tuple[str, ...] = ()
+    limit_concurrency: int = 1000
     # integrations (issue 4): email links and the webhook delivery worker
     email_confirm_days: int = 7
     webhook_worker: bool = True
@@ -65,6 +68,10 @@ class Settings:
             host=config("CONSENT_HOST", default="127.0.0.1"),
             port=config("CONSENT_PORT", cast=int, default=8000),
             rate_limit_per_minute=config("CONSENT_RATE_LIMIT_PER_MINUTE", cast=int, default=600),
+            rate_limit_ip_per_minute=config("CONSENT_RATE_LIMIT_IP_PER_MINUTE", cast=int, default=300),
+            rate_limit_routes=tuple(n.strip() for n in config("CONSENT_RATE_LIMIT_ROUTES", default="").split(",")
+                                    if n.strip()),
+            limit_concurrency=config("CONSENT_LIMIT_CONCURRENCY", cast=int, default=1000),
             email_confirm_days=config("CONSENT_EMAIL_CONFIRM_DAYS", cast=int, default=7),
             webhook_worker=config("CONSENT_WEBHOOK_WORKER", cast=bool, default=True),
             webhook_poll_seconds=config("CONSENT_WEBHOOK_POLL_SECONDS", cast=float, default=1.0),

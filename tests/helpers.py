@@ -90,3 +90,20 @@ def setup_catalog(t: Tenant) -> None:
                                            "lifetime": "session", "description": "Keeps you signed in"})
     assert r.status_code == 201, r.text
     t.publish("v1", purposes=["strictly_necessary", "marketing_email", "analytics", "product_updates"])
+
+
+def pg_schema_url(base_url: str, schema: str) -> str:
+    """A URL on the same PostgreSQL database whose default schema is ``schema``, emptied first:
+    tests that migrate up and down, or start their own server, never touch the shared schema."""
+    import sqlalchemy as sa
+
+    assert schema.isidentifier() and schema != "public"
+    engine = sa.create_engine(base_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    finally:
+        engine.dispose()
+    sep = "&" if "?" in base_url else "?"
+    return f"{base_url}{sep}options=-csearch_path%3D{schema}"

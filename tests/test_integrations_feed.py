@@ -40,6 +40,8 @@ def test_feed_input_errors(client, tenant: Tenant) -> None:
     for params in ({"after": "abc"}, {"after": "-1"}, {"limit": "0"}, {"limit": "5000"}, {"wait": "31"}):
         r = tenant.get("/v1/events", params=params)
         assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", params
+    r = tenant.get("/v1/events", params={"after": "999999", "wait": "30"})  # a cursor we never issued
+    assert r.status_code == 400 and r.json()["code"] == "bad_cursor"
     assert client.get("/v1/events").status_code == 401
     pk = {"Authorization": f"Bearer {tenant.publishable_key}"}
     assert client.get("/v1/events", headers=pk).status_code == 403

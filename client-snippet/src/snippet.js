@@ -56,10 +56,13 @@
     const x = st[p.key];
     return !x || x.ask != p.ask;
   };
-  // an answer given for an older ask label no longer counts
+  // an answer given for an older ask label no longer counts; under GPC a grant counts
+  // only if it was given while the signal was on (the signal wins over an earlier opt-in)
   const get = (k) => {
     const x = st[k], p = cfg && cfg.purposes.find((p) => p.key == k);
-    return x && (!p || p.ask == x.ask) ? x.decision : null;
+    return x && (!p || (p.ask == x.ask && !(G && p.gpc && !x.g && x.decision == "granted")))
+      ? x.decision
+      : null;
   };
 
   /* outbox: a body is queued before it is sent and dropped only after a 2xx
@@ -113,7 +116,7 @@
     each((p) => {
       const v = m[p.key];
       if (v && (stale(p) || st[p.key].decision != v)) {
-        st[p.key] = { decision: v, ask: p.ask };
+        st[p.key] = { decision: v, ask: p.ask, g: G };
         ch.push({ purpose: p.key, decision: v, idempotency_key: rid() });
       }
     });
@@ -321,8 +324,8 @@
       .then((b, m = {}) => {
         if (b) {
           use(b);
-          // GPC: a denial once per purpose + ask label, never asked
-          G && each((p) => isC(p) && p.gpc && stale(p) && (m[p.key] = "denied"));
+          // GPC: a denial once per purpose + ask label (also over an earlier opt-in), never asked
+          G && each((p) => isC(p) && p.gpc && !get(p.key) && (m[p.key] = "denied"));
           rec(m);
           cfg.purposes.some(stale) && banner();
           po && open();

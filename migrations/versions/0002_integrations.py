@@ -16,7 +16,7 @@ import consent.models
 
 
 revision = '0002'
-down_revision = '0001'
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,116 @@
+"""HTTP handlers for audit exports and data-subject rights: streaming ledger export and its
+manifest, access export, erasure, retention settings. Routes are in app.py."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from . import exports, ledger, retention, rights
+from .catalog import get_purpose
+from .db import transaction
+from .errors import NotFound, ValidationFailed
+from .http import Ctx, Q, authenticate, describe, endpoint, parse_query, require_credentials
+from .schemas_audit import AccessExport, ErasureOut, ManifestOut, RetentionIn, RetentionOut, TenantClosed
+
+EXPORT_QUERY = (
+    Q("from", datetime, description="only records with recorded_at at or after this time"),
+    Q("to", datetime, description="only records with recorded_at before this time"),
+    Q("purpose", max_length=64, description="only this purpose"),
+    Q("policy_version", max_length=64, description="only records made under this policy version"),
+    Q("format", default="jsonl", choices=exports.FORMATS, description="jsonl (manifest as last line) or csv"),
+)
+MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+
+
+@describe(auth="secret", summary="Stream the ledger (constant memory), one line per record with its hashes "
+          "and receipt, then a signed manifest (JSONL trailer; for any format also at "
+          "/v1/exports/{export_id}/manifest, id in the Consent-Export-Id header)", query=EXPORT_QUERY,
+          responses={200: "application/x-ndjson or text/csv stream"}, headers=())
+async def export_consents(request: Request) -> Response:
+    services = request.app.state.services
+    require_credentials(request, "secret")  # 401 before any input error, like every other route
+
+    def prepare() -> tuple[str, dict[str, Any]]:
+        with transaction(services.engine) as db:
+            principal = authenticate(db, services, request, "secret")
+            assert principal is not None
+            q = parse_query(request, EXPORT_QUERY)
+            if q["from"] is not None and q["to"] is not None and q["from"] >= q["to"]:
+                raise ValidationFailed.field("to", "must be after from")
+            if q["purpose"] is not None and get_purpose(db, principal.tenant_id, q["purpose"]) is None:
+                raise ValidationFailed.field("purpose", f"unknown purpose {q['purpose']!r}")
+            return principal.tenant_id, q
+
+    tenant_id, q = await run_in_threadpool(prepare)  # errors here are still problem+json
+    flt = exports.ExportFilter(tenant_id, q["from"], q["to"], q["purpose"], q["policy_version"])
+    export_id = exports.new_export_id()
+    body = exports.stream_export(services.engine, flt, q["format"], signer=services.signer,
+                                 issuer=services.settings.issuer, export_id=export_id)
+    return StreamingResponse(body, media_type=MEDIA[q["format"]], headers={
+        "Consent-Export-Id": export_id,
+        "Link": f'</v1/exports/{export_id}/manifest>; rel="describedby"',
+        "Content-Disposition": f'attachment; filename="consents-{export_id}.{q["format"]}"',
+        "Cache-Control": "no-store",
+    })
+
+
+@endpoint(auth="secret", summary="The signed manifest of a completed export", response=ManifestOut)
+def export_manifest(ctx: Ctx) -> Any:
+    m = exports.get_manifest(ctx.db, ctx.principal.tenant_id, ctx.path("export_id"))  # type: ignore[union-attr]
+    if m is None:
+        raise NotFound("no completed export with this id")
+    return {"id": m.id, "format": m.format, "count": m.count, "body_sha256": m.body_sha256,
+            "created_at": m.created_at, "manifest": m.manifest}
+
+
+def wants_markdown(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return any(part.split(";")[0].strip() == "text/markdown" for part in accept.split(","))
+
+
+@endpoint(auth="secret", summary="Everything held about one person: identifiers, every record with its "
+          "evidence, current state, receipts (JSON, or Markdown with Accept: text/markdown)",
+          response=AccessExport)
+def subject_export(ctx: Ctx) -> Any:
+    t = ctx.tenant
+    subject = ledger.lookup_subject(ctx.db, t, ctx.path("subject"))
+    data = rights.access_export(ctx.db, t, subject, signer=ctx.services.signer, issuer=ctx.services.settings.issuer)
+    if wants_markdown(ctx.request):
+        return Response(rights.access_markdown(data), media_type="text/markdown; charset=utf-8")
+    return data
+
+
+@endpoint(auth="secret", summary="Erase a person: identifiers and evidence removed, decisions and hashes "
+          "kept under the pseudonym, an erasure record appended (idempotent: 200 when already erased)",
+          response=ErasureOut, write=True)
+def erase_subject(ctx: Ctx) -> Any:
+    t = ctx.tenant
+    subject = ledger.lookup_subject(ctx.db, t, ctx.path("subject"))
+    _, summary = rights.erase(ctx.db, t, subject, signer=ctx.services.signer, issuer=ctx.services.settings.issuer)
+    return summary
+
+
+@endpoint(auth="secret", summary="The tenant's retention settings", response=RetentionOut)
+def get_retention(ctx: Ctx) -> Any:
+    return retention.settings_out(ctx.tenant)
+
+
+@endpoint(auth="secret", summary="Set the tenant's retention (applied by `consent retention run`)",
+          body=RetentionIn, response=RetentionOut, write=True)
+def put_retention(ctx: Ctx) -> Any:
+    t = retention.set_retention(ctx.db, ctx.principal.tenant_id,  # type: ignore[union-attr]
+                                evidence_days=ctx.body.evidence_retention_days,
+                                record_years=ctx.body.record_retention_years)
+    return retention.settings_out(t)
+
+
+@endpoint(auth="admin", summary="Close a tenant (idempotent); record retention counts from now",
+          response=TenantClosed, write=True)
+def close_tenant(ctx: Ctx) -> Any:
+    t = retention.close_tenant(ctx.db, ctx.path("tenant_id"))
+    return {"id": t.id, "closed_at": t.closed_at}

@@ -1,0 +1,369 @@
+"""HTTP side of the browser snippet: the two publishable-key routes with CORS (only the
+tenant's allowed origins), /snippet.js, /.well-known/gpc.json, subject tokens, subject linking
+and the /demo page. Domain logic lives in snippet.py and subject_tokens.py."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import html
+import os
+import re
+import secrets
+from base64 import b64encode
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import snippet, subject_tokens
+from .db import transaction
+from .errors import ConsentError, NotFound, OriginNotAllowed, Unauthorized
+from .http import (
+    Ctx,
+    JSONResponse,
+    Meta,
+    Q,
+    authenticate,
+    describe,
+    dumps,
+    endpoint,
+    problem_response,
+    read_body,
+    render,
+)
+from .models import Tenant
+from .schemas_snippet import (
+    GpcJson,
+    LinkIn,
+    LinkOut,
+    SnippetConfig,
+    SnippetConsentsIn,
+    SnippetConsentsOut,
+    SubjectTokenIn,
+    SubjectTokenOut,
+    SubjectTokenSecretOut,
+)
+from .tenants import authenticate_key, get_tenant
+
+SNIPPET_MAX_BODY = 64 * 1024  # a snippet submission is a few hundred bytes
+ALLOW_HEADERS = "Authorization, Content-Type, If-None-Match"
+PREFLIGHT_MAX_AGE = "600"
+CONFIG_CACHE = "no-cache"  # stored, but revalidated (cheap: ETag) so a new version shows at once
+SNIPPET_CACHE = "public, max-age=86400, stale-while-revalidate=604800"
+GPC_LAST_UPDATE = "2026-11-22"  # when this service started honouring GPC; bump on policy change
+DEMO_KEY_RE = re.compile(r"^pk_[A-Za-z0-9_-]{10,100}$")
+
+
+def _request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")  # type: ignore[no-any-return]
+
+
+def origin_allowed(tenant: Tenant, origin: str | None) -> bool:
+    return bool(origin) and origin != "null" and origin in (tenant.allowed_origins or [])
+
+
+def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: bool = False,
+                  **kw: Any) -> Callable[[Callable[[Ctx], Any]], Any]:
+    """Like ``http.endpoint(auth="publishable")``, with CORS for the tenant's allowed origins.
+
+    Order: key (401), then Origin (403 origin_not_allowed, no CORS headers), then body and
+    query (415/413/400/422). Every response after the origin check, errors included, carries
+    the CORS headers, so the page's script can read it."""
+    meta = Meta(auth="publishable", summary=summary, **kw)
+    if meta.body is not None:
+        meta.text_body = True
+        meta.media_types = ("text/plain", "application/json")
+
+    def deco(fn: Callable[[Ctx], Any]) -> Any:
+        async def handler(request: Request) -> Response:
+            services = request.app.state.services
+            cors: dict[str, str] = {}
+            body: Any = None
+            body_error: ConsentError | None = None
+            if meta.body is not None:
+                try:
+                    body = await read_body(request, meta, min(services.settings.max_body_bytes, SNIPPET_MAX_BODY))
+                except ConsentError as exc:  # reported after the key and origin checks
+                    body_error = exc
+
+            def work() -> Any:
+                with transaction(services.engine, write=meta.write) as db:
+                    principal = authenticate(db, services, request, "publishable")
+                    tenant = get_tenant(db, principal.tenant_id)  # type: ignore[union-attr]
+                    origin = request.headers.get("origin")
+                    if origin is not None or require_origin:
+                        if not origin_allowed(tenant, origin):
+                            raise OriginNotAllowed(f"origin {origin!r} is not allowed for this key"
+                                                   if origin else "this route needs an Origin header")
+                        cors.update({"Access-Control-Allow-Origin": str(origin),
+                                     "Access-Control-Expose-Headers": "ETag"})
+                    if body_error is not None:
+                        raise body_error
+                    query = {q.name: q.parse(request.query_params.get(q.name)) for q in meta.query}
+                    return fn(Ctx(request, db, services, principal, body, query, tenant))
+
+            try:
+                response = render(await run_in_threadpool(work), meta.status)
+            except ConsentError as exc:
+                response = problem_response(exc, request.url.path, _request_id(request))
+            response.headers.update(cors)
+            response.headers["Vary"] = "Origin"
+            return response
+
+        handler.meta = meta  # type: ignore[attr-defined]
+        handler.__name__ = fn.__name__
+        handler.__doc__ = fn.__doc__
+        handler.cors_methods = methods  # type: ignore[attr-defined]
+        return handler
+
+    return deco
+
+
+def preflight_for(methods: tuple[str, ...]) -> Any:
+    """A CORS preflight handler: 204 with the allowed methods and headers for an allowed origin
+    (the publishable key comes in ?key=, as browsers send no Authorization on a preflight);
+    403 origin_not_allowed, without CORS headers, for any other origin."""
+
+    @describe(summary=f"CORS preflight for {', '.join(methods)} (publishable key in ?key=)",
+              status=204, responses={403: "origin not allowed"},
+              query=(Q("key", required=True, description="publishable key"),))
+    async def preflight(request: Request) -> Response:
+        services = request.app.state.services
+        origin = request.headers.get("origin")
+        key = request.query_params.get("key")
+
+        def allowed() -> None:
+            if not key or len(key) > 200:
+                raise Unauthorized("a preflight needs the publishable key in ?key=")
+            with transaction(services.engine) as db:
+                principal = authenticate_key(db, key)
+                if principal is None or principal.kind != "publishable":
+                    raise Unauthorized("unknown or revoked publishable key")
+                tenant = get_tenant(db, principal.tenant_id)
+                if not origin_allowed(tenant, origin):
+                    raise OriginNotAllowed(f"origin {origin!r} is not allowed for this key" if origin
+                                           else "a preflight needs an Origin header")
+
+        try:
+            await run_in_threadpool(allowed)
+        except ConsentError as exc:
+            response = problem_response(exc, request.url.path, _request_id(request))
+            response.headers["Vary"] = "Origin"
+            return response
+        return Response(status_code=204, headers={
+            "Access-Control-Allow-Origin": str(origin),
+            "Access-Control-Allow-Methods": ", ".join(methods),
+            "Access-Control-Allow-Headers": ALLOW_HEADERS,
+            "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
+            "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+        })
+
+    return preflight
+
+
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or etag in tags or f"W/{etag}" in tags
+
+
+@cors_endpoint(summary="What the snippet shows: policy version in effect, purposes (with the version "
+               "label whose answer counts), cookie disclosures, texts. ETag; 304 on If-None-Match",
+               methods=("GET",), response=SnippetConfig,
+               responses={304: "not modified", 403: "origin not allowed", 404: "no policy version in effect"},
+               query=(Q("lang", max_length=35, description="page language, e.g. de or de-AT (default: tenant's)"),
+                      Q("policy", default="privacy", max_length=64, description="policy key")),
+               headers=("If-None-Match",))
+def snippet_config(ctx: Ctx) -> Any:
+    config = snippet.build_config(ctx.db, ctx.tenant, ctx.query["policy"], ctx.query["lang"])
+    body = dumps(config)
+    etag = etag_of(body)
+    headers = {"ETag": etag, "Cache-Control": CONFIG_CACHE}
+    if etag_matches(ctx.request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+@cors_endpoint(summary="Record the visitor's choices (text/plain or JSON; only from allowed origins). "
+               "201 when something was recorded, 200 when everything replayed",
+               methods=("POST",), require_origin=True, body=SnippetConsentsIn, response=SnippetConsentsOut,
+               status=201, write=True, responses={200: "replayed", 403: "origin not allowed"})
+def snippet_consents(ctx: Ctx) -> Any:
+    req = ctx.request
+    visit = snippet.Visit(
+        origin=req.headers.get("origin"),
+        ip=req.client.host if req.client else None,  # uvicorn's proxy_headers decide whom to trust
+        user_agent=req.headers.get("user-agent"),
+        sec_gpc=req.headers.get("sec-gpc", "").strip() == "1",
+    )
+    s = ctx.services
+    out = snippet.record_choices(ctx.db, ctx.tenant, ctx.body, visit, signer=s.signer, issuer=s.settings.issuer)
+    return (201 if any(r["created"] for r in out["records"]) else 200), out
+
+
+@endpoint(auth="secret", summary="Mint a subject token for a user id (backends may also mint offline "
+          "with the secret from GET /v1/subject-tokens/secret)", body=SubjectTokenIn, status=201,
+          response=SubjectTokenOut, write=True)
+def mint_subject_token(ctx: Ctx) -> Any:
+    return subject_tokens.mint(ctx.db, ctx.tenant.id, ctx.body.user_id, ctx.body.ttl_seconds)
+
+
+@endpoint(auth="secret", summary="The HS256 secret to mint subject tokens offline (created on first use)",
+          response=SubjectTokenSecretOut, write=True)
+def subject_token_secret(ctx: Ctx) -> Any:
+    tid = ctx.tenant.id
+    return subject_tokens.secret_out(ctx.db, tid, subject_tokens.current_key(ctx.db, tid))
+
+
+@endpoint(auth="secret", summary="Rotate the subject-token secret; the previous one verifies until the next "
+          "rotation", response=SubjectTokenSecretOut, write=True)
+def rotate_subject_token_secret(ctx: Ctx) -> Any:
+    tid = ctx.tenant.id
+    return subject_tokens.secret_out(ctx.db, tid, subject_tokens.rotate(ctx.db, tid))
+
+
+@endpoint(auth="secret", summary="Link an anonymous id (from the snippet) to a user id", body=LinkIn,
+          response=LinkOut, write=True, responses={409: "anonymous id linked to another user"})
+def link_subject(ctx: Ctx) -> Any:
+    s = ctx.services
+    return snippet.link(ctx.db, ctx.tenant, ctx.body.anonymous_id, ctx.body.user_id,
+                        signer=s.signer, issuer=s.settings.issuer)
+
+
+@describe(summary="Global Privacy Control support resource", response=GpcJson)
+async def gpc_json(request: Request) -> Response:
+    return JSONResponse({"gpc": True, "lastUpdate": GPC_LAST_UPDATE}, headers={
+        "Cache-Control": "public, max-age=86400", "Access-Control-Allow-Origin": "*"})
+
+
+# --- /snippet.js -------------------------------------------------------------------------
+
+def snippet_path() -> Path:
+    """The built snippet: CONSENT_SNIPPET_PATH, else the repo's client-snippet/dist/snippet.js."""
+    env = os.environ.get("CONSENT_SNIPPET_PATH")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "client-snippet" / "dist" / "snippet.js"
+
+
+@dataclass(frozen=True)
+class Asset:
+    body: bytes
+    gzipped: bytes
+    etag: str
+    integrity: str
+
+
+def load_asset(path: Path) -> Asset:
+    body = path.read_bytes()
+    return Asset(body, gzip.compress(body, 9, mtime=0), etag_of(body), sri(body))
+
+
+async def asset(request: Request) -> Asset:
+    """The snippet file, read once per process (a deploy restarts the service)."""
+    state = request.app.state
+    found: Asset | None = getattr(state, "snippet_asset", None)
+    if found is None:
+        try:
+            found = await run_in_threadpool(load_asset, snippet_path())
+        except OSError:
+            raise NotFound("the snippet is not built (client-snippet/dist/snippet.js)",
+                           code="snippet_missing") from None
+        state.snippet_asset = found
+    return found
+
+
+def sri(body: bytes) -> str:
+    """Subresource Integrity value (sha384) of a file's bytes."""
+    return "sha384-" + b64encode(hashlib.sha384(body).digest()).decode()
+
+
+@describe(summary="The consent snippet (JavaScript); cacheable, ETag, CORS *", responses={304: "not modified"})
+async def snippet_js(request: Request) -> Response:
+    js = await asset(request)
+    headers = {"ETag": js.etag, "Cache-Control": SNIPPET_CACHE, "Access-Control-Allow-Origin": "*",
+               "Cross-Origin-Resource-Policy": "cross-origin", "Vary": "Accept-Encoding"}
+    if etag_matches(request.headers.get("if-none-match"), js.etag):
+        return Response(status_code=304, headers=headers)
+    body = js.body
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        body, headers["Content-Encoding"] = js.gzipped, "gzip"
+    return Response(body, media_type="text/javascript; charset=utf-8", headers=headers)
+
+
+# --- /demo -------------------------------------------------------------------------------
+
+DEMO_JS = b"""(() => {
+  const out = document.getElementById("state");
+  const show = () => { out.textContent = JSON.stringify(
+    Object.fromEntries(["strictly_necessary", "marketing_email", "product_updates", "analytics"]
+      .map((k) => [k, window.Consent ? Consent.get(k) : null])), null, 2); };
+  document.addEventListener("consent:change", show);
+  const wait = () => (window.Consent ? Consent.ready.then(show) : setTimeout(wait, 50));
+  wait();
+})();
+"""
+
+DEMO_PAGE = """<!doctype html>
+<html lang="{lang}"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Consent snippet demo</title>
+<style nonce="{nonce}">body{{font:16px/1.5 system-ui,sans-serif;max-width:42rem;margin:2rem auto;padding:0 1rem;color:#1a1a1a}}
+pre{{background:#f3f3f3;padding:1rem}}a{{color:#0645ad}}</style>
+<script src="/snippet.js" data-key="{key}" data-nonce="{nonce}" integrity="{integrity}" crossorigin="anonymous" async></script>
+<script src="/demo/demo.js" defer></script>
+</head><body>
+<h1>Consent snippet demo</h1>
+<p>This page embeds the snippet with the demo tenant's publishable key, under a strict
+Content-Security-Policy (no inline script; styles by nonce). Choose in the banner, then reload:
+it stays silent until a material policy version asks again.</p>
+<p><a href="#" data-consent-open>Privacy choices</a> &middot;
+<a href="?key={key}&amp;lang=de">Deutsch</a> &middot; <a href="?key={key}&amp;lang=en">English</a></p>
+<h2>Current answers</h2><pre id="state">loading…</pre>
+</body></html>
+"""
+
+DEMO_HELP = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Consent snippet demo</title></head><body>
+<h1>Consent snippet demo</h1>
+<p>Open this page as <code>/demo?key=pk_…</code> with the demo tenant's publishable key
+(printed once by <code>consent serve</code> when it created the demo tenant).</p>
+</body></html>
+"""
+
+
+@describe(summary="Demo page embedding the snippet (only with CONSENT_DEMO on; publishable key in ?key=)",
+          responses={404: "demo off"}, query=(Q("key", description="a publishable key"), Q("lang")))
+async def demo_page(request: Request) -> Response:
+    services = request.app.state.services
+    if not services.settings.demo:
+        raise NotFound("the demo is off (CONSENT_DEMO=false)")
+    key = request.query_params.get("key", "")
+    if not DEMO_KEY_RE.match(key):
+        return Response(DEMO_HELP, media_type="text/html; charset=utf-8")
+    lang = snippet.pick_lang(request.query_params.get("lang"), "en")
+    js = await asset(request)
+    nonce = secrets.token_urlsafe(16)
+    page = DEMO_PAGE.format(lang=lang, key=html.escape(key, quote=True), nonce=nonce,
+                            integrity=js.integrity)
+    csp = (f"default-src 'none'; script-src 'self'; style-src 'nonce-{nonce}'; connect-src 'self'; "
+           "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+    return Response(page, media_type="text/html; charset=utf-8",
+                    headers={"Content-Security-Policy": csp, "Cache-Control": "no-store"})
+
+
+@describe(summary="Script of the demo page (shows the current answers)", responses={404: "demo off"})
+async def demo_js(request: Request) -> Response:
+    if not request.app.state.services.settings.demo:
+        raise NotFound("the demo is off (CONSENT_DEMO=false)")
+    return Response(DEMO_JS, media_type="text/javascript; charset=utf-8",
+                    headers={"Cache-Control": "public, max-age=300"})

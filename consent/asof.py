@@ -1,0 +1,100 @@
+"""As-of answers: the state of a purpose as it was at a past time T, derived from the ledger
+rows recorded at or before T (never from consent_state, which only knows "now").
+
+Staleness is judged as of T too: a material version counts only if it had taken effect by T.
+The receipt returned is the one of the record that was in force at T.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from . import crypto
+from .catalog import get_purpose, list_purposes
+from .errors import ValidationFailed
+from .ledger import SI
+from .models import ConsentRecord, PolicyPurpose, Subject, Tenant, utcnow
+from .state import derive_status, is_allowed
+
+REC = ConsentRecord.__table__  # type: ignore[attr-defined]
+PP = PolicyPurpose.__table__  # type: ignore[attr-defined]
+SKEW = timedelta(seconds=5)
+
+
+def require_past(at: datetime) -> datetime:
+    """``at`` may not lie in the future: the ledger does not know it yet."""
+    if at > utcnow() + SKEW:
+        raise ValidationFailed.field("at", "must not be in the future")
+    return at
+
+
+def _latest(db: Session, tenant_id: str, subject_id: str, at: datetime, purpose: str | None = None) -> list[Any]:
+    q = (sa.select(REC.c.purpose, REC.c.decision, REC.c.confirmed, REC.c.policy_key, REC.c.policy_version_id,
+                   REC.c.policy_version, REC.c.id, REC.c.receipt, REC.c.recorded_at, REC.c.seq)
+         .where(REC.c.tenant_id == tenant_id, REC.c.subject_id == subject_id, REC.c.recorded_at <= at,
+                REC.c.decision != "erased"))
+    if purpose is not None:
+        q = q.where(REC.c.purpose == purpose)
+    # The newest decision by recorded_at wins (ties: the later write), as in consent_state.
+    latest: dict[str, Any] = {}
+    for row in db.execute(q.order_by(REC.c.recorded_at, REC.c.seq)):
+        latest[row.purpose] = row
+    return list(latest.values())
+
+
+def _stale(db: Session, tenant_id: str, row: Any, at: datetime) -> bool:
+    if row.policy_version_id is None:
+        return False
+    return bool(db.execute(sa.select(sa.exists().where(
+        PP.c.tenant_id == tenant_id, PP.c.purpose == row.purpose, PP.c.policy_key == row.policy_key,
+        PP.c.material.is_(True), PP.c.effective_at <= at, PP.c.policy_version_id > row.policy_version_id,
+    ))).scalar())
+
+
+def _subject_id(db: Session, tenant: Tenant, kind: str, value: str) -> str | None:
+    if kind == "id":
+        return db.execute(sa.select(Subject.id).where(Subject.id == value, Subject.tenant_id == tenant.id)).scalar()
+    if kind == "email":
+        value = crypto.normalize_email(value)
+    h = crypto.keyed_hash(tenant.hash_key, kind, value)
+    return db.execute(sa.select(SI.c.subject_id).where(
+        SI.c.tenant_id == tenant.id, SI.c.kind == kind, SI.c.value_hash == h)).scalar()
+
+
+def check_at(db: Session, tenant: Tenant, *, purpose: str, kind: str, value: str, at: datetime) -> dict[str, Any]:
+    """Like ``checks.check``, as it would have answered at ``at``."""
+    require_past(at)
+    if get_purpose(db, tenant.id, purpose) is None:
+        raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
+    sid = _subject_id(db, tenant, kind, value)
+    rows = _latest(db, tenant.id, sid, at, purpose) if sid else []
+    if not rows:
+        return {"allowed": False, "status": "none", "purpose": purpose, "subject": sid,
+                "policy_version": None, "record_id": None, "receipt": None}
+    row = rows[0]
+    status = derive_status(row.decision, confirmed=row.confirmed, stale=_stale(db, tenant.id, row, at))
+    return {"allowed": is_allowed(status), "status": status, "purpose": purpose, "subject": sid,
+            "policy_version": row.policy_version, "record_id": row.id, "receipt": row.receipt}
+
+
+def subject_states_at(db: Session, tenant: Tenant, subject_id: str, at: datetime) -> list[dict[str, Any]]:
+    """Like ``checks.subject_states``, as it was at ``at``."""
+    require_past(at)
+    by_purpose = {r.purpose: r for r in _latest(db, tenant.id, subject_id, at)}
+    out = []
+    for p in list_purposes(db, tenant.id):
+        r = by_purpose.get(p.key)
+        status = derive_status(r.decision, confirmed=r.confirmed, stale=_stale(db, tenant.id, r, at)) if r else "none"
+        out.append({
+            "purpose": p.key, "status": status, "allowed": is_allowed(status),
+            "policy_version": r.policy_version if r else None,
+            "recorded_at": r.recorded_at if r else None,
+            "record_id": r.id if r else None,
+            "receipt": r.receipt if r else None,
+            "legal_basis": p.legal_basis,
+        })
+    return out

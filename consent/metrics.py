@@ -1,0 +1,47 @@
+"""Prometheus metrics: request counts and latency histograms per route (the route *template*,
+so label cardinality stays bounded), served at ``GET /metrics`` in the text format.
+
+Several worker processes: ``consent serve --workers N`` sets ``PROMETHEUS_MULTIPROC_DIR`` to
+an emptied directory before the workers start, and prometheus_client's multiprocess mode
+then sums every worker's samples at scrape time. With one process the values live in
+memory. (When you run uvicorn/gunicorn yourself with several workers, set
+``PROMETHEUS_MULTIPROC_DIR`` to an empty directory yourself, or each scrape sees one worker.)
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .http import describe
+
+REQUESTS = Counter("consent_http_requests_total", "HTTP requests by route, method and status",
+                   ["method", "route", "status"])
+LATENCY = Histogram("consent_http_request_duration_seconds", "HTTP request latency by route and method",
+                    ["method", "route"],
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+
+def observe(method: str, route: str, status: int, seconds: float) -> None:
+    REQUESTS.labels(method, route, str(status)).inc()
+    LATENCY.labels(method, route).observe(seconds)
+
+
+def exposition() -> bytes:
+    """The text exposition of every metric (summed over workers in multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY)
+
+
+@describe(summary="Prometheus metrics (text exposition format)")
+async def metrics_handler(request: Request) -> Response:
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,289 @@
+"""What the browser snippet needs: its config (policy version, purposes with the version label
+whose answer counts, cookie disclosures, texts in English and German), recording a visitor's
+choices (GPC opt-outs once per subject, purpose and version) and linking an anonymous id to a
+user id. No Starlette here; the HTTP side (CORS, ETag) is in api_snippet.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from . import crypto, subject_tokens
+from .catalog import current_version, get_purpose, get_version
+from .errors import BadToken, Conflict, NotFound, Unauthorized, ValidationFailed
+from .ledger import SI, STATE, find_subject_id, lock_subject, record_decision, resolve_subject
+from .models import ConsentRecord, PolicyPurpose, PolicyVersion, Purpose, Tenant, utcnow
+from .schemas import ConsentIn, Evidence, Source, SubjectRef
+from .schemas_snippet import SnippetConsentsIn
+
+TEXTS: dict[str, dict[str, str]] = {
+    "en": {
+        "title": "Your privacy choices",
+        "body": "We use one cookie that is strictly necessary to run this site. Everything else "
+                "is off unless you opt in; you can change your mind at any time.",
+        "accept_all": "Accept all",
+        "reject_all": "Reject all",
+        "settings": "Preferences",
+        "save": "Save choices",
+        "close": "Close",
+        "acknowledge": "OK",
+        "cookies_heading": "Cookies we use",
+        "gpc_notice": "Your browser sends a Global Privacy Control signal. We treat it as an opt-out "
+                      "for the purposes it covers; you can still opt in here.",
+        "policy": "Privacy policy",
+        "session_lifetime": "ends at sign-out",
+    },
+    "de": {
+        "title": "Ihre Datenschutz-Einstellungen",
+        "body": "Wir verwenden ein Cookie, das für den Betrieb dieser Website unbedingt erforderlich "
+                "ist. Alles andere bleibt aus, bis Sie zustimmen; Sie können Ihre Wahl jederzeit ändern.",
+        "accept_all": "Alle akzeptieren",
+        "reject_all": "Alle ablehnen",
+        "settings": "Einstellungen",
+        "save": "Auswahl speichern",
+        "close": "Schließen",
+        "acknowledge": "OK",
+        "cookies_heading": "Verwendete Cookies",
+        "gpc_notice": "Ihr Browser sendet ein Global-Privacy-Control-Signal. Wir werten es als "
+                      "Widerspruch für die betroffenen Zwecke; Sie können hier trotzdem zustimmen.",
+        "policy": "Datenschutzerklärung",
+        "session_lifetime": "endet bei der Abmeldung",
+    },
+}
+
+
+def pick_lang(requested: str | None, default: str) -> str:
+    """The first supported language among ``requested`` (e.g. ``de-AT`` -> ``de``), the
+    tenant's default and English."""
+    for tag in (requested, default):
+        if tag:
+            primary = tag.strip().lower().split("-")[0]
+            if primary in TEXTS:
+                return primary
+    return "en"
+
+
+def translated(translations: dict[str, Any] | None, lang: str) -> dict[str, Any]:
+    """The translation for ``lang`` (keys compared case-insensitively, region tags accepted)."""
+    for key, value in (translations or {}).items():
+        if key.lower().split("-")[0] == lang and isinstance(value, dict):
+            return value
+    return {}
+
+
+def ask_labels(db: Session, version: PolicyVersion, now: Any) -> dict[str, str]:
+    """Per purpose of ``version``: the label of the newest material version in effect covering
+    it, else of the first version covering it. An answer given for that label still counts."""
+    pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
+    pv = PolicyVersion.__table__  # type: ignore[attr-defined]
+    rows = db.execute(
+        sa.select(pp.c.purpose, pv.c.version, pv.c.material)
+        .select_from(pp.join(pv, pv.c.id == pp.c.policy_version_id))
+        .where(pp.c.tenant_id == version.tenant_id, pp.c.policy_key == version.policy_key,
+               pp.c.purpose.in_(version.purposes), pp.c.effective_at <= now)
+        .order_by(pv.c.id)
+    ).all()
+    first: dict[str, str] = {}
+    material: dict[str, str] = {}
+    for r in rows:
+        first.setdefault(r.purpose, r.version)
+        if r.material:
+            material[r.purpose] = r.version
+    return {p: material.get(p) or first.get(p) or version.version for p in version.purposes}
+
+
+def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None) -> dict[str, Any]:
+    """The snippet's config for the policy version in effect now, in one language."""
+    now = utcnow()
+    version = current_version(db, tenant.id, policy_key, at=now)
+    if version is None:
+        raise NotFound(f"policy {policy_key!r} has no version in effect", code="no_policy_version")
+    chosen = pick_lang(lang, tenant.default_lang)
+    pt = Purpose.__table__  # type: ignore[attr-defined]
+    purposes = {p.key: p for p in db.execute(
+        sa.select(Purpose).where(pt.c.tenant_id == tenant.id, pt.c.key.in_(version.purposes))
+    ).scalars()}
+    asks = ask_labels(db, version, now)
+    out_purposes = []
+    for key in version.purposes:
+        p = purposes.get(key)
+        if p is None:  # purposes are never deleted; be robust anyway
+            continue
+        tr = translated(p.translations, chosen)
+        out_purposes.append({
+            "key": p.key, "kind": p.kind, "legal_basis": p.legal_basis, "double_opt_in": p.double_opt_in,
+            "gpc": p.gpc, "ask": asks[key], "title": tr.get("title") or p.title or p.key,
+            "description": tr.get("description") or p.description,
+        })
+    cookies = []
+    for c in version.cookies:
+        tr = translated(c.get("translations"), chosen)
+        cookies.append({k: v for k, v in c.items() if k != "translations"}
+                       | {"description": tr.get("description") or c.get("description", "")})
+    return {
+        "tenant": tenant.id,
+        "lang": chosen,
+        "policy": {"key": version.policy_key, "version": version.version, "url": version.document_url,
+                   "sha256": version.document_sha256, "effective_at": version.effective_at},
+        "purposes": out_purposes,
+        "cookies": cookies,
+        "texts": dict(TEXTS[chosen]),
+    }
+
+
+@dataclass(frozen=True)
+class Visit:
+    """What the HTTP request tells us about the visitor (evidence and signals)."""
+
+    origin: str | None
+    ip: str | None
+    user_agent: str | None
+    sec_gpc: bool
+
+
+def subject_for(db: Session, tenant: Tenant, body: SnippetConsentsIn) -> tuple[SubjectRef, str]:
+    """The subject to record for, and the subject token's state (none, valid, expired).
+
+    A valid token records for its user id (the anonymous id is attached to that person if it
+    is new). An expired one falls back to the anonymous id, so a choice queued offline is not
+    lost; without an anonymous id it is refused. Any other bad token is refused."""
+    if not body.subject_token:
+        return SubjectRef(anonymous_id=body.anonymous_id), "none"
+    try:
+        user_id = subject_tokens.verify(db, tenant, body.subject_token)
+    except BadToken as exc:
+        if exc.code == "bad_token":
+            raise
+        if exc.code == "subject_token_expired" and body.anonymous_id:
+            return SubjectRef(anonymous_id=body.anonymous_id), "expired"
+        raise Unauthorized(exc.detail, code=exc.code) from None
+    return SubjectRef(user_id=user_id, anonymous_id=body.anonymous_id), "valid"
+
+
+def _gpc_opt_out_on_record(db: Session, tenant: Tenant, ref: SubjectRef, purpose: str,
+                           version: str | None) -> ConsentRecord | None:
+    """The subject's current record for ``purpose`` if it already is a GPC denial under
+    ``version`` (so a repeated signal on every page view is not recorded again)."""
+    sid = None
+    if ref.user_id:
+        sid = find_subject_id(db, tenant, "user", ref.user_id)
+    if sid is None and ref.anonymous_id:
+        sid = find_subject_id(db, tenant, "anon", ref.anonymous_id)
+    if sid is None:
+        return None
+    rec = db.execute(
+        sa.select(ConsentRecord)
+        .join(STATE, ConsentRecord.seq == STATE.c.record_seq)  # type: ignore[arg-type]
+        .where(STATE.c.tenant_id == tenant.id, STATE.c.subject_id == sid, STATE.c.purpose == purpose)
+    ).scalars().first()
+    if rec is not None and rec.source == "gpc" and rec.decision == "denied" and rec.policy_version == version:
+        return rec
+    return None
+
+
+def _prefixed(exc: ValidationFailed, prefix: str) -> ValidationFailed:
+    return ValidationFailed([{**e, "field": prefix + e["field"]} for e in exc.errors])
+
+
+def record_choices(db: Session, tenant: Tenant, body: SnippetConsentsIn, visit: Visit, *,
+                   signer: crypto.Signer, issuer: str) -> dict[str, Any]:
+    """Record every choice of one snippet submission (all or nothing)."""
+    ref, token_state = subject_for(db, tenant, body)
+    now = utcnow()
+    if body.policy_version:
+        version = get_version(db, tenant.id, body.policy, body.policy_version)
+        if version is None or version.effective_at > now:
+            raise ValidationFailed.field("policy_version", f"policy {body.policy!r} has no version "
+                                         f"{body.policy_version!r} in effect")
+    gpc = body.gpc or visit.sec_gpc
+    evidence: dict[str, Any] = {"origin": visit.origin} if visit.origin else {}
+    if gpc:
+        evidence["gpc"] = True
+    records: list[dict[str, Any]] = []
+    subject_id = None
+    for i, choice in enumerate(body.choices):
+        purpose = get_purpose(db, tenant.id, choice.purpose)
+        if purpose is None:
+            raise ValidationFailed.field(f"choices[{i}].purpose", f"unknown purpose {choice.purpose!r}")
+        source: Source = "gpc" if gpc and purpose.gpc and choice.decision == "denied" else "snippet"
+        if source == "gpc":
+            label = body.policy_version
+            if label is None:
+                v = current_version(db, tenant.id, body.policy, at=now, purpose=purpose.key)
+                label = v.version if v else None
+            existing = _gpc_opt_out_on_record(db, tenant, ref, purpose.key, label)
+            if existing is not None:
+                subject_id = existing.subject_id
+                records.append(_out(existing, "denied", created=False))
+                continue
+        spec = ConsentIn(subject=ref, purpose=purpose.key, decision=choice.decision, policy=body.policy,
+                         policy_version=body.policy_version, source=source,
+                         evidence=Evidence.model_validate(evidence) if evidence else None)
+        try:
+            result = record_decision(
+                db, tenant, spec, signer=signer, issuer=issuer,
+                idempotency_key=f"snippet:{choice.idempotency_key}" if choice.idempotency_key else None,
+                ip=visit.ip, user_agent=visit.user_agent)
+        except ValidationFailed as exc:
+            raise _prefixed(exc, f"choices[{i}].") from None
+        subject_id = result.record.subject_id
+        records.append(_out(result.record, result.status, created=result.created))
+    return {"subject": subject_id, "subject_token": token_state, "records": records}
+
+
+def _out(record: ConsentRecord, status: str, *, created: bool) -> dict[str, Any]:
+    return {"purpose": record.purpose, "decision": record.decision, "status": status,
+            "source": record.source, "record_id": record.id, "created": created, "receipt": record.receipt}
+
+
+def link(db: Session, tenant: Tenant, anonymous_id: str, user_id: str, *, signer: crypto.Signer,
+         issuer: str) -> dict[str, Any]:
+    """Link an anonymous id to a user id (see docs/snippet.md, "Linking").
+
+    - anonymous id unknown: it is attached to the user's subject (created if needed);
+    - user id unknown: it is attached to the anonymous subject, which becomes the user's;
+    - both known on different subjects: the anonymous identifier moves to the user's subject,
+      and for each purpose where the anonymous subject's decision is newer than the user's (or
+      the user has none), that decision is appended to the user's chain, pointing at the
+      original record. The anonymous subject keeps its own records (append-only) for audit.
+    An anonymous id already linked to a different user id is a 409.
+    """
+    anon_sid = find_subject_id(db, tenant, "anon", anonymous_id)
+    user_sid = find_subject_id(db, tenant, "user", user_id)
+    if anon_sid is not None and anon_sid == user_sid:
+        return {"subject": user_sid, "outcome": "already_linked", "carried_over": []}
+    if anon_sid is not None:
+        other = db.execute(sa.select(SI.c.value_hash).where(
+            SI.c.tenant_id == tenant.id, SI.c.subject_id == anon_sid, SI.c.kind == "user")).first()
+        if other is not None:
+            raise Conflict("this anonymous id is already linked to another user id", code="already_linked")
+    ref = SubjectRef(user_id=user_id, anonymous_id=anonymous_id)
+    if anon_sid is None or user_sid is None:
+        subject = resolve_subject(db, tenant, ref)
+        return {"subject": subject.id, "outcome": "created" if anon_sid is None and user_sid is None
+                else "attached", "carried_over": []}
+    for sid in sorted((anon_sid, user_sid)):  # one lock order, no deadlock between two links
+        lock_subject(db, sid)
+    h = crypto.keyed_hash(tenant.hash_key, "anon", anonymous_id)
+    db.execute(sa.update(SI).where(SI.c.tenant_id == tenant.id, SI.c.kind == "anon", SI.c.value_hash == h)
+               .values(subject_id=user_sid))
+    states = {sid: {r.purpose: r for r in db.execute(
+        sa.select(STATE).where(STATE.c.tenant_id == tenant.id, STATE.c.subject_id == sid)).all()}
+        for sid in (anon_sid, user_sid)}
+    carried = []
+    for purpose, a in sorted(states[anon_sid].items()):
+        u = states[user_sid].get(purpose)
+        if u is not None and u.recorded_at >= a.recorded_at:
+            continue
+        original = db.execute(sa.select(ConsentRecord).where(ConsentRecord.seq == a.record_seq)).scalar_one()
+        spec = ConsentIn(subject=SubjectRef(user_id=user_id), purpose=purpose, decision=a.decision,
+                         policy=a.policy_key or "privacy", policy_version=a.policy_version,
+                         source=cast(Source, original.source),
+                         evidence=Evidence.model_validate({"linked_from_record": original.id}))
+        result = record_decision(db, tenant, spec, signer=signer, issuer=issuer, confirmed=a.confirmed)
+        carried.append({"purpose": purpose, "decision": a.decision, "from_record": original.id,
+                        "record_id": result.record.id})
+    return {"subject": user_sid, "outcome": "merged", "carried_over": carried}

@@ -1,0 +1,230 @@
+"""Offline verification of a ledger export (``consent verify``): needs only the export and the
+service's public keys (JWKS), never a secret.
+
+Every line is checked as it is read, so the first bad line is the one reported:
+its bytes must be the canonical encoding of its fields; ``n`` must be its position among the
+records (a removed, duplicated or moved line breaks the count exactly there); its record hash
+must be the SHA-256 of its content; its ``prev_hash`` must be the hash of the subject's
+previous line when ``linked``, or point outside the export (an anchor) only when the export is
+filtered; its receipt must be an EdDSA JWT from a known key naming this record and hash.
+At the end the signed manifest must match: count, SHA-256 of the body, and the digest of every
+subject's chain (anchor, head, count).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import crypto
+from .errors import BadToken
+from .exports import (
+    CONTENT_KEYS,
+    CSV_COLUMNS,
+    LINE_KEYS,
+    MANIFEST_TYPE,
+    csv_bytes,
+    head_digest_line,
+)
+
+
+class VerifyError(Exception):
+    """The export does not verify; ``line`` is the 1-based line number (None: the whole file)."""
+
+    def __init__(self, line: int | None, message: str):
+        super().__init__(f"line {line}: {message}" if line else message)
+        self.line = line
+        self.message = message
+
+
+@dataclass
+class Report:
+    records: int = 0
+    subjects: int = 0
+    receipts: int = 0
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+class Walker:
+    """Checks record lines one at a time, keeping one entry per subject (its chain so far)."""
+
+    def __init__(self, keys: crypto.KeySet):
+        self.keys = keys
+        self.count = 0
+        self.tenant: str | None = None
+        self.chains: dict[str, list[Any]] = {}  # pseudonym -> [anchor, head, count]
+        self.needs_partial: tuple[int, str] | None = None  # first line only a filtered export allows
+        self.receipts = 0
+
+    def record(self, no: int, line: Any) -> None:
+        if not isinstance(line, dict) or set(line) != LINE_KEYS:
+            raise VerifyError(no, "not a record line (fields missing or unexpected)")
+        n = line["n"]
+        if type(n) is not int or n != self.count + 1:
+            raise VerifyError(no, f"expected record n={self.count + 1}, found n={n!r}: "
+                                  "a line was removed, duplicated or moved")
+        self.count = n
+        policy = line["policy"]
+        if not isinstance(policy, dict) or set(policy) != {"key", "version"}:
+            raise VerifyError(no, "policy must be {key, version}")
+        content = {k: line[k] for k in CONTENT_KEYS}
+        record_hash = line["record_hash"]
+        if crypto.sha256_hex(crypto.canonical_json(content)) != record_hash:
+            raise VerifyError(no, f"record hash does not match the content of record {line['id']}")
+        if self.tenant is None:
+            self.tenant = line["tenant"]
+        elif line["tenant"] != self.tenant:
+            raise VerifyError(no, "record of another tenant")
+        self._receipt(no, line)  # first: a valid receipt vouches for the content's types too
+        self._chain(no, line)
+
+    def _chain(self, no: int, line: dict[str, Any]) -> None:
+        subject, prev, linked = line["subject"], line["prev_hash"], line["linked"]
+        if type(linked) is not bool:
+            raise VerifyError(no, "linked must be true or false")
+        chain = self.chains.get(subject)
+        if linked:
+            if chain is None or prev != chain[1]:
+                raise VerifyError(no, f"prev_hash does not link to the previous record of subject {subject}")
+        else:
+            if chain is not None and prev == chain[1]:
+                raise VerifyError(no, "record links to the previous line but is marked unlinked")
+            if (prev is not None or chain is not None) and self.needs_partial is None:
+                self.needs_partial = (no, "chain continues outside the export")
+        if chain is None:
+            self.chains[subject] = [None if linked else prev, line["record_hash"], 1]
+        else:
+            chain[1] = line["record_hash"]
+            chain[2] += 1
+
+    def _receipt(self, no: int, line: dict[str, Any]) -> None:
+        try:
+            claims = self.keys.verify(line["receipt"])
+        except BadToken as exc:
+            raise VerifyError(no, f"receipt does not verify: {exc.detail}") from None
+        if (claims.get("record_hash"), claims.get("record_id"), claims.get("tenant")) != (
+                line["record_hash"], line["id"], line["tenant"]):
+            raise VerifyError(no, "receipt names another record, hash or tenant")
+        self.receipts += 1
+
+    def finish(self, no: int | None, token: str, body_sha256: str, fmt: str) -> Report:
+        """Check the signed manifest against everything read; ``no`` is the manifest's line."""
+        try:
+            claims = self.keys.verify(token)
+        except BadToken as exc:
+            raise VerifyError(no, f"manifest signature does not verify: {exc.detail}") from None
+        if claims.get("typ") != MANIFEST_TYPE or claims.get("format") != fmt:
+            raise VerifyError(no, f"not a {fmt} export manifest")
+        if self.tenant is not None and claims.get("tenant") != self.tenant:
+            raise VerifyError(no, "manifest is for another tenant")
+        if claims.get("count") != self.count:
+            raise VerifyError(no, f"manifest counts {claims.get('count')} records, the file has {self.count}")
+        if claims.get("body_sha256") != body_sha256:
+            raise VerifyError(no, "SHA-256 of the body does not match the manifest")
+        if self.needs_partial and not claims.get("partial"):
+            raise VerifyError(self.needs_partial[0], f"{self.needs_partial[1]}, but the export is not filtered")
+        heads = hashlib.sha256()
+        for pseudonym in sorted(self.chains):
+            anchor, head, count = self.chains[pseudonym]
+            heads.update(head_digest_line(pseudonym, anchor, head, count))
+        if claims.get("subjects") != len(self.chains) or claims.get("heads_sha256") != heads.hexdigest():
+            raise VerifyError(no, "subject chains (anchors, heads, counts) do not match the manifest")
+        return Report(self.count, len(self.chains), self.receipts, claims)
+
+
+def verify_jsonl(lines: Iterable[bytes], keys: crypto.KeySet, manifest: str | None = None) -> Report:
+    """Verify a JSONL export given as raw lines (each ending in a newline)."""
+    walker = Walker(keys)
+    body = hashlib.sha256()
+    report: Report | None = None
+    no = 0
+    for no, raw in enumerate(lines, 1):  # noqa: B007 (no is used after the loop)
+        if report is not None:
+            raise VerifyError(no, "data after the manifest")
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise VerifyError(no, "not valid JSON") from None
+        if crypto.canonical_json(obj) + b"\n" != raw:
+            raise VerifyError(no, "not in canonical form (a byte was changed)")
+        if isinstance(obj, dict) and set(obj) == {"manifest"}:
+            token = obj["manifest"]
+            if not isinstance(token, str) or (manifest is not None and manifest != token):
+                raise VerifyError(no, "manifest differs from the one given")
+            report = walker.finish(no, token, body.hexdigest(), "jsonl")
+            continue
+        walker.record(no, obj)
+        body.update(raw)
+    if report is None:
+        if manifest is None:
+            raise VerifyError(no + 1, "no manifest: the export is truncated")
+        report = walker.finish(None, manifest, body.hexdigest(), "jsonl")
+    return report
+
+
+def _csv_line(no: int, row: list[str]) -> dict[str, Any]:
+    if len(row) != len(CSV_COLUMNS):
+        raise VerifyError(no, f"expected {len(CSV_COLUMNS)} columns, found {len(row)}")
+    d = dict(zip(CSV_COLUMNS, row))
+    opt = {k: (d[k] or None) for k in ("policy_key", "policy_version", "disclosures_sha256", "prev_hash")}
+    bools = {"true": True, "false": False}
+    if not d["n"].isdigit() or d["v"] != "1" or d["linked"] not in bools or d["confirmed"] not in bools:
+        raise VerifyError(no, "malformed n, v, linked or confirmed")
+    line: dict[str, Any] = {k: d[k] for k in CSV_COLUMNS if k in LINE_KEYS}
+    line.update(n=int(d["n"]), v=1, linked=bools[d["linked"]], confirmed=bools[d["confirmed"]],
+                policy={"key": opt["policy_key"], "version": opt["policy_version"]},
+                disclosures_sha256=opt["disclosures_sha256"], prev_hash=opt["prev_hash"])
+    return line
+
+
+def verify_csv(lines: Iterable[bytes], keys: crypto.KeySet, manifest: str) -> Report:
+    """Verify a CSV export against its manifest (fetched from the manifest route)."""
+    walker = Walker(keys)
+    body = hashlib.sha256()
+    for no, raw in enumerate(lines, 1):
+        body.update(raw)
+        try:
+            row = next(csv.reader([raw.decode()]))
+        except (UnicodeDecodeError, csv.Error, StopIteration):
+            raise VerifyError(no, "not a CSV row") from None
+        if csv_bytes([row]) != raw:
+            raise VerifyError(no, "not in canonical form (a byte was changed)")
+        if no == 1:
+            if tuple(row) != CSV_COLUMNS:
+                raise VerifyError(1, "unexpected CSV header")
+            continue
+        walker.record(no, _csv_line(no, row))
+    return walker.finish(None, manifest, body.hexdigest(), "csv")
+
+
+def load_keys(source: str) -> crypto.KeySet:
+    """Public keys from a JWKS URL (http/https) or a JWKS file."""
+    if source.startswith(("http://", "https://")):
+        return crypto.KeySet(url=source)
+    with open(source, "rb") as f:
+        return crypto.KeySet(json.load(f))
+
+
+def read_manifest(path: str) -> str:
+    """A manifest token from a file: the bare JWT, or the JSON of the manifest route."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    if text.startswith("{"):
+        return str(json.loads(text)["manifest"])
+    return text
+
+
+def verify_file(path: str, keys: crypto.KeySet, manifest: str | None = None) -> Report:
+    """Verify an export file (CSV when it starts with the CSV header, else JSONL)."""
+    with open(path, "rb") as f:
+        is_csv = f.read(len(CSV_COLUMNS[0]) + 1) == f"{CSV_COLUMNS[0]},".encode()
+        f.seek(0)
+        if is_csv:
+            if manifest is None:
+                raise VerifyError(None, "a CSV export needs its manifest (--manifest FILE)")
+            return verify_csv(f, keys, manifest)
+        return verify_jsonl(f, keys, manifest)

@@ -1,0 +1,164 @@
+"""Abuse limits and HTTP hardening: per-key and per-IP rate limits (shared through the
+database, so across processes), body and bulk limits, oversized headers, security headers on
+HTML, and cookie flags."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from consent import ratelimit
+from consent.app import create_app
+from consent.cookies import set_cookie
+from consent.middleware import RequestContextMiddleware
+
+from .conftest import settings_for
+from .helpers import make_tenant
+from .live import LiveServer
+
+
+def fresh_window(margin: float = 4.0) -> None:
+    """Start the test early in a rate-limit window so it cannot straddle two."""
+    into = time.time() % ratelimit.WINDOW_SECONDS
+    if into > ratelimit.WINDOW_SECONDS - margin:
+        time.sleep(ratelimit.WINDOW_SECONDS - into + 0.05)
+
+
+def limited_client(db_url: str, ip: str, **overrides: Any) -> TestClient:
+    settings = settings_for(db_url, rate_limit_routes=("jwks", "check_one"), **overrides)
+    return TestClient(create_app(settings), client=(ip, 40000))
+
+
+def test_public_route_selection() -> None:
+    """The one place that decides: snippet and unsubscribe routes by prefix, others by name."""
+    snippet = Route("/v1/snippet/config", lambda r: None, name="snippet_config")
+    unsub = Route("/u/{token}", lambda r: None, name="unsubscribe")
+    check = Route("/v1/check", lambda r: None, name="check_one")
+    assert ratelimit.is_limited(snippet) and ratelimit.is_limited(unsub)
+    assert not ratelimit.is_limited(check) and ratelimit.is_limited(check, ["check_one"])
+    guarded = ratelimit.guard([snippet, unsub, check])
+    assert [getattr(r.endpoint, "rate_limited", False) for r in guarded] == [True, True, False]  # type: ignore[attr-defined]
+
+
+def test_per_key_then_per_ip_limits(client, db_url) -> None:
+    a, b = make_tenant(client), make_tenant(client)
+    ip = f"10.{int(time.time()) % 250}.{id(a) % 250}.7"
+    fresh_window()
+    with limited_client(db_url, ip, rate_limit_per_minute=4, rate_limit_ip_per_minute=7) as c:
+        q = {"purpose": "marketing_email", "email": "x@example.com"}
+        codes = [c.get("/v1/check", params=q, headers=a.h).status_code for _ in range(5)]
+        assert codes == [200, 200, 200, 200, 429]  # per key
+        r = c.get("/v1/check", params=q, headers=a.h)
+        assert r.status_code == 429 and r.headers["content-type"] == "application/problem+json"
+        assert r.json()["code"] == "rate_limited" and 1 <= int(r.headers["retry-after"]) <= 60
+        # another key from the same address: its own key budget, but the address is nearly spent
+        codes = [c.get("/v1/check", params=q, headers=b.h).status_code for _ in range(2)]
+        assert codes == [200, 429]  # the 7th hit from this IP passes, the 8th does not (refused ones count)
+        assert c.get("/healthz").status_code == 200  # unlimited routes are untouched
+
+
+def test_limit_is_shared_between_app_instances(client, db_url) -> None:
+    """Two independent apps (own engines, as two processes would have) share one budget."""
+    ip = f"10.{int(time.time()) % 250}.{(id(client) + 1) % 250}.8"
+    fresh_window()
+    with limited_client(db_url, ip, rate_limit_ip_per_minute=6) as c1, \
+            limited_client(db_url, ip, rate_limit_ip_per_minute=6) as c2:
+        codes = [(c1 if i % 2 else c2).get("/.well-known/jwks.json").status_code for i in range(9)]
+        assert codes.count(200) == 6 and codes[6:] == [429, 429, 429]
+
+
+@pytest.mark.slow
+def test_limits_across_worker_processes_and_big_headers(db_url, tmp_path) -> None:
+    fresh_window(margin=10)
+    with LiveServer(db_url, tmp_path, workers=2, CONSENT_RATE_LIMIT_ROUTES="jwks",
+                    CONSENT_RATE_LIMIT_IP_PER_MINUTE="12") as server:
+        ip = f"10.77.{int(time.time()) % 250}.9"  # uvicorn trusts X-Forwarded-For from loopback
+        codes = []
+        for _ in range(18):
+            with httpx.Client(timeout=5) as c:  # a new connection each time: both workers answer
+                codes.append(c.get(server.base + "/.well-known/jwks.json",
+                                   headers={"X-Forwarded-For": ip}).status_code)
+        assert codes.count(200) == 12 and set(codes[12:]) == {429}, codes
+        # a header block that keeps growing past 64 KiB (never finished) is refused and closed
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000)
+            answer = s.recv(1000)
+        assert re.match(rb"HTTP/1.1 (400|431)", answer), answer[:100]
+
+
+def test_body_and_bulk_limits(client, db_url) -> None:
+    t = make_tenant(client)
+    with TestClient(create_app(settings_for(db_url, max_body_bytes=2000, max_bulk=3))) as c:
+        big = {"subject": {"email": "a@example.com"}, "purpose": "analytics", "decision": "granted",
+               "evidence": {"user_agent": "x" * 3000}}
+        r = c.post("/v1/consents", json=big, headers=t.h)
+        assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+
+        def chunks() -> Any:  # no Content-Length: the limit holds while streaming
+            for _ in range(10):
+                yield b" " * 500
+
+        r = c.post("/v1/consents", content=chunks(), headers={**t.h, "Content-Type": "application/json"})
+        assert r.status_code == 413
+        r = c.post("/v1/check", json={"purpose": "analytics", "emails": [f"{i}@x.io" for i in range(4)]}, headers=t.h)
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "emails"
+        r = c.post("/v1/check", json={"purpose": "analytics", "emails": [f"{i}@x.io" for i in range(3)]}, headers=t.h)
+        assert r.status_code == 200
+
+
+def get_every_route(client: TestClient, t: Any) -> list[Any]:
+    """GET every GET route of the table (path parameters filled with a plausible value)."""
+    out = []
+    for r in client.app.routes:  # type: ignore[attr-defined]
+        if isinstance(r, Route) and "GET" in (r.methods or set()):
+            path = re.sub(r"{(\w+)(:\w+)?}", "x", r.path)
+            meta = getattr(r.endpoint, "meta", None)
+            key = {"secret": t.secret_key, "publishable": t.publishable_key}.get(getattr(meta, "auth", None) or "")
+            out.append(client.get(path, headers={"Authorization": f"Bearer {key}"} if key else {}))
+    return out
+
+
+def test_security_headers_and_cookie_flags_on_every_route(client) -> None:
+    t = make_tenant(client)
+    responses = get_every_route(client, t)
+    assert len(responses) >= 8
+    for r in responses:
+        assert r.headers["x-content-type-options"] == "nosniff", r.url
+        assert r.headers["referrer-policy"] == "no-referrer", r.url
+        if r.headers.get("content-type", "").startswith("text/html"):
+            assert "frame-ancestors 'none'" in r.headers["content-security-policy"], r.url
+            assert "default-src 'none'" in r.headers["content-security-policy"], r.url
+        for cookie in r.headers.get_list("set-cookie"):
+            assert "httponly" in cookie.lower() and "samesite" in cookie.lower(), (r.url, cookie)
+
+
+def tiny_app() -> Starlette:
+    async def page(request: Request) -> Response:
+        response = HTMLResponse("<p>hello</p>")
+        set_cookie(response, request, "sid", "v1", max_age=60)
+        return response
+
+    return Starlette(routes=[Route("/page", page)], middleware=[RequestContextMiddleware.as_middleware()])
+
+
+def test_html_pages_get_csp_and_cookies_get_flags() -> None:
+    with TestClient(tiny_app()) as c:
+        r = c.get("/page")
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+        cookie = r.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=lax" in cookie and "secure" not in cookie  # plain http
+    with TestClient(tiny_app(), base_url="https://testserver") as c:
+        cookie = c.get("/page").headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=lax" in cookie and "secure" in cookie
