@@ -24,10 +24,10 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from consent import db  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-from tests.helpers import ADMIN_TOKEN, make_tenant  # noqa: E402
-from tests.receiver import Receiver  # noqa: E402
+from consent import db
+from tests.conftest import free_port
+from tests.helpers import ADMIN_TOKEN, make_tenant
+from tests.receiver import Receiver
 
 SECONDS = float(os.environ.get("CONSENT_BENCH_SECONDS", "8"))
 THREADS = int(os.environ.get("CONSENT_BENCH_THREADS", "8"))
