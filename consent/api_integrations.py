@@ -208,8 +208,8 @@ def page(title: str, body: str, status: int = 200) -> HTMLResponse:
 
 
 def error_page(request: Request, exc: ConsentError) -> Response:
-    if wants_json(request):
-        return problem_response(exc, request.url.path)
+    if wants_json(request):  # the token is a credential: never echo it back (instance)
+        return problem_response(exc, request.url.path[:3] + "…")
     titles = {"token_expired": "This link has expired", "bad_token": "This link is not valid",
               "already_confirmed": "Already confirmed", "nothing_to_confirm": "Nothing to confirm"}
     title = titles.get(exc.code, exc.title)

@@ -17,6 +17,8 @@ SQLite ``BEGIN IMMEDIATE`` already serialises writers; the same code runs there.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,6 +47,8 @@ _PENDING = "consent.pending_events"
 _LISTENING = "consent.events_listening"
 _ENQUEUED = "consent.deliveries_enqueued"
 _wakers: list[Callable[[], None]] = []  # delivery loops of this process, told after a commit
+_READY: weakref.WeakSet[Any] = weakref.WeakSet()  # engines whose database has the feed tables
+log = logging.getLogger("consent.events")
 EVENT_TYPES = ("consent.granted", "consent.denied", "consent.withdrawn", "consent.acknowledged",
                "consent.notified")
 
@@ -101,10 +105,26 @@ def _upsert(db: Session) -> Any:
     return postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
+def _feed_ready(db: Session) -> bool:
+    """True once the feed's tables exist. The service only serves at the migration head, so
+    this is True there (checked once per engine); it is False only for a database still at an
+    older revision written by newer code (tools, migration tests), which then gets no events."""
+    engine = db.get_bind().engine
+    if engine in _READY:
+        return True
+    if sa.inspect(db.connection()).has_table(COUNTER.name):
+        _READY.add(engine)
+        return True
+    log.warning("change-feed tables are missing (database below the migration head): no events written")
+    return False
+
+
 def _allocate(db: Session) -> None:
     if db.in_nested_transaction():  # a savepoint is being released, not the transaction
         return
     pending: list[dict[str, Any]] = db.info.pop(_PENDING, None) or []
+    if not pending or not _feed_ready(db):
+        return
     by_tenant: dict[str, list[dict[str, Any]]] = {}
     for ev in pending:
         by_tenant.setdefault(ev["tenant_id"], []).append(ev)

@@ -115,3 +115,31 @@ def test_notified_can_be_recorded_through_the_api_without_changing_state(tenant:
     rec = tenant.record(decision="notified", email="api@example.com", policy_version="v1")
     assert rec["status"] == "notified"
     assert tenant.check(email="api@example.com")["status"] == "granted"
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    assert tenant.check(email="api@example.com", at=now)["status"] == "granted"  # as-of skips notices too
+
+
+def test_records_from_before_the_feed_are_backfilled(tmp_path) -> None:
+    """A ledger written before the feed's revision: upgrading puts every record in the feed."""
+    import sqlalchemy as sa
+    from alembic.script import ScriptDirectory
+
+    from consent import db
+    from tests.test_migrations_data import fill
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    before = ScriptDirectory.from_config(db.alembic_config(url)).get_revision("0002").down_revision
+    db.migrate(url, str(before))
+    tenant_id = fill(url, "old")  # four records, written while the feed tables do not exist
+    db.migrate(url)
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT e.position, e.type, r.decision FROM event e JOIN consent_record r ON r.id = e.record_id "
+            "WHERE e.tenant_id = :t ORDER BY e.position"), {"t": tenant_id}).all()
+        last = conn.execute(sa.text("SELECT last_position FROM event_counter WHERE tenant_id = :t"),
+                            {"t": tenant_id}).scalar()
+    engine.dispose()
+    assert [r.position for r in rows] == [1, 2, 3, 4] and last == 4
+    assert [r.type for r in rows] == [f"consent.{r.decision}" for r in rows]
+    assert [r.decision for r in rows] == ["granted", "withdrawn", "granted", "denied"]

@@ -107,6 +107,48 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_webhook_attempt_delivery_id'), ['delivery_id'], unique=False)
 
     # ### end Alembic commands ###
+    backfill_events()
+
+
+def backfill_events() -> None:
+    """Records written before this revision join the change feed, in ledger order (seq), at
+    positions 1..n per tenant; the counters continue from there."""
+    import secrets
+
+    from consent.crypto import iso
+    from consent.models import UTCDateTime, utcnow
+    from consent.state import derive_status
+
+    conn = op.get_bind()
+    rec = sa.table("consent_record", *(sa.column(c) for c in (
+        "seq", "id", "tenant_id", "subject_id", "purpose", "decision", "confirmed", "policy_key",
+        "policy_version", "source", "record_hash")), sa.column("recorded_at", UTCDateTime()))
+    event = sa.table("event", *(sa.column(c) for c in (
+        "tenant_id", "position", "id", "type", "record_id", "subject_id")),
+        sa.column("data", sa.JSON()), sa.column("created_at", UTCDateTime()))
+    counter = sa.table("event_counter", sa.column("tenant_id"), sa.column("last_position"))
+    now = utcnow()
+    positions: dict[str, int] = {}
+    last_seq = 0
+    while True:
+        rows = conn.execute(sa.select(rec).where(rec.c.seq > last_seq).order_by(rec.c.seq).limit(5000)).all()
+        if not rows:
+            break
+        batch = []
+        for r in rows:
+            positions[r.tenant_id] = positions.get(r.tenant_id, 0) + 1
+            batch.append({
+                "tenant_id": r.tenant_id, "position": positions[r.tenant_id], "id": f"evt_{secrets.token_hex(12)}",
+                "type": f"consent.{r.decision}", "record_id": r.id, "subject_id": r.subject_id, "created_at": now,
+                "data": {"record_id": r.id, "subject": r.subject_id, "purpose": r.purpose, "decision": r.decision,
+                         "status": derive_status(r.decision, confirmed=bool(r.confirmed), stale=False),
+                         "policy": {"key": r.policy_key, "version": r.policy_version}, "source": r.source,
+                         "recorded_at": iso(r.recorded_at), "record_hash": r.record_hash},
+            })
+        conn.execute(event.insert(), batch)
+        last_seq = rows[-1].seq
+    if positions:
+        conn.execute(counter.insert(), [{"tenant_id": t, "last_position": n} for t, n in positions.items()])
 
 
 def downgrade() -> None:
