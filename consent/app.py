@@ -18,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import api, api_audit, api_snippet, db, ratelimit, receipts
+from . import api, api_audit, api_snippet, db, ratelimit, receipts, webhooks
+from . import api_integrations as integ
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
 from .http import JSONResponse, describe, problem_response
@@ -114,6 +115,23 @@ routes = [
     Route("/v1/tenant/retention", api_audit.put_retention, methods=["PUT"], name="put_retention"),
     Route("/v1/tenants/{tenant_id}/close", api_audit.close_tenant, methods=["POST"], name="close_tenant"),
     # --- end issue 5 ---
+    # --- integrations (issue 4): email links, change feed, webhooks, policy-change notices ---
+    Route("/v1/email-links", integ.create_email_links, methods=["POST"], name="create_email_links"),
+    Route("/v1/email-links/secrets/rotate", integ.rotate_link_secret, methods=["POST"], name="rotate_link_secret"),
+    Route("/u/{token}", integ.unsubscribe_page, methods=["GET"], name="unsubscribe_page"),
+    Route("/u/{token}", integ.unsubscribe, methods=["POST"], name="unsubscribe"),
+    Route("/c/{token}", integ.confirm_page, methods=["GET"], name="confirm_page"),
+    Route("/c/{token}", integ.confirm, methods=["POST"], name="confirm"),
+    Route("/v1/events", integ.list_events, methods=["GET"], name="list_events"),
+    Route("/v1/webhooks", integ.create_webhook, methods=["POST"], name="create_webhook"),
+    Route("/v1/webhooks", integ.list_webhooks, methods=["GET"], name="list_webhooks"),
+    Route("/v1/webhooks/{webhook_id}", integ.get_webhook, methods=["GET"], name="get_webhook"),
+    Route("/v1/webhooks/{webhook_id}", integ.delete_webhook, methods=["DELETE"], name="delete_webhook"),
+    Route("/v1/webhooks/{webhook_id}/enable", integ.enable_webhook, methods=["POST"], name="enable_webhook"),
+    Route("/v1/webhooks/{webhook_id}/deliveries", integ.list_deliveries, methods=["GET"], name="list_deliveries"),
+    Route("/v1/policies/{policy}/versions/{version}/notices", integ.list_notices, methods=["GET"], name="list_notices"),
+    Route("/v1/policies/{policy}/versions/{version}/notices", integ.record_notices, methods=["POST"],
+          name="record_notices"),
 ]
 
 
@@ -181,11 +199,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = db.create_db_engine(settings.database_url)
+        worker = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)
             app.state.services = Services(settings, engine, signer, db.head_revision(settings.database_url))
+            worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery (issue 4)
             yield
         finally:
+            if worker is not None:
+                await worker.stop()
             engine.dispose()
 
     app = Starlette(

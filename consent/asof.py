@@ -36,7 +36,7 @@ def _latest(db: Session, tenant_id: str, subject_id: str, at: datetime, purpose:
     q = (sa.select(REC.c.purpose, REC.c.decision, REC.c.confirmed, REC.c.policy_key, REC.c.policy_version_id,
                    REC.c.policy_version, REC.c.id, REC.c.receipt, REC.c.recorded_at, REC.c.seq)
          .where(REC.c.tenant_id == tenant_id, REC.c.subject_id == subject_id, REC.c.recorded_at <= at,
-                REC.c.decision != "erased"))
+                REC.c.decision.not_in(("erased", "notified"))))  # notified: told of a change, not a choice
     if purpose is not None:
         q = q.where(REC.c.purpose == purpose)
     # The newest decision by recorded_at wins (ties: the later write), as in consent_state.

@@ -7,6 +7,7 @@ Library exceptions are turned into ``errors.BadToken``; decoding always pins the
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import hashlib
 import hmac
@@ -315,3 +316,51 @@ def _b64decode_canonical(segment: str) -> bytes:
     if base64.urlsafe_b64encode(data).rstrip(b"=").decode() != segment:
         raise ValueError("segment is not canonical base64url")
     return data
+
+
+def peek_token(token: str) -> Any:
+    """The payload of an itsdangerous token WITHOUT checking its signature: only to choose which
+    tenant's secrets to verify it with. Never trust the result before ``loads_token``."""
+    try:
+        _ok, payload = URLSafeTimedSerializer("-").loads_unsafe(token)
+    except Exception as exc:  # any garbage: not one of ours
+        raise BadToken("not a token this service issued") from exc
+    if payload is None:
+        raise BadToken("not a token this service issued")
+    return payload
+
+
+# --- Standard Webhooks (https://www.standardwebhooks.com/) signatures ---------------------------
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def new_webhook_secret() -> str:
+    """A ``whsec_``-prefixed base64 secret of 24 random bytes."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def _webhook_key(secret: str) -> bytes:
+    raw = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadToken("webhook secret is not base64 (whsec_...)") from exc
+
+
+def webhook_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_webhook_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def webhook_signature_matches(secret: str, msg_id: str, timestamp: int, body: bytes, header: str) -> bool:
+    """True when any ``v1,`` signature in the space-separated header matches (constant time)."""
+    expected = webhook_signature(secret, msg_id, timestamp, body).split(",", 1)[1].encode()
+    found = False
+    for part in header.split():
+        version, _, sig = part.partition(",")
+        if version == "v1" and hmac.compare_digest(sig.encode(), expected):
+            found = True
+    return found

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from . import crypto
+from . import crypto, events
 from .catalog import CLOCK_SKEW, current_version, get_purpose, get_version
 from .errors import IdempotencyConflict, NotFound, ValidationFailed
 from .models import (
@@ -235,7 +235,7 @@ def record_decision(
         raise ValidationFailed.field("purpose", f"unknown purpose {spec.purpose!r}")
     if spec.decision == "acknowledged" and purpose.kind != "notice":
         raise ValidationFailed.field("decision", "acknowledged is only for notice purposes")
-    if spec.decision != "acknowledged" and purpose.kind == "notice" and spec.decision != "withdrawn":
+    if spec.decision != "acknowledged" and purpose.kind == "notice" and spec.decision not in ("withdrawn", "notified"):
         raise ValidationFailed.field("decision", f"notice purpose {purpose.key!r} takes acknowledged")
 
     at = spec.recorded_at or utcnow()
@@ -316,7 +316,9 @@ def record_decision(
                 raise
             return replay(existing, request_sha256)
     subject.head_hash = record.record_hash
-    upsert_state(db, record)
+    if record.decision != "notified":  # a policy-change notice is proof of telling, not a choice
+        upsert_state(db, record)
+    events.on_record(db, record, status)  # change feed + webhook outbox, written at commit
     db.flush()
     return Recorded(record, True, status)
 

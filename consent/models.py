@@ -270,3 +270,91 @@ class ExportManifest(SQLModel, table=True):
     body_sha256: str = Field(max_length=64)
     manifest: str  # the EdDSA JWT
     created_at: datetime = ts()
+
+
+# --- integrations (issue 4): email-link secrets, change feed, webhook outbox ---------------------
+
+
+class EmailLinkSecret(SQLModel, table=True):
+    """Extra email-link signing secrets of a tenant (after ``Tenant.token_secret``), newest last."""
+
+    __tablename__ = "email_link_secret"
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    secret: str = Field(max_length=128)
+    created_at: datetime = ts()
+
+
+class EventCounter(SQLModel, table=True):
+    """Last change-feed position handed out per tenant; its row lock orders the feed."""
+
+    __tablename__ = "event_counter"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=40)
+    last_position: int = Field(sa_column=sa.Column(BigInt, nullable=False))
+
+
+class Event(SQLModel, table=True):
+    """One change-feed entry per consent record, at a gap-free, commit-ordered position."""
+
+    __tablename__ = "event"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=40)
+    position: int = Field(sa_column=sa.Column(BigInt, primary_key=True, autoincrement=False))
+    id: str = Field(unique=True, max_length=40)
+    type: str = Field(max_length=64)
+    record_id: str = Field(max_length=40)
+    subject_id: str = Field(max_length=40)
+    data: dict[str, Any] = jsoncol()
+    created_at: datetime = ts()
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    __tablename__ = "webhook_endpoint"
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    url: str = Field(max_length=2000)
+    event_types: list[str] = jsoncol()
+    description: str = Field(default="", max_length=200)
+    secret: str = Field(max_length=128)  # whsec_..., needed to sign; returned once at creation
+    enabled: bool = True
+    consecutive_failures: int = 0
+    disabled_reason: str | None = Field(default=None, max_length=200)
+    created_at: datetime = ts()
+    disabled_at: datetime | None = ts(nullable=True)
+    deleted_at: datetime | None = ts(nullable=True)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """The transactional outbox: one row per (event, endpoint), written with the record."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (
+        sa.Index(None, "status", "next_attempt_at"),
+        sa.Index(None, "endpoint_id", "id"),
+    )
+    id: int | None = Field(default=None, sa_column=sa.Column(BigInt, primary_key=True, autoincrement=True))
+    tenant_id: str = Field(max_length=40)
+    endpoint_id: str = Field(foreign_key="webhook_endpoint.id", max_length=40)
+    event_id: str = Field(max_length=40)
+    event_position: int = Field(sa_column=sa.Column(BigInt, nullable=False))
+    event_type: str = Field(max_length=64)
+    status: str = Field(default="pending", max_length=16)  # pending | delivered | failed
+    attempts: int = 0
+    next_attempt_at: datetime = ts()
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=500)
+    created_at: datetime = ts()
+    delivered_at: datetime | None = ts(nullable=True)
+
+
+class WebhookAttempt(SQLModel, table=True):
+    """One HTTP attempt of a delivery (the delivery log)."""
+
+    __tablename__ = "webhook_attempt"
+    id: int | None = Field(default=None, sa_column=sa.Column(BigInt, primary_key=True, autoincrement=True))
+    delivery_id: int = Field(sa_column=sa.Column(BigInt, sa.ForeignKey("webhook_delivery.id"), nullable=False,
+                                                 index=True))
+    attempted_at: datetime = ts()
+    status_code: int | None = None
+    error: str | None = Field(default=None, max_length=500)
+    duration_ms: int = 0
+

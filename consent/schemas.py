@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 Key = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
 Lang = Annotated[str, Field(min_length=2, max_length=16, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
-Decision = Literal["granted", "denied", "withdrawn", "acknowledged"]
+Decision = Literal["granted", "denied", "withdrawn", "acknowledged", "notified"]  # notified: told of a policy change; no state change
 Source = Literal["snippet", "api", "email_link", "gpc", "import"]
 Status = Literal[
     "granted", "denied", "withdrawn", "acknowledged", "stale", "pending_confirmation", "none"
@@ -226,7 +226,7 @@ class RecordOut(BaseModel):
     subject: str
     purpose: str
     decision: str
-    status: Status
+    status: Status | Literal["notified"]
     policy: PolicyRef
     source: str
     recorded_at: datetime

@@ -32,6 +32,15 @@ class Settings:
     rate_limit_ip_per_minute: int = 300
     rate_limit_routes: tuple[str, ...] = ()
     limit_concurrency: int = 1000
+    # integrations (issue 4): email links and the webhook delivery worker
+    email_confirm_days: int = 7
+    webhook_worker: bool = True
+    webhook_poll_seconds: float = 1.0
+    webhook_timeout_seconds: float = 5.0
+    webhook_backoff_seconds: float = 5.0
+    webhook_backoff_max_seconds: float = 3600.0
+    webhook_retry_seconds: int = 86400
+    webhook_disable_after: int = 30
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -63,6 +72,14 @@ class Settings:
             rate_limit_routes=tuple(n.strip() for n in config("CONSENT_RATE_LIMIT_ROUTES", default="").split(",")
                                     if n.strip()),
             limit_concurrency=config("CONSENT_LIMIT_CONCURRENCY", cast=int, default=1000),
+            email_confirm_days=config("CONSENT_EMAIL_CONFIRM_DAYS", cast=int, default=7),
+            webhook_worker=config("CONSENT_WEBHOOK_WORKER", cast=bool, default=True),
+            webhook_poll_seconds=config("CONSENT_WEBHOOK_POLL_SECONDS", cast=float, default=1.0),
+            webhook_timeout_seconds=config("CONSENT_WEBHOOK_TIMEOUT_SECONDS", cast=float, default=5.0),
+            webhook_backoff_seconds=config("CONSENT_WEBHOOK_BACKOFF_SECONDS", cast=float, default=5.0),
+            webhook_backoff_max_seconds=config("CONSENT_WEBHOOK_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
+            webhook_retry_seconds=config("CONSENT_WEBHOOK_RETRY_SECONDS", cast=int, default=86400),
+            webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
         )
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,157 @@
+"""consent.consumer: offline receipt verification and webhook verification, including attacks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from consent import consumer, crypto
+from consent.consumer import ReceiptError, WebhookError, verify_receipt, verify_webhook
+
+from .receiver import Receiver
+
+ISS = "https://consent.example"
+CLAIMS = {"iss": ISS, "sub": "sub_1", "tenant": "ten_1", "record_id": "rec_1", "iat": 1}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> Iterator[None]:
+    consumer.clear_jwks_cache()
+    yield
+    consumer.clear_jwks_cache()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[crypto.Signer, crypto.KeyPair, Path]:
+    pair = crypto.generate_signing_key()
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [pair.public_jwk]}))
+    return crypto.Signer(pair.kid, pair.private_pem), pair, path
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def test_receipt_from_file_and_url(keys) -> None:
+    signer, pair, path = keys
+    token = signer.sign(CLAIMS)
+    assert verify_receipt(token, path, issuer=ISS)["record_id"] == "rec_1"
+    assert verify_receipt(token, str(path))["sub"] == "sub_1"
+    server = Receiver(document={"keys": [pair.public_jwk]}).start()
+    try:
+        url = f"http://127.0.0.1:{server.server.server_address[1]}/.well-known/jwks.json"  # type: ignore[union-attr]
+        assert verify_receipt(token, url, issuer=ISS + "/")["tenant"] == "ten_1"
+        server.document = {"keys": []}  # cached: the source changing does not matter within the TTL
+        assert verify_receipt(token, url)["tenant"] == "ten_1"
+    finally:
+        server.stop()
+    assert verify_receipt(token, url)["tenant"] == "ten_1"  # still cached while the source is down
+
+
+def test_receipt_rotation_refetches_unknown_kid(keys, tmp_path: Path, monkeypatch) -> None:
+    signer, pair, path = keys
+    verify_receipt(signer.sign(CLAIMS), path)
+    new = crypto.generate_signing_key()
+    path.write_text(json.dumps({"keys": [new.public_jwk, pair.public_jwk]}))
+    monkeypatch.setattr(consumer, "JWKS_MIN_REFRESH", 0.0)
+    assert verify_receipt(crypto.Signer(new.kid, new.private_pem).sign(CLAIMS), path)["iss"] == ISS
+
+
+def test_receipt_attacks(keys) -> None:
+    signer, pair, path = keys
+    good = signer.sign(CLAIMS)
+    header, payload, sig = good.split(".")
+    # alg none
+    none = b64url(json.dumps({"alg": "none", "kid": pair.kid, "typ": "JWT"}).encode()) + "." + payload + "."
+    with pytest.raises(ReceiptError, match="not accepted"):
+        verify_receipt(none, path)
+    # HS256 signed with the public key as the HMAC secret (key confusion)
+    public_x = pair.public_jwk["x"].encode()
+    hs = jwt.encode(CLAIMS, public_x, algorithm="HS256", headers={"kid": pair.kid})
+    with pytest.raises(ReceiptError, match="not accepted"):
+        verify_receipt(hs, path)
+    # an 'oct' key slipped into the JWKS under the same kid is never used
+    path.write_text(json.dumps({"keys": [{"kty": "oct", "kid": pair.kid, "k": b64url(b"k" * 32)}]}))
+    consumer.clear_jwks_cache()
+    with pytest.raises(ReceiptError):
+        verify_receipt(good, path)
+    path.write_text(json.dumps({"keys": [pair.public_jwk]}))
+    consumer.clear_jwks_cache()
+    # tampered claims
+    forged = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    forged["purposes"] = [{"purpose": "marketing_email", "status": "granted"}]
+    with pytest.raises(ReceiptError):
+        verify_receipt(f"{header}.{b64url(json.dumps(forged).encode())}.{sig}", path)
+    # signed by another Ed25519 key claiming our kid
+    other = Ed25519PrivateKey.generate()
+    fake = jwt.encode(CLAIMS, other, algorithm="EdDSA", headers={"kid": pair.kid})
+    with pytest.raises(ReceiptError):
+        verify_receipt(fake, path)
+    # unknown kid, wrong issuer, garbage, unreadable JWKS
+    with pytest.raises(ReceiptError, match="unknown key"):
+        verify_receipt(jwt.encode(CLAIMS, other, algorithm="EdDSA", headers={"kid": "nope"}), path)
+    with pytest.raises(ReceiptError, match="issuer"):
+        verify_receipt(good, path, issuer="https://evil.example")
+    with pytest.raises(ReceiptError):
+        verify_receipt("not.a.jwt", path)
+    with pytest.raises(ReceiptError, match="cannot load"):
+        verify_receipt(good, path.parent / "missing.json")
+
+
+def signed(secret: str, body: bytes, *, msg_id: str = "evt_1", ts: int | None = None) -> dict[str, str]:
+    ts = int(time.time()) if ts is None else ts
+    return {"Webhook-Id": msg_id, "Webhook-Timestamp": str(ts),
+            "Webhook-Signature": crypto.webhook_signature(secret, msg_id, ts, body)}
+
+
+def test_webhook_verification() -> None:
+    secret = crypto.new_webhook_secret()
+    body = b'{"type":"consent.withdrawn","data":{"record_id":"rec_1"}}'
+    assert verify_webhook(secret, signed(secret, body), body)["type"] == "consent.withdrawn"
+    assert verify_webhook(secret, signed(secret, body), body.decode())["data"]["record_id"] == "rec_1"
+    # several signatures (secret rotation on the sender side): any match is enough
+    h = signed(secret, body)
+    h["Webhook-Signature"] = "v1,AAAA " + h["Webhook-Signature"]
+    verify_webhook(secret, h, body)
+    # the Standard Webhooks reference vector
+    ref_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    ref_body = b'{"test": 2432232314}'
+    assert crypto.webhook_signature(ref_secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, ref_body) == \
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+@pytest.mark.parametrize("attack", ["wrong_secret", "tampered_body", "old", "future", "missing", "v2_only",
+                                    "bad_timestamp", "other_id", "bad_secret"])
+def test_webhook_attacks(attack: str) -> None:
+    secret = crypto.new_webhook_secret()
+    body = b'{"type":"consent.granted"}'
+    h = signed(secret, body)
+    verify_secret = secret
+    if attack == "wrong_secret":
+        verify_secret = crypto.new_webhook_secret()
+    elif attack == "tampered_body":
+        body = b'{"type":"consent.withdrawn"}'
+    elif attack == "old":
+        h = signed(secret, body, ts=int(time.time()) - 301)
+    elif attack == "future":
+        h = signed(secret, body, ts=int(time.time()) + 301)
+    elif attack == "missing":
+        del h["Webhook-Signature"]
+    elif attack == "v2_only":
+        h["Webhook-Signature"] = h["Webhook-Signature"].replace("v1,", "v2,")
+    elif attack == "bad_timestamp":
+        h["Webhook-Timestamp"] = "soon"
+    elif attack == "other_id":
+        h["Webhook-Id"] = "evt_2"
+    elif attack == "bad_secret":
+        verify_secret = "whsec_!!!not base64"
+    with pytest.raises(WebhookError):
+        verify_webhook(verify_secret, h, body)
