@@ -30,7 +30,7 @@ def start_server(db_url: str, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CONSENT_DATABASE_URL": db_url, "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN,
            "CONSENT_DEMO": "false", "CONSENT_MIGRATE_ON_START": "false",
            "CONSENT_ISSUER": f"http://127.0.0.1:{port}", "CONSENT_WEBHOOK_WORKER": "true",
-           "CONSENT_WEBHOOK_POLL_SECONDS": "3", "CONSENT_WEBHOOK_BACKOFF_SECONDS": "0.1",
+           "CONSENT_WEBHOOK_POLL_SECONDS": "10", "CONSENT_WEBHOOK_BACKOFF_SECONDS": "0.1",
            "CONSENT_RATE_LIMIT_PER_MINUTE": "1000000"}
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "consent.app:create_app", "--factory", "--host", "127.0.0.1",
@@ -131,7 +131,8 @@ def test_feed_and_webhooks_with_two_processes_writing(two_servers: list[str]) ->
         assert {verify_webhook(wh["secret"], r.headers, r.body)["data"]["record_id"] for r in got} == set(written)
 
         # a withdrawal reaches a healthy receiver within seconds: the process that committed it
-        # wakes its delivery loop at once instead of waiting for the 3 s poll
+        # wakes its delivery loop at once instead of waiting for the 10 s poll (the bound below is
+        # loose on purpose: a loaded CI machine is slow, but nowhere near a poll interval)
         time.sleep(0.5)
         start = time.monotonic()
         r = a.post("/v1/consents", headers=headers, json={"subject": {"email": "late@example.com"},
@@ -140,7 +141,7 @@ def test_feed_and_webhooks_with_two_processes_writing(two_servers: list[str]) ->
         assert len(receiver.wait_for(total + 1, timeout=10)) == total + 1
         latency = time.monotonic() - start
         print(f"withdrawal -> webhook latency: {latency * 1000:.0f} ms")
-        assert latency < 1.5
+        assert latency < 8
     finally:
         receiver.stop()
         a.close()
