@@ -1,0 +1,40 @@
+"""Docs that are tested: every setting the code reads and every route is in the README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from starlette.routing import Route
+
+from consent.app import routes
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_every_setting_is_documented() -> None:
+    code = "".join(p.read_text() for p in (ROOT / "consent").glob("*.py"))
+    names = set(re.findall(r"CONSENT_[A-Z0-9_]+", code))
+    assert names, "the settings scan found nothing"
+    missing = sorted(n for n in names if n not in README)
+    assert not missing, f"settings missing from README.md: {missing}"
+
+
+def test_every_route_is_documented() -> None:
+    docs = README + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    missing = []
+    for route in routes:
+        if not isinstance(route, Route) or route.methods == {"OPTIONS"}:
+            continue
+        # the last literal segment of the path must be named somewhere in the docs
+        literal = [seg for seg in route.path.split("/") if seg and not seg.startswith("{")]
+        if literal and f"/{literal[-1]}" not in docs:
+            missing.append(route.path)
+    assert not missing, f"routes missing from the docs: {missing}"
+
+
+def test_readme_has_the_two_commands_ci_runs() -> None:
+    assert "bash tests/run.sh" in README
+    assert "bash tests/run.sh" in (ROOT / ".ci" / "run").read_text()
+    assert ".venv/bin/consent serve" in README
