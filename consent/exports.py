@@ -23,8 +23,10 @@ import csv
 import hashlib
 import io
 import json
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -157,7 +159,7 @@ class Disclosures:
 
 
 class Lines:
-    """Export lines built in Python from ``_records_query`` rows (CSV; JSONL fallback).
+    """Export lines (JSONL or CSV) from ``_records_query`` rows, a chunk at a time.
 
     The JSONL bytes are exactly ``crypto.canonical_json`` of the line: orjson with sorted keys
     gives the same bytes for the str/int/bool/None values of a line (tests/test_export_format.py).
@@ -203,10 +205,6 @@ def _iso_text(at: str) -> str:
     """``crypto.iso`` of a stored timestamp text in another form than the usual one."""
     dt = datetime.fromisoformat(at.removesuffix("Z"))
     return crypto.iso(dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC))
-
-
-def jsonl_line(line: dict[str, Any]) -> bytes:
-    return crypto.canonical_json(line) + b"\n"
 
 
 def _csv_value(v: Any) -> str:
@@ -268,6 +266,8 @@ def stream_export(
             lines = Lines(flt.tenant_id, flt.partial)
             encode = lines.csv if fmt == "csv" else lines.jsonl
             query = _records_query(flt, dialect, heads.max_seq)
+            hasher = ThreadPoolExecutor(1, thread_name_prefix="export-sha256")  # in order, off this thread
+            hashing: Future[None] | None = None
             try:
                 if fmt == "csv":
                     header = csv_bytes([list(CSV_COLUMNS)])
@@ -275,12 +275,15 @@ def stream_export(
                     yield header
                 for rows in _chunks(conn, query, chunk):
                     data = encode(rows)
-                    body.update(data)
+                    if hashing is not None:
+                        hashing.result()  # one chunk in the hasher at a time: memory stays flat
+                    hashing = hasher.submit(body.update, data)  # hashlib lets go of the GIL
                     yield data
                     if progress is not None:
                         progress(lines.count)
             finally:
-                summary = heads.result(conn)  # also when the export is abandoned: joins the thread
+                hasher.shutdown(wait=True)
+            summary = heads.result(conn)
     count = lines.count
     if summary.count != count:  # a record in range was deleted as the export started (retention)
         raise RuntimeError(f"export inconsistent: {count} records streamed, {summary.count} in the chain heads")
@@ -299,15 +302,15 @@ def stream_export(
 
 
 def _chunks(conn: Any, query: Any, chunk: int) -> Iterator[Any]:
-    """The rows of a query, ``chunk`` at a time, as the driver's plain tuples: a server-side
-    cursor on PostgreSQL; on SQLite straight from the DBAPI cursor (SQLAlchemy's per-row
-    result handling costs as much as the database itself there)."""
+    """The rows of a query, ``chunk`` at a time, as the driver's plain tuples.
+
+    PostgreSQL: a server-side cursor read ahead by a thread (psycopg lets go of the GIL while
+    it waits, so the server computes the next rows while these are encoded). SQLite: straight
+    from the DBAPI cursor (SQLAlchemy's per-row result handling costs as much as SQLite itself;
+    a reading thread would not help, sqlite3 takes the GIL back for every row).
+    """
     if conn.dialect.name == "postgresql":
-        result = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
-        try:
-            yield from result.partitions()
-        finally:
-            result.close()
+        yield from _ReadAhead(conn, query, chunk)
         return
     result = conn.execute(query)
     try:
@@ -316,6 +319,51 @@ def _chunks(conn: Any, query: Any, chunk: int) -> Iterator[Any]:
             yield rows
     finally:
         result.close()
+
+
+class _ReadAhead:
+    """Iterates over the partitions of a streamed query fetched by a thread, a few ahead."""
+
+    _END = object()
+
+    def __init__(self, conn: Any, query: Any, chunk: int, ahead: int = 2):
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(conn, query, chunk), daemon=True,
+                                        name="export-read")
+        self._thread.start()
+
+    def _run(self, conn: Any, query: Any, chunk: int) -> None:
+        try:
+            result = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
+            try:
+                for rows in result.partitions():
+                    if not self._put(rows):
+                        return
+            finally:
+                result.close()
+            self._put(self._END)
+        except BaseException as exc:  # raised in the consumer
+            self._put(exc)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            while (item := self._queue.get()) is not self._END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # also when the export is abandoned: the connection is this thread's again
+            self._stop.set()
+            self._thread.join()
 
 
 @dataclass
