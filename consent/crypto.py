@@ -264,10 +264,16 @@ class KeySet:
 
     def __init__(self, jwks: dict[str, Any] | None = None, url: str | None = None):
         self._keys: dict[str, jwt.PyJWK] = {}
+        self._jwks: dict[str, dict[str, Any]] = {}  # the same keys as JWK dicts (for worker processes)
         self._client = jwt.PyJWKClient(url, cache_jwk_set=True, lifespan=3600) if url else None
         for k in (jwks or {}).get("keys", []):
             if k.get("kty") == "OKP" and k.get("kid"):
                 self._keys[k["kid"]] = jwt.PyJWK(k, algorithm=ALGORITHM)
+                self._jwks[k["kid"]] = k
+
+    def known_jwks(self) -> dict[str, Any]:
+        """The keys known so far, as a JWKS dict (a copy that another process can load)."""
+        return {"keys": list(self._jwks.values())}
 
     def _key(self, kid: str | None) -> jwt.PyJWK:
         if kid is None:
@@ -279,6 +285,9 @@ class KeySet:
             except jwt.PyJWTError as exc:
                 raise BadToken(f"unknown key id {kid!r}: {exc}") from exc
             self._keys[kid] = key
+            data = getattr(key, "_jwk_data", None)
+            if isinstance(data, dict):
+                self._jwks[kid] = data
         if key is None:
             raise BadToken(f"unknown key id {kid!r}")
         return key

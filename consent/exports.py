@@ -1,7 +1,7 @@
 """Streaming, offline-verifiable exports of a tenant's consent ledger.
 
-One line per record, in ledger order (``seq``), read by keyset pagination in chunks inside one
-snapshot transaction, so memory stays flat however large the ledger. A line carries exactly
+One line per record, in ledger order (``seq``), streamed by one query inside one snapshot
+transaction, so memory stays flat however large the ledger. A line carries exactly
 what its record hash covers (``ledger.record_content``: the subject appears only as its keyed
 pseudonym, evidence only by its SHA-256) plus the record hash and receipt, its position ``n``
 and ``linked`` (whether its ``prev_hash`` is the hash of an earlier line of the same export).
@@ -10,6 +10,11 @@ Anyone can recompute every hash without a secret.
 The export ends with a manifest, an EdDSA JWT signed by the service key: filters, count, time
 range, SHA-256 of the body, and a digest of every subject's chain (anchor, head, count). It is
 the last JSONL line, and is stored so it can also be fetched by export id (CSV has no trailer).
+
+Speed (a million records in seconds, see docs/audit.md): rows come from the driver as plain
+tuples (no per-row SQLAlchemy processing, timestamps formatted once), lines are encoded with
+orjson (the same bytes as ``canonical_json`` for the values of a line), many lines per chunk,
+and the chain heads are computed on a second connection while the records stream.
 """
 
 from __future__ import annotations
@@ -17,17 +22,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from collections.abc import Callable, Iterator
+import json
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import crypto
 from .db import transaction
-from .ledger import record_content
 from .models import ConsentRecord, ExportManifest, Subject, utcnow
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
@@ -40,7 +49,8 @@ LINE_KEYS = frozenset((*CONTENT_KEYS, "n", "linked", "record_hash", "receipt"))
 CSV_COLUMNS = ("n", "linked", "v", "id", "tenant", "subject", "purpose", "decision", "confirmed",
                "policy_key", "policy_version", "source", "evidence_sha256", "disclosures_sha256",
                "recorded_at", "prev_hash", "record_hash", "receipt")
-CHUNK = 1000
+CHUNK = 256  # records per yielded chunk (~300 KiB of JSONL)
+HEADS_WORK_MEM = "64MB"  # PostgreSQL, for the chain-heads query of an export
 
 
 @dataclass(frozen=True)
@@ -89,24 +99,37 @@ def _linked(flt: ExportFilter) -> Any:
     return sa.exists().where(inside.c.seq == prev_seq, *flt.where(inside)).correlate(REC)
 
 
-def _records_query(flt: ExportFilter, chunk: int) -> Any:
+ISO_PG = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'  # crypto.iso, formatted by the server
+
+
+def _upto(max_seq: int | None) -> list[Any]:
+    return [] if max_seq is None else [REC.c.seq <= max_seq]
+
+
+def _records_query(flt: ExportFilter, dialect: str, max_seq: int | None) -> Any:
+    """The columns of a line for ``Lines``, as plain values (no per-row conversion by SQLAlchemy:
+    ``recorded_at`` as text, 0/1 for booleans on SQLite)."""
+    if dialect == "postgresql":
+        at = sa.func.to_char(sa.func.timezone("UTC", REC.c.recorded_at), ISO_PG, type_=sa.Text)
+    else:
+        at = sa.type_coerce(REC.c.recorded_at, sa.Text)
+    linked = sa.case((_linked(flt), 1), else_=0) if flt.partial else sa.null()
     return (
-        sa.select(REC.c.seq, REC.c.id, REC.c.tenant_id, REC.c.purpose, REC.c.decision, REC.c.confirmed,
+        sa.select(REC.c.id, REC.c.purpose, REC.c.decision, sa.type_coerce(REC.c.confirmed, sa.Integer),
                   REC.c.policy_key, REC.c.policy_version, REC.c.source, REC.c.evidence_sha256,
-                  REC.c.disclosures, REC.c.recorded_at, REC.c.prev_hash, REC.c.record_hash, REC.c.receipt,
-                  SUBJ.c.pseudonym, _linked(flt).label("linked"))
+                  sa.cast(REC.c.disclosures, sa.Text), at, REC.c.prev_hash, REC.c.record_hash,
+                  REC.c.receipt, SUBJ.c.pseudonym, linked)
         .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id))
-        .where(*flt.where(REC), REC.c.seq > sa.bindparam("after"))
+        .where(*flt.where(REC), *_upto(max_seq))
         .order_by(REC.c.seq)
-        .limit(chunk)
     )
 
 
-def _heads_query(flt: ExportFilter, dialect: str) -> Any:
+def _heads_query(flt: ExportFilter, dialect: str, max_seq: int | None = None) -> Any:
     """Per subject in the export: pseudonym, anchor (first line's prev_hash), head, count."""
     g = (sa.select(REC.c.subject_id, sa.func.min(REC.c.seq).label("first"), sa.func.max(REC.c.seq).label("last"),
                    sa.func.count().label("n"))
-         .where(*flt.where(REC)).group_by(REC.c.subject_id).subquery())
+         .where(*flt.where(REC), *_upto(max_seq)).group_by(REC.c.subject_id).subquery())
     first, last = REC.alias("first_rec"), REC.alias("last_rec")
     order = sa.collate(SUBJ.c.pseudonym, "C") if dialect == "postgresql" else SUBJ.c.pseudonym
     return (sa.select(SUBJ.c.pseudonym, first.c.prev_hash.label("anchor"), last.c.record_hash.label("head"), g.c.n)
@@ -115,16 +138,73 @@ def _heads_query(flt: ExportFilter, dialect: str) -> Any:
             .order_by(order))
 
 
-def line_of(row: Any, n: int) -> dict[str, Any]:
-    """The export line of one record row (must carry the pseudonym and ``linked``)."""
-    disclosures = crypto.sha256_hex(crypto.canonical_json(row.disclosures)) if row.disclosures else None
-    line = record_content(row, row.pseudonym, disclosures)
-    line.update(n=n, linked=bool(row.linked), record_hash=row.record_hash, receipt=row.receipt)
-    return line
+class Disclosures:
+    """``disclosures_sha256`` of stored disclosure JSON, cached by the text (most records of a
+    policy version share one list) in a bounded dict."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, str | None] = {}
+
+    def __call__(self, text: str | None) -> str | None:
+        if text is None:
+            return None
+        digest = self._cache.get(text, "")
+        if digest == "":
+            value = json.loads(text)
+            digest = crypto.sha256_hex(crypto.canonical_json(value)) if value else None
+            if len(self._cache) >= 1024:
+                self._cache.clear()
+            self._cache[text] = digest
+        return digest
 
 
-def jsonl_line(line: dict[str, Any]) -> bytes:
-    return crypto.canonical_json(line) + b"\n"
+class Lines:
+    """Export lines (JSONL or CSV) from ``_records_query`` rows, a chunk at a time.
+
+    The JSONL bytes are exactly ``crypto.canonical_json`` of the line: orjson with sorted keys
+    gives the same bytes for the str/int/bool/None values of a line (tests/test_export_format.py).
+    """
+
+    def __init__(self, tenant_id: str, partial: bool):
+        self.tenant_id = tenant_id
+        self.partial = partial
+        self.count = 0
+        self._disclosures = Disclosures()
+
+    def dicts(self, rows: Iterable[Any]) -> Iterator[dict[str, Any]]:
+        n = self.count
+        tenant = self.tenant_id
+        disclosures = self._disclosures
+        partial = self.partial
+        try:
+            for (rid, purpose, decision, confirmed, policy_key, policy_version, source, evidence_sha256,
+                 disclosures_json, at, prev_hash, record_hash, receipt, pseudonym, linked) in rows:
+                n += 1
+                if len(at) != 27:  # PostgreSQL formats it already; SQLite stores 'YYYY-MM-DD HH:MM:SS.ffffff'
+                    at = f"{at[:10]}T{at[11:]}Z" if len(at) == 26 and at[10] == " " else _iso_text(at)
+                yield {
+                    "confirmed": bool(confirmed), "decision": decision,
+                    "disclosures_sha256": disclosures(disclosures_json), "evidence_sha256": evidence_sha256,
+                    "id": rid, "linked": bool(linked) if partial else prev_hash is not None, "n": n,
+                    "policy": {"key": policy_key, "version": policy_version}, "prev_hash": prev_hash,
+                    "purpose": purpose, "receipt": receipt, "record_hash": record_hash,
+                    "recorded_at": at, "source": source, "subject": pseudonym, "tenant": tenant, "v": 1,
+                }
+        finally:
+            self.count = n
+
+    def jsonl(self, rows: Iterable[Any]) -> bytes:
+        opt = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+        return b"".join([orjson.dumps(line, option=opt) for line in self.dicts(rows)])
+
+    def csv(self, rows: Iterable[Any]) -> bytes:
+        return csv_bytes([csv_row(line) for line in self.dicts(rows)])
+
+
+def _iso_text(at: str) -> str:
+    """``crypto.iso`` of a stored timestamp text in another form than the usual one."""
+    dt = datetime.fromisoformat(at.removesuffix("Z"))
+    return crypto.iso(dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC))
 
 
 def _csv_value(v: Any) -> str:
@@ -167,52 +247,51 @@ def stream_export(
     chunk: int = CHUNK,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[bytes]:
-    """Yield the export body in chunks of bytes, then (JSONL) the manifest line; the manifest
-    is stored under ``export_id`` once the body is complete."""
+    """Yield the export body in chunks of bytes (``chunk`` records each, some 300 KiB), then
+    (JSONL) the manifest line; the manifest is stored under ``export_id`` once the body is complete.
+
+    One streaming query reads the records (a server-side cursor on PostgreSQL) while a second
+    connection, seeing the same data, computes the chain heads and time range in a thread.
+    Memory holds one chunk whatever the ledger size.
+    """
     body = hashlib.sha256()
-    heads = hashlib.sha256()
-    count = subjects = 0
-    first_at: datetime | None = None
-    last_at: datetime | None = None
     dialect = engine.dialect.name
     with engine.connect() as conn:
         if dialect == "postgresql":  # one snapshot for the records and the chain heads
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
-            if fmt == "csv":
-                header = csv_bytes([list(CSV_COLUMNS)])
-                body.update(header)
-                yield header
-            query = _records_query(flt, chunk)
-            after = -1
-            while True:
-                rows = conn.execute(query, {"after": after}).all()
-                if not rows:
-                    break
-                lines = []
-                for row in rows:
-                    count += 1
-                    lines.append(line_of(row, count))
-                    at = row.recorded_at
-                    first_at = at if first_at is None or at < first_at else first_at
-                    last_at = at if last_at is None or at > last_at else last_at
-                after = rows[-1].seq
-                data = csv_bytes([csv_row(x) for x in lines]) if fmt == "csv" else b"".join(map(jsonl_line, lines))
-                body.update(data)
-                yield data
-                if progress is not None:
-                    progress(count)
-            result = conn.execution_options(yield_per=chunk).execute(_heads_query(flt, dialect))
-            for h in result:
-                subjects += 1
-                heads.update(head_digest_line(h.pseudonym, h.anchor, h.head, h.n))
-            result.close()
+            if dialect == "postgresql":  # a JIT compile costs seconds and saves nothing on a streaming scan
+                conn.exec_driver_sql("SET LOCAL jit = off")
+            heads = _Heads(engine, conn, flt)
+            lines = Lines(flt.tenant_id, flt.partial)
+            encode = lines.csv if fmt == "csv" else lines.jsonl
+            query = _records_query(flt, dialect, heads.max_seq)
+            hasher = ThreadPoolExecutor(1, thread_name_prefix="export-sha256")  # in order, off this thread
+            hashing: Future[None] | None = None
+            try:
+                if fmt == "csv":
+                    header = csv_bytes([list(CSV_COLUMNS)])
+                    body.update(header)
+                    yield header
+                for rows in _chunks(conn, query, chunk):
+                    data = encode(rows)
+                    if hashing is not None:
+                        hashing.result()  # one chunk in the hasher at a time: memory stays flat
+                    hashing = hasher.submit(body.update, data)  # hashlib lets go of the GIL
+                    yield data
+                    if progress is not None:
+                        progress(lines.count)
+            finally:
+                hasher.shutdown(wait=True)
+            summary = heads.result(conn)
+    count = lines.count
+    if summary.count != count:  # a record in range was deleted as the export started (retention)
+        raise RuntimeError(f"export inconsistent: {count} records streamed, {summary.count} in the chain heads")
     claims = {
         "iss": issuer, "typ": MANIFEST_TYPE, "jti": export_id, "iat": int(utcnow().timestamp()),
         "tenant": flt.tenant_id, "format": fmt, "filters": flt.claims(), "partial": flt.partial,
-        "count": count, "first_recorded_at": crypto.iso(first_at) if first_at else None,
-        "last_recorded_at": crypto.iso(last_at) if last_at else None,
-        "body_sha256": body.hexdigest(), "subjects": subjects, "heads_sha256": heads.hexdigest(),
+        "count": count, "first_recorded_at": summary.first_at, "last_recorded_at": summary.last_at,
+        "body_sha256": body.hexdigest(), "subjects": summary.subjects, "heads_sha256": summary.heads_sha256,
     }
     manifest = signer.sign(claims)
     with transaction(engine, write=True) as db:
@@ -220,6 +299,151 @@ def stream_export(
                               body_sha256=claims["body_sha256"], manifest=manifest, created_at=utcnow()))
     if fmt == "jsonl":
         yield crypto.canonical_json({"manifest": manifest}) + b"\n"
+
+
+def _chunks(conn: Any, query: Any, chunk: int) -> Iterator[Any]:
+    """The rows of a query, ``chunk`` at a time, as the driver's plain tuples.
+
+    PostgreSQL: a server-side cursor read ahead by a thread (psycopg lets go of the GIL while
+    it waits, so the server computes the next rows while these are encoded). SQLite: straight
+    from the DBAPI cursor (SQLAlchemy's per-row result handling costs as much as SQLite itself;
+    a reading thread would not help, sqlite3 takes the GIL back for every row).
+    """
+    if conn.dialect.name == "postgresql":
+        yield from _ReadAhead(conn, query, chunk)
+        return
+    result = conn.execute(query)
+    try:
+        cursor = result.cursor
+        while rows := cursor.fetchmany(chunk):
+            yield rows
+    finally:
+        result.close()
+
+
+class _ReadAhead:
+    """Iterates over the partitions of a streamed query fetched by a thread, a few ahead."""
+
+    _END = object()
+
+    def __init__(self, conn: Any, query: Any, chunk: int, ahead: int = 2):
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(conn, query, chunk), daemon=True,
+                                        name="export-read")
+        self._thread.start()
+
+    def _run(self, conn: Any, query: Any, chunk: int) -> None:
+        try:
+            result = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
+            try:
+                for rows in result.partitions():
+                    if not self._put(rows):
+                        return
+            finally:
+                result.close()
+            self._put(self._END)
+        except BaseException as exc:  # raised in the consumer
+            self._put(exc)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            while (item := self._queue.get()) is not self._END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # also when the export is abandoned: the connection is this thread's again
+            self._stop.set()
+            self._thread.join()
+
+
+@dataclass
+class HeadsSummary:
+    subjects: int
+    heads_sha256: str
+    count: int
+    first_at: str | None
+    last_at: str | None
+
+
+class _Heads:
+    """The chain-heads digest and time range of an export, computed while its records stream.
+
+    It runs in a thread on a second connection that sees exactly the records of the streaming
+    one: on PostgreSQL it imports the export transaction's snapshot; on SQLite (one writer at a
+    time, so ``seq`` grows in commit order) both read up to the same highest ``seq``, and the
+    counts are compared at the end. An in-memory SQLite database has one connection: the
+    heads are computed after the records there.
+    """
+
+    def __init__(self, engine: Engine, conn: Any, flt: ExportFilter):
+        self.flt = flt
+        self.dialect = engine.dialect.name
+        self.max_seq: int | None = None
+        snapshot = None
+        if self.dialect == "postgresql":
+            snapshot = conn.execute(sa.select(sa.func.pg_export_snapshot())).scalar_one()
+        else:  # also starts this connection's read snapshot
+            self.max_seq = conn.execute(sa.select(sa.func.max(REC.c.seq))).scalar() or 0
+        self._outcome: HeadsSummary | BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if snapshot is not None or engine.url.database not in (None, "", ":memory:"):
+            self._thread = threading.Thread(target=self._run, args=(engine, snapshot), daemon=True,
+                                            name="export-heads")
+            self._thread.start()
+
+    def _run(self, engine: Engine, snapshot: str | None) -> None:
+        try:
+            with engine.connect() as conn:
+                if snapshot is not None:
+                    conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                with conn.begin():
+                    if snapshot is not None:
+                        conn.execute(sa.text("SET TRANSACTION SNAPSHOT " + _sql_string(snapshot)))
+                        # one hash aggregate over the ledger's subjects, in memory rather than on disk
+                        conn.exec_driver_sql(f"SET LOCAL work_mem = '{HEADS_WORK_MEM}'")
+                        conn.exec_driver_sql("SET LOCAL jit = off")
+                    self._outcome = self._compute(conn)
+        except BaseException as exc:  # raised by result(), in the export's thread
+            self._outcome = exc
+
+    def _compute(self, conn: Any) -> HeadsSummary:
+        span = conn.execute(sa.select(sa.func.min(REC.c.recorded_at), sa.func.max(REC.c.recorded_at))
+                            .where(*self.flt.where(REC), *_upto(self.max_seq))).one()
+        digest = hashlib.sha256()
+        subjects = counted = 0
+        for part in _chunks(conn, _heads_query(self.flt, self.dialect, self.max_seq), 500):
+            subjects += len(part)
+            counted += sum(h[3] for h in part)
+            digest.update(b"".join([head_digest_line(*h) for h in part]))
+        return HeadsSummary(subjects, digest.hexdigest(), counted,
+                            crypto.iso(span[0]) if span[0] is not None else None,
+                            crypto.iso(span[1]) if span[1] is not None else None)
+
+    def result(self, conn: Any) -> HeadsSummary:
+        """The summary; ``conn`` (the export's) computes it when there is no thread."""
+        if self._thread is None:
+            return self._compute(conn)
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome
+
+
+def _sql_string(s: str) -> str:
+    if not s.replace("-", "").isalnum():  # pg_export_snapshot() ids look like 00000003-0000001B-1
+        raise ValueError(f"unexpected snapshot id {s!r}")
+    return f"'{s}'"
 
 
 def get_manifest(db: Any, tenant_id: str, export_id: str) -> ExportManifest | None:

@@ -1,0 +1,101 @@
+"""The fast export path writes exactly the bytes of ``crypto.canonical_json`` (which the verifier
+requires of every line): orjson, checked character by character, and whole exports compared with
+lines rebuilt from the database by the slow, obvious code (ORM rows, ``record_content``)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from consent import crypto, verify
+from consent.ledger import record_content
+from consent.models import ConsentRecord, Subject
+
+from .helpers import Tenant
+from .ledger_factory import generate_ledger
+
+# every character that JSON may escape, a few that it must not, and the edges of Unicode
+CHARS = [chr(c) for c in (*range(0, 0x800), 0x2028, 0x2029, 0xFEFF, 0xFFFD, 0xFFFF, 0x10000, 0x1F600, 0x10FFFF)]
+SORT = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+
+
+def test_orjson_writes_canonical_json_for_every_line_value() -> None:
+    for ch in [*CHARS, *(chr(c) for c in range(0x800, 0x10000, 97) if not 0xD800 <= c <= 0xDFFF)]:
+        line = {"s": f"a{ch}b", "policy": {"version": ch, "key": None}, "n": 10**12, "linked": True, "x": False}
+        assert orjson.dumps(line, option=SORT) == crypto.canonical_json(line) + b"\n", repr(ch)
+
+
+def expected_lines(engine, tenant_id: str) -> list[bytes]:
+    """Each export line rebuilt the slow way: ORM rows, ``record_content``, ``canonical_json``."""
+    out = []
+    with Session(engine) as db:
+        rows = db.execute(sa.select(ConsentRecord, Subject.pseudonym)
+                            .join(Subject, Subject.id == ConsentRecord.subject_id)
+                            .where(ConsentRecord.tenant_id == tenant_id).order_by(ConsentRecord.seq)).all()
+    for n, (rec, pseudonym) in enumerate(rows, 1):
+        disclosures = crypto.sha256_hex(crypto.canonical_json(rec.disclosures)) if rec.disclosures else None
+        line = record_content(rec, pseudonym, disclosures)
+        line.update(n=n, linked=rec.prev_hash is not None, record_hash=rec.record_hash, receipt=rec.receipt)
+        out.append(crypto.canonical_json(line) + b"\n")
+    return out
+
+
+def test_fast_lines_equal_the_slow_canonical_lines(tenant: Tenant) -> None:
+    engine = tenant.client.app.state.services.engine
+    tenant.record(email="d@example.com")  # through the API: disclosures, evidence
+    tenant.record("strictly_necessary", "acknowledged", email="d@example.com")  # with disclosures
+    tenant.record("analytics", decision="denied", email="d@example.com")
+    generate_ledger(engine, tenant.id, 700)
+    tenant.record(decision="withdrawn", email="d@example.com")
+    body = tenant.get("/v1/exports/consents").content.splitlines(keepends=True)
+    assert body[:-1] == expected_lines(engine, tenant.id)
+    assert any(b'"disclosures_sha256":"' in x for x in body) and b'"linked":true' in body[-2]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with verify.receipt_pool(2) as p:
+        yield p
+
+
+def test_receipts_checked_in_workers_name_the_same_first_bad_line(tenant: Tenant, tmp_path, pool, monkeypatch) -> None:
+    """With receipts checked in batches by worker processes, the line reported is still the
+    first bad one, and a receipt problem on a line comes before a later (or same-line chain)
+    problem found by the walk."""
+    monkeypatch.setattr(verify, "RECEIPT_BATCH", 16)
+    engine = tenant.client.app.state.services.engine
+    generate_ledger(engine, tenant.id, 120)
+    lines = tenant.get("/v1/exports/consents").content.splitlines(keepends=True)
+    keys = crypto.KeySet(tenant.client.get("/.well-known/jwks.json").json())
+    report = verify.verify_jsonl(lines, keys, pool=pool)
+    assert report.records == 120 and report.receipts == 120
+
+    def first_bad(new: list[bytes]) -> tuple[int | None, str]:
+        with pytest.raises(verify.VerifyError) as exc:
+            verify.verify_jsonl(new, keys, pool=pool)
+        return exc.value.line, exc.value.message
+
+    def with_receipt(i: int, receipt: str) -> bytes:  # a line whose receipt is replaced (content intact)
+        obj = orjson.loads(lines[i])
+        obj["receipt"] = receipt
+        return orjson.dumps(obj, option=SORT)
+
+    other = orjson.loads(lines[5])["receipt"]
+    forged = other[:-6] + ("A" if other[-6] != "A" else "B") + other[-5:]
+    bad = list(lines)
+    bad[40] = with_receipt(40, other)  # line 41: a valid receipt, for another record
+    bad[90] = with_receipt(90, forged)
+    assert first_bad(bad) == (41, "receipt names another record, hash or tenant")
+    bad = list(lines)
+    bad[90] = with_receipt(90, forged)  # line 91: signature broken...
+    assert first_bad(bad)[0] == 91 and "receipt does not verify" in first_bad(bad)[1]
+    bad = list(lines)
+    bad[30] = with_receipt(30, other)  # ...a receipt problem before a line removed further on
+    del bad[100]
+    assert first_bad(bad)[0] == 31
+    bad = list(lines)
+    del bad[100]  # alone, the removed line is named (receipts before it are fine)
+    assert first_bad(bad) == (101, first_bad(bad)[1]) and "removed" in first_bad(bad)[1]
+    assert first_bad(lines[:-1])[0] == 121  # truncated: every receipt checked first
