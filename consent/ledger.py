@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import crypto
-from .catalog import CLOCK_SKEW, current_version, get_purpose, get_version
+from .catalog import CLOCK_SKEW, purpose_and_version
 from .errors import IdempotencyConflict, NotFound, ValidationFailed
 from .models import (
     ConsentRecord,
@@ -89,9 +89,20 @@ def resolve_subject(db: Session, tenant: Tenant, ref: SubjectRef) -> Subject:
     identifiers not yet known are attached to it; one owned by another subject is left alone.
     """
     ids = identifier_hashes(tenant, ref)
-    cond = sa.or_(*[sa.and_(SI.c.kind == k, SI.c.value_hash == h) for k, h, _ in ids])
-    rows = db.execute(sa.select(SI.c.kind, SI.c.subject_id).where(SI.c.tenant_id == tenant.id, cond)).all()
-    owners = {r.kind: r.subject_id for r in rows}
+    if len(ids) == 1:
+        # Perf: one identifier (the usual case): find and lock its subject in one statement.
+        k, h, _ = ids[0]
+        q = (sa.select(Subject).join(SI, SI.c.subject_id == Subject.id)
+             .where(SI.c.tenant_id == tenant.id, SI.c.kind == k, SI.c.value_hash == h)
+             .with_for_update(of=Subject))
+        known = db.execute(q.execution_options(populate_existing=True)).scalar_one_or_none()
+        if known is not None:
+            return known
+        owners: dict[str, str] = {}
+    else:
+        cond = sa.or_(*[sa.and_(SI.c.kind == k, SI.c.value_hash == h) for k, h, _ in ids])
+        rows = db.execute(sa.select(SI.c.kind, SI.c.subject_id).where(SI.c.tenant_id == tenant.id, cond)).all()
+        owners = {r.kind: r.subject_id for r in rows}
     subject_id = next((owners[k] for k in PRIORITY if k in owners), None)
     now = utcnow()
     if subject_id is None:
@@ -230,7 +241,8 @@ def record_decision(
         if existing is not None:
             return replay(existing, request_sha256)
 
-    purpose = get_purpose(db, tenant.id, spec.purpose)
+    at = spec.recorded_at or utcnow()
+    purpose, version = purpose_and_version(db, tenant.id, spec.purpose, spec.policy, spec.policy_version, at)
     if purpose is None:
         raise ValidationFailed.field("purpose", f"unknown purpose {spec.purpose!r}")
     if spec.decision == "acknowledged" and purpose.kind != "notice":
@@ -238,15 +250,10 @@ def record_decision(
     if spec.decision != "acknowledged" and purpose.kind == "notice" and spec.decision != "withdrawn":
         raise ValidationFailed.field("decision", f"notice purpose {purpose.key!r} takes acknowledged")
 
-    at = spec.recorded_at or utcnow()
     if at > utcnow() + CLOCK_SKEW:  # a future-dated import would outrank every later decision
         raise ValidationFailed.field("recorded_at", "may not be in the future")
-    if spec.policy_version:
-        version = get_version(db, tenant.id, spec.policy, spec.policy_version)
-        if version is None:
-            raise ValidationFailed.field("policy_version", f"policy {spec.policy!r} has no version {spec.policy_version!r}")
-    else:
-        version = current_version(db, tenant.id, spec.policy, at=at, purpose=spec.purpose)
+    if spec.policy_version and version is None:
+        raise ValidationFailed.field("policy_version", f"policy {spec.policy!r} has no version {spec.policy_version!r}")
     withdrawal = spec.decision == "withdrawn"  # always accepted, with or without a version
     if version is None and not withdrawal:
         raise ValidationFailed.field("policy_version", f"no version of policy {spec.policy!r} covering {spec.purpose!r} is in effect; give policy_version")
