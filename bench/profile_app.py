@@ -65,7 +65,7 @@ async def main() -> None:
     p.add_argument("--statements", action="store_true", help="print the statements of one request")
     p.add_argument("--sync", action="store_true",
                    help="run threadpool work on the calling thread, so cProfile sees the handler")
-    p.add_argument("sort", nargs="?", default="cumulative", choices=["cumulative", "tottime"])
+    p.add_argument("--sort", default="cumulative", choices=["cumulative", "tottime"])
     args = p.parse_args()
     if args.sync or args.profile:
         import consent.http
@@ -125,7 +125,7 @@ async def main() -> None:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(f"{args.route} on {args.backend}: {cpu / n * 1e6:,.0f} us CPU and {wall / n * 1e6:,.0f} us wall per request")
     if prof:
-        pstats.Stats(prof).sort_stats(sys.argv[-1] if sys.argv[-1] in ("tottime", "cumulative") else "cumulative").print_stats(40)
+        pstats.Stats(prof).sort_stats(args.sort).print_stats(40)
 
 
 if __name__ == "__main__":
