@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from consent.app import create_app  # noqa: E402
+from consent.logs import configure  # noqa: E402
 from consent.settings import Settings  # noqa: E402
 
 
@@ -60,11 +61,23 @@ async def main() -> None:
     p.add_argument("--backend", default="sqlite")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--profile", action="store_true")
-    p.add_argument("sort", nargs="?", default="cumulative", choices=["cumulative", "tottime"])
+    p.add_argument("--log-level", default="warning", help="info: with the JSON access log (default of the service)")
+    p.add_argument("--statements", action="store_true", help="print the statements of one request")
+    p.add_argument("--sync", action="store_true",
+                   help="run threadpool work on the calling thread, so cProfile sees the handler")
+    p.add_argument("--sort", default="cumulative", choices=["cumulative", "tottime"])
     args = p.parse_args()
+    if args.sync or args.profile:
+        import consent.http
+
+        async def direct(fn: Any, *a: Any) -> Any:
+            return fn(*a)
+
+        consent.http.run_in_threadpool = direct  # type: ignore[assignment]
     meta = json.loads((HERE / ".cache" / "ledger-quick.json").read_text())[args.backend]
     settings = Settings.from_env({"CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false",
-                                  "CONSENT_MIGRATE_ON_START": "false", "CONSENT_LOG_LEVEL": "warning"})
+                                  "CONSENT_MIGRATE_ON_START": "false", "CONSENT_LOG_LEVEL": args.log_level})
+    configure(args.log_level)  # as `consent serve` does (the access log goes to stderr)
     app = create_app(settings)
     auth = {"authorization": f"Bearer {meta['secret_key']}"}
     n = args.n if args.route != "bulk" else max(1, args.n // 1000)
@@ -85,6 +98,22 @@ async def main() -> None:
         for _ in range(20):
             status, out = await call(app, *make())
             assert status in (200, 201), out[:300]
+        if args.statements:  # what one request sends to the database, BEGIN/COMMIT included
+            import sqlalchemy as sa
+
+            sent: list[str] = []
+            engine = app.state.services.engine
+            hooks = {"before_cursor_execute": lambda *a: sent.append(" ".join(a[2].split())[:110]),
+                     "begin": lambda *a: sent.append("BEGIN"), "commit": lambda *a: sent.append("COMMIT"),
+                     "rollback": lambda *a: sent.append("ROLLBACK")}
+            for name, fn in hooks.items():
+                sa.event.listen(engine, name, fn)
+            await call(app, *make())
+            for name, fn in hooks.items():
+                sa.event.remove(engine, name, fn)
+            print(f"{len(sent)} statements:")
+            for line in sent:
+                print("  " + line)
         prof = cProfile.Profile() if args.profile else None
         wall, cpu = time.perf_counter(), time.process_time()
         if prof:
@@ -96,7 +125,7 @@ async def main() -> None:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(f"{args.route} on {args.backend}: {cpu / n * 1e6:,.0f} us CPU and {wall / n * 1e6:,.0f} us wall per request")
     if prof:
-        pstats.Stats(prof).sort_stats(sys.argv[-1] if sys.argv[-1] in ("tottime", "cumulative") else "cumulative").print_stats(40)
+        pstats.Stats(prof).sort_stats(args.sort).print_stats(40)
 
 
 if __name__ == "__main__":

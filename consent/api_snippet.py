@@ -10,7 +10,9 @@ import html
 import os
 import re
 import secrets
+import threading
 from base64 import b64encode
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from .http import (
     read_body,
     render,
 )
-from .models import Tenant
+from .models import Tenant, utcnow
 from .schemas_snippet import (
     GpcJson,
     LinkIn,
@@ -177,6 +179,32 @@ def etag_matches(header: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags or f"W/{etag}" in tags
 
 
+# Perf: built configs per (tenant, policy, language), each with the stamp it was built under
+# (snippet.config_stamp). A request costs the stamp query; the body and its ETag are rebuilt
+# only when the stamp moved. The stamp is read BEFORE building, so a cached body is never
+# older than its stamp: no write leaves the cache stale. Per process, bounded.
+_CONFIGS: OrderedDict[tuple[str, str, str], tuple[tuple[Any, ...], bytes, str]] = OrderedDict()
+_CONFIGS_MAX = 1024
+_CONFIGS_LOCK = threading.Lock()
+
+
+def built_config(db: Any, tenant: Tenant, policy_key: str, lang: str | None) -> tuple[bytes, str]:
+    """The config's JSON body and ETag (from the body, so every process agrees)."""
+    key = (tenant.id, policy_key, snippet.pick_lang(lang, tenant.default_lang))
+    stamp = snippet.config_stamp(db, tenant.id, policy_key, utcnow())
+    cached = _CONFIGS.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1], cached[2]
+    body = dumps(snippet.build_config(db, tenant, policy_key, lang))
+    etag = etag_of(body)
+    with _CONFIGS_LOCK:
+        _CONFIGS[key] = (stamp, body, etag)
+        _CONFIGS.move_to_end(key)
+        while len(_CONFIGS) > _CONFIGS_MAX:
+            _CONFIGS.popitem(last=False)
+    return body, etag
+
+
 @cors_endpoint(summary="What the snippet shows: policy version in effect, purposes (with the version "
                "label whose answer counts), cookie disclosures, texts. ETag; 304 on If-None-Match",
                methods=("GET",), response=SnippetConfig,
@@ -185,9 +213,7 @@ def etag_matches(header: str | None, etag: str) -> bool:
                       Q("policy", default="privacy", max_length=64, description="policy key")),
                headers=("If-None-Match",))
 def snippet_config(ctx: Ctx) -> Any:
-    config = snippet.build_config(ctx.db, ctx.tenant, ctx.query["policy"], ctx.query["lang"])
-    body = dumps(config)
-    etag = etag_of(body)
+    body, etag = built_config(ctx.db, ctx.tenant, ctx.query["policy"], ctx.query["lang"])
     headers = {"ETag": etag, "Cache-Control": CONFIG_CACHE}
     if etag_matches(ctx.request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)

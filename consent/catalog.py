@@ -230,6 +230,41 @@ def current_version(
     return db.execute(q.order_by(PolicyVersion.id.desc()).limit(1)).scalars().first()  # type: ignore[union-attr]
 
 
+def _purpose_and_version_query(named: bool) -> Any:
+    pv = PolicyVersion.__table__  # type: ignore[attr-defined]
+    pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
+    of_policy = (pv.c.tenant_id == sa.bindparam("t"), pv.c.policy_key == sa.bindparam("k"))
+    if named:
+        vid = sa.select(pv.c.id).where(*of_policy, pv.c.version == sa.bindparam("v")).limit(1)
+    else:
+        vid = (sa.select(pv.c.id).join(pp, pp.c.policy_version_id == pv.c.id)
+               .where(*of_policy, pv.c.effective_at <= sa.bindparam("at", type_=pv.c.effective_at.type),
+                      pp.c.purpose == sa.bindparam("p"))
+               .order_by(pv.c.id.desc()).limit(1))
+    return (sa.select(Purpose, PolicyVersion).select_from(Purpose)
+            .outerjoin(PolicyVersion, PolicyVersion.id == vid.scalar_subquery())  # type: ignore[arg-type]
+            .where(Purpose.tenant_id == sa.bindparam("t"), Purpose.key == sa.bindparam("p")))
+
+
+# Built once (perf: building and cache-keying the statement per call cost more than running it).
+_PURPOSE_AND_VERSION = {named: _purpose_and_version_query(named) for named in (True, False)}
+
+
+def purpose_and_version(
+    db: Session, tenant_id: str, purpose: str, policy_key: str, version: str | None, at: datetime
+) -> tuple[Purpose | None, PolicyVersion | None]:
+    """In one statement (perf: the record path): the purpose, and the version ``version`` of
+    the policy if named, else the newest one in effect at ``at`` covering the purpose
+    (``get_version`` / ``current_version``). (None, None) when the purpose is unknown."""
+    params: dict[str, Any] = {"t": tenant_id, "k": policy_key, "p": purpose}
+    if version:
+        params["v"] = version
+    else:
+        params["at"] = at
+    row = db.execute(_PURPOSE_AND_VERSION[bool(version)], params).first()
+    return (row[0], row[1]) if row is not None else (None, None)
+
+
 def require_version(db: Session, tenant_id: str, policy_key: str, version: str) -> PolicyVersion:
     v = get_version(db, tenant_id, policy_key, version)
     if v is None:

@@ -4,6 +4,7 @@ one transaction, committed or rolled back in ``transaction()`` only."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 WRITE = {"sqlite_immediate": True}
+# PostgreSQL reads run without BEGIN/COMMIT (two round trips fewer); at READ COMMITTED every
+# statement has its own snapshot inside a transaction too, so a read-only unit sees the same.
+READ_PG = {"isolation_level": "AUTOCOMMIT"}
+# A pooled connection that sat idle longer than this is pinged before use (see below).
+IDLE_PING_SECONDS = 2.0
 
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
@@ -46,18 +52,49 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 20)
-    kwargs.setdefault("pool_pre_ping", True)
-    return sa.create_engine(url, **kwargs)
+    # 32 + 8 = the threadpool's size (anyio's default limiter, 40): every worker thread can
+    # hold a connection. Overflow connections are closed on return (a reconnect each time), so
+    # the steady pool covers 32 concurrent clients per worker.
+    kwargs.setdefault("pool_size", 32)
+    kwargs.setdefault("max_overflow", 8)
+    engine = sa.create_engine(url, **kwargs)
+    if not kwargs.get("pool_pre_ping"):
+        _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Perf: ``pool_pre_ping`` costs a round trip on every checkout. Ping only connections
+    that sat unused for IDLE_PING_SECONDS (where a database restart could have gone
+    unnoticed); a busy connection that turns out dead fails one statement, and SQLAlchemy
+    then invalidates the whole pool, so the next checkout connects afresh either way."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception:
+            alive = False
+        if not alive:
+            raise sa.exc.DisconnectionError("pooled connection is gone")  # the pool reconnects
 
 
 @contextmanager
-def transaction(engine: Engine, *, write: bool = False) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any exception."""
+def transaction(engine: Engine, *, write: bool = False, read_only: bool = False) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any exception. ``read_only`` units
+    (statements that never write) skip BEGIN/COMMIT on PostgreSQL."""
     with Session(engine, expire_on_commit=False) as session:
         if write:
             session.connection(execution_options=WRITE)
+        elif read_only and engine.dialect.name == "postgresql":
+            session.connection(execution_options=READ_PG)
         try:
             yield session
             session.commit()

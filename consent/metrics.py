@@ -11,6 +11,7 @@ memory. (When you run uvicorn/gunicorn yourself with several workers, set
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -26,9 +27,20 @@ LATENCY = Histogram("consent_http_request_duration_seconds", "HTTP request laten
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
 
+_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 def observe(method: str, route: str, status: int, seconds: float) -> None:
-    REQUESTS.labels(method, route, str(status)).inc()
-    LATENCY.labels(method, route).observe(seconds)
+    # Perf: the labelled children are looked up once per (method, route, status), not per
+    # request (``labels()`` takes a lock and builds the label tuple). Routes are templates,
+    # so the dict stays small; unknown methods share one label.
+    children = _CHILDREN.get((method, route, status))
+    if children is None:
+        children = (REQUESTS.labels(method, route, str(status)), LATENCY.labels(method, route))
+        if len(_CHILDREN) < 10_000:
+            _CHILDREN[(method, route, status)] = children
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 def exposition() -> bytes:

@@ -134,6 +134,27 @@ def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None)
     }
 
 
+def config_stamp(db: Session, tenant_id: str, policy_key: str, now: Any) -> tuple[Any, ...]:
+    """One cheap query whose answer changes whenever ``build_config``'s answer can: the newest
+    version of the policy (versions and their policy_purpose rows are immutable), the newest
+    ``effective_at`` reached by ``now`` (a scheduled version taking effect, a purpose's ask
+    label moving), and the tenant's purposes (count and newest ``updated_at``: every edit
+    stamps it). The tenant's language is part of the cache key, not of the stamp."""
+    pv = PolicyVersion.__table__  # type: ignore[attr-defined]
+    pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
+    pt = Purpose.__table__  # type: ignore[attr-defined]
+    of_policy = (pv.c.tenant_id == tenant_id, pv.c.policy_key == policy_key)
+    q = sa.select(
+        sa.select(sa.func.max(pv.c.id)).where(*of_policy).scalar_subquery(),
+        sa.select(sa.func.max(pv.c.effective_at)).where(*of_policy, pv.c.effective_at <= now).scalar_subquery(),
+        sa.select(sa.func.max(pp.c.effective_at)).where(
+            pp.c.tenant_id == tenant_id, pp.c.policy_key == policy_key, pp.c.effective_at <= now).scalar_subquery(),
+        sa.select(sa.func.count()).select_from(pt).where(pt.c.tenant_id == tenant_id).scalar_subquery(),
+        sa.select(sa.func.max(pt.c.updated_at)).where(pt.c.tenant_id == tenant_id).scalar_subquery(),
+    )
+    return tuple(db.execute(q).one())
+
+
 @dataclass(frozen=True)
 class Visit:
     """What the HTTP request tells us about the visitor (evidence and signals)."""

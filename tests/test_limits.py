@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -20,6 +21,7 @@ from starlette.testclient import TestClient
 from consent import ratelimit
 from consent.app import create_app
 from consent.cookies import set_cookie
+from consent.db import create_db_engine, transaction
 from consent.middleware import RequestContextMiddleware
 
 from .conftest import settings_for
@@ -75,6 +77,27 @@ def test_limit_is_shared_between_app_instances(client, db_url) -> None:
             limited_client(db_url, ip, rate_limit_ip_per_minute=6) as c2:
         codes = [(c1 if i % 2 else c2).get("/.well-known/jwks.json").status_code for i in range(9)]
         assert codes.count(200) == 6 and codes[6:] == [429, 429, 429]
+
+
+def test_batched_counting_overshoot_is_bounded(client, db_url) -> None:
+    """Limits of 40+/min are counted locally and written in batches (ratelimit.Limiter):
+    two instances together admit the limit and at most 2 x (batch_size - 1) more."""
+    ip = f"10.{int(time.time()) % 250}.{(id(client) + 2) % 250}.9"
+    batch = ratelimit.batch_size(100)
+    assert batch == 5
+    fresh_window(margin=15)
+    with limited_client(db_url, ip, rate_limit_ip_per_minute=100) as c1, \
+            limited_client(db_url, ip, rate_limit_ip_per_minute=100) as c2:
+        codes = [(c1 if i % 2 else c2).get("/.well-known/jwks.json").status_code for i in range(130)]
+    passed = codes.count(200)
+    assert 100 <= passed <= 100 + 2 * (batch - 1), passed
+    assert set(codes[:100]) == {200} and set(codes[-20:]) == {429}, codes
+    engine = create_db_engine(db_url)
+    with transaction(engine) as db:  # written, refused ones too
+        hits = db.execute(sa.select(ratelimit.TABLE.c.hits).where(
+            ratelimit.TABLE.c.bucket == f"ip:{ip}")).scalars().all()
+    engine.dispose()
+    assert 130 - 2 * (batch - 1) <= sum(hits) <= 130
 
 
 @pytest.mark.slow

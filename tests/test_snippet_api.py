@@ -450,3 +450,23 @@ def test_concurrent_double_submission_records_once(tenant: Tenant) -> None:
     ids = {tuple(x["record_id"] for x in r.json()["records"]) for r in results}
     assert len(ids) == 1
     assert tenant.check("marketing_email", anonymous_id="a_race")["record_id"] == next(iter(ids))[0]
+
+
+def test_cached_config_follows_every_change(tenant: Tenant) -> None:
+    """The per-process config cache (api_snippet.built_config) is keyed by a stamp query:
+    a purpose edit, a new version and a scheduled version taking effect each show at once."""
+    first = config(tenant)
+    again = config(tenant, headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and again.headers["etag"] == first.headers["etag"]
+    r = tenant.put("/v1/purposes/analytics", json={"kind": "consent", "title": "Measurement"})
+    assert r.status_code == 200
+    edited = config(tenant, headers={"If-None-Match": first.headers["etag"]})
+    assert edited.status_code == 200 and edited.headers["etag"] != first.headers["etag"]
+    assert {p["key"]: p["title"] for p in edited.json()["purposes"]}["analytics"] == "Measurement"
+    soon = time.time() + 1.5
+    at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(soon)) + f".{int(soon % 1 * 1000):03d}Z"
+    tenant.publish("v2", effective_at=at)
+    assert config(tenant).json()["policy"]["version"] == "v1"  # not yet in effect
+    time.sleep(max(0.0, soon - time.time()) + 0.2)
+    later = config(tenant, headers={"If-None-Match": edited.headers["etag"]})
+    assert later.status_code == 200 and later.json()["policy"]["version"] == "v2"
