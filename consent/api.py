@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from starlette.responses import Response
 
 from . import asof, catalog, checks, crypto, ledger, tenants
 from .errors import ValidationFailed

@@ -22,8 +22,8 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 
 from . import catalog, email_links, events, notices, webhooks
 from .db import transaction
-from .errors import BadRequest, Conflict, ConsentError, PayloadTooLarge
-from .http import Ctx, JSONResponse, Q, authenticate, describe, dumps, endpoint, problem_response
+from .errors import BadRequest, Conflict, ConsentError
+from .http import Ctx, JSONResponse, Q, authenticate, describe, dumps, endpoint, problem_response, read_limited
 from .schemas import Evidence, Key, Strict, SubjectRef
 
 MAX_LINK_BODY = 8 * 1024
@@ -228,13 +228,7 @@ async def run_link(request: Request, fn: Callable[[], Any]) -> Any:
 
 
 async def read_link_body(request: Request) -> bytes:
-    size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_LINK_BODY:
-            raise PayloadTooLarge(f"the body may be at most {MAX_LINK_BODY} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_limited(request, MAX_LINK_BODY)
 
 
 def _client(request: Request) -> tuple[str | None, str | None]:

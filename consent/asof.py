@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from . import crypto
 from .catalog import get_purpose, list_purposes
+from .checks import purpose_states
 from .errors import ValidationFailed
 from .ledger import SI
 from .models import ConsentRecord, PolicyPurpose, Subject, Tenant, utcnow
@@ -85,16 +86,5 @@ def subject_states_at(db: Session, tenant: Tenant, subject_id: str, at: datetime
     """Like ``checks.subject_states``, as it was at ``at``."""
     require_past(at)
     by_purpose = {r.purpose: r for r in _latest(db, tenant.id, subject_id, at)}
-    out = []
-    for p in list_purposes(db, tenant.id):
-        r = by_purpose.get(p.key)
-        status = derive_status(r.decision, confirmed=r.confirmed, stale=_stale(db, tenant.id, r, at)) if r else "none"
-        out.append({
-            "purpose": p.key, "status": status, "allowed": is_allowed(status),
-            "policy_version": r.policy_version if r else None,
-            "recorded_at": r.recorded_at if r else None,
-            "record_id": r.id if r else None,
-            "receipt": r.receipt if r else None,
-            "legal_basis": p.legal_basis,
-        })
-    return out
+    return purpose_states(list_purposes(db, tenant.id), by_purpose,
+                          lambda r: _stale(db, tenant.id, r, at), lambda r: r.id)

@@ -169,16 +169,22 @@ def subject_states(db: Session, tenant: Tenant, subject_id: str, *, at: datetime
         .select_from(STATE.join(REC, REC.c.seq == STATE.c.record_seq))
         .where(STATE.c.tenant_id == tenant.id, STATE.c.subject_id == subject_id)
     ).all()
-    by_purpose = {r.purpose: r for r in rows}
+    return purpose_states(list_purposes(db, tenant.id), {r.purpose: r for r in rows},
+                          lambda r: bool(r.stale), lambda r: r.record_id)
+
+
+def purpose_states(purposes: list[Any], by_purpose: dict[str, Any], stale: Any, record_id: Any) -> list[dict[str, Any]]:
+    """One state entry per purpose of the tenant from each purpose's latest row (or none);
+    shared by the current answer and the as-of answer, which differ only in how rows are found."""
     out = []
-    for p in list_purposes(db, tenant.id):
+    for p in purposes:
         r = by_purpose.get(p.key)
-        status = derive_status(r.decision, confirmed=r.confirmed, stale=r.stale) if r else "none"
+        status = derive_status(r.decision, confirmed=r.confirmed, stale=stale(r)) if r else "none"
         out.append({
             "purpose": p.key, "status": status, "allowed": is_allowed(status),
             "policy_version": r.policy_version if r else None,
             "recorded_at": r.recorded_at if r else None,
-            "record_id": r.record_id if r else None,
+            "record_id": record_id(r) if r else None,
             "receipt": r.receipt if r else None,
             "legal_basis": p.legal_basis,
         })

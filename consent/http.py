@@ -225,6 +225,11 @@ async def read_raw(request: Request, meta: Meta, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"the body may be at most {limit} bytes")
+    return await read_limited(request, limit)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) as soon as it passes ``limit`` bytes rather than after reading it all."""
     chunks = []
     size = 0
     async for chunk in request.stream():

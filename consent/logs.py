@@ -21,7 +21,8 @@ import orjson
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("consent_request_id", default=None)
 
 # LogRecord attributes that are not "extra" fields.
-_STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "request_id"}
+_STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "request_id",
+                                                                  "color_message"}  # uvicorn's ANSI copy of msg
 QUIET = ("sqlalchemy", "sqlalchemy.engine", "sqlalchemy.pool", "alembic", "uvicorn.access", "hpack", "httpx",
          "httpcore")
 
