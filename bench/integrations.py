@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import httpx
-import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from consent import db
-from tests.conftest import free_port
+from tests.conftest import free_port, reset_postgres
 from tests.helpers import ADMIN_TOKEN, make_tenant
 from tests.receiver import Receiver
 
@@ -35,11 +34,7 @@ THREADS = int(os.environ.get("CONSENT_BENCH_THREADS", "8"))
 
 def reset(url: str) -> None:
     if url.startswith("postgresql"):
-        engine = sa.create_engine(url)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
-            conn.exec_driver_sql("CREATE SCHEMA public")
-        engine.dispose()
+        reset_postgres(url)
     db.migrate(url)
 
 

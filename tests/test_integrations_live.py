@@ -4,9 +4,6 @@ event exactly once in the feed (no gaps, no repeats) and exactly once at the rec
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,53 +14,28 @@ import pytest
 
 from consent.consumer import verify_webhook
 
-from .conftest import free_port
-from .helpers import ADMIN_TOKEN, make_tenant
+from .helpers import make_tenant
+from .live import LiveServer
 from .receiver import Receiver
 
-ROOT = Path(__file__).resolve().parent.parent
 WRITERS_PER_PROCESS = 3
 RECORDS_PER_WRITER = 20
 
 
-def start_server(db_url: str, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CONSENT_DATABASE_URL": db_url, "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN,
-           "CONSENT_DEMO": "false", "CONSENT_MIGRATE_ON_START": "false",
-           "CONSENT_ISSUER": f"http://127.0.0.1:{port}", "CONSENT_WEBHOOK_WORKER": "true",
-           "CONSENT_WEBHOOK_POLL_SECONDS": "10", "CONSENT_WEBHOOK_BACKOFF_SECONDS": "0.1",
-           "CONSENT_RATE_LIMIT_PER_MINUTE": "1000000"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "consent.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 @pytest.fixture
-def two_servers(db_url: str) -> Iterator[list[str]]:
-    ports = [free_port(), free_port()]
-    procs = [start_server(db_url, p) for p in ports]
+def two_servers(db_url: str, tmp_path: Path) -> Iterator[list[str]]:
+    """Two service processes on one database, each with its own webhook delivery loop."""
+    env = {"CONSENT_WEBHOOK_WORKER": "true", "CONSENT_WEBHOOK_POLL_SECONDS": "10",
+           "CONSENT_WEBHOOK_BACKOFF_SECONDS": "0.1", "CONSENT_RATE_LIMIT_PER_MINUTE": "1000000",
+           "CONSENT_LOG_LEVEL": "warning"}
+    servers = [LiveServer(db_url, tmp_path, **env) for _ in range(2)]
     try:
-        deadline = time.monotonic() + 30
-        for proc, port in zip(procs, ports):
-            while True:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.1)
-        yield [f"http://127.0.0.1:{p}" for p in ports]
+        for server in servers:
+            server.start()
+        yield [server.base for server in servers]
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for server in servers:
+            server.stop()
 
 
 def test_feed_and_webhooks_with_two_processes_writing(two_servers: list[str]) -> None:
