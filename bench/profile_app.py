@@ -3,7 +3,8 @@ to watch while optimising on a busy machine. Optionally under cProfile.
 
     .venv/bin/python bench/profile_app.py check|record|bulk [--backend sqlite|postgresql] [--n 2000] [--profile]
 
-Uses the cached ledger of `bench/run.py --quick` (run that once first).
+Uses the cached ledger of `bench/run.py --quick` (run that once first), or with
+`--ledger full` the one of `bench/run.py`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ async def main() -> None:
     p.add_argument("--sync", action="store_true",
                    help="run threadpool work on the calling thread, so cProfile sees the handler")
     p.add_argument("--sort", default="cumulative", choices=["cumulative", "tottime"])
+    p.add_argument("--ledger", default="quick", choices=["quick", "full"], help="which cached ledger of bench/run.py")
     args = p.parse_args()
     if args.sync or args.profile:
         import consent.http
@@ -74,7 +76,7 @@ async def main() -> None:
             return fn(*a)
 
         consent.http.run_in_threadpool = direct  # type: ignore[assignment]
-    meta = json.loads((HERE / ".cache" / "ledger-quick.json").read_text())[args.backend]
+    meta = json.loads((HERE / ".cache" / f"ledger-{args.ledger}.json").read_text())[args.backend]
     settings = Settings.from_env({"CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false",
                                   "CONSENT_MIGRATE_ON_START": "false", "CONSENT_LOG_LEVEL": args.log_level})
     configure(args.log_level)  # as `consent serve` does (the access log goes to stderr)

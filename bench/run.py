@@ -340,7 +340,11 @@ def bench_bare(workers: int, profile: Profile, tmp: Path) -> Result:
         server.stop()
 
 
-def bench_service(kind: str, workers: int, meta: dict[str, Any], profile: Profile, tmp: Path) -> list[Result]:
+TESTS = ("check", "record", "bulk", "snippet", "export")
+
+
+def bench_service(kind: str, workers: int, meta: dict[str, Any], profile: Profile, tmp: Path,
+                  tests: tuple[str, ...] = TESTS) -> list[Result]:
     env = {"CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false", "CONSENT_MIGRATE_ON_START": "false",
            "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN, "CONSENT_ISSUER": "http://127.0.0.1",
            "CONSENT_LOG_LEVEL": "warning", "CONSENT_RATE_LIMIT_PER_MINUTE": "100000000",
@@ -356,18 +360,23 @@ def bench_service(kind: str, workers: int, meta: dict[str, Any], profile: Profil
         r = httpx.get(server.base + "/v1/check", params={"purpose": "marketing_email", "email": ledger.email_of(1)},
                       headers=auth, timeout=30)
         assert r.status_code == 200 and r.json()["receipt"], r.text
-        check = lua_get('"/v1/check?purpose=marketing_email&email=user" .. i .. "%40bench.example"', auth, n)
-        out.append(Result(name, "GET /v1/check", wrk(server.base, check, 1, profile, tmp),
-                          wrk(server.base, check, 32, profile, tmp)))
-        rec = lua_record(sk, n)
-        out.append(Result(name, "POST /v1/consents", wrk(server.base, rec, 1, profile, tmp),
-                          wrk(server.base, rec, 32, profile, tmp)))
-        out.append(bulk(server, name, auth, n, profile))
-        out.extend(snippet(server, name, pk, profile, tmp))
-        try:  # a failing export must not lose the rows measured above
-            out.append(export(server, name, auth))
-        except Exception as exc:
-            out.append(Result(name, "GET /v1/exports/consents", note=f"failed: {type(exc).__name__}"))
+        if "check" in tests:
+            check = lua_get('"/v1/check?purpose=marketing_email&email=user" .. i .. "%40bench.example"', auth, n)
+            out.append(Result(name, "GET /v1/check", wrk(server.base, check, 1, profile, tmp),
+                              wrk(server.base, check, 32, profile, tmp)))
+        if "record" in tests:
+            rec = lua_record(sk, n)
+            out.append(Result(name, "POST /v1/consents", wrk(server.base, rec, 1, profile, tmp),
+                              wrk(server.base, rec, 32, profile, tmp)))
+        if "bulk" in tests:
+            out.append(bulk(server, name, auth, n, profile))
+        if "snippet" in tests:
+            out.extend(snippet(server, name, pk, profile, tmp))
+        if "export" in tests:
+            try:  # a failing export must not lose the rows measured above
+                out.append(export(server, name, auth))
+            except Exception as exc:
+                out.append(Result(name, "GET /v1/exports/consents", note=f"failed: {type(exc).__name__}"))
     finally:
         server.stop()
     return out
@@ -492,7 +501,7 @@ def verdicts(results: list[Result]) -> list[str]:
 
 
 def write_results(profile: Profile, mach: dict[str, str], metas: dict[str, Any], results: list[Result],
-                  started: float) -> str:
+                  started: float, write: bool = True) -> str:
     text = [
         "# Benchmark results", "",
         f"`.venv/bin/python bench/run.py{' --quick' if profile.name == 'quick' else ''}` "
@@ -511,7 +520,8 @@ def write_results(profile: Profile, mach: dict[str, str], metas: dict[str, Any],
         "## Targets", "", *verdicts(results), "",
     ]
     out = "\n".join(text)
-    (HERE / "RESULTS.md").write_text(out)
+    if write:
+        (HERE / "RESULTS.md").write_text(out)
     return out
 
 
@@ -520,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small ledger, short runs (about 3 minutes)")
     p.add_argument("--rebuild", action="store_true", help="generate the ledgers again")
     p.add_argument("--only", default="", help="comma list of configs to run, e.g. bare,sqlite1,postgresql2")
+    p.add_argument("--tests", default=",".join(TESTS), help=f"comma list of service tests (default all: {','.join(TESTS)})")
+    p.add_argument("--no-write", action="store_true", help="print the table only; leave bench/RESULTS.md alone")
     args = p.parse_args(argv)
     profile = QUICK if args.quick else FULL
     started = time.monotonic()
@@ -530,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine()
     metas = ledgers(profile, args.rebuild)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
+    tests = tuple(x.strip() for x in args.tests.split(",") if x.strip())
+    unknown = set(tests) - set(TESTS)
+    if unknown:
+        p.error(f"unknown tests: {', '.join(sorted(unknown))}")
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -543,10 +559,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 log(f"service on {kind}, {w} worker(s) ...")
                 try:
-                    results.extend(bench_service(kind, w, metas[kind], profile, tmp))
+                    results.extend(bench_service(kind, w, metas[kind], profile, tmp, tests))
                 except Exception as exc:  # one broken cell must not lose the whole run
                     results.append(Result(f"{kind} w{w}", "(run failed)", note=f"{type(exc).__name__}: {exc}"[:200]))
-    out = write_results(profile, mach, metas, results, started)
+    out = write_results(profile, mach, metas, results, started, write=not args.no_write)
     print(out)
     return 0
 

@@ -14,11 +14,12 @@ from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import api, api_audit, api_snippet, db, ratelimit, receipts, webhooks
+from . import api, api_audit, api_snippet, db, fastcheck, ratelimit, receipts, webhooks
 from . import api_integrations as integ
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
@@ -39,6 +40,7 @@ class Services:
     engine: Engine
     signer: Signer
     head: str | None
+    check_reader: fastcheck.Reader | None = None  # GET /v1/check's fast path (None: off)
 
     @property
     def admin_token(self) -> str | None:
@@ -199,20 +201,26 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = db.create_db_engine(settings.database_url)
-        worker = None
+        worker = reader = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)
-            app.state.services = Services(settings, engine, signer, db.head_revision(settings.database_url))
+            # A rate-limited check must pass the limiter: then the route answers every check.
+            if settings.fast_check and "check_one" not in settings.rate_limit_routes:
+                reader = fastcheck.open_reader(engine)
+            app.state.services = Services(settings, engine, signer, db.head_revision(settings.database_url),
+                                          reader)
             worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery (issue 4)
             yield
         finally:
             if worker is not None:
                 await worker.stop()
+            if reader is not None:
+                reader.close()
             engine.dispose()
 
     app = Starlette(
         routes=ratelimit.guard(list(routes), settings.rate_limit_routes),
-        middleware=[RequestContextMiddleware.as_middleware()],
+        middleware=[Middleware(fastcheck.FastCheck), RequestContextMiddleware.as_middleware()],
         exception_handlers={ConsentError: on_consent_error, HTTPException: on_http_exception,
                             sa_exc.OperationalError: on_database_error, Exception: on_unexpected},
         lifespan=lifespan,

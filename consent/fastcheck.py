@@ -1,0 +1,419 @@
+"""``GET /v1/check`` without the framework: the hot path of every marketing email.
+
+``FastCheck`` is the outermost middleware. For a well-formed check (secret key, a purpose,
+exactly one subject, no ``at``) it answers 200 itself with ONE SQL statement and no ORM,
+no Starlette request object, no threadpool hop. Everything else (no key, a bad parameter,
+an unknown purpose, a revoked key, ``at=``, a database error) is *declined*: the request
+goes on to the ordinary route (``api.check_one``), which gives the very same answers and
+every error, so the two paths never disagree on errors because only one of them makes them.
+
+Why the answer can never be stale: nothing about consent is cached. The one statement
+re-checks, in the same snapshot as the state it reads, that the API key still exists and is
+not revoked; the per-process key cache holds only what can never change for a key (its
+tenant, its kind, and that tenant's identifier hash key), so a rotation or revocation is
+seen by the very next check in every process.
+
+- SQLite: the statement runs inline on the event loop (a ~20 us indexed read in WAL mode,
+  on a connection of its own, in autocommit: one statement, one snapshot).
+- PostgreSQL: checks are handed to a small pool of threads with their own connections,
+  each taking *every* check waiting at that moment and answering them with one statement
+  over ``unnest(...)`` (group lookups, like group commit). One round trip and one psycopg
+  execute serve a whole batch, and the event loop never blocks on the network.
+
+Measured (bench/profile_app.py, docs/bench.md): the in-process cost per check fell from about
+500 us (SQLite) / 1,000 us (PostgreSQL) to well under 100 us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote_plus
+
+from sqlalchemy.engine import Engine
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import crypto
+from .http import dumps
+from .ledger import parse_subject_ref
+from .middleware import BASE_HEADERS, finish_request, incoming_request_id, new_request_id
+from .models import UTCDateTime, utcnow
+from .state import derive_status, is_allowed
+
+log = logging.getLogger("consent.fastcheck")
+
+ROUTE = "/v1/check"
+# What the route declares (api.CHECK_QUERY): name -> max length. ``at`` is declined on purpose.
+PARAMS = {"purpose": 64, "subject": 400, "email": 320, "anonymous_id": 200}
+SUBJECT_PARAMS = {"subject": None, "email": "email", "anonymous_id": "anon"}
+KEY_CACHE_MAX = 10_000
+PG_THREADS = 2
+SQLITE_MMAP_BYTES = 1 << 34  # address space only: the OS pages in what is read
+SQLITE_CACHE_KIB = 32 * 1024
+
+# What a key is, forever: (tenant_id, kind, tenant hash key). Validity is NOT cached.
+_KEY_SQL = ("SELECT k.tenant_id, k.kind, t.hash_key FROM api_key k JOIN tenant t ON t.id = k.tenant_id "
+            "WHERE k.key_hash = {kh} AND k.revoked_at IS NULL")
+
+# One check on SQLite: the state row if there is one, in a statement that also requires the
+# key to be live (same snapshot). Plan (EXPLAIN QUERY PLAN, bench ledger): subject_identifier,
+# consent_state and purpose by primary key, consent_record by rowid, api_key by its unique
+# key_hash, policy_purpose by (tenant_id, purpose, policy_key, effective_at). ~24 us.
+# No row: _SQLITE_MISS tells a live key and a known purpose (answer "none") from the rest.
+_SQLITE_HIT = """
+SELECT 1, 1, s.subject_id, s.decision, s.confirmed, s.policy_version, r.id, r.receipt,
+       EXISTS (SELECT 1 FROM policy_purpose pp
+               WHERE pp.tenant_id = s.tenant_id AND pp.purpose = s.purpose AND pp.policy_key = s.policy_key
+                 AND pp.material = 1 AND pp.effective_at <= :now
+                 AND pp.policy_version_id > s.policy_version_id)
+FROM consent_state s JOIN consent_record r ON r.seq = s.record_seq
+WHERE s.tenant_id = :t AND s.purpose = :p AND s.subject_id = {subject}
+  AND EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = :t AND k.revoked_at IS NULL)
+"""
+_SQLITE_SUBJECT = {
+    "id": ":h",
+    "ident": "(SELECT si.subject_id FROM subject_identifier si "
+             "WHERE si.tenant_id = :t AND si.kind = :kind AND si.value_hash = :h)",
+}
+_SQLITE_MISS = """
+SELECT EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = :t AND k.revoked_at IS NULL),
+       EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = :t AND pu.key = :p),
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL
+"""
+
+# Many checks, one statement: one row per input, in input order (the ordinality ``i``).
+# LATERAL keeps every lookup an index probe whatever the planner guesses about unnest().
+_PG_SQL = """
+SELECT q.i,
+  EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = q.t AND k.revoked_at IS NULL),
+  EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p),
+  x.subject_id, x.decision, x.confirmed, x.policy_version, x.record_id, x.receipt, x.stale
+FROM unnest(%(kh)s::text[], %(t)s::text[], %(kind)s::text[], %(h)s::text[], %(p)s::text[])
+     WITH ORDINALITY AS q(kh, t, kind, h, p, i)
+LEFT JOIN LATERAL (
+  SELECT s.subject_id, s.decision, s.confirmed, s.policy_version, r.id AS record_id, r.receipt,
+         EXISTS (SELECT 1 FROM policy_purpose pp
+                 WHERE pp.tenant_id = s.tenant_id AND pp.purpose = s.purpose AND pp.policy_key = s.policy_key
+                   AND pp.material AND pp.effective_at <= %(now)s
+                   AND pp.policy_version_id > s.policy_version_id) AS stale
+  FROM consent_state s JOIN consent_record r ON r.seq = s.record_seq
+  WHERE s.tenant_id = q.t AND s.purpose = q.p
+    AND s.subject_id = CASE WHEN q.kind = 'id' THEN q.h ELSE
+        (SELECT si.subject_id FROM subject_identifier si
+         WHERE si.tenant_id = q.t AND si.kind = q.kind AND si.value_hash = q.h) END
+) AS x ON true
+ORDER BY q.i
+"""
+
+Key = tuple[str, str, str]  # tenant_id, kind, hash_key
+# One check to run: (key digest, tenant_id, kind, hash or subject id, purpose).
+Item = tuple[str, str, str, str, str]
+# Its answer: (key_ok, purpose_ok, subject_id, decision, confirmed, policy_version, record_id,
+# receipt, stale).
+Row = tuple[Any, ...]
+
+
+class Declined(Exception):
+    """This request is not for the fast path; the ordinary route answers it."""
+
+
+def parse(scope: Scope) -> tuple[str, str, str, str]:
+    """(bearer token, purpose, subject kind, subject value) of a well-formed check, else Declined."""
+    token = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, rest = value.decode("latin-1").partition(" ")
+            token = rest.strip() if scheme.lower() == "bearer" else None
+            break
+    if not token or len(token) >= 200:
+        raise Declined
+    query: dict[str, str] = {}
+    for name, value in _pairs(scope["query_string"].decode("latin-1")):
+        limit = PARAMS.get(name)
+        if limit is None or name in query or len(value) > limit or "\x00" in value:
+            raise Declined  # unknown (or ``at``), repeated, too long, NUL: the route says why
+        query[name] = value
+    given = [(n, v) for n, v in query.items() if v and n != "purpose"]
+    purpose = query.get("purpose")
+    if not purpose or len(given) != 1:
+        raise Declined
+    name, value = given[0]
+    kind = SUBJECT_PARAMS[name]
+    if kind is None:
+        kind, value = parse_subject_ref(value)
+    return token, purpose, kind, value
+
+
+def _pairs(qs: str) -> list[tuple[str, str]]:
+    """``parse_qsl(qs, keep_blank_values=True)`` (what Starlette reads), unquoting only the
+    parts that need it (perf: a third of parse_qsl's cost for the usual plain query)."""
+    out = []
+    for part in qs.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if "%" in value or "+" in value:
+            value = unquote_plus(value)
+        out.append((name, value))
+    return out
+
+
+def answer(purpose: str, row: Row) -> dict[str, Any]:
+    """The route's body (``checks.check``) from one result row, or Declined."""
+    key_ok, purpose_ok, subject_id, decision, confirmed, policy_version, record_id, receipt, stale = row
+    if not key_ok:
+        raise Declined  # revoked since it was cached (or the tenant is gone): the route says 401
+    if decision is None:
+        if not purpose_ok:
+            raise Declined  # unknown purpose: the route says 422
+        return {"allowed": False, "status": "none", "purpose": purpose, "subject": None,
+                "policy_version": None, "record_id": None, "receipt": None}
+    status = derive_status(decision, confirmed=bool(confirmed), stale=bool(stale))
+    return {"allowed": is_allowed(status), "status": status, "purpose": purpose, "subject": subject_id,
+            "policy_version": policy_version, "record_id": record_id, "receipt": receipt}
+
+
+class Reader:
+    """Runs checks against one database; ``key`` and ``check`` raise Declined when in doubt."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, Key] = {}
+        self.answered = 0  # checks answered here rather than by the route (tests, debugging)
+
+    async def key(self, digest: str) -> Key:
+        found = self._keys.get(digest)
+        if found is None:
+            found = await self._lookup_key(digest)
+            if found is None:
+                raise Declined  # unknown or revoked: the route says 401
+            if len(self._keys) >= KEY_CACHE_MAX:
+                self._keys.clear()
+            self._keys[digest] = found
+        return found
+
+    async def _lookup_key(self, digest: str) -> Key | None:
+        raise NotImplementedError
+
+    async def check(self, item: Item) -> Row:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SqliteReader(Reader):
+    """Inline reads on a connection of this process's own (file databases only)."""
+
+    def __init__(self, path: str, now_param: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self._path = path
+        self._now = now_param
+        self._conn: sqlite3.Connection | None = None
+        self._sql = {k: _SQLITE_HIT.format(subject=v) for k, v in _SQLITE_SUBJECT.items()}
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=5)
+            conn.execute("PRAGMA query_only=ON")
+            # Perf: read pages through a memory map and keep more of them (the check touches ~20
+            # pages of 6 B-trees; through read() that alone was ~100 us per check).
+            conn.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
+            conn.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+            self._conn = conn
+        return self._conn
+
+    def _run(self, sql: str, params: dict[str, Any]) -> Row | None:
+        try:
+            return self._connection().execute(sql, params).fetchone()  # type: ignore[no-any-return]
+        except sqlite3.Error:
+            self.close()  # reopened by the next check; the route answers this one (503 if down)
+            raise Declined from None
+
+    async def _lookup_key(self, digest: str) -> Key | None:
+        return self._run(_KEY_SQL.format(kh=":kh"), {"kh": digest})  # type: ignore[return-value]
+
+    async def check(self, item: Item) -> Row:
+        kh, tenant_id, kind, h, purpose = item
+        params = {"kh": kh, "t": tenant_id, "kind": kind, "h": h, "p": purpose, "now": self._now(utcnow())}
+        row = self._run(self._sql["id" if kind == "id" else "ident"], params)
+        if row is None:  # each statement is its own snapshot: a write between them is a race
+            row = self._run(_SQLITE_MISS, params)  # the check could have lost anyway
+        assert row is not None
+        return row
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class PostgresReader(Reader):
+    """Batched reads in ``PG_THREADS`` threads, each with its own autocommit connection."""
+
+    def __init__(self, connect_args: dict[str, Any], threads: int = PG_THREADS) -> None:
+        super().__init__()
+        self._connect_args = connect_args
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, name=f"fastcheck-{n}", daemon=True)
+                         for n in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    async def _submit(self, what: str, arg: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put((what, arg, fut, loop))
+        return await fut
+
+    async def _lookup_key(self, digest: str) -> Key | None:
+        return await self._submit("key", digest)  # type: ignore[no-any-return]
+
+    async def check(self, item: Item) -> Row:
+        return await self._submit("check", item)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+    # --- the database threads ---------------------------------------------------------------
+
+    def _serve(self) -> None:
+        import psycopg
+
+        conn: Any = None
+        while True:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while True:  # everything waiting now rides along in the same statement
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # our stop signal: finish this batch first
+                    break
+                batch.append(nxt)
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(**self._connect_args, autocommit=True, prepare_threshold=0)
+                    conn.execute("SET statement_timeout = 10000")
+                results = self._execute(conn, batch)
+            except Exception as exc:  # any driver error: these requests go to the route
+                log.debug("fast check batch failed: %s", type(exc).__name__)
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                results = [Declined() for _ in batch]
+            _resolve(batch, results)
+        if conn is not None:
+            conn.close()
+
+    @staticmethod
+    def _execute(conn: Any, batch: list[tuple[Any, ...]]) -> list[Any]:
+        results: list[Any] = [None] * len(batch)
+        checks = []
+        for n, (what, arg, _fut, _loop) in enumerate(batch):
+            if what == "key":
+                results[n] = conn.execute(_KEY_SQL.format(kh="%s"), (arg,)).fetchone()
+            else:
+                checks.append((n, arg))
+        if checks:
+            cols = list(zip(*(arg for _, arg in checks)))
+            rows = conn.execute(_PG_SQL, {"kh": list(cols[0]), "t": list(cols[1]), "kind": list(cols[2]),
+                                          "h": list(cols[3]), "p": list(cols[4]), "now": utcnow()}).fetchall()
+            for (n, _), row in zip(checks, rows):
+                results[n] = row[1:]
+        return results
+
+
+def _resolve(batch: list[tuple[Any, ...]], results: list[Any]) -> None:
+    """Hand answers back to their event loops: one wake-up per loop per batch."""
+    by_loop: dict[Any, list[tuple[Any, Any]]] = {}
+    for (_what, _arg, fut, loop), result in zip(batch, results):
+        by_loop.setdefault(loop, []).append((fut, result))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, pairs)
+        except RuntimeError:  # that loop has closed (shutdown): nobody is waiting
+            pass
+
+
+def _settle(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for fut, result in pairs:
+        if fut.done():
+            continue
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+
+
+def open_reader(engine: Engine) -> Reader | None:
+    """The fast reader for this engine's database, or None where it does not apply
+    (an in-memory SQLite database is private to its one pooled connection)."""
+    url = engine.url
+    if engine.dialect.name == "sqlite":
+        if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
+            return None
+        return SqliteReader(url.database, UTCDateTime().bind_processor(engine.dialect) or (lambda v: v))
+    if engine.dialect.name == "postgresql":
+        _, params = engine.dialect.create_connect_args(url)  # what the engine itself connects with
+        params.pop("context", None)  # SQLAlchemy's adapters: plain psycopg types suffice here
+        params.setdefault("connect_timeout", 5)
+        return PostgresReader(params)
+    return None
+
+
+class FastCheck:
+    """Pure ASGI middleware answering well-formed ``GET /v1/check`` requests (see above)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == ROUTE and scope["method"] == "GET":
+            services = getattr(scope["app"].state, "services", None)
+            reader = getattr(services, "check_reader", None)
+            if reader is not None:
+                start = time.perf_counter()
+                try:
+                    body = await self._answer(reader, scope)
+                except Declined:
+                    pass
+                else:
+                    reader.answered += 1
+                    await self._send(scope, send, body, start)
+                    return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _answer(reader: Reader, scope: Scope) -> bytes:
+        token, purpose, kind, value = parse(scope)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        tenant_id, key_kind, hash_key = await reader.key(digest)
+        if key_kind != "secret":
+            raise Declined  # the route says 403
+        if kind != "id":
+            value = crypto.keyed_hash(hash_key, kind, crypto.normalize_email(value) if kind == "email" else value)
+        row = await reader.check((digest, tenant_id, kind, value, purpose))
+        return dumps(answer(purpose, row))
+
+    @staticmethod
+    async def _send(scope: Scope, send: Send, body: bytes, start: float) -> None:
+        request_id = incoming_request_id(scope) or new_request_id()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"),
+            (b"x-request-id", request_id.encode()), *BASE_HEADERS]})
+        await send({"type": "http.response.body", "body": body})
+        finish_request(scope.get("method"), ROUTE, 200, start, request_id)

@@ -1,0 +1,197 @@
+"""GET /v1/check's fast path (consent/fastcheck.py) against the route it stands in front of.
+
+The same requests go to an app with the fast path and to one without it (CONSENT_FAST_CHECK
+false), on the same database: every answer, error or not, must be the same, and the fast
+path must actually have answered the well-formed ones. Batched reads (PostgreSQL) are
+checked against one-at-a-time answers with many tenants, keys and subjects in one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from datetime import UTC, datetime
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from consent import crypto, db, fastcheck
+from consent.app import create_app
+
+from .conftest import settings_for
+from .helpers import ADMIN, Tenant, make_tenant
+
+
+@pytest.fixture(scope="module")
+def route_client(db_url: str) -> Iterator[TestClient]:
+    """The same service with the fast path switched off: every check goes through the route."""
+    with TestClient(create_app(settings_for(db_url, fast_check=False))) as c:
+        yield c
+
+
+def reader_of(client: TestClient) -> fastcheck.Reader:
+    reader = client.app.state.services.check_reader  # type: ignore[attr-defined]
+    assert reader is not None, "the fast path is on by default for file and server databases"
+    return reader  # type: ignore[no-any-return]
+
+
+def same_answer(fast: TestClient, route: TestClient, headers: dict[str, str], params: Any) -> tuple[int, Any]:
+    a = fast.get("/v1/check", params=params, headers=headers)
+    b = route.get("/v1/check", params=params, headers=headers)
+    body_a, body_b = a.json(), b.json()
+    for body in (body_a, body_b):
+        body.pop("request_id", None)  # problem bodies name their own request
+    assert (a.status_code, body_a) == (b.status_code, body_b), params
+    assert a.headers["content-type"] == b.headers["content-type"]
+    assert a.headers["x-request-id"] and a.headers["x-content-type-options"] == "nosniff"
+    return a.status_code, body_a
+
+
+def test_fast_path_answers_exactly_as_the_route(client: TestClient, route_client: TestClient) -> None:
+    t = make_tenant(client)
+    t.record("marketing_email", "granted", email="old@example.com")  # under v1 ...
+    t.publish("v2", material=True, purposes=["strictly_necessary", "analytics", "product_updates"])
+    t.publish("v3", material=True, purposes=["strictly_necessary", "marketing_email"])  # ... stale now
+    t.record(email="Ada@Example.com")
+    t.record("analytics", "denied", anonymous_id="anon-1")
+    t.record("analytics", "granted", user_id="u-7")
+    t.record("analytics", "withdrawn", user_id="u-7")
+    t.record("product_updates", "granted", email="bob@example.com")  # double opt-in: pending
+    sub = t.record("marketing_email", "granted", email="cy@example.com")["subject"]
+    reader = reader_of(client)
+    before = reader.answered
+    fine = [
+        {"purpose": "marketing_email", "email": " ADA@example.com "},
+        {"purpose": "marketing_email", "email": "old@example.com"},
+        {"purpose": "marketing_email", "subject": sub},
+        {"purpose": "marketing_email", "subject": "email:cy@example.com"},
+        {"purpose": "analytics", "anonymous_id": "anon-1"},
+        {"purpose": "analytics", "subject": "anon:anon-1"},
+        {"purpose": "analytics", "subject": "u-7"},
+        {"purpose": "analytics", "subject": "user:u-7"},
+        {"purpose": "product_updates", "email": "bob@example.com"},
+        {"purpose": "marketing_email", "email": "nobody@example.com"},
+        {"purpose": "marketing_email", "subject": "sub_000000000000000000000000"},
+        {"purpose": "marketing_email", "email": "", "subject": sub},  # an empty one is absent
+    ]
+    statuses = []
+    for params in fine:
+        code, body = same_answer(client, route_client, t.h, params)
+        assert code == 200, body
+        statuses.append(body["status"])
+    assert statuses == ["granted", "stale", "granted", "granted", "denied", "denied", "withdrawn", "withdrawn",
+                        "pending_confirmation", "none", "none", "granted"]
+    assert reader.answered - before == len(fine)
+
+    before = reader.answered
+    refused = [
+        {"purpose": "nope", "email": "ada@example.com"},  # unknown purpose, known subject
+        {"purpose": "nope", "email": "nobody@example.com"},
+        {"email": "ada@example.com"},
+        {"purpose": "", "email": "ada@example.com"},
+        {"purpose": "marketing_email"},
+        {"purpose": "marketing_email", "email": "ada@example.com", "anonymous_id": "anon-1"},
+        {"purpose": "marketing_email", "emial": "ada@example.com"},
+        {"purpose": "marketing_email", "email": "a" * 321},
+        {"purpose": "marketing_email", "email": "ada\x00@example.com"},
+        {"purpose": "marketing_email", "email": "ada@example.com", "at": "not a time"},
+    ]
+    for params in refused:
+        code, body = same_answer(client, route_client, t.h, params)
+        assert code == 422 and body["type"].endswith("validation_failed"), (params, body)
+    # answered by the route (as of a time) but never by the fast path
+    code, body = same_answer(client, route_client, t.h, {"purpose": "marketing_email", "email": "ada@example.com",
+                                                         "at": datetime.now(UTC).isoformat()})
+    assert code == 200 and body["status"] == "granted"
+    assert reader.answered == before
+
+
+def test_keys_are_checked_on_every_call(client: TestClient, route_client: TestClient) -> None:
+    t = make_tenant(client)
+    t.record(email="ada@example.com")
+    params = {"purpose": "marketing_email", "email": "ada@example.com"}
+    assert same_answer(client, route_client, t.h, params)[0] == 200  # the key is now cached
+    for headers, code in [({}, 401), ({"Authorization": "Basic abc"}, 401),
+                          ({"Authorization": "Bearer sk_unknown"}, 401),
+                          ({"Authorization": f"Bearer {t.publishable_key}"}, 403),
+                          ({"Authorization": f"Bearer {t.secret_key}x"}, 401)]:
+        assert same_answer(client, route_client, headers, params)[0] == code
+    old = t.h
+    r = t.post("/v1/keys/rotate", json={"kind": "secret"})
+    assert r.status_code == 200, r.text
+    # revoked in another "process" (the route app): the very next fast check refuses the key
+    assert client.get("/v1/check", params=params, headers=old).status_code == 401
+    t.secret_key = r.json()["secret_key"]
+    assert same_answer(client, route_client, t.h, params)[1]["status"] == "granted"
+
+
+def test_a_subject_id_of_another_tenant_is_not_seen(client: TestClient, route_client: TestClient) -> None:
+    a, b = make_tenant(client), make_tenant(client)
+    sub = a.record(email="ada@example.com")["subject"]
+    code, body = same_answer(client, route_client, b.h, {"purpose": "marketing_email", "subject": sub})
+    assert code == 200 and body["status"] == "none" and body["subject"] is None
+
+
+def test_admin_rotation_and_foreign_keys(client: TestClient) -> None:
+    t = make_tenant(client)
+    params = {"purpose": "marketing_email", "email": "ada@example.com"}
+    assert t.check(**{"email": "ada@example.com"})["status"] == "none"
+    r = client.post(f"/v1/tenants/{t.id}/keys/rotate", json={"kind": "both"}, headers=ADMIN)
+    assert r.status_code == 200
+    assert t.get("/v1/check", params=params).status_code == 401
+    assert client.get("/v1/check", params=params, headers=ADMIN).status_code == 403
+
+
+def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> None:
+    """Many checks at once (one statement on PostgreSQL) give each caller its own answer."""
+    rng = random.Random(7)
+    tenants: list[Tenant] = [make_tenant(client) for _ in range(3)]
+    hash_keys = {}
+    subjects: list[tuple[Tenant, str, str]] = []  # tenant, kind, value
+    for n, t in enumerate(tenants):
+        for i in range(12):
+            email = f"user{i}@t{n}.example"
+            decision = rng.choice(["granted", "denied", "withdrawn"])
+            sub = t.record(rng.choice(["marketing_email", "analytics"]), decision, email=email)["subject"]
+            subjects += [(t, "email", email), (t, "id", sub)]
+        subjects.append((t, "email", "unknown@nowhere.example"))
+    engine = db.create_db_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            for t in tenants:
+                hash_keys[t.id] = conn.exec_driver_sql(
+                    f"SELECT hash_key FROM tenant WHERE id = '{t.id}'").scalar_one()
+        reader = fastcheck.open_reader(engine)
+        assert reader is not None
+        items = []
+        for t, kind, value in subjects * 3:
+            digest = hashlib.sha256(t.secret_key.encode()).hexdigest()
+            key = value if kind == "id" else crypto.keyed_hash(hash_keys[t.id], kind, value)
+            items.append((digest, t.id, kind, key, rng.choice(["marketing_email", "analytics", "nope"])))
+        rng.shuffle(items)
+
+        async def together() -> list[Any]:
+            return await asyncio.gather(*[reader.check(item) for item in items])
+
+        async def one_by_one() -> list[Any]:
+            return [await reader.check(item) for item in items]
+
+        try:
+            batched, single = asyncio.run(together()), asyncio.run(one_by_one())
+        finally:
+            reader.close()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in batched] == [tuple(r) for r in single]
+    known = [r for r in single if r[3] is not None]
+    assert len(known) > len(items) // 5 and all(r[0] for r in single)  # every key valid, many hits
+    assert {bool(r[1]) for r in single} == {True, False}  # "nope" is an unknown purpose
+    # and each agrees with the route's own rule
+    for (_, tid, _, _, purpose), row in zip(items, single):
+        if row[3] is None:
+            continue
+        answer = fastcheck.answer(purpose, row)
+        assert answer["status"] == row[3] and answer["allowed"] == (row[3] == "granted")
