@@ -215,7 +215,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             if worker is not None:
                 await worker.stop()
             if reader is not None:
-                reader.close()
+                await reader.close()
             engine.dispose()
 
     app = Starlette(

@@ -15,10 +15,11 @@ seen by the very next check in every process.
 
 - SQLite: the statement runs inline on the event loop (a ~20 us indexed read in WAL mode,
   on a connection of its own, in autocommit: one statement, one snapshot).
-- PostgreSQL: checks are handed to a small pool of threads with their own connections,
-  each taking *every* check waiting at that moment and answering them with one statement
-  over ``unnest(...)`` (group lookups, like group commit). One round trip and one psycopg
-  execute serve a whole batch, and the event loop never blocks on the network.
+- PostgreSQL: two asynchronous connections per process; an idle one takes *every* check
+  waiting at that moment and answers them with one statement over ``unnest(...)`` (group
+  lookups, like group commit). One round trip and one psycopg execute serve a whole batch,
+  and the event loop never blocks on the network. (Threads were tried first: handing work
+  to a thread and back cost more than the query, ~1 ms at one client.)
 
 Measured (bench/profile_app.py, docs/bench.md): the in-process cost per check fell from about
 500 us (SQLite) / 1,000 us (PostgreSQL) to well under 100 us.
@@ -29,9 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +53,7 @@ ROUTE = "/v1/check"
 PARAMS = {"purpose": 64, "subject": 400, "email": 320, "anonymous_id": 200}
 SUBJECT_PARAMS = {"subject": None, "email": "email", "anonymous_id": "anon"}
 KEY_CACHE_MAX = 10_000
-PG_THREADS = 2
+PG_CONNECTIONS = 2  # per process; each carries a whole batch per round trip
 SQLITE_MMAP_BYTES = 1 << 34  # address space only: the OS pages in what is read
 SQLITE_CACHE_KIB = 32 * 1024
 
@@ -206,7 +205,7 @@ class Reader:
     async def check(self, item: Item) -> Row:
         raise NotImplementedError
 
-    def close(self) -> None:
+    async def close(self) -> None:
         pass
 
 
@@ -235,7 +234,7 @@ class SqliteReader(Reader):
         try:
             return self._connection().execute(sql, params).fetchone()  # type: ignore[no-any-return]
         except sqlite3.Error:
-            self.close()  # reopened by the next check; the route answers this one (503 if down)
+            self._disconnect()  # reopened by the next check; the route answers this one (503 if down)
             raise Declined from None
 
     async def _lookup_key(self, digest: str) -> Key | None:
@@ -250,28 +249,39 @@ class SqliteReader(Reader):
         assert row is not None
         return row
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        self._disconnect()
+
+    def _disconnect(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
 
 class PostgresReader(Reader):
-    """Batched reads in ``PG_THREADS`` threads, each with its own autocommit connection."""
+    """Batched reads on ``PG_CONNECTIONS`` asynchronous autocommit connections, on the event
+    loop itself (no threads: a thread hand-off cost more than the query). A check waits in
+    ``_pending``; an idle connection takes *everything* pending as one statement, and keeps
+    draining until nothing waits (group lookups, like group commit)."""
 
-    def __init__(self, connect_args: dict[str, Any], threads: int = PG_THREADS) -> None:
+    def __init__(self, connect_args: dict[str, Any], connections: int = PG_CONNECTIONS) -> None:
         super().__init__()
         self._connect_args = connect_args
-        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._serve, name=f"fastcheck-{n}", daemon=True)
-                         for n in range(threads)]
-        for t in self._threads:
-            t.start()
+        self._pending: list[tuple[str, Any, asyncio.Future[Any]]] = []
+        self._idle: list[Any] = [None] * connections  # connection slots (None: not yet open)
+        self._busy: set[Any] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def _submit(self, what: str, arg: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._queue.put((what, arg, fut, loop))
+        if self._closed:
+            raise Declined
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((what, arg, fut))
+        if self._idle:
+            task = asyncio.get_running_loop().create_task(self._drain(self._idle.pop()))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await fut
 
     async def _lookup_key(self, digest: str) -> Key | None:
@@ -280,83 +290,65 @@ class PostgresReader(Reader):
     async def check(self, item: Item) -> Row:
         return await self._submit("check", item)  # type: ignore[no-any-return]
 
-    def close(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-
-    # --- the database threads ---------------------------------------------------------------
-
-    def _serve(self) -> None:
+    async def _drain(self, conn: Any) -> None:
         import psycopg
 
-        conn: Any = None
-        while True:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while True:  # everything waiting now rides along in the same statement
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
                 try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # our stop signal: finish this batch first
-                    break
-                batch.append(nxt)
-            try:
-                if conn is None or conn.closed:
-                    conn = psycopg.connect(**self._connect_args, autocommit=True, prepare_threshold=0)
-                    conn.execute("SET statement_timeout = 10000")
-                results = self._execute(conn, batch)
-            except Exception as exc:  # any driver error: these requests go to the route
-                log.debug("fast check batch failed: %s", type(exc).__name__)
-                if conn is not None:
-                    conn.close()
-                    conn = None
-                results = [Declined() for _ in batch]
-            _resolve(batch, results)
-        if conn is not None:
-            conn.close()
+                    if conn is None or conn.closed:
+                        conn = None
+                        conn = await psycopg.AsyncConnection.connect(**self._connect_args, autocommit=True,
+                                                                     prepare_threshold=0)
+                        # One plan for every batch: custom plans re-planned the unnest() join on
+                        # each execute (0.3 ms, more than running it; EXPLAIN in docs/bench.md).
+                        await conn.execute("SET plan_cache_mode = force_generic_plan")
+                        await conn.execute("SET statement_timeout = 10000")
+                    results = await self._execute(conn, batch)
+                except Exception as exc:  # any driver error: these requests go to the route
+                    log.debug("fast check batch failed: %s", type(exc).__name__)
+                    if conn is not None:
+                        await conn.close()
+                        conn = None
+                    results = [Declined() for _ in batch]
+                for (_what, _arg, fut), result in zip(batch, results):
+                    if fut.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)
+        finally:
+            if self._closed and conn is not None:
+                await conn.close()
+            else:
+                self._idle.append(conn)
 
     @staticmethod
-    def _execute(conn: Any, batch: list[tuple[Any, ...]]) -> list[Any]:
+    async def _execute(conn: Any, batch: list[tuple[str, Any, Any]]) -> list[Any]:
         results: list[Any] = [None] * len(batch)
         checks = []
-        for n, (what, arg, _fut, _loop) in enumerate(batch):
+        for n, (what, arg, _fut) in enumerate(batch):
             if what == "key":
-                results[n] = conn.execute(_KEY_SQL.format(kh="%s"), (arg,)).fetchone()
+                cur = await conn.execute(_KEY_SQL.format(kh="%s"), (arg,))
+                results[n] = await cur.fetchone()
             else:
                 checks.append((n, arg))
         if checks:
             cols = list(zip(*(arg for _, arg in checks)))
-            rows = conn.execute(_PG_SQL, {"kh": list(cols[0]), "t": list(cols[1]), "kind": list(cols[2]),
-                                          "h": list(cols[3]), "p": list(cols[4]), "now": utcnow()}).fetchall()
-            for (n, _), row in zip(checks, rows):
+            cur = await conn.execute(_PG_SQL, {"kh": list(cols[0]), "t": list(cols[1]), "kind": list(cols[2]),
+                                               "h": list(cols[3]), "p": list(cols[4]), "now": utcnow()})
+            for (n, _), row in zip(checks, await cur.fetchall()):
                 results[n] = row[1:]
         return results
 
-
-def _resolve(batch: list[tuple[Any, ...]], results: list[Any]) -> None:
-    """Hand answers back to their event loops: one wake-up per loop per batch."""
-    by_loop: dict[Any, list[tuple[Any, Any]]] = {}
-    for (_what, _arg, fut, loop), result in zip(batch, results):
-        by_loop.setdefault(loop, []).append((fut, result))
-    for loop, pairs in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_settle, pairs)
-        except RuntimeError:  # that loop has closed (shutdown): nobody is waiting
-            pass
-
-
-def _settle(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:
-    for fut, result in pairs:
-        if fut.done():
-            continue
-        if isinstance(result, BaseException):
-            fut.set_exception(result)
-        else:
-            fut.set_result(result)
+    async def close(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            if conn is not None:
+                await conn.close()
+        self._idle = []
 
 
 def open_reader(engine: Engine) -> Reader | None:

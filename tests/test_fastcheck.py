@@ -164,8 +164,6 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> N
             for t in tenants:
                 hash_keys[t.id] = conn.exec_driver_sql(
                     f"SELECT hash_key FROM tenant WHERE id = '{t.id}'").scalar_one()
-        reader = fastcheck.open_reader(engine)
-        assert reader is not None
         items = []
         for t, kind, value in subjects * 3:
             digest = hashlib.sha256(t.secret_key.encode()).hexdigest()
@@ -173,16 +171,17 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> N
             items.append((digest, t.id, kind, key, rng.choice(["marketing_email", "analytics", "nope"])))
         rng.shuffle(items)
 
-        async def together() -> list[Any]:
-            return await asyncio.gather(*[reader.check(item) for item in items])
+        async def run() -> tuple[list[Any], list[Any]]:
+            reader = fastcheck.open_reader(engine)
+            assert reader is not None
+            try:
+                together = await asyncio.gather(*[reader.check(item) for item in items])
+                one_by_one = [await reader.check(item) for item in items]
+            finally:
+                await reader.close()
+            return together, one_by_one
 
-        async def one_by_one() -> list[Any]:
-            return [await reader.check(item) for item in items]
-
-        try:
-            batched, single = asyncio.run(together()), asyncio.run(one_by_one())
-        finally:
-            reader.close()
+        batched, single = asyncio.run(run())
     finally:
         engine.dispose()
     assert [tuple(r) for r in batched] == [tuple(r) for r in single]
