@@ -31,7 +31,8 @@ from consent.settings import Settings  # noqa: E402
 async def call(app: Any, method: str, path: str, query: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
              "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query.encode(),
-             "root_path": "", "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "root_path": "", "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+             + ([(b"content-length", str(len(body)).encode())] if body else []),
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
     sent = False
     status = 0

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import api, api_audit, api_snippet, db, fastcheck, ratelimit, receipts, webhooks
+from . import api, api_audit, api_snippet, db, fastcheck, fastrecord, ratelimit, receipts, webhooks
 from . import api_integrations as integ
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
@@ -41,6 +41,7 @@ class Services:
     signer: Signer
     head: str | None
     check_reader: fastcheck.Reader | None = None  # GET /v1/check's fast path (None: off)
+    record_writer: fastrecord.Writer | None = None  # POST /v1/consents' fast path (None: off)
 
     @property
     def admin_token(self) -> str | None:
@@ -207,8 +208,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             # A rate-limited check must pass the limiter: then the route answers every check.
             if settings.fast_check and "check_one" not in settings.rate_limit_routes:
                 reader = fastcheck.open_reader(engine)
-            app.state.services = Services(settings, engine, signer, db.head_revision(settings.database_url),
-                                          reader)
+            services = Services(settings, engine, signer, db.head_revision(settings.database_url), reader)
+            if settings.fast_record and "record_consent" not in settings.rate_limit_routes:
+                services.record_writer = fastrecord.open_writer(engine, services)
+            app.state.services = services
             worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery (issue 4)
             yield
         finally:
@@ -216,11 +219,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await worker.stop()
             if reader is not None:
                 await reader.close()
+            writer = getattr(getattr(app.state, "services", None), "record_writer", None)
+            if writer is not None:
+                await writer.close()
             engine.dispose()
 
     app = Starlette(
         routes=ratelimit.guard(list(routes), settings.rate_limit_routes),
-        middleware=[Middleware(fastcheck.FastCheck), RequestContextMiddleware.as_middleware()],
+        middleware=[Middleware(fastcheck.FastCheck), Middleware(fastrecord.FastRecord),
+                    RequestContextMiddleware.as_middleware()],
         exception_handlers={ConsentError: on_consent_error, HTTPException: on_http_exception,
                             sa_exc.OperationalError: on_database_error, Exception: on_unexpected},
         lifespan=lifespan,

@@ -13,6 +13,8 @@ positions are gap-free and commit-ordered, and ``position > cursor`` never misse
 lock is the last one a transaction takes (nothing runs between it and COMMIT), so it cannot
 close a deadlock cycle, and it is held for the few milliseconds of the commit only. On
 SQLite ``BEGIN IMMEDIATE`` already serialises writers; the same code runs there.
+``fastrecord`` (the common record on PostgreSQL) takes the same counter row the same way, in
+the single statement that writes its record, held until that statement commits.
 """
 
 from __future__ import annotations
@@ -53,14 +55,19 @@ EVENT_TYPES = ("consent.granted", "consent.denied", "consent.withdrawn", "consen
                "consent.notified")
 
 
-def on_record(db: Session, record: ConsentRecord, status: str) -> None:
+def on_record(db: Session, record: Any, status: str) -> None:
     """Queue the event of a record just appended; it is written when the transaction commits."""
     if not db.info.get(_LISTENING):
         sa_event.listen(db, "before_commit", _allocate)
         sa_event.listen(db, "after_soft_rollback", _forget)
         sa_event.listen(db, "after_commit", _wake)
         db.info[_LISTENING] = True
-    db.info.setdefault(_PENDING, []).append({
+    db.info.setdefault(_PENDING, []).append(event_for(record, status))
+
+
+def event_for(record: Any, status: str) -> dict[str, Any]:
+    """The change-feed entry of a record (its position is taken at commit)."""
+    return {
         "tenant_id": record.tenant_id,
         "id": crypto.new_id("evt", 12),
         "type": f"consent.{record.decision}",
@@ -77,7 +84,7 @@ def on_record(db: Session, record: ConsentRecord, status: str) -> None:
             "recorded_at": crypto.iso(record.recorded_at),
             "record_hash": record.record_hash,
         },
-    })
+    }
 
 
 def add_waker(fn: Callable[[], None]) -> None:
@@ -92,8 +99,13 @@ def remove_waker(fn: Callable[[], None]) -> None:
 
 def _wake(db: Session) -> None:
     if db.info.pop(_ENQUEUED, False):
-        for fn in _wakers[:]:  # a copy: a loop may stop meanwhile
-            fn()
+        wake_delivery_loops()
+
+
+def wake_delivery_loops() -> None:
+    """Tell this process's webhook loops that outbox rows were committed."""
+    for fn in _wakers[:]:  # a copy: a loop may stop meanwhile
+        fn()
 
 
 def _forget(db: Session, previous: SessionTransaction) -> None:

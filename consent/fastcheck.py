@@ -39,7 +39,7 @@ from urllib.parse import unquote_plus
 from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import crypto
+from . import crypto, db
 from .http import dumps
 from .ledger import parse_subject_ref
 from .middleware import BASE_HEADERS, finish_request, incoming_request_id, new_request_id
@@ -54,8 +54,6 @@ PARAMS = {"purpose": 64, "subject": 400, "email": 320, "anonymous_id": 200}
 SUBJECT_PARAMS = {"subject": None, "email": "email", "anonymous_id": "anon"}
 KEY_CACHE_MAX = 10_000
 PG_CONNECTIONS = 2  # per process; each carries a whole batch per round trip
-SQLITE_MMAP_BYTES = 1 << 34  # address space only: the OS pages in what is read
-SQLITE_CACHE_KIB = 32 * 1024
 
 # What a key is, forever: (tenant_id, kind, tenant hash key). Validity is NOT cached.
 _KEY_SQL = ("SELECT k.tenant_id, k.kind, t.hash_key FROM api_key k JOIN tenant t ON t.id = k.tenant_id "
@@ -123,16 +121,21 @@ class Declined(Exception):
     """This request is not for the fast path; the ordinary route answers it."""
 
 
-def parse(scope: Scope) -> tuple[str, str, str, str]:
-    """(bearer token, purpose, subject kind, subject value) of a well-formed check, else Declined."""
-    token = None
+def bearer_token(scope: Scope) -> str:
+    """The bearer token as ``http.bearer`` reads it (the first Authorization header), else Declined."""
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, rest = value.decode("latin-1").partition(" ")
-            token = rest.strip() if scheme.lower() == "bearer" else None
-            break
-    if not token or len(token) >= 200:
-        raise Declined
+            token = rest.strip() if scheme.lower() == "bearer" else ""
+            if not token or len(token) >= 200:
+                break
+            return token
+    raise Declined
+
+
+def parse(scope: Scope) -> tuple[str, str, str, str]:
+    """(bearer token, purpose, subject kind, subject value) of a well-formed check, else Declined."""
+    token = bearer_token(scope)
     query: dict[str, str] = {}
     for name, value in _pairs(scope["query_string"].decode("latin-1")):
         limit = PARAMS.get(name)
@@ -225,8 +228,8 @@ class SqliteReader(Reader):
             conn.execute("PRAGMA query_only=ON")
             # Perf: read pages through a memory map and keep more of them (the check touches ~20
             # pages of 6 B-trees; through read() that alone was ~100 us per check).
-            conn.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
-            conn.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+            conn.execute(f"PRAGMA mmap_size={db.SQLITE_MMAP_BYTES}")
+            conn.execute(f"PRAGMA cache_size=-{db.SQLITE_CACHE_KIB}")
             self._conn = conn
         return self._conn
 
@@ -272,6 +275,7 @@ class PostgresReader(Reader):
         self._busy: set[Any] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.statements = 0  # check statements sent (each answers a whole batch)
 
     async def _submit(self, what: str, arg: Any) -> Any:
         if self._closed:
@@ -325,8 +329,7 @@ class PostgresReader(Reader):
             else:
                 self._idle.append(conn)
 
-    @staticmethod
-    async def _execute(conn: Any, batch: list[tuple[str, Any, Any]]) -> list[Any]:
+    async def _execute(self, conn: Any, batch: list[tuple[str, Any, Any]]) -> list[Any]:
         results: list[Any] = [None] * len(batch)
         checks = []
         for n, (what, arg, _fut) in enumerate(batch):
@@ -336,6 +339,7 @@ class PostgresReader(Reader):
             else:
                 checks.append((n, arg))
         if checks:
+            self.statements += 1
             cols = list(zip(*(arg for _, arg in checks)))
             cur = await conn.execute(_PG_SQL, {"kh": list(cols[0]), "t": list(cols[1]), "kind": list(cols[2]),
                                                "h": list(cols[3]), "p": list(cols[4]), "now": utcnow()})
@@ -385,7 +389,7 @@ class FastCheck:
                     pass
                 else:
                     reader.answered += 1
-                    await self._send(scope, send, body, start)
+                    await send_json(scope, send, 200, body, ROUTE, start)
                     return
         await self.app(scope, receive, send)
 
@@ -401,11 +405,12 @@ class FastCheck:
         row = await reader.check((digest, tenant_id, kind, value, purpose))
         return dumps(answer(purpose, row))
 
-    @staticmethod
-    async def _send(scope: Scope, send: Send, body: bytes, start: float) -> None:
-        request_id = incoming_request_id(scope) or new_request_id()
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"),
-            (b"x-request-id", request_id.encode()), *BASE_HEADERS]})
-        await send({"type": "http.response.body", "body": body})
-        finish_request(scope.get("method"), ROUTE, 200, start, request_id)
+
+async def send_json(scope: Scope, send: Send, status: int, body: bytes, route: str, start: float) -> None:
+    """A JSON answer with the headers the middleware gives every response, then its access line."""
+    request_id = incoming_request_id(scope) or new_request_id()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"),
+        (b"x-request-id", request_id.encode()), *BASE_HEADERS]})
+    await send({"type": "http.response.body", "body": body})
+    finish_request(scope.get("method"), route, status, start, request_id)

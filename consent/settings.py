@@ -33,6 +33,7 @@ class Settings:
     rate_limit_routes: tuple[str, ...] = ()
     limit_concurrency: int = 1000
     fast_check: bool = True  # GET /v1/check answered by consent/fastcheck.py (False: by the route)
+    fast_record: bool = True  # common POST /v1/consents by consent/fastrecord.py (PostgreSQL)
     # integrations (issue 4): email links and the webhook delivery worker
     email_confirm_days: int = 7
     webhook_worker: bool = True
@@ -74,6 +75,7 @@ class Settings:
                                     if n.strip()),
             limit_concurrency=config("CONSENT_LIMIT_CONCURRENCY", cast=int, default=1000),
             fast_check=config("CONSENT_FAST_CHECK", cast=bool, default=True),
+            fast_record=config("CONSENT_FAST_RECORD", cast=bool, default=True),
             email_confirm_days=config("CONSENT_EMAIL_CONFIRM_DAYS", cast=int, default=7),
             webhook_worker=config("CONSENT_WEBHOOK_WORKER", cast=bool, default=True),
             webhook_poll_seconds=config("CONSENT_WEBHOOK_POLL_SECONDS", cast=float, default=1.0),

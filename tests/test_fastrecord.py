@@ -1,0 +1,226 @@
+"""POST /v1/consents' fast path (consent/fastrecord.py, PostgreSQL) against the route.
+
+The same decisions go through an app with the fast path and one without it
+(CONSENT_FAST_RECORD false) on the same database: the rows written, the answers, the change
+feed and the outbox must be the same, chains must stay linear when both paths and concurrent
+writers append to one subject, and every request the fast path does not take must get the
+route's own answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from starlette.testclient import TestClient
+
+from consent import db, fastrecord
+from consent.app import create_app
+from consent.schemas import ConsentIn
+
+from .conftest import settings_for
+from .helpers import Tenant, make_tenant
+
+
+@pytest.fixture(scope="module")
+def route_client(db_url: str) -> Iterator[TestClient]:
+    with TestClient(create_app(settings_for(db_url, fast_record=False))) as c:
+        yield c
+
+
+def writer_of(client: TestClient, backend: str) -> fastrecord.Writer:
+    writer = client.app.state.services.record_writer  # type: ignore[attr-defined]
+    if backend != "postgresql":
+        assert writer is None  # the fast path is PostgreSQL's; SQLite takes every record by the route
+        pytest.skip("the fast record path is PostgreSQL only")
+    assert writer is not None
+    return writer  # type: ignore[no-any-return]
+
+
+def rows(db_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
+    engine = db.create_db_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.text(sql), params)]
+    finally:
+        engine.dispose()
+
+
+def as_route(t: Tenant, route: TestClient) -> Tenant:
+    return Tenant(route, t.id, t.secret_key, t.publishable_key)
+
+
+VOLATILE = {"id", "seq", "record_hash", "prev_hash", "receipt", "recorded_at", "request_sha256", "subject_id",
+            "record_seq", "record_id", "created_at", "position", "subject", "next_attempt_at", "event_id",
+            "event_position"}
+
+
+def stable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in VOLATILE}
+
+
+def test_both_paths_write_the_same_rows(client: TestClient, route_client: TestClient, backend: str,
+                                        db_url: str) -> None:
+    writer = writer_of(client, backend)
+    t = make_tenant(client)
+    hook = t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["consent.*"]})
+    assert hook.status_code == 201, hook.text
+    r = as_route(t, route_client)
+    for who in ("fast@example.com", "route@example.com"):  # the first record of a subject: the route
+        t.record("analytics", "denied", email=who)
+    before = writer.recorded
+    evidence = {"ip": "203.0.113.77", "user_agent": "UA/1", "form": "footer"}
+    fast = t.record("product_updates", "granted", email="FAST@example.com", evidence=dict(evidence))
+    slow = r.record("product_updates", "granted", email="route@example.com", evidence=dict(evidence))
+    assert writer.recorded == before + 1, "the fast path took the record"
+    assert stable(fast) == stable(slow) and fast["status"] == "pending_confirmation"
+    assert fast["prev_hash"] and fast["receipt"].count(".") == 2
+    a, b = (rows(db_url, "SELECT * FROM consent_record WHERE id = :i", i=x["id"])[0] for x in (fast, slow))
+    assert stable(a) == stable(b) and a["evidence"]["ip"] == "203.0.113.0" and a["evidence"]["form"] == "footer"
+    sa_, sb = (rows(db_url, "SELECT * FROM consent_state WHERE subject_id = :s AND purpose = 'product_updates'",
+                    s=x["subject"])[0] for x in (fast, slow))
+    assert stable(sa_) == stable(sb) and sa_["record_seq"] == a["seq"]
+    ea, eb = (rows(db_url, "SELECT * FROM event WHERE record_id = :i", i=x["id"])[0] for x in (fast, slow))
+    assert stable(ea) == stable(eb) | {"data": ea["data"]}
+    assert {k: v for k, v in ea["data"].items() if k not in ("record_id", "subject", "recorded_at", "record_hash")} \
+        == {k: v for k, v in eb["data"].items() if k not in ("record_id", "subject", "recorded_at", "record_hash")}
+    da, db_ = (rows(db_url, "SELECT * FROM webhook_delivery WHERE event_id = :e", e=x["id"]) for x in (ea, eb))
+    assert len(da) == len(db_) == 1 and stable(da[0]) == stable(db_[0]) and da[0]["event_position"] == ea["position"]
+    feed = t.get("/v1/events", params={"after": 0, "limit": 100}).json()["items"]
+    assert [e["position"] for e in feed] == list(range(1, len(feed) + 1))  # gap-free across both paths
+    assert t.check("product_updates", email="fast@example.com")["record_id"] == fast["id"]
+
+
+def test_paths_alternate_on_one_chain(client: TestClient, route_client: TestClient, backend: str,
+                                      db_url: str) -> None:
+    writer = writer_of(client, backend)
+    t = make_tenant(client)
+    r = as_route(t, route_client)
+    first = t.record("marketing_email", "granted", user_id="u-1")
+    before = writer.recorded
+    made = [first]
+    for n in range(6):
+        side = t if n % 2 else r
+        made.append(side.record("marketing_email", ["denied", "granted"][n % 2], user_id="u-1"))
+    assert writer.recorded == before + 3
+    for prev, rec in zip(made, made[1:]):
+        assert rec["prev_hash"] == prev["record_hash"]
+    chain = rows(db_url, "SELECT prev_hash, record_hash FROM consent_record WHERE subject_id = :s ORDER BY seq",
+                 s=first["subject"])
+    assert [c["record_hash"] for c in chain] == [m["record_hash"] for m in made]
+    assert t.check(subject="u-1")["status"] == "granted"
+
+
+def test_what_the_fast_path_leaves_to_the_route(client: TestClient, route_client: TestClient,
+                                                backend: str) -> None:
+    writer = writer_of(client, backend)
+    t = make_tenant(client)
+    r = as_route(t, route_client)
+    t.record(email="ada@example.com")
+    r.record(email="bea@example.com")
+    t.publish("v2", purposes=["strictly_necessary", "marketing_email", "analytics"])
+    before = writer.recorded
+    cases: list[tuple[dict[str, Any], dict[str, str], int]] = [
+        ({"subject": {"email": "new@example.com"}, "purpose": "marketing_email", "decision": "granted"}, {}, 201),
+        ({"subject": {"email": "ada@example.com", "user_id": "u-9"}, "purpose": "analytics",
+          "decision": "granted"}, {}, 201),
+        ({"subject": {"email": "ada@example.com"}, "purpose": "marketing_email", "decision": "granted",
+          "policy_version": "v1"}, {}, 201),
+        ({"subject": {"email": "ada@example.com"}, "purpose": "strictly_necessary",
+          "decision": "acknowledged"}, {}, 201),
+        ({"subject": {"email": "ada@example.com"}, "purpose": "nope", "decision": "granted"}, {}, 422),
+        ({"subject": {"email": "ada@example.com"}, "purpose": "strictly_necessary", "decision": "granted"}, {}, 422),
+        ({"subject": {"email": "not-an-email"}, "purpose": "analytics", "decision": "granted"}, {}, 422),
+        ({"subject": {"email": "ada@example.com"}, "purpose": "analytics", "decision": "maybe"}, {}, 422),
+        ({"subject": {"email": "ada@example.com"}, "purpose": "analytics", "decision": "granted",
+          "extra": 1}, {}, 422),
+        ({"subject": {"email": "ada@example.com"}, "purpose": "analytics", "decision": "granted"},
+         {"Authorization": f"Bearer {t.publishable_key}"}, 403),
+        ({"subject": {"email": "ada@example.com"}, "purpose": "analytics", "decision": "granted"},
+         {"Authorization": "Bearer sk_nope"}, 401),
+        ({"subject": {"email": "ada@example.com"}, "purpose": "analytics", "decision": "granted"},
+         {"Content-Type": "text/plain"}, 415),
+    ]
+    for body, headers, code in cases:
+        got = t.post("/v1/consents", json=body, headers=headers)
+        assert got.status_code == code, (body, got.text)
+        if code >= 400:
+            want = r.post("/v1/consents", json=body, headers=headers)
+            assert want.status_code == code
+            assert {k: v for k, v in got.json().items() if k != "request_id"} == \
+                {k: v for k, v in want.json().items() if k != "request_id"}
+    malformed = t.post("/v1/consents", content=b'{"subject": ', headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 400
+    assert writer.recorded == before, "none of these was the fast path's"
+
+
+def test_idempotency_keys(client: TestClient, backend: str) -> None:
+    writer = writer_of(client, backend)
+    t = make_tenant(client)
+    t.record(email="ada@example.com")
+    body = {"subject": {"email": "ada@example.com"}, "purpose": "analytics", "decision": "granted"}
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    before = writer.recorded
+    first = t.post("/v1/consents", json=body, headers=key)
+    assert first.status_code == 201 and writer.recorded == before + 1
+    again = t.post("/v1/consents", json=body, headers=key)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]  # replayed by the route
+    other = t.post("/v1/consents", json={**body, "decision": "denied"}, headers=key)
+    assert other.status_code == 409
+    assert t.post("/v1/consents", json=body, headers={"Idempotency-Key": "x" * 201}).status_code == 422
+    assert writer.recorded == before + 1
+
+
+def test_a_revoked_key_stops_at_once(client: TestClient, backend: str) -> None:
+    writer_of(client, backend)
+    t = make_tenant(client)
+    t.record(email="ada@example.com")
+    t.record("analytics", email="ada@example.com")  # the key is in the writer's cache now
+    old = t.h
+    new = t.post("/v1/keys/rotate", json={"kind": "secret"}).json()["secret_key"]
+    body = {"subject": {"email": "ada@example.com"}, "purpose": "analytics", "decision": "denied"}
+    assert client.post("/v1/consents", json=body, headers=old).status_code == 401
+    assert client.post("/v1/consents", json=body, headers={"Authorization": f"Bearer {new}"}).status_code == 201
+
+
+def test_concurrent_writers_of_one_subject_keep_one_chain(client: TestClient, backend: str, db_url: str) -> None:
+    """Many records of one subject at once on one writer: each either lands on the head it read
+    or reads again (or leaves the request to the route); never a fork."""
+    writer_of(client, backend)
+    t = make_tenant(client)
+    sub = t.record(email="ada@example.com")["subject"]
+    services = client.app.state.services  # type: ignore[attr-defined]
+    engine = db.create_db_engine(db_url)
+
+    async def run() -> list[Any]:
+        writer = fastrecord.open_writer(engine, services)
+        assert writer is not None
+        spec = ConsentIn.model_validate({"subject": {"email": "ada@example.com"}, "purpose": "analytics",
+                                         "decision": "granted"})
+        try:
+            return await asyncio.gather(*[writer.record(t.secret_key, spec, None) for _ in range(24)],
+                                        return_exceptions=True)
+        finally:
+            await writer.close()
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        engine.dispose()
+    landed = [x for x in results if isinstance(x, bytes)]
+    assert all(isinstance(x, (bytes, fastrecord.Declined)) for x in results), results
+    assert len(landed) >= 4
+    chain = rows(db_url, "SELECT prev_hash, record_hash FROM consent_record WHERE subject_id = :s ORDER BY seq", s=sub)
+    assert len(chain) == 1 + len(landed)
+    prev = None
+    for link in chain:
+        assert link["prev_hash"] == prev
+        prev = link["record_hash"]
+    head = rows(db_url, "SELECT head_hash FROM subject WHERE id = :s", s=sub)[0]["head_hash"]
+    assert head == prev
+    feed = t.get("/v1/events", params={"after": 0, "limit": 100}).json()["items"]
+    assert [e["position"] for e in feed] == list(range(1, len(chain) + 1))
