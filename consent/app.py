@@ -14,10 +14,10 @@ from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from . import api, api_audit, api_snippet, db, fastcheck, fastrecord, ratelimit, receipts, webhooks
 from . import api_integrations as integ
@@ -195,6 +195,26 @@ def prepare(settings: Settings, engine: Engine) -> Signer:
         return Signer(key.kid, key.private_pem)
 
 
+class ConsentApp(Starlette):
+    """Starlette, with the two hot paths tried first: a well-formed ``GET /v1/check``
+    (``fastcheck``) and a common ``POST /v1/consents`` (``fastrecord``) are answered before the
+    middleware stack; anything they decline goes through it to the routes as usual."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path, method = scope["path"], scope["method"]
+            services = getattr(self.state, "services", None)
+            if path == fastcheck.ROUTE and method == "GET":
+                if await fastcheck.handle(services, scope, send):
+                    return
+            elif path == fastrecord.ROUTE and method == "POST":
+                passed = await fastrecord.handle(services, scope, receive, send)
+                if passed is None:
+                    return
+                receive = passed
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the ASGI app. Nothing happens at import time; uvicorn calls this with --factory."""
     settings = settings or Settings.from_env()
@@ -224,10 +244,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await writer.close()
             engine.dispose()
 
-    app = Starlette(
+    app = ConsentApp(
         routes=ratelimit.guard(list(routes), settings.rate_limit_routes),
-        middleware=[Middleware(fastcheck.FastCheck), Middleware(fastrecord.FastRecord),
-                    RequestContextMiddleware.as_middleware()],
+        middleware=[RequestContextMiddleware.as_middleware()],
         exception_handlers={ConsentError: on_consent_error, HTTPException: on_http_exception,
                             sa_exc.OperationalError: on_database_error, Exception: on_unexpected},
         lifespan=lifespan,

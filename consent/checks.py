@@ -21,7 +21,7 @@ from .ledger import SI, STATE, parse_subject_ref
 from .models import ConsentRecord, PolicyPurpose, Tenant, utcnow
 from .tenants import TenantRef
 from .receipts import record_claims
-from .state import derive_status, is_allowed
+from .state import STATUSES, derive_status, is_allowed
 
 PP = PolicyPurpose.__table__  # type: ignore[attr-defined]
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
@@ -97,7 +97,7 @@ def bulk_check(db: Session, tenant: Tenant | TenantRef, *, purpose: str, emails:
     by_kind: dict[str, list[str]] = {}
     for kind, h in keys:
         by_kind.setdefault(kind, []).append(h)
-    found: dict[tuple[str, str], tuple[str, bool, bool]] = {}
+    found: dict[tuple[str, str], str] = {}  # (kind, key) -> status
     conn = db.connection()
     postgres = conn.dialect.name == "postgresql"
     if postgres and len(keys) > 1000:
@@ -108,16 +108,14 @@ def bulk_check(db: Session, tenant: Tenant | TenantRef, *, purpose: str, emails:
         conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
     for kind, hashes in by_kind.items():
         unique = list(dict.fromkeys(hashes))
-        for key, decision, confirmed, stale in conn.execute(_bulk_query(tenant.id, purpose, kind, now, unique, postgres)):
-            found[(kind, key)] = (decision, confirmed, bool(stale))
-    results = []
-    allowed_count = 0
-    for raw, key in zip(items, keys):
-        hit = found.get(key)
-        status = derive_status(hit[0], confirmed=hit[1], stale=hit[2]) if hit else "none"
-        allowed = is_allowed(status)
-        allowed_count += allowed
-        results.append({"id": raw, "allowed": allowed, "status": status})
+        # Perf: all rows in one fetch, statuses computed once per found key (not per input).
+        for key, decision, confirmed, stale in conn.execute(_bulk_query(tenant.id, purpose, kind, now, unique,
+                                                                         postgres)).all():
+            found[(kind, key)] = derive_status(decision, confirmed=confirmed, stale=bool(stale))
+    statuses = [found.get(key, "none") for key in keys]
+    allows = {status: is_allowed(status) for status in STATUSES}
+    results = [{"id": raw, "allowed": allows[status], "status": status} for raw, status in zip(items, statuses)]
+    allowed_count = sum(statuses.count(status) for status, yes in allows.items() if yes)
     return {"purpose": purpose, "count": len(results), "allowed_count": allowed_count, "results": results}
 
 

@@ -21,8 +21,6 @@ WRITE = {"sqlite_immediate": True}
 READ_PG = {"isolation_level": "AUTOCOMMIT"}
 # A pooled connection that sat idle longer than this is pinged before use (see below).
 IDLE_PING_SECONDS = 2.0
-SQLITE_MMAP_BYTES = 1 << 34  # address space, not memory: the OS pages in what is read
-SQLITE_CACHE_KIB = 32 * 1024  # page cache per connection
 
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
@@ -44,10 +42,6 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
-            # Perf: read pages through a memory map instead of a read() per page, and keep more
-            # of them: bulk check of 100,000 emails 1.7 s -> see docs/bench.md.
-            cur.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
-            cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             cur.close()
 
         @event.listens_for(engine, "begin")

@@ -31,7 +31,6 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from . import crypto
 from .models import (
-    ConsentRecord,
     Event,
     EventCounter,
     SubjectIdentifier,

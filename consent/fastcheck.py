@@ -1,6 +1,6 @@
 """``GET /v1/check`` without the framework: the hot path of every marketing email.
 
-``FastCheck`` is the outermost middleware. For a well-formed check (secret key, a purpose,
+``handle`` runs before any middleware (``app.ConsentApp``). For a well-formed check (secret key, a purpose,
 exactly one subject, no ``at``) it answers 200 itself with ONE SQL statement and no ORM,
 no Starlette request object, no threadpool hop. Everything else (no key, a bad parameter,
 an unknown purpose, a revoked key, ``at=``, a database error) is *declined*: the request
@@ -32,18 +32,19 @@ import hashlib
 import logging
 import sqlite3
 import time
+from datetime import UTC, datetime
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus
 
 from sqlalchemy.engine import Engine
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope, Send
 
-from . import crypto, db
+from . import crypto
 from .http import dumps
 from .ledger import parse_subject_ref
 from .middleware import BASE_HEADERS, finish_request, incoming_request_id, new_request_id
-from .models import UTCDateTime, utcnow
+from .models import utcnow
 from .state import derive_status, is_allowed
 
 log = logging.getLogger("consent.fastcheck")
@@ -53,6 +54,7 @@ ROUTE = "/v1/check"
 PARAMS = {"purpose": 64, "subject": 400, "email": 320, "anonymous_id": 200}
 SUBJECT_PARAMS = {"subject": None, "email": "email", "anonymous_id": "anon"}
 KEY_CACHE_MAX = 10_000
+SQLITE_CACHE_KIB = 128 * 1024  # page cache of the fast check's own SQLite connection
 PG_CONNECTIONS = 2  # per process; each carries a whole batch per round trip
 
 # What a key is, forever: (tenant_id, kind, tenant hash key). Validity is NOT cached.
@@ -164,7 +166,9 @@ def _pairs(qs: str) -> list[tuple[str, str]]:
         if "%" in name or "+" in name:
             name = unquote_plus(name)
         if "%" in value or "+" in value:
-            value = unquote_plus(value)
+            # Perf: an email's "@" is the usual (often the only) escape.
+            plain = value.replace("%40", "@")
+            value = plain if "%" not in plain and "+" not in plain else unquote_plus(value)
         out.append((name, value))
     return out
 
@@ -226,10 +230,11 @@ class SqliteReader(Reader):
         if self._conn is None:
             conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=5)
             conn.execute("PRAGMA query_only=ON")
-            # Perf: read pages through a memory map and keep more of them (the check touches ~20
-            # pages of 6 B-trees; through read() that alone was ~100 us per check).
-            conn.execute(f"PRAGMA mmap_size={db.SQLITE_MMAP_BYTES}")
-            conn.execute(f"PRAGMA cache_size=-{db.SQLITE_CACHE_KIB}")
+            # Perf: a larger page cache for this one connection (a check touches ~20 pages of six
+            # B-trees; re-reading them from the OS cost ~60 us per check). Bounded memory, unlike
+            # PRAGMA mmap_size (faster still, ~15 us, but the mapped file then counts in the
+            # process's RSS, which grows with the ledger; docs/bench.md).
+            conn.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             self._conn = conn
         return self._conn
 
@@ -355,6 +360,11 @@ class PostgresReader(Reader):
         self._idle = []
 
 
+def sqlite_time(value: datetime) -> str:
+    """A UTC time as SQLAlchemy stores DateTime on SQLite (so text comparison orders times)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
 def open_reader(engine: Engine) -> Reader | None:
     """The fast reader for this engine's database, or None where it does not apply
     (an in-memory SQLite database is private to its one pooled connection)."""
@@ -362,7 +372,7 @@ def open_reader(engine: Engine) -> Reader | None:
     if engine.dialect.name == "sqlite":
         if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
             return None
-        return SqliteReader(url.database, UTCDateTime().bind_processor(engine.dialect) or (lambda v: v))
+        return SqliteReader(url.database, sqlite_time)
     if engine.dialect.name == "postgresql":
         _, params = engine.dialect.create_connect_args(url)  # what the engine itself connects with
         params.pop("context", None)  # SQLAlchemy's adapters: plain psycopg types suffice here
@@ -371,39 +381,35 @@ def open_reader(engine: Engine) -> Reader | None:
     return None
 
 
-class FastCheck:
-    """Pure ASGI middleware answering well-formed ``GET /v1/check`` requests (see above)."""
+async def handle(services: Any, scope: Scope, send: Send) -> bool:
+    """Answer a well-formed ``GET /v1/check`` (True), or leave it to the route (False).
+    Called by ``app.ConsentApp`` before Starlette's middleware stack."""
+    reader = getattr(services, "check_reader", None)
+    if reader is None:
+        return False
+    start = time.perf_counter()
+    try:
+        body = await _answer(reader, scope)
+    except Declined:
+        return False
+    except Exception:  # a bug here must not cost the caller an answer: the route gives it
+        log.exception("fast check failed; the route answers")
+        return False
+    reader.answered += 1
+    await send_json(scope, send, 200, body, ROUTE, start)
+    return True
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == ROUTE and scope["method"] == "GET":
-            services = getattr(scope["app"].state, "services", None)
-            reader = getattr(services, "check_reader", None)
-            if reader is not None:
-                start = time.perf_counter()
-                try:
-                    body = await self._answer(reader, scope)
-                except Declined:
-                    pass
-                else:
-                    reader.answered += 1
-                    await send_json(scope, send, 200, body, ROUTE, start)
-                    return
-        await self.app(scope, receive, send)
-
-    @staticmethod
-    async def _answer(reader: Reader, scope: Scope) -> bytes:
-        token, purpose, kind, value = parse(scope)
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        tenant_id, key_kind, hash_key = await reader.key(digest)
-        if key_kind != "secret":
-            raise Declined  # the route says 403
-        if kind != "id":
-            value = crypto.keyed_hash(hash_key, kind, crypto.normalize_email(value) if kind == "email" else value)
-        row = await reader.check((digest, tenant_id, kind, value, purpose))
-        return dumps(answer(purpose, row))
+async def _answer(reader: Reader, scope: Scope) -> bytes:
+    token, purpose, kind, value = parse(scope)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    tenant_id, key_kind, hash_key = await reader.key(digest)
+    if key_kind != "secret":
+        raise Declined  # the route says 403
+    if kind != "id":
+        value = crypto.keyed_hash(hash_key, kind, crypto.normalize_email(value) if kind == "email" else value)
+    row = await reader.check((digest, tenant_id, kind, value, purpose))
+    return dumps(answer(purpose, row))
 
 
 async def send_json(scope: Scope, send: Send, status: int, body: bytes, route: str, start: float) -> None:

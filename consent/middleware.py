@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send

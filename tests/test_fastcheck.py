@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from datetime import UTC, datetime
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -209,3 +209,22 @@ def test_query_pairs_are_what_starlette_reads(pairs: list[tuple[str, str]], junk
     """The fast path reads the query string exactly as Starlette (parse_qsl) does."""
     for qs in ("&".join(f"{a}={b}" for a, b in pairs), junk, urlencode(pairs)):
         assert fastcheck._pairs(qs) == parse_qsl(qs, keep_blank_values=True)
+
+
+def test_sqlite_time_is_how_sqlalchemy_stores_it(tmp_path) -> None:
+    """The fast check compares ``effective_at`` with a bound text on SQLite: same format."""
+    import sqlalchemy as sa
+
+    from consent.models import UTCDateTime
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 't.db'}")
+    table = sa.Table("t", sa.MetaData(), sa.Column("at", UTCDateTime()))
+    table.create(engine)
+    for at in (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+               datetime.now(UTC)):
+        with engine.begin() as conn:
+            conn.execute(table.delete())
+            conn.execute(table.insert(), {"at": at})
+            stored = conn.exec_driver_sql("SELECT at FROM t").scalar_one()
+        assert stored == fastcheck.sqlite_time(at)
+    engine.dispose()

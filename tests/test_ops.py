@@ -9,7 +9,6 @@ import signal
 import socket
 import threading
 import time
-from typing import Any
 
 import httpx
 import pytest

@@ -4,7 +4,6 @@ and every error body are searched for keys, tokens, private key material and raw
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import httpx
 import pytest
