@@ -32,8 +32,8 @@ import hashlib
 import logging
 import sqlite3
 import time
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -188,11 +188,47 @@ def answer(purpose: str, row: Row) -> dict[str, Any]:
             "policy_version": policy_version, "record_id": record_id, "receipt": receipt}
 
 
+class KeyCache:
+    """API key digest -> (tenant id, kind, tenant hash key): what never changes for a key.
+    Validity is never cached; the statements that use a key check it. Bounded (cleared when full)."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, Key] = {}
+
+    def get(self, digest: str) -> Key | None:
+        return self._keys.get(digest)
+
+    def put(self, digest: str, key: Key) -> Key:
+        if len(self._keys) >= KEY_CACHE_MAX:
+            self._keys.clear()
+        self._keys[digest] = key
+        return key
+
+
+def pg_connect_args(engine: Engine) -> dict[str, Any]:
+    """What the engine itself connects with, for plain psycopg connections of the fast paths."""
+    _, params = engine.dialect.create_connect_args(engine.url)
+    params.pop("context", None)  # SQLAlchemy's adapters: plain psycopg types suffice here
+    params.setdefault("connect_timeout", 5)
+    return dict(params)
+
+
+async def pg_connect(connect_args: dict[str, Any]) -> Any:
+    """An autocommit connection with server-side prepared statements and ONE plan each: custom
+    plans re-planned the fast paths' joins on every execute (0.3 ms, more than running them)."""
+    import psycopg
+
+    conn = await psycopg.AsyncConnection.connect(**connect_args, autocommit=True, prepare_threshold=0)
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
+    await conn.execute("SET statement_timeout = 10000")
+    return conn
+
+
 class Reader:
     """Runs checks against one database; ``key`` and ``check`` raise Declined when in doubt."""
 
     def __init__(self) -> None:
-        self._keys: dict[str, Key] = {}
+        self._keys = KeyCache()
         self.answered = 0  # checks answered here rather than by the route (tests, debugging)
 
     async def key(self, digest: str) -> Key:
@@ -201,9 +237,7 @@ class Reader:
             found = await self._lookup_key(digest)
             if found is None:
                 raise Declined  # unknown or revoked: the route says 401
-            if len(self._keys) >= KEY_CACHE_MAX:
-                self._keys.clear()
-            self._keys[digest] = found
+            self._keys.put(digest, found)
         return found
 
     async def _lookup_key(self, digest: str) -> Key | None:
@@ -300,7 +334,6 @@ class PostgresReader(Reader):
         return await self._submit("check", item)  # type: ignore[no-any-return]
 
     async def _drain(self, conn: Any) -> None:
-        import psycopg
 
         try:
             while self._pending:
@@ -308,12 +341,7 @@ class PostgresReader(Reader):
                 try:
                     if conn is None or conn.closed:
                         conn = None
-                        conn = await psycopg.AsyncConnection.connect(**self._connect_args, autocommit=True,
-                                                                     prepare_threshold=0)
-                        # One plan for every batch: custom plans re-planned the unnest() join on
-                        # each execute (0.3 ms, more than running it; EXPLAIN in docs/bench.md).
-                        await conn.execute("SET plan_cache_mode = force_generic_plan")
-                        await conn.execute("SET statement_timeout = 10000")
+                        conn = await pg_connect(self._connect_args)
                     results = await self._execute(conn, batch)
                 except Exception as exc:  # any driver error: these requests go to the route
                     log.debug("fast check batch failed: %s", type(exc).__name__)
@@ -374,10 +402,7 @@ def open_reader(engine: Engine) -> Reader | None:
             return None
         return SqliteReader(url.database, sqlite_time)
     if engine.dialect.name == "postgresql":
-        _, params = engine.dialect.create_connect_args(url)  # what the engine itself connects with
-        params.pop("context", None)  # SQLAlchemy's adapters: plain psycopg types suffice here
-        params.setdefault("connect_timeout", 5)
-        return PostgresReader(params)
+        return PostgresReader(pg_connect_args(engine))
     return None
 
 

@@ -43,7 +43,15 @@ from starlette.types import Message, Receive, Scope, Send
 
 from . import crypto, events, ledger
 from .errors import Unavailable, ValidationFailed
-from .fastcheck import _KEY_SQL, Declined, bearer_token, send_json
+from .fastcheck import (
+    _KEY_SQL,
+    Declined,
+    KeyCache,
+    bearer_token,
+    pg_connect,
+    pg_connect_args,
+    send_json,
+)
 from .http import dumps, problem_response
 from .middleware import BASE_HEADERS, finish_request, incoming_request_id, new_request_id
 from .models import utcnow
@@ -55,7 +63,6 @@ log = logging.getLogger("consent.fastrecord")
 ROUTE = "/v1/consents"
 BODY_MAX = 16 * 1024  # larger bodies go to the route (which allows up to max_body_bytes)
 CONNECTIONS = 4  # per process; a record holds one for its three round trips
-KEY_CACHE_MAX = 10_000
 RETRIES = 3  # reads of a subject whose chain head moved under us before the route takes over
 DECISIONS = ("granted", "denied", "withdrawn")
 
@@ -140,7 +147,7 @@ class Writer:
         self._services = services
         self._idle: asyncio.Queue[Any] | None = None
         self._connections = connections
-        self._keys: dict[str, tuple[str, str]] = {}  # key digest -> (tenant id, tenant hash key)
+        self._keys = KeyCache()
         self.recorded = 0  # records written here rather than by the route (tests, debugging)
 
     async def _take(self) -> Any:
@@ -150,24 +157,18 @@ class Writer:
                 self._idle.put_nowait(None)
         return await self._idle.get()
 
-    async def _connect(self) -> Any:
-        import psycopg
-
-        conn = await psycopg.AsyncConnection.connect(**self._connect_args, autocommit=True, prepare_threshold=0)
-        # One plan per statement: custom plans re-planned these joins on every execute.
-        await conn.execute("SET plan_cache_mode = force_generic_plan")
-        await conn.execute("SET statement_timeout = 10000")
-        return conn
-
-    async def _lookup_key(self, conn: Any, digest: str) -> tuple[str, str]:
+    async def _key(self, conn: Any, digest: str) -> tuple[str, str]:
         """The tenant and hash key of a secret key (cached: those never change for a key)."""
-        row = await (await conn.execute(_KEY_SQL.format(kh="%s"), (digest,))).fetchone()
-        if row is None or row[1] != "secret":
-            raise Declined  # the route says 401 or 403
-        if len(self._keys) >= KEY_CACHE_MAX:
-            self._keys.clear()
-        self._keys[digest] = (row[0], row[2])
-        return row[0], row[2]
+        known = self._keys.get(digest)
+        if known is None:
+            row = await (await conn.execute(_KEY_SQL.format(kh="%s"), (digest,))).fetchone()
+            if row is None:
+                raise Declined  # the route says 401
+            known = self._keys.put(digest, tuple(row))  # type: ignore[arg-type]
+        tenant_id, kind, hash_key = known
+        if kind != "secret":
+            raise Declined  # the route says 403
+        return tenant_id, hash_key
 
     def _build(self, spec: ConsentIn, tenant_id: str, idempotency_key: str | None, at: Any,
                row: Any) -> tuple[ledger.NewRecord, str, dict[str, Any], list[str]]:
@@ -235,11 +236,8 @@ class Writer:
         try:
             if conn is None or conn.closed:
                 conn = None
-                conn = await self._connect()
-            known = self._keys.get(digest)
-            if known is None:
-                known = await self._lookup_key(conn, digest)
-            tenant_id, hash_key = known
+                conn = await pg_connect(self._connect_args)
+            tenant_id, hash_key = await self._key(conn, digest)
             if kind == "email":
                 value = crypto.normalize_email(value)
             read = {"t": tenant_id, "kind": kind, "h": crypto.keyed_hash(hash_key, kind, value), "kh": digest,
@@ -279,10 +277,7 @@ def open_writer(engine: Engine, services: Any) -> Writer | None:
     """The fast writer for this engine's database (PostgreSQL only), or None."""
     if engine.dialect.name != "postgresql":
         return None
-    _, params = engine.dialect.create_connect_args(engine.url)  # what the engine itself connects with
-    params.pop("context", None)
-    params.setdefault("connect_timeout", 5)
-    return Writer(params, services)
+    return Writer(pg_connect_args(engine), services)
 
 
 def parse(scope: Scope, raw: bytes) -> tuple[str, ConsentIn, str | None]:
