@@ -33,7 +33,6 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -44,7 +43,7 @@ from . import crypto
 from .http import dumps
 from .ledger import parse_subject_ref
 from .middleware import BASE_HEADERS, finish_request, incoming_request_id, new_request_id
-from .models import utcnow
+from .models import sqlite_time, utcnow
 from .state import derive_status, is_allowed
 
 log = logging.getLogger("consent.fastcheck")
@@ -386,11 +385,6 @@ class PostgresReader(Reader):
             if conn is not None:
                 await conn.close()
         self._idle = []
-
-
-def sqlite_time(value: datetime) -> str:
-    """A UTC time as SQLAlchemy stores DateTime on SQLite (so text comparison orders times)."""
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def open_reader(engine: Engine) -> Reader | None:

@@ -45,6 +45,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def sqlite_time(value: datetime) -> str:
+    """A UTC time as SQLAlchemy stores DateTime on SQLite (so text comparison orders times),
+    for statements written as SQL text."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
 def ts(nullable: bool = False, index: bool = False) -> Any:
     return Field(sa_column=sa.Column(UTCDateTime(), nullable=nullable, index=index))
 

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from consent import crypto, db, fastcheck
+from consent import crypto, db, fastcheck, models
 from consent.app import create_app
 
 from .conftest import settings_for
@@ -226,5 +226,5 @@ def test_sqlite_time_is_how_sqlalchemy_stores_it(tmp_path) -> None:
             conn.execute(table.delete())
             conn.execute(table.insert(), {"at": at})
             stored = conn.exec_driver_sql("SELECT at FROM t").scalar_one()
-        assert stored == fastcheck.sqlite_time(at)
+        assert stored == models.sqlite_time(at)
     engine.dispose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import random
 
 import jwt
 import pytest
@@ -60,6 +61,31 @@ def test_bulk_agrees_with_single_checks_including_stale(client) -> None:
     assert [r["status"] for r in by_id["results"]] == single[:4] + ["none", "granted"]
     pending = t.post("/v1/check", json={"purpose": "product_updates", "emails": ["g@example.com"]}).json()
     assert pending["results"][0]["status"] == "pending_confirmation"
+
+
+def test_large_bulk_keeps_input_order(client) -> None:
+    """Thousands of keys, repeated and shuffled (PostgreSQL switches to hash joins above 1,000):
+    every answer is the single check's for that input, in input order (the statement returns the
+    answers as one ordered string)."""
+    t = make_tenant(client)
+    decisions = ["granted", "denied", "withdrawn"]
+    for i in range(24):
+        t.record(email=f"o{i}@example.com", decision=decisions[i % 3])
+    t.record("product_updates", email="o0@example.com")  # another purpose: not in this answer
+    expected = {f"o{i}@example.com": t.check(email=f"o{i}@example.com")["status"] for i in range(24)}
+    assert set(expected.values()) == set(decisions)
+    rng = random.Random(7)
+    emails = [rng.choice([f"O{rng.randrange(24)}@Example.com ", f"x{rng.randrange(10**6)}@example.com"])
+              for _ in range(3000)]
+    got = t.post("/v1/check", json={"purpose": "marketing_email", "emails": emails}).json()
+    want = [expected.get(e.strip().lower(), "none") for e in emails]
+    assert [r["status"] for r in got["results"]] == want
+    assert [r["id"] for r in got["results"]] == [e.strip() for e in emails]
+    assert got["allowed_count"] == want.count("granted") > 0
+    sids = {t.check(email=e)["subject"]: s for e, s in expected.items()}
+    refs = [rng.choice([*sids, "sub_missing"]) for _ in range(2000)]
+    by_id = t.post("/v1/check", json={"purpose": "marketing_email", "subjects": refs}).json()
+    assert [r["status"] for r in by_id["results"]] == [sids.get(r, "none") for r in refs]
 
 
 def test_bulk_keys_with_json_metacharacters(tenant) -> None:
