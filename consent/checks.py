@@ -83,37 +83,44 @@ def bulk_check(db: Session, tenant: Tenant | TenantRef, *, purpose: str, emails:
     if get_purpose(db, tenant.id, purpose) is None:
         raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
     now = utcnow()
-    items = emails if emails is not None else subjects or []
-    keys: list[tuple[str, str]] = []  # (kind, hash-or-id) per input
-    if emails is not None:
-        # Perf: one precomputed HMAC state for all 100,000 emails (0.18 s instead of 0.43 s).
-        keys = [("email", h) for h in crypto.keyed_hashes(
-            tenant.hash_key, "email", [crypto.normalize_email(e) for e in emails])]
-    else:
-        for raw in items:
-            kind, value = parse_subject_ref(raw)
-            keys.append((kind, value if kind == "id" else crypto.keyed_hash(tenant.hash_key, kind, value)))
-    by_kind: dict[str, list[str]] = {}
-    for kind, h in keys:
-        by_kind.setdefault(kind, []).append(h)
     conn = db.connection()
-    postgres = conn.dialect.name == "postgresql"
-    if postgres and len(keys) > 1000:
+    items = emails if emails is not None else subjects or []
+    if conn.dialect.name == "postgresql" and len(items) > 1000:
         # Perf: the planner guesses 100 rows for the unpacked key list and probes two indexes per
         # key; for many keys hash joins win: 100,000 emails 3.07 s -> 0.76 s (full bench ledger).
         # SET LOCAL ends with this read-only transaction.
         conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
         conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
-    found: dict[tuple[str, str], str] = {}  # (kind, key) -> status
-    for kind, hashes in by_kind.items():
-        unique = list(dict.fromkeys(hashes))
-        codes = bulk_codes(conn, tenant.id, purpose, kind, unique, now)
-        found.update(zip([(kind, k) for k in unique], codes))
-    statuses = [found[key] for key in keys]
+    if emails is not None:
+        # Perf: one precomputed HMAC state for all 100,000 emails (0.18 s instead of 0.43 s);
+        # no per-input tuples or dicts on the way (crypto.normalize_email, inlined).
+        hashes = crypto.keyed_hashes(tenant.hash_key, "email", [e.strip().lower() for e in emails])
+        statuses = _statuses(conn, tenant.id, purpose, "email", hashes, now)
+    else:
+        by_kind: dict[str, tuple[list[int], list[str]]] = {}  # kind -> (input positions, keys)
+        for i, raw in enumerate(items):
+            kind, value = parse_subject_ref(raw)
+            where, keys = by_kind.setdefault(kind, ([], []))
+            where.append(i)
+            keys.append(value if kind == "id" else crypto.keyed_hash(tenant.hash_key, kind, value))
+        statuses = ["none"] * len(items)
+        for kind, (where, keys) in by_kind.items():
+            for i, status in zip(where, _statuses(conn, tenant.id, purpose, kind, keys, now)):
+                statuses[i] = status
     allows = {status: is_allowed(status) for status in STATUSES}
     results = [{"id": raw, "allowed": allows[status], "status": status} for raw, status in zip(items, statuses)]
     allowed_count = sum(statuses.count(status) for status, yes in allows.items() if yes)
     return {"purpose": purpose, "count": len(results), "allowed_count": allowed_count, "results": results}
+
+
+def _statuses(conn: sa.Connection, tenant_id: str, purpose: str, kind: str, keys: list[str], now: datetime) -> list[str]:
+    """``bulk_codes`` for keys that may repeat (each distinct key is looked up once)."""
+    unique = list(dict.fromkeys(keys))
+    statuses = bulk_codes(conn, tenant_id, purpose, kind, unique, now)
+    if len(unique) == len(keys):
+        return statuses
+    by_key = dict(zip(unique, statuses))
+    return [by_key[k] for k in keys]
 
 
 # The states of one purpose for many keys as ONE string: a code per key, in key order, joined
