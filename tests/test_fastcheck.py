@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import random
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -221,7 +221,8 @@ def test_sqlite_time_is_how_sqlalchemy_stores_it(tmp_path) -> None:
     table = sa.Table("t", sa.MetaData(), sa.Column("at", UTCDateTime()))
     table.create(engine)
     for at in (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
-               datetime.now(UTC)):
+               datetime(7, 8, 9, 10, 11, 12, 999999, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC),
+               datetime(2026, 6, 1, 1, 2, 3, 4, tzinfo=timezone(timedelta(hours=-7))), datetime.now(UTC)):
         with engine.begin() as conn:
             conn.execute(table.delete())
             conn.execute(table.insert(), {"at": at})
