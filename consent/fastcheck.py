@@ -16,7 +16,7 @@ seen by the very next check in every process.
 - SQLite: the statement runs inline on the event loop (a ~20 us indexed read in WAL mode,
   on a connection of its own, in autocommit: one statement, one snapshot).
 - PostgreSQL: two asynchronous connections per process; an idle one takes *every* check
-  waiting at that moment and answers them with one statement over ``unnest(...)`` (group
+  waiting at that moment and answers them with one statement over all of them (group
   lookups, like group commit). One round trip and one psycopg execute serve a whole batch,
   and the event loop never blocks on the network. (Threads were tried first: handing work
   to a thread and back cost more than the query, ~1 ms at one client.)
@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus
 
+import orjson
 from sqlalchemy.engine import Engine
 from starlette.types import Scope, Send
 
@@ -86,15 +87,16 @@ SELECT EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = 
        NULL, NULL, NULL, NULL, NULL, NULL, NULL
 """
 
-# Many checks, one statement: one row per input, in input order (the ordinality ``i``).
-# LATERAL keeps every lookup an index probe whatever the planner guesses about unnest().
+# Many checks, one statement: one row per input, in input order (``i``). The inputs travel as
+# ONE JSON text unpacked by json_to_recordset in C: five text[] parameters cost psycopg a
+# Python-level dump per element, a third of the fast path's CPU under load (py-spy,
+# docs/bench.md). LATERAL keeps every lookup an index probe whatever the planner guesses.
 _PG_SQL = """
 SELECT q.i,
   EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = q.t AND k.revoked_at IS NULL),
   EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p),
   x.subject_id, x.decision, x.confirmed, x.policy_version, x.record_id, x.receipt, x.stale
-FROM unnest(%(kh)s::text[], %(t)s::text[], %(kind)s::text[], %(h)s::text[], %(p)s::text[])
-     WITH ORDINALITY AS q(kh, t, kind, h, p, i)
+FROM json_to_recordset(%(q)s::json) AS q(i int, kh text, t text, kind text, h text, p text)
 LEFT JOIN LATERAL (
   SELECT s.subject_id, s.decision, s.confirmed, s.policy_version, r.id AS record_id, r.receipt,
          EXISTS (SELECT 1 FROM policy_purpose pp
@@ -372,9 +374,9 @@ class PostgresReader(Reader):
                 checks.append((n, arg))
         if checks:
             self.statements += 1
-            cols = list(zip(*(arg for _, arg in checks)))
-            cur = await conn.execute(_PG_SQL, {"kh": list(cols[0]), "t": list(cols[1]), "kind": list(cols[2]),
-                                               "h": list(cols[3]), "p": list(cols[4]), "now": utcnow()})
+            inputs = orjson.dumps([{"i": i, "kh": kh, "t": t, "kind": kind, "h": h, "p": p}
+                                   for i, (_, (kh, t, kind, h, p)) in enumerate(checks)]).decode()
+            cur = await conn.execute(_PG_SQL, {"q": inputs, "now": utcnow()})
             for (n, _), row in zip(checks, await cur.fetchall()):
                 results[n] = row[1:]
         return results

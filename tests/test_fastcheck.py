@@ -172,6 +172,10 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> N
             digest = hashlib.sha256(t.secret_key.encode()).hexdigest()
             key = value if kind == "id" else crypto.keyed_hash(hash_keys[t.id], kind, value)
             items.append((digest, t.id, kind, key, rng.choice(["marketing_email", "analytics", "nope"])))
+        # values that JSON must escape travel intact (the batch is one JSON parameter)
+        odd = 'no"pe\\ \u00e9\u2028{[,'
+        items += [(digest, t.id, "id", odd, "marketing_email"), (digest, t.id, "email", odd, odd),
+                  (digest, t.id, "id", odd, "analytics")]
         rng.shuffle(items)
 
         async def run() -> tuple[list[Any], list[Any]]:
@@ -193,6 +197,9 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> N
     known = [r for r in single if r[3] is not None]
     assert len(known) > len(items) // 5 and all(r[0] for r in single)  # every key valid, many hits
     assert {bool(r[1]) for r in single} == {True, False}  # "nope" is an unknown purpose
+    for item, row in zip(items, single):
+        if odd in item:
+            assert row[0] and row[3] is None and bool(row[1]) == (item[4] != odd), (item, row)
     # and each agrees with the route's own rule
     for (_, tid, _, _, purpose), row in zip(items, single):
         if row[3] is None:
