@@ -33,6 +33,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -254,7 +255,7 @@ class Reader:
 class SqliteReader(Reader):
     """Inline reads on a connection of this process's own (file databases only)."""
 
-    def __init__(self, path: str, now_param: Callable[[Any], Any]) -> None:
+    def __init__(self, path: str, now_param: Callable[[], str]) -> None:
         super().__init__()
         self._path = path
         self._now = now_param
@@ -285,7 +286,7 @@ class SqliteReader(Reader):
 
     async def check(self, item: Item) -> Row:
         kh, tenant_id, kind, h, purpose = item
-        params = {"kh": kh, "t": tenant_id, "kind": kind, "h": h, "p": purpose, "now": self._now(utcnow())}
+        params = {"kh": kh, "t": tenant_id, "kind": kind, "h": h, "p": purpose, "now": self._now()}
         row = self._run(self._sql["id" if kind == "id" else "ident"], params)
         if row is None:  # each statement is its own snapshot: a write between them is a race
             row = self._run(_SQLITE_MISS, params)  # the check could have lost anyway
@@ -389,6 +390,19 @@ class PostgresReader(Reader):
         self._idle = []
 
 
+_SECOND: list[Any] = [None, ""]  # the current second and its text
+
+
+def sqlite_now() -> str:
+    """``sqlite_time(utcnow())`` at a fraction of the cost (perf: the date part is formatted once
+    a second; ~8 -> ~1 us per fast check under load on this machine)."""
+    t = time.time()
+    second = int(t)
+    if second != _SECOND[0]:
+        _SECOND[:] = [second, sqlite_time(datetime.fromtimestamp(second, UTC))[:19]]
+    return f"{_SECOND[1]}.{int((t - second) * 1_000_000):06d}"
+
+
 def open_reader(engine: Engine) -> Reader | None:
     """The fast reader for this engine's database, or None where it does not apply
     (an in-memory SQLite database is private to its one pooled connection)."""
@@ -396,7 +410,7 @@ def open_reader(engine: Engine) -> Reader | None:
     if engine.dialect.name == "sqlite":
         if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
             return None
-        return SqliteReader(url.database, sqlite_time)
+        return SqliteReader(url.database, sqlite_now)
     if engine.dialect.name == "postgresql":
         return PostgresReader(pg_connect_args(engine))
     return None

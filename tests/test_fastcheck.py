@@ -236,3 +236,13 @@ def test_sqlite_time_is_how_sqlalchemy_stores_it(tmp_path) -> None:
             stored = conn.exec_driver_sql("SELECT at FROM t").scalar_one()
         assert stored == models.sqlite_time(at)
     engine.dispose()
+
+
+def test_sqlite_now_is_sqlite_time_of_the_clock(monkeypatch) -> None:
+    """The fast check's ``now`` (date part formatted once a second) is ``sqlite_time`` of the clock."""
+    for t in (1_700_000_000.0, 1_700_000_000.5, 1_700_000_001.125, 1_700_000_001.25, 4_102_444_799.75, 86_400.0):
+        monkeypatch.setattr(fastcheck.time, "time", lambda t=t: t)
+        assert fastcheck.sqlite_now() == models.sqlite_time(datetime.fromtimestamp(t, UTC)), t
+    monkeypatch.undo()
+    before = models.sqlite_time(models.utcnow())
+    assert before <= fastcheck.sqlite_now() <= models.sqlite_time(models.utcnow())
