@@ -108,6 +108,8 @@ def tokens_equal(a: str, b: str) -> bool:
 
 def iso(dt: datetime) -> str:
     """RFC 3339 UTC with microseconds, the form used inside hashes and receipts."""
+    if dt.year >= 1000:  # perf: isoformat is ~4x cheaper than strftime; the same text from year 1000
+        return dt.isoformat("T", "microseconds")[:26] + "Z"
     return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
