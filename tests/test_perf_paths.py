@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consent import crypto
+from consent import checks, crypto
 from consent.errors import BadToken
 
 from .helpers import make_tenant
@@ -64,10 +64,14 @@ def test_bulk_agrees_with_single_checks_including_stale(client) -> None:
     assert pending["results"][0]["status"] == "pending_confirmation"
 
 
-def test_large_bulk_keeps_input_order(client) -> None:
+@pytest.mark.parametrize("chunk", [None, 700])
+def test_large_bulk_keeps_input_order(client, monkeypatch, chunk: int | None) -> None:
     """Thousands of keys, repeated and shuffled (PostgreSQL switches to hash joins above 1,000):
     every answer is the single check's for that input, in input order (the statement returns the
-    answers as one ordered string)."""
+    answers as one ordered string). With ``chunk``, SQLite takes them in chunks of that many,
+    hashing the next chunk in a thread."""
+    if chunk is not None:
+        monkeypatch.setattr(checks, "BULK_CHUNK", chunk)
     t = make_tenant(client)
     decisions = ["granted", "denied", "withdrawn"]
     for i in range(24):
