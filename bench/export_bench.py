@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from consent import db  # noqa: E402
+from ledger import reset  # noqa: E402  (bench/ledger.py)
 from tests.ledger_factory import generate_ledger  # noqa: E402
 
 ADMIN = "adm_bench_token_0123456789"
@@ -81,18 +82,10 @@ def main() -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     url = args.database_url or f"sqlite:///{tmp / 'consent.db'}"
     reuse_id = existing_ledger(url, args.records) if args.reuse else None
-    if reuse_id is None and not url.startswith("postgresql"):
-        for suffix in ("", "-wal", "-shm"):
-            (tmp / f"consent.db{suffix}").unlink(missing_ok=True)
-    if reuse_id is None and url.startswith("postgresql"):
-        import sqlalchemy as sa
-
-        eng = sa.create_engine(url)
-        with eng.begin() as conn:
-            conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
-            conn.exec_driver_sql("CREATE SCHEMA public")
-        eng.dispose()
-    db.migrate(url)
+    if reuse_id is None:
+        reset(url)  # an empty database, migrated
+    else:
+        db.migrate(url)
     port = free_port()
     env = {**os.environ, "CONSENT_DATABASE_URL": url, "CONSENT_ADMIN_TOKEN": ADMIN, "CONSENT_DEMO": "false",
            "CONSENT_LOG_LEVEL": "warning"}

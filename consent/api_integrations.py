@@ -279,19 +279,32 @@ async def unsubscribe(request: Request) -> Response:
     one_click = b"List-Unsubscribe=One-Click" in body or b'name="List-Unsubscribe"' in body  # form or multipart
     ip, ua = _client(request)
 
-    def work() -> Response:
-        with transaction(services.engine, write=True) as db:
-            link = email_links.verify(db, token, "unsubscribe")
-            record, created = email_links.unsubscribe(db, link, one_click=one_click, signer=services.signer,
-                                                      issuer=services.settings.issuer, ip=ip, user_agent=ua)
-        if wants_json(request):
-            return JSONResponse({"status": "withdrawn", "purpose": link.purpose.key, "record_id": record.id,
-                                 "already": not created})
-        return page("You are unsubscribed",
-                    f"<p>You will no longer receive <strong>{_title(link.purpose)}</strong>.</p>"
-                    "<p class=muted>You can close this page.</p>")
+    def act(db: Any, link: Any) -> Any:
+        return email_links.unsubscribe(db, link, one_click=one_click, signer=services.signer,
+                                       issuer=services.settings.issuer, ip=ip, user_agent=ua)
 
-    return await run_link(request, work)  # type: ignore[no-any-return]
+    return await run_link(request, _link_action(  # type: ignore[no-any-return]
+        request, token, "unsubscribe", act, "withdrawn", "You are unsubscribed",
+        lambda title: f"<p>You will no longer receive <strong>{title}</strong>.</p>"
+                      "<p class=muted>You can close this page.</p>"))
+
+
+def _link_action(request: Request, token: str, kind: str, act: Callable[[Any, Any], Any], status: str,
+                 heading: str, message: Callable[[str], str]) -> Callable[[], Response]:
+    """The work of a link that records a decision (unsubscribe, confirm): verify the token and
+    ``act`` in one write transaction, then answer JSON or a page saying ``message(purpose title)``."""
+    engine = request.app.state.services.engine
+
+    def work() -> Response:
+        with transaction(engine, write=True) as db:
+            link = email_links.verify(db, token, kind)
+            record, created = act(db, link)
+        if wants_json(request):
+            return JSONResponse({"status": status, "purpose": link.purpose.key, "record_id": record.id,
+                                 "already": not created})
+        return page(heading, message(_title(link.purpose)))
+
+    return work
 
 
 @describe(summary="Double-opt-in confirm page: shows one button that POSTs; never changes anything",
@@ -328,19 +341,14 @@ async def confirm(request: Request) -> Response:
     except ConsentError as exc:
         return error_page(request, exc)
 
-    def work() -> Response:
-        with transaction(services.engine, write=True) as db:
-            link = email_links.verify(db, token, "confirm")
-            record, created = email_links.confirm(db, link, signer=services.signer,
-                                                  issuer=services.settings.issuer, ip=ip, user_agent=ua)
-        if wants_json(request):
-            return JSONResponse({"status": "granted", "purpose": link.purpose.key, "record_id": record.id,
-                                 "already": not created})
-        return page("Subscription confirmed",
-                    f"<p>Thank you: you will receive <strong>{_title(link.purpose)}</strong>.</p>"
-                    "<p class=muted>Every email has a link to unsubscribe.</p>")
+    def act(db: Any, link: Any) -> Any:
+        return email_links.confirm(db, link, signer=services.signer, issuer=services.settings.issuer,
+                                   ip=ip, user_agent=ua)
 
-    return await run_link(request, work)  # type: ignore[no-any-return]
+    return await run_link(request, _link_action(  # type: ignore[no-any-return]
+        request, token, "confirm", act, "granted", "Subscription confirmed",
+        lambda title: f"<p>Thank you: you will receive <strong>{title}</strong>.</p>"
+                      "<p class=muted>Every email has a link to unsubscribe.</p>"))
 
 
 # --- change feed -------------------------------------------------------------------------------
