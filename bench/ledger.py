@@ -2,7 +2,7 @@
 
 One tenant, 3 purposes, 2 policy versions, N subjects (each with an email and half with a
 user id) and about 5 records per subject. Every row is what the service itself would have
-written: identifier hashes under the tenant's key, hash-chained records (``compute_record_hash``),
+written: identifier hashes under the tenant's key, hash-chained records (``seal_record``: hash and export line),
 receipts signed by the database's own signing key, consent_state in step with the newest record.
 The catalog (tenant, keys, purposes, versions) is made through the domain layer; only the bulk
 rows are computed here. SQLite and PostgreSQL get the same shape of ledger (one process each).
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from consent import catalog, crypto, db, receipts, tenants
-from consent.ledger import compute_record_hash, status_of_record
+from consent.ledger import seal_record, status_of_record
 from consent.models import ConsentRecord, ConsentState, SigningKey, Subject, SubjectIdentifier
 from consent.receipts import record_claims
 from consent.schemas import PolicyVersionIn, PurposeIn, TenantIn
@@ -119,7 +119,7 @@ def generate(meta: dict[str, Any], subjects: int, seed: int = 7) -> Iterator[dic
                     evidence_sha256=crypto.sha256_hex(crypto.canonical_json(evidence)), disclosures=None,
                     recorded_at=at, idempotency_key=None, request_sha256=None, prev_hash=prev,
                 )
-                rec.record_hash = compute_record_hash(rec, pseudonym)  # type: ignore[arg-type]
+                seal_record(rec, pseudonym)  # type: ignore[arg-type]
                 status = status_of_record(rec)  # type: ignore[arg-type]
                 rec.receipt = signer.sign(record_claims(
                     issuer=ISSUER, tenant_id=tid, subject_id=sid,

@@ -11,10 +11,14 @@ The export ends with a manifest, an EdDSA JWT signed by the service key: filters
 range, SHA-256 of the body, and a digest of every subject's chain (anchor, head, count). It is
 the last JSONL line, and is stored so it can also be fetched by export id (CSV has no trailer).
 
-Speed (a million records in seconds, see docs/audit.md): rows come from the driver as plain
-tuples (no per-row SQLAlchemy processing, timestamps formatted once), lines are encoded with
-orjson (the same bytes as ``canonical_json`` for the values of a line), many lines per chunk,
-and the chain heads are computed on a second connection while the records stream.
+Speed (a million records in seconds, see docs/audit.md): every line's fixed part is stored with
+its record when it is written (``consent_record.export_line``, ``ledger.export_line``: canonical
+JSON in three pieces), so a JSONL export fetches three columns per record and joins bytes around
+``linked``, ``n`` and the receipt (``Lines.stored_jsonl``; on PostgreSQL through a binary
+server-side cursor). A tenant with any record lacking it (rows written by other means) and CSV
+exports build lines from the columns instead (``Lines.dicts``: plain driver tuples, timestamps
+formatted once, orjson). Many lines go per chunk, SHA-256 runs in a thread, and the chain heads
+are computed on a second connection while the records stream.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from sqlalchemy.engine import Engine
 
 from . import crypto
 from .db import transaction
+from .ledger import LINE_SEP
 from .models import ConsentRecord, ExportManifest, Subject, utcnow
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
@@ -49,7 +54,7 @@ LINE_KEYS = frozenset((*CONTENT_KEYS, "n", "linked", "record_hash", "receipt"))
 CSV_COLUMNS = ("n", "linked", "v", "id", "tenant", "subject", "purpose", "decision", "confirmed",
                "policy_key", "policy_version", "source", "evidence_sha256", "disclosures_sha256",
                "recorded_at", "prev_hash", "record_hash", "receipt")
-CHUNK = 256  # records per yielded chunk (~300 KiB of JSONL)
+CHUNK = 512  # records per yielded chunk (~800 KiB of JSONL)
 HEADS_WORK_MEM = "64MB"  # PostgreSQL, for the chain-heads query of an export
 
 
@@ -123,6 +128,20 @@ def _records_query(flt: ExportFilter, dialect: str, max_seq: int | None) -> Any:
         .where(*flt.where(REC), *_upto(max_seq))
         .order_by(REC.c.seq)
     )
+
+
+def _stored_lines_query(flt: ExportFilter, max_seq: int | None) -> Any:
+    """For ``Lines.stored_jsonl``: each record's stored line pieces, receipt and ``linked``."""
+    linked = _linked(flt) if flt.partial else REC.c.prev_hash.is_not(None)
+    return (sa.select(REC.c.export_line, REC.c.receipt, sa.case((linked, 1), else_=0))
+            .where(*flt.where(REC), *_upto(max_seq)).order_by(REC.c.seq))
+
+
+def _lines_stored(conn: Any, flt: ExportFilter, max_seq: int | None) -> bool:
+    """Whether every record of the tenant has its line stored (one probe of a partial index)."""
+    missing = sa.select(REC.c.seq).where(REC.c.tenant_id == flt.tenant_id, REC.c.export_line.is_(None),
+                                         *_upto(max_seq)).limit(1)
+    return conn.execute(missing).first() is None
 
 
 def _heads_query(flt: ExportFilter, dialect: str, max_seq: int | None = None) -> Any:
@@ -200,6 +219,23 @@ class Lines:
     def csv(self, rows: Iterable[Any]) -> bytes:
         return csv_bytes([csv_row(line) for line in self.dicts(rows)])
 
+    def stored_jsonl(self, rows: Iterable[Any]) -> bytes:
+        """JSONL from ``_stored_lines_query`` rows: each record's stored line pieces
+        (``ledger.export_line``) joined around ``linked``, ``n`` and the receipt. The same
+        bytes as ``jsonl`` at a fraction of the work: no per-column values, no encoding."""
+        n = self.count
+        parts: list[bytes] = []
+        extend, dumps, sep = parts.extend, orjson.dumps, LINE_SEP
+        for stored, receipt, linked in rows:
+            n += 1
+            a, b, c = stored.split(sep, 2)
+            extend((a, _LINKED if linked else _UNLINKED, b"%d," % n, b, _RECEIPT, dumps(receipt), c, b"\n"))
+        self.count = n
+        return b"".join(parts)
+
+
+_LINKED, _UNLINKED, _RECEIPT = b'"linked":true,"n":', b'"linked":false,"n":', b'"receipt":'
+
 
 def _iso_text(at: str) -> str:
     """``crypto.iso`` of a stored timestamp text in another form than the usual one."""
@@ -264,8 +300,11 @@ def stream_export(
                 conn.exec_driver_sql("SET LOCAL jit = off")
             heads = _Heads(engine, conn, flt)
             lines = Lines(flt.tenant_id, flt.partial)
-            encode = lines.csv if fmt == "csv" else lines.jsonl
-            query = _records_query(flt, dialect, heads.max_seq)
+            if fmt == "jsonl" and _lines_stored(conn, flt, heads.max_seq):
+                encode, query = lines.stored_jsonl, _stored_lines_query(flt, heads.max_seq)
+            else:
+                encode = lines.csv if fmt == "csv" else lines.jsonl
+                query = _records_query(flt, dialect, heads.max_seq)
             hasher = ThreadPoolExecutor(1, thread_name_prefix="export-sha256")  # in order, off this thread
             hashing: Future[None] | None = None
             try:
@@ -273,7 +312,7 @@ def stream_export(
                     header = csv_bytes([list(CSV_COLUMNS)])
                     body.update(header)
                     yield header
-                for rows in _chunks(conn, query, chunk):
+                for rows in _chunks(conn, query, chunk, binary=encode == lines.stored_jsonl):
                     data = encode(rows)
                     if hashing is not None:
                         hashing.result()  # one chunk in the hasher at a time: memory stays flat
@@ -301,16 +340,18 @@ def stream_export(
         yield crypto.canonical_json({"manifest": manifest}) + b"\n"
 
 
-def _chunks(conn: Any, query: Any, chunk: int) -> Iterator[Any]:
+def _chunks(conn: Any, query: Any, chunk: int, binary: bool = False) -> Iterator[Any]:
     """The rows of a query, ``chunk`` at a time, as the driver's plain tuples.
 
     PostgreSQL: a server-side cursor read ahead by a thread (psycopg lets go of the GIL while
-    it waits, so the server computes the next rows while these are encoded). SQLite: straight
-    from the DBAPI cursor (SQLAlchemy's per-row result handling costs as much as SQLite itself;
-    a reading thread would not help, sqlite3 takes the GIL back for every row).
+    it waits, so the server computes the next rows while these are encoded); with ``binary``
+    straight through psycopg in binary format (``bytea`` then travels as its bytes, not as
+    twice as many hex digits; only for columns whose Python values are the same either way).
+    SQLite: straight from the DBAPI cursor (SQLAlchemy's per-row result handling costs as much
+    as SQLite itself; a reading thread would not help, sqlite3 takes the GIL back for every row).
     """
     if conn.dialect.name == "postgresql":
-        yield from _ReadAhead(conn, query, chunk)
+        yield from _ReadAhead(conn, query, chunk, binary)
         return
     result = conn.execute(query)
     try:
@@ -326,22 +367,36 @@ class _ReadAhead:
 
     _END = object()
 
-    def __init__(self, conn: Any, query: Any, chunk: int, ahead: int = 2):
+    def __init__(self, conn: Any, query: Any, chunk: int, binary: bool = False, ahead: int = 2):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(conn, query, chunk), daemon=True,
+        read = self._run_binary if binary else self._run
+        self._thread = threading.Thread(target=self._guarded, args=(read, conn, query, chunk), daemon=True,
                                         name="export-read")
         self._thread.start()
 
     def _run(self, conn: Any, query: Any, chunk: int) -> None:
+        result = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
         try:
-            result = conn.execution_options(stream_results=True, yield_per=chunk).execute(query)
-            try:
-                for rows in result.partitions():
-                    if not self._put(rows):
-                        return
-            finally:
-                result.close()
+            for rows in result.partitions():
+                if not self._put(rows):
+                    return
+        finally:
+            result.close()
+
+    def _run_binary(self, conn: Any, query: Any, chunk: int) -> None:
+        compiled = query.compile(dialect=conn.dialect)
+        raw = conn.connection.driver_connection  # inside the export's transaction and snapshot
+        with raw.cursor(name="export_lines", binary=True) as cursor:
+            cursor.itersize = chunk
+            cursor.execute(str(compiled), compiled.params)
+            while rows := cursor.fetchmany(chunk):
+                if not self._put(rows):
+                    return
+
+    def _guarded(self, read: Callable[[Any, Any, int], None], conn: Any, query: Any, chunk: int) -> None:
+        try:
+            read(conn, query, chunk)
             self._put(self._END)
         except BaseException as exc:  # raised in the consumer
             self._put(exc)

@@ -100,11 +100,11 @@ WITH head AS (
 ), rec AS (
   INSERT INTO consent_record (id, tenant_id, subject_id, purpose, decision, confirmed, policy_key,
     policy_version_id, policy_version, source, evidence, evidence_sha256, disclosures, recorded_at,
-    idempotency_key, request_sha256, prev_hash, record_hash, receipt)
+    idempotency_key, request_sha256, prev_hash, record_hash, receipt, export_line)
   SELECT %(id)s, %(tenant_id)s, %(subject_id)s, %(purpose)s, %(decision)s, %(confirmed)s, %(policy_key)s,
     %(policy_version_id)s, %(policy_version)s, %(source)s, %(evidence)s::json, %(evidence_sha256)s,
     %(disclosures)s::json, %(recorded_at)s, %(idempotency_key)s, %(request_sha256)s, %(prev_hash)s,
-    %(record_hash)s, %(receipt)s FROM head
+    %(record_hash)s, %(receipt)s, %(export_line)s FROM head
   RETURNING seq
 ), state AS (
   INSERT INTO consent_state (tenant_id, subject_id, purpose, record_seq, decision, confirmed, policy_key,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
@@ -189,9 +190,43 @@ def record_content(record: ConsentRecord | NewRecord, pseudonym: str, disclosure
     }
 
 
-def compute_record_hash(record: ConsentRecord | NewRecord, pseudonym: str) -> str:
+def _content(record: ConsentRecord | NewRecord, pseudonym: str) -> dict[str, Any]:
     disclosures = crypto.sha256_hex(crypto.canonical_json(record.disclosures)) if record.disclosures else None
-    return crypto.sha256_hex(crypto.canonical_json(record_content(record, pseudonym, disclosures)))
+    return record_content(record, pseudonym, disclosures)
+
+
+def compute_record_hash(record: ConsentRecord | NewRecord, pseudonym: str) -> str:
+    return crypto.sha256_hex(crypto.canonical_json(_content(record, pseudonym)))
+
+
+# An export line is the record content plus n, linked, record_hash and receipt, keys sorted. The
+# keys of the content sort around the per-export ones (linked, n) and the receipt, so the line is
+# stored as three pieces that go around them (see ``export_line``).
+LINE_SEP = b"\x1f"  # never in canonical JSON output: control characters are escaped there
+_LINE_A = ("confirmed", "decision", "disclosures_sha256", "evidence_sha256", "id")  # ... linked, n
+_LINE_B = ("policy", "prev_hash", "purpose")  # ... receipt
+_LINE_C = ("record_hash", "recorded_at", "source", "subject", "tenant", "v")
+
+
+def export_line(content: dict[str, Any], record_hash: str) -> bytes:
+    """The record's export line without ``n``, ``linked`` and ``receipt``, as the three pieces
+    (joined by ``LINE_SEP``) of canonical JSON that go before, between and after them.
+    Written once with the record (all of it is fixed when the record is), so an export only
+    joins stored bytes (``exports.Lines``); tests/test_export_format.py checks the lines equal
+    ``canonical_json`` of the whole line."""
+    line = {**content, "record_hash": record_hash}
+    opt = orjson.OPT_SORT_KEYS
+    a = orjson.dumps({k: line[k] for k in _LINE_A}, option=opt)[:-1] + b","
+    b = orjson.dumps({k: line[k] for k in _LINE_B}, option=opt)[1:-1] + b","
+    c = b"," + orjson.dumps({k: line[k] for k in _LINE_C}, option=opt)[1:]
+    return LINE_SEP.join((a, b, c))
+
+
+def seal_record(record: ConsentRecord | NewRecord, pseudonym: str) -> None:
+    """Set the record's hash and its stored export line (both from its content)."""
+    content = _content(record, pseudonym)
+    record.record_hash = crypto.sha256_hex(crypto.canonical_json(content))
+    record.export_line = export_line(content, record.record_hash)
 
 
 @dataclass
@@ -252,6 +287,7 @@ class NewRecord:
     prev_hash: str | None
     record_hash: str = ""
     receipt: str = ""
+    export_line: bytes | None = None
     seq: int | None = None
 
 
@@ -312,7 +348,7 @@ def new_record(tenant: Any, spec: ConsentIn, purpose: Any, version: Any, *, subj
         request_sha256=request_sha256,
         prev_hash=prev_hash,
     )
-    record.record_hash = compute_record_hash(record, pseudonym)
+    seal_record(record, pseudonym)
     return record
 
 

@@ -198,6 +198,8 @@ class ConsentRecord(SQLModel, table=True):
         sa.UniqueConstraint("tenant_id", "idempotency_key"),
         sa.Index(None, "tenant_id", "subject_id", "seq"),
         sa.Index(None, "tenant_id", "recorded_at"),
+        sa.Index("ix_consent_record_without_line", "tenant_id", sqlite_where=sa.text("export_line IS NULL"),
+                 postgresql_where=sa.text("export_line IS NULL")),
     )
     seq: int | None = Field(default=None, sa_column=sa.Column(BigInt, primary_key=True, autoincrement=True))
     id: str = Field(unique=True, max_length=40)
@@ -219,6 +221,9 @@ class ConsentRecord(SQLModel, table=True):
     prev_hash: str | None = Field(default=None, max_length=64)
     record_hash: str = Field(max_length=64)
     receipt: str
+    # The export line's fixed bytes (``ledger.export_line``), written with the record; NULL only
+    # for rows written by other means, which exports then build from the columns above.
+    export_line: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary(), nullable=True))
 
 
 class ConsentState(SQLModel, table=True):

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from . import checks, crypto
-from .ledger import SI, compute_record_hash, lock_subject
+from .ledger import SI, lock_subject, seal_record
 from .models import ConsentRecord, Subject, Tenant, utcnow
 from .receipts import record_claims
 from .state import derive_status
@@ -123,7 +123,7 @@ def erase(db: Session, tenant: Tenant, subject: Subject, *, signer: crypto.Signe
         evidence_sha256=crypto.sha256_hex(crypto.canonical_json(evidence)), recorded_at=now,
         prev_hash=subject.head_hash, record_hash="", receipt="",
     )
-    record.record_hash = compute_record_hash(record, subject.pseudonym)
+    seal_record(record, subject.pseudonym)
     record.receipt = signer.sign(record_claims(
         issuer=issuer, tenant_id=tenant.id, subject_id=subject.id, policy=None,
         record={"id": record.id, "record_hash": record.record_hash, "source": record.source,

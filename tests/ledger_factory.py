@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 
 from consent import crypto, receipts
 from consent.db import transaction
-from consent.ledger import compute_record_hash
+from consent.ledger import seal_record
 from consent.models import ConsentRecord, PolicyVersion, Subject, Tenant
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
@@ -64,7 +64,7 @@ def generate_ledger(engine: Engine, tenant_id: str, records: int, *, per_subject
                 recorded_at=at, prev_hash=s["head_hash"], record_hash="", receipt="",
                 idempotency_key=None, request_sha256=None,
             )
-            rec.record_hash = compute_record_hash(rec, s["pseudonym"])  # type: ignore[arg-type]
+            seal_record(rec, s["pseudonym"])  # type: ignore[arg-type]
             rec.receipt = signer.sign({"iss": issuer, "sub": s["id"], "tenant": tenant_id,
                                        "jti": crypto.new_id("rct", 12), "iat": int(at.timestamp()),
                                        "version": "consent-receipt/1", "record_id": rec.id,

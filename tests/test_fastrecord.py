@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import db, fastrecord
+from consent import db, fastrecord, ledger
 from consent.app import create_app
 from consent.schemas import ConsentIn
 
@@ -56,7 +57,7 @@ def as_route(t: Tenant, route: TestClient) -> Tenant:
 
 VOLATILE = {"id", "seq", "record_hash", "prev_hash", "receipt", "recorded_at", "request_sha256", "subject_id",
             "record_seq", "record_id", "created_at", "position", "subject", "next_attempt_at", "event_id",
-            "event_position"}
+            "event_position", "export_line"}
 
 
 def stable(row: dict[str, Any]) -> dict[str, Any]:
@@ -81,6 +82,11 @@ def test_both_paths_write_the_same_rows(client: TestClient, route_client: TestCl
     assert fast["prev_hash"] and fast["receipt"].count(".") == 2
     a, b = (rows(db_url, "SELECT * FROM consent_record WHERE id = :i", i=x["id"])[0] for x in (fast, slow))
     assert stable(a) == stable(b) and a["evidence"]["ip"] == "203.0.113.0" and a["evidence"]["form"] == "footer"
+    for row in (a, b):  # each path stores the export line of what it wrote
+        pseudonym = rows(db_url, "SELECT pseudonym FROM subject WHERE id = :s", s=row["subject_id"])[0]["pseudonym"]
+        sealed = SimpleNamespace(**row)
+        ledger.seal_record(sealed, pseudonym)  # type: ignore[arg-type]
+        assert sealed.record_hash == row["record_hash"] and bytes(row["export_line"]) == sealed.export_line
     sa_, sb = (rows(db_url, "SELECT * FROM consent_state WHERE subject_id = :s AND purpose = 'product_updates'",
                     s=x["subject"])[0] for x in (fast, slow))
     assert stable(sa_) == stable(sb) and sa_["record_seq"] == a["seq"]

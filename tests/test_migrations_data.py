@@ -5,6 +5,7 @@ record and chain; downgrade/upgrade round-trips keep them too."""
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,42 +35,72 @@ def second_database() -> str:
     return f"{base}/{other}"
 
 
+REC = ConsentRecord.__table__  # type: ignore[attr-defined]
+ADDED_LATER = {"export_line": "bytea"}  # record columns a revision adds and fills from the others
+
+
+def record_columns(engine: sa.Engine) -> set[str]:
+    return {c["name"] for c in sa.inspect(engine).get_columns("consent_record")}
+
+
 def fill(url: str, rev: str) -> str:
-    """A tenant with a catalog and two subjects' chains, written by the domain code."""
+    """A tenant with a catalog and two subjects' chains, written by the domain code. At a
+    revision without a column of ``ADDED_LATER`` the column is there only while writing, and
+    dropped again: the rows hold what code of that revision would have written."""
     engine = db.create_db_engine(url)
     pair = generate_signing_key()
     signer = Signer(pair.kid, pair.private_pem)
+    missing = [c for c in ADDED_LATER if c not in record_columns(engine)]
     try:
-        with db.transaction(engine, write=True) as s:
-            t, _ = tenants.create_tenant(s, TenantIn(name=f"at {rev}", notice_days=0))
-            catalog.put_purpose(s, t.id, "marketing_email", PurposeIn(title="Mail"))
-            catalog.publish_version(s, t.id, 0, "privacy", PolicyVersionIn(
-                version="v1", document_url="https://acme.test/p", document_sha256=DOC_SHA,
-                purposes=["marketing_email"]))
-        for i, decision in enumerate(["granted", "withdrawn", "granted", "denied"]):
-            with db.transaction(engine, write=True) as s:
-                tenant = tenants.get_tenant(s, t.id)
-                ledger.record_decision(s, tenant, ConsentIn.model_validate({
-                    "subject": {"email": f"m{i % 2}@example.com"}, "purpose": "marketing_email",
-                    "decision": decision}), signer=signer, issuer="http://testserver", idempotency_key=f"{rev}-{i}")
-        return str(t.id)
+        if missing:
+            with engine.begin() as conn:
+                for c in missing:
+                    conn.exec_driver_sql(f"ALTER TABLE consent_record ADD COLUMN {c} {ADDED_LATER[c]}")
+        return _fill(engine, rev, signer)
     finally:
+        if missing:
+            with engine.begin() as conn:
+                for c in missing:
+                    conn.exec_driver_sql(f"ALTER TABLE consent_record DROP COLUMN {c}")
         engine.dispose()
 
 
+def _fill(engine: sa.Engine, rev: str, signer: Signer) -> str:
+    with db.transaction(engine, write=True) as s:
+        t, _ = tenants.create_tenant(s, TenantIn(name=f"at {rev}", notice_days=0))
+        catalog.put_purpose(s, t.id, "marketing_email", PurposeIn(title="Mail"))
+        catalog.publish_version(s, t.id, 0, "privacy", PolicyVersionIn(
+            version="v1", document_url="https://acme.test/p", document_sha256=DOC_SHA,
+            purposes=["marketing_email"]))
+    for i, decision in enumerate(["granted", "withdrawn", "granted", "denied"]):
+        with db.transaction(engine, write=True) as s:
+            tenant = tenants.get_tenant(s, t.id)
+            ledger.record_decision(s, tenant, ConsentIn.model_validate({
+                "subject": {"email": f"m{i % 2}@example.com"}, "purpose": "marketing_email",
+                "decision": decision}), signer=signer, issuer="http://testserver", idempotency_key=f"{rev}-{i}")
+    return str(t.id)
+
+
 def snapshot(url: str) -> dict[str, Any]:
-    """Every record (id -> hash) and a verification of every chain."""
+    """Every record (id -> hash) and a verification of every chain (and, where the revision has
+    them, of every stored export line)."""
     engine = db.create_db_engine(url)
     try:
+        columns = [c for c in REC.c if c.name in record_columns(engine)]
         with Session(engine) as s:
-            records = list(s.execute(sa.select(ConsentRecord).order_by(ConsentRecord.seq)).scalars())  # type: ignore[arg-type]
+            records = s.execute(sa.select(*columns).order_by(REC.c.seq)).all()
             subjects = {x.id: x for x in s.execute(sa.select(Subject)).scalars()}
     finally:
         engine.dispose()
     heads: dict[str, str | None] = {}
     for r in records:
         assert r.prev_hash == heads.get(r.subject_id), f"broken chain at {r.id}"
-        assert ledger.compute_record_hash(r, subjects[r.subject_id].pseudonym) == r.record_hash
+        pseudonym = subjects[r.subject_id].pseudonym
+        assert ledger.compute_record_hash(r, pseudonym) == r.record_hash
+        if "export_line" in r._fields:
+            sealed = SimpleNamespace(**r._asdict())
+            ledger.seal_record(sealed, pseudonym)  # type: ignore[arg-type]
+            assert r.export_line == sealed.export_line, f"export line of {r.id}"
         heads[r.subject_id] = r.record_hash
     for sid, head in heads.items():
         assert subjects[sid].head_hash == head
