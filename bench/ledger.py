@@ -155,7 +155,11 @@ def _fill(url: str, meta: dict[str, Any], subjects: int) -> int:
         if engine.dialect.name == "postgresql":
             conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('consent_record', 'seq'), "
                                  "(SELECT max(seq) FROM consent_record))")
-        conn.exec_driver_sql("ANALYZE")
+        else:
+            conn.exec_driver_sql("ANALYZE")
+    if engine.dialect.name == "postgresql":  # like a database autovacuum has seen: visibility map, hint bits
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE")
     engine.dispose()
     return records
 

@@ -101,7 +101,22 @@ def machine() -> dict[str, str]:
                     f"sqlalchemy {sqlalchemy.__version__}",
         "load": "wrk 4.1 (1 thread) on 127.0.0.1, same machine",
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "CPU speed at start": cpu_speed(),
     }
+
+
+def cpu_speed() -> str:
+    """Seconds for a plain Python loop of 10 million additions (best of 3). Machines of the
+    same kind have differed by 2x from one session to the next (and within one); absolute
+    numbers of different runs move with it, ratios of one run much less."""
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        s = 0
+        for i in range(10_000_000):
+            s += i
+        best = min(best, time.perf_counter() - t)
+    return f"a Python loop of 10,000,000 additions in {best:.2f} s (best of 3)"
 
 
 # --- ledger cache ---------------------------------------------------------------------------
@@ -509,7 +524,8 @@ def write_results(profile: Profile, mach: dict[str, str], metas: dict[str, Any],
         f"{time.monotonic() - started:.0f} s). How to read it: docs/bench.md.", "",
         "## Machine", "", *[f"- {k}: {v}" for k, v in mach.items()],
         f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-        "(other work on the machine shifts absolute numbers; compare rows of the same run)", "",
+        "(other work on the machine shifts absolute numbers; compare rows of the same run)",
+        f"- CPU speed at end: {cpu_speed()}", "",
         "## Ledger", "",
         f"- {metas['subjects']:,} subjects, 3 purposes, 2 policy versions, "
         f"{metas['sqlite']['records']:,} records per database (plus those the record runs add)",

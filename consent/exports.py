@@ -300,7 +300,8 @@ def stream_export(
                 conn.exec_driver_sql("SET LOCAL jit = off")
             heads = _Heads(engine, conn, flt)
             lines = Lines(flt.tenant_id, flt.partial)
-            if fmt == "jsonl" and _lines_stored(conn, flt, heads.max_seq):
+            stored = fmt == "jsonl" and _lines_stored(conn, flt, heads.max_seq)
+            if stored:
                 encode, query = lines.stored_jsonl, _stored_lines_query(flt, heads.max_seq)
             else:
                 encode = lines.csv if fmt == "csv" else lines.jsonl
@@ -312,7 +313,7 @@ def stream_export(
                     header = csv_bytes([list(CSV_COLUMNS)])
                     body.update(header)
                     yield header
-                for rows in _chunks(conn, query, chunk, binary=encode == lines.stored_jsonl):
+                for rows in _chunks(conn, query, chunk, binary=stored):
                     data = encode(rows)
                     if hashing is not None:
                         hashing.result()  # one chunk in the hasher at a time: memory stays flat

@@ -1,8 +1,12 @@
 """consent_record.export_line: the fixed bytes of each record's export line, stored with it
 
 Existing records get theirs from their columns (what an export wrote for them before), in
-batches by ``seq``. The partial index finds records without one (written by other means), so an
-export knows in one probe whether it can join stored lines or must build them from columns.
+batches by ``seq``. The partial index finds records without one, so an export knows in one probe
+whether it can join stored lines or must build them from columns. On PostgreSQL the new column
+is committed first and every batch is its own transaction (one statement), so the ledger stays
+readable and writable while it fills (exports build lines from columns until it is full); the
+rewritten rows are left to (auto)vacuum. SQLite (one writer at a time) fills it in the
+migration's transaction.
 
 Revision ID: 0008
 Revises: 0002
@@ -37,9 +41,14 @@ SUBJ = sa.table("subject", sa.column("id", sa.String()), sa.column("pseudonym", 
 NO_LINE = sa.text("export_line IS NULL")
 
 
+UPDATE_ONE = sa.update(REC).where(REC.c.seq == sa.bindparam("s")).values(export_line=sa.bindparam("line"))
+UPDATE_BATCH = sa.text(  # PostgreSQL: a batch in one statement (so in one transaction under autocommit)
+    "UPDATE consent_record SET export_line = d.line FROM unnest(CAST(:seqs AS bigint[]), CAST(:lines AS bytea[])) "
+    "AS d(seq, line) WHERE consent_record.seq = d.seq AND consent_record.export_line IS NULL")
+
+
 def backfill(conn: sa.Connection) -> int:
     """Set ``export_line`` of every record without one; returns how many."""
-    update = sa.update(REC).where(REC.c.seq == sa.bindparam("s")).values(export_line=sa.bindparam("line"))
     done, after = 0, -1
     while True:
         rows = conn.execute(
@@ -47,11 +56,14 @@ def backfill(conn: sa.Connection) -> int:
             .where(REC.c.seq > after, REC.c.export_line.is_(None)).order_by(REC.c.seq).limit(BATCH)).all()
         if not rows:
             return done
-        params = []
+        lines = []
         for r in rows:
             disclosures = crypto.sha256_hex(crypto.canonical_json(r.disclosures)) if r.disclosures else None
-            params.append({"s": r.seq, "line": export_line(record_content(r, r.pseudonym, disclosures), r.record_hash)})
-        conn.execute(update, params)
+            lines.append(export_line(record_content(r, r.pseudonym, disclosures), r.record_hash))
+        if conn.dialect.name == "postgresql":
+            conn.execute(UPDATE_BATCH, {"seqs": [r.seq for r in rows], "lines": lines})
+        else:
+            conn.execute(UPDATE_ONE, [{"s": r.seq, "line": line} for r, line in zip(rows, lines)])
         done += len(rows)
         after = rows[-1].seq
 
@@ -61,7 +73,11 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("export_line", sa.LargeBinary(), nullable=True))
         batch_op.create_index("ix_consent_record_without_line", ["tenant_id"], unique=False,
                               sqlite_where=NO_LINE, postgresql_where=NO_LINE)
-    backfill(op.get_bind())
+    if op.get_bind().dialect.name == "postgresql":
+        with op.get_context().autocommit_block():  # commits the column; each batch then commits alone
+            backfill(op.get_bind())
+    else:
+        backfill(op.get_bind())
 
 
 def downgrade() -> None:
