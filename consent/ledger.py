@@ -190,13 +190,14 @@ def record_content(record: ConsentRecord | NewRecord, pseudonym: str, disclosure
     }
 
 
-def _content(record: ConsentRecord | NewRecord, pseudonym: str) -> dict[str, Any]:
+def hashed_content(record: Any, pseudonym: str) -> dict[str, Any]:
+    """``record_content`` of a record (or any row with its columns), disclosures hashed."""
     disclosures = crypto.sha256_hex(crypto.canonical_json(record.disclosures)) if record.disclosures else None
     return record_content(record, pseudonym, disclosures)
 
 
 def compute_record_hash(record: ConsentRecord | NewRecord, pseudonym: str) -> str:
-    return crypto.sha256_hex(crypto.canonical_json(_content(record, pseudonym)))
+    return crypto.sha256_hex(crypto.canonical_json(hashed_content(record, pseudonym)))
 
 
 # An export line is the record content plus n, linked, record_hash and receipt, keys sorted. The
@@ -224,7 +225,7 @@ def export_line(content: dict[str, Any], record_hash: str) -> bytes:
 
 def seal_record(record: ConsentRecord | NewRecord, pseudonym: str) -> None:
     """Set the record's hash and its stored export line (both from its content)."""
-    content = _content(record, pseudonym)
+    content = hashed_content(record, pseudonym)
     record.record_hash = crypto.sha256_hex(crypto.canonical_json(content))
     record.export_line = export_line(content, record.record_hash)
 

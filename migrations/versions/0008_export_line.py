@@ -19,8 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 import consent.models
-from consent import crypto
-from consent.ledger import export_line, record_content
+from consent.ledger import export_line, hashed_content
 
 revision = "0008"
 down_revision = "0002"
@@ -56,10 +55,7 @@ def backfill(conn: sa.Connection) -> int:
             .where(REC.c.seq > after, REC.c.export_line.is_(None)).order_by(REC.c.seq).limit(BATCH)).all()
         if not rows:
             return done
-        lines = []
-        for r in rows:
-            disclosures = crypto.sha256_hex(crypto.canonical_json(r.disclosures)) if r.disclosures else None
-            lines.append(export_line(record_content(r, r.pseudonym, disclosures), r.record_hash))
+        lines = [export_line(hashed_content(r, r.pseudonym), r.record_hash) for r in rows]
         if conn.dialect.name == "postgresql":
             conn.execute(UPDATE_BATCH, {"seqs": [r.seq for r in rows], "lines": lines})
         else:
