@@ -1,7 +1,7 @@
 """CPU cost per request of one route, in process (no network, no load generator): the number
 to watch while optimising on a busy machine. Optionally under cProfile.
 
-    .venv/bin/python bench/profile_app.py check|record|bulk [--backend sqlite|postgresql] [--n 2000] [--profile]
+    .venv/bin/python bench/profile_app.py check|record|bulk|snippet|snippet304 [--backend sqlite|postgresql] [--n 2000] [--profile]
 
 Uses the cached ledger of `bench/run.py --quick` (run that once first), or with
 `--ledger full` the one of `bench/run.py`.
@@ -28,6 +28,9 @@ from consent.logs import configure  # noqa: E402
 from consent.settings import Settings  # noqa: E402
 
 
+LAST_HEADERS: dict[str, str] = {}  # of the last response
+
+
 async def call(app: Any, method: str, path: str, query: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
              "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query.encode(),
@@ -37,6 +40,7 @@ async def call(app: Any, method: str, path: str, query: str, headers: dict[str, 
     sent = False
     status = 0
     chunks: list[bytes] = []
+    LAST_HEADERS.clear()
 
     async def receive() -> dict[str, Any]:
         nonlocal sent
@@ -50,6 +54,7 @@ async def call(app: Any, method: str, path: str, query: str, headers: dict[str, 
         nonlocal status
         if msg["type"] == "http.response.start":
             status = msg["status"]
+            LAST_HEADERS.update({k.decode(): v.decode() for k, v in msg.get("headers", [])})
         elif msg["type"] == "http.response.body":
             chunks.append(msg.get("body", b""))
 
@@ -59,7 +64,7 @@ async def call(app: Any, method: str, path: str, query: str, headers: dict[str, 
 
 async def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("route", choices=["check", "record", "bulk"])
+    p.add_argument("route", choices=["check", "record", "bulk", "snippet", "snippet304"])
     p.add_argument("--backend", default="sqlite")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--profile", action="store_true")
@@ -79,16 +84,22 @@ async def main() -> None:
         consent.http.run_in_threadpool = direct  # type: ignore[assignment]
     meta = json.loads((HERE / ".cache" / f"ledger-{args.ledger}.json").read_text())[args.backend]
     settings = Settings.from_env({"CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false",
-                                  "CONSENT_MIGRATE_ON_START": "false", "CONSENT_LOG_LEVEL": args.log_level})
+                                  "CONSENT_MIGRATE_ON_START": "false", "CONSENT_LOG_LEVEL": args.log_level,
+                                  "CONSENT_RATE_LIMIT_PER_MINUTE": "100000000",  # as bench/run.py
+                                  "CONSENT_RATE_LIMIT_IP_PER_MINUTE": "100000000"})
     configure(args.log_level)  # as `consent serve` does (the access log goes to stderr)
     app = create_app(settings)
     auth = {"authorization": f"Bearer {meta['secret_key']}"}
     n = args.n if args.route != "bulk" else max(1, args.n // 1000)
+    public = {"authorization": f"Bearer {meta['publishable_key']}"}
+    etag: dict[str, str] = {}  # snippet304: the If-None-Match header, once the ETag is known
 
     def make() -> tuple[str, str, str, dict[str, str], bytes]:
         i = random.randrange(meta["subjects"])
         if args.route == "check":
             return "GET", "/v1/check", f"purpose=marketing_email&email=user{i}%40bench.example", auth, b""
+        if args.route.startswith("snippet"):
+            return "GET", "/v1/snippet/config", "", {**public, **etag}, b""
         if args.route == "record":
             body = json.dumps({"subject": {"email": f"user{i}@bench.example"}, "purpose": "analytics",
                                "decision": random.choice(["granted", "denied"])}).encode()
@@ -100,7 +111,9 @@ async def main() -> None:
     async with app.router.lifespan_context(app):
         for _ in range(20):
             status, out = await call(app, *make())
-            assert status in (200, 201), out[:300]
+            assert status in (200, 201, 304), out[:300]
+            if args.route == "snippet304":
+                etag["if-none-match"] = LAST_HEADERS["etag"]
         if args.statements:  # what one request sends to the database, BEGIN/COMMIT included
             import sqlalchemy as sa
 

@@ -185,6 +185,8 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> N
                 together = await asyncio.gather(*[reader.check(item) for item in items])
                 if isinstance(reader, fastcheck.PostgresReader):  # batched: far fewer statements
                     assert 0 < reader.statements <= len(items) // 10, reader.statements
+                else:  # the reader thread hands answers back together
+                    assert 0 < reader.batches < len(items), reader.batches
                 one_by_one = [await reader.check(item) for item in items]
             finally:
                 await reader.close()
@@ -206,6 +208,30 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> N
             continue
         answer = fastcheck.answer(purpose, row)
         assert answer["status"] == row[3] and answer["allowed"] == (row[3] == "granted")
+
+
+def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path) -> None:
+    """A database error declines that check (the route answers it); the next one reconnects."""
+    path = tmp_path / "ledger.db"
+    path.write_bytes(b"this is not a database" * 300)
+    reader = fastcheck.SqliteReader(str(path), fastcheck.sqlite_now)
+    item = ("0" * 64, "ten_x", "id", "sub_x", "marketing_email")
+
+    async def run() -> None:
+        try:
+            with pytest.raises(fastcheck.Declined):
+                await reader.check(item)
+            path.unlink()
+            db.migrate(f"sqlite:///{path}")
+            row = await reader.check(item)  # an empty ledger: no such key, no such purpose
+            assert tuple(row) == (0, 0, None, None, None, None, None, None, None)
+            assert reader.batches == 2
+        finally:
+            await reader.close()
+        with pytest.raises(fastcheck.Declined):  # closed
+            await reader.check(item)
+
+    asyncio.run(run())
 
 
 @settings(max_examples=300, deadline=None)
