@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import queue
 import threading
@@ -36,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from psycopg import pq as psycopg_pq
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -388,11 +390,23 @@ class _ReadAhead:
     def _run_binary(self, conn: Any, query: Any, chunk: int) -> None:
         compiled = query.compile(dialect=conn.dialect)
         raw = conn.connection.driver_connection  # inside the export's transaction and snapshot
+        if psycopg_pq.version() >= 170000:  # libpq 17: rows streamed in chunks
+            # Perf: the server sends every row without waiting to be asked (a named cursor
+            # waits for each FETCH: the server idles while a batch is read, ~25 % slower).
+            with raw.cursor(binary=True) as cursor:
+                rows = cursor.stream(str(compiled), compiled.params, size=chunk)
+                try:
+                    while part := list(itertools.islice(rows, chunk)):
+                        if not self._put(part):
+                            return
+                finally:
+                    rows.close()  # an export abandoned midway: psycopg cancels the query
+            return
         with raw.cursor(name="export_lines", binary=True) as cursor:
             cursor.itersize = chunk
             cursor.execute(str(compiled), compiled.params)
-            while rows := cursor.fetchmany(chunk):
-                if not self._put(rows):
+            while part := cursor.fetchmany(chunk):
+                if not self._put(part):
                     return
 
     def _guarded(self, read: Callable[[Any, Any, int], None], conn: Any, query: Any, chunk: int) -> None:

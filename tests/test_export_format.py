@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from consent import crypto, verify
+from consent import crypto, exports, verify
 from consent.ledger import record_content
 from consent.models import ConsentRecord, Subject
 
@@ -133,3 +133,20 @@ def test_receipts_checked_in_workers_name_the_same_first_bad_line(tenant: Tenant
     del bad[100]  # alone, the removed line is named (receipts before it are fine)
     assert first_bad(bad) == (101, first_bad(bad)[1]) and "removed" in first_bad(bad)[1]
     assert first_bad(lines[:-1])[0] == 121  # truncated: every receipt checked first
+
+
+def test_an_export_abandoned_midway_leaves_the_database_usable(tenant: Tenant) -> None:
+    """A client that goes away mid-export closes the stream: the query is stopped (PostgreSQL:
+    cancelled), its connection goes back to the pool clean, and the next export is whole."""
+    services = tenant.client.app.state.services
+    engine = services.engine
+    generate_ledger(engine, tenant.id, 3000)
+    flt = exports.ExportFilter(tenant.id)
+    kw = {"signer": services.signer, "issuer": "test"}
+    for _ in range(3):  # more times than the pool would survive leaked connections on SQLite
+        body = exports.stream_export(engine, flt, "jsonl", export_id=exports.new_export_id(), chunk=50, **kw)
+        assert next(body).count(b"\n") == 50
+        body.close()
+    tenant.record(email="after@example.com")  # the ledger takes writes
+    whole = b"".join(exports.stream_export(engine, flt, "jsonl", export_id=exports.new_export_id(), **kw))
+    assert whole.count(b"\n") == 3001 + 1  # every record, then the manifest
