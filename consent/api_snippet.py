@@ -50,7 +50,7 @@ from .schemas_snippet import (
     SubjectTokenOut,
     SubjectTokenSecretOut,
 )
-from .tenants import authenticate_key, get_tenant
+from .tenants import attach_tenant, authenticate_key, get_tenant
 
 SNIPPET_MAX_BODY = 64 * 1024  # a snippet submission is a few hundred bytes
 ALLOW_HEADERS = "Authorization, Content-Type, If-None-Match"
@@ -96,7 +96,8 @@ def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: boo
             def work() -> Any:
                 with transaction(services.engine, write=meta.write) as db:
                     principal = authenticate(db, services, request, "publishable")
-                    tenant = get_tenant(db, principal.tenant_id)  # type: ignore[union-attr]
+                    assert principal is not None and principal.tenant_row is not None
+                    tenant = attach_tenant(db, principal.tenant_row)  # read with the key: no query
                     origin = request.headers.get("origin")
                     if origin is not None or require_origin:
                         if not origin_allowed(tenant, origin):

@@ -134,17 +134,13 @@ def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None)
     }
 
 
-def config_stamp(db: Session, tenant_id: str, policy_key: str, now: Any) -> tuple[Any, ...]:
-    """One cheap query whose answer changes whenever ``build_config``'s answer can: the newest
-    version of the policy (versions and their policy_purpose rows are immutable), the newest
-    ``effective_at`` reached by ``now`` (a scheduled version taking effect, a purpose's ask
-    label moving), and the tenant's purposes (count and newest ``updated_at``: every edit
-    stamps it). The tenant's language is part of the cache key, not of the stamp."""
+def _stamp_query() -> Any:
     pv = PolicyVersion.__table__  # type: ignore[attr-defined]
     pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
     pt = Purpose.__table__  # type: ignore[attr-defined]
+    tenant_id, policy_key, now = sa.bindparam("t"), sa.bindparam("k"), sa.bindparam("now", type_=pv.c.effective_at.type)
     of_policy = (pv.c.tenant_id == tenant_id, pv.c.policy_key == policy_key)
-    q = sa.select(
+    return sa.select(
         sa.select(sa.func.max(pv.c.id)).where(*of_policy).scalar_subquery(),
         sa.select(sa.func.max(pv.c.effective_at)).where(*of_policy, pv.c.effective_at <= now).scalar_subquery(),
         sa.select(sa.func.max(pp.c.effective_at)).where(
@@ -152,7 +148,20 @@ def config_stamp(db: Session, tenant_id: str, policy_key: str, now: Any) -> tupl
         sa.select(sa.func.count()).select_from(pt).where(pt.c.tenant_id == tenant_id).scalar_subquery(),
         sa.select(sa.func.max(pt.c.updated_at)).where(pt.c.tenant_id == tenant_id).scalar_subquery(),
     )
-    return tuple(db.execute(q).one())
+
+
+# Perf: built once; SQLAlchemy then compiles it once (building it per request was ~20 % of a
+# snippet config request's CPU).
+_STAMP = _stamp_query()
+
+
+def config_stamp(db: Session, tenant_id: str, policy_key: str, now: Any) -> tuple[Any, ...]:
+    """One cheap query whose answer changes whenever ``build_config``'s answer can: the newest
+    version of the policy (versions and their policy_purpose rows are immutable), the newest
+    ``effective_at`` reached by ``now`` (a scheduled version taking effect, a purpose's ask
+    label moving), and the tenant's purposes (count and newest ``updated_at``: every edit
+    stamps it). The tenant's language is part of the cache key, not of the stamp."""
+    return tuple(db.connection().execute(_STAMP, {"t": tenant_id, "k": policy_key, "now": now}).one())
 
 
 @dataclass(frozen=True)
