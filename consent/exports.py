@@ -14,8 +14,8 @@ the last JSONL line, and is stored so it can also be fetched by export id (CSV h
 Speed (a million records in seconds, see docs/audit.md): every line's fixed part is stored with
 its record when it is written (``consent_record.export_line``, ``ledger.export_line``: canonical
 JSON in three pieces), so a JSONL export fetches three columns per record and joins bytes around
-``linked``, ``n`` and the receipt (``Lines.stored_jsonl``; on PostgreSQL through a binary
-server-side cursor). A tenant with any record lacking it (rows written by other means) and CSV
+``linked``, ``n`` and the receipt (``Lines.stored_jsonl``; on PostgreSQL in binary, streamed
+in chunks). A tenant with any record lacking it (rows written by other means) and CSV
 exports build lines from the columns instead (``Lines.dicts``: plain driver tuples, timestamps
 formatted once, orjson). Many lines go per chunk, SHA-256 runs in a thread, and the chain heads
 are computed on a second connection while the records stream.
@@ -349,7 +349,8 @@ def _chunks(conn: Any, query: Any, chunk: int, binary: bool = False) -> Iterator
     PostgreSQL: a server-side cursor read ahead by a thread (psycopg lets go of the GIL while
     it waits, so the server computes the next rows while these are encoded); with ``binary``
     straight through psycopg in binary format (``bytea`` then travels as its bytes, not as
-    twice as many hex digits; only for columns whose Python values are the same either way).
+    twice as many hex digits; only for columns whose Python values are the same either way),
+    streamed in chunks where libpq allows it (17+).
     SQLite: straight from the DBAPI cursor (SQLAlchemy's per-row result handling costs as much
     as SQLite itself; a reading thread would not help, sqlite3 takes the GIL back for every row).
     """
