@@ -470,3 +470,54 @@ def test_cached_config_follows_every_change(tenant: Tenant) -> None:
     time.sleep(max(0.0, soon - time.time()) + 0.2)
     later = config(tenant, headers={"If-None-Match": edited.headers["etag"]})
     assert later.status_code == 200 and later.json()["policy"]["version"] == "v2"
+
+
+def test_fast_config_answers_exactly_as_the_route(tenant: Tenant) -> None:
+    """``api_snippet.fast_config`` answers a config already built for the current stamp; on a
+    cold cache it declines and the route answers (and builds it). Both give the same status,
+    body and headers, and every unusual request is the route's."""
+    from consent import api_snippet
+
+    def twice(**kw: Any) -> tuple[Any, Any, int]:
+        api_snippet._CONFIGS.clear()
+        before = api_snippet.fast_answers
+        cold = config(tenant, **kw)  # the route
+        warm = config(tenant, **kw)  # the fast path, when it applies
+        return cold, warm, api_snippet.fast_answers - before
+
+    etag = config(tenant).headers["etag"]
+    bearer = {"Authorization": f"Bearer {tenant.publishable_key}"}
+    cases: list[tuple[dict[str, Any], bool]] = [
+        ({}, True), ({"lang": "de"}, True), ({"lang": "de-AT", "policy": "privacy"}, True),
+        ({"origin": None}, True), ({"headers": {"If-None-Match": etag}}, True),
+        ({"headers": {"If-None-Match": f'"x", W/{etag}'}}, True),
+        ({"origin": FOREIGN}, False), ({"origin": "null"}, False), ({"lang": "x" * 36}, False),
+        ({"policy": "nope"}, False), ({"key": "pk_unknown_key_0123456789"}, False),
+        ({"key": tenant.secret_key}, False),
+    ]
+    for kw, fast in cases:
+        cold, warm, answered = twice(**dict(kw))
+        assert answered == (1 if fast else 0), kw
+        assert cold.status_code == warm.status_code, kw
+        if cold.status_code >= 400:  # problem bodies name their own request
+            assert {**cold.json(), "request_id": ""} == {**warm.json(), "request_id": ""}, kw
+        else:
+            assert cold.content == warm.content, kw
+        for h in ("etag", "cache-control", "access-control-allow-origin", "access-control-expose-headers", "vary",
+                  "content-type"):
+            assert cold.headers.get(h) == warm.headers.get(h), (kw, h)
+    # a bearer key (no ?key=) takes the fast path too; a malformed header is the route's 401
+    r = tenant.client.get("/v1/snippet/config", headers=bearer)
+    assert r.status_code == 200 and r.headers["etag"] == etag
+    r = tenant.client.get("/v1/snippet/config", headers={"Authorization": "Basic abc"})
+    assert r.status_code == 401
+    # origins and keys are read on every request, never from the cache
+    engine = tenant.client.app.state.services.engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE tenant SET allowed_origins = '[\"https://new.example\"]' "
+                             f"WHERE id = '{tenant.id}'")
+    assert config(tenant).status_code == 403
+    assert config(tenant, origin="https://new.example").status_code == 200
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE api_key SET revoked_at = '2026-01-01 00:00:00' WHERE tenant_id = '{tenant.id}'")
+    assert config(tenant, origin="https://new.example").status_code == 401
