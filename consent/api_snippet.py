@@ -69,8 +69,9 @@ def _request_id(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")  # type: ignore[no-any-return]
 
 
-def origin_allowed(tenant: Tenant, origin: str | None) -> bool:
-    return bool(origin) and origin != "null" and origin in (tenant.allowed_origins or [])
+def origin_allowed(allowed: list[str] | None, origin: str | None) -> bool:
+    """Whether ``origin`` is one of a tenant's ``allowed_origins``."""
+    return bool(origin) and origin != "null" and origin in (allowed or [])
 
 
 def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: bool = False,
@@ -110,7 +111,7 @@ def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: boo
                     tenant = attach_tenant(db, principal.tenant_row)  # read with the key: no query
                     origin = request.headers.get("origin")
                     if origin is not None or require_origin:
-                        if not origin_allowed(tenant, origin):
+                        if not origin_allowed(tenant.allowed_origins, origin):
                             raise OriginNotAllowed(f"origin {origin!r} is not allowed for this key"
                                                    if origin else "this route needs an Origin header")
                         cors.update({"Access-Control-Allow-Origin": str(origin),
@@ -166,7 +167,7 @@ def preflight_for(methods: tuple[str, ...]) -> Any:
                 if principal is None or principal.kind != "publishable":
                     raise Unauthorized("unknown or revoked publishable key")
                 tenant = get_tenant(db, principal.tenant_id)
-                if not origin_allowed(tenant, origin):
+                if not origin_allowed(tenant.allowed_origins, origin):
                     raise OriginNotAllowed(f"origin {origin!r} is not allowed for this key" if origin
                                            else "a preflight needs an Origin header")
 
@@ -239,7 +240,7 @@ def config_response(request: Request, body: bytes, etag: str, headers: dict[str,
 def _fast_config_query() -> Any:
     k, t = ApiKey.__table__, Tenant.__table__  # type: ignore[attr-defined]
     return (sa.select(k.c.kind, k.c.key_hash, t.c.id, t.c.allowed_origins, t.c.default_lang,
-                      *snippet.stamp_columns(k.c.tenant_id, *snippet.stamp_params()))
+                      *snippet.stamp_columns(k.c.tenant_id))
             .join(t, t.c.id == k.c.tenant_id)
             .where(k.c.key_hash == sa.bindparam("h"), k.c.revoked_at.is_(None)))
 
@@ -278,7 +279,7 @@ def fast_config(request: Request, services: Any) -> Response | None:
     cors: dict[str, str] = {}
     origin = request.headers.get("origin")
     if origin is not None:
-        if not (origin and origin != "null" and origin in (origins or [])):
+        if not origin_allowed(origins, origin):
             return None
         cors = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": "ETag"}
     cached = _CONFIGS.get((tenant_id, query["policy"], snippet.pick_lang(query["lang"], default_lang)))

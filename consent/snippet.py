@@ -134,12 +134,14 @@ def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None)
     }
 
 
-def stamp_columns(tenant_id: Any, policy_key: Any, now: Any) -> list[Any]:
-    """``config_stamp``'s values as scalar subqueries; ``tenant_id`` is a bound parameter or a
-    column of an enclosing query (``api_snippet.fast_config`` reads them with the key)."""
+def stamp_columns(tenant_id: Any) -> list[Any]:
+    """``config_stamp``'s values as scalar subqueries with parameters ``k`` (policy key) and
+    ``now``; ``tenant_id`` is a bound parameter or a column of an enclosing query
+    (``api_snippet.fast_config`` reads the stamp with the key)."""
     pv = PolicyVersion.__table__  # type: ignore[attr-defined]
     pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
     pt = Purpose.__table__  # type: ignore[attr-defined]
+    policy_key, now = sa.bindparam("k"), sa.bindparam("now", type_=pv.c.effective_at.type)
     of_policy = (pv.c.tenant_id == tenant_id, pv.c.policy_key == policy_key)
     return [
         sa.select(sa.func.max(pv.c.id)).where(*of_policy).scalar_subquery(),
@@ -151,14 +153,9 @@ def stamp_columns(tenant_id: Any, policy_key: Any, now: Any) -> list[Any]:
     ]
 
 
-def stamp_params() -> tuple[Any, Any]:
-    """The policy key and ``now`` parameters of ``stamp_columns`` (named k and now)."""
-    return sa.bindparam("k"), sa.bindparam("now", type_=PolicyVersion.__table__.c.effective_at.type)  # type: ignore[attr-defined]
-
-
 # Perf: built once; SQLAlchemy then compiles it once (building it per request was ~20 % of a
 # snippet config request's CPU).
-_STAMP = sa.select(*stamp_columns(sa.bindparam("t"), *stamp_params()))
+_STAMP = sa.select(*stamp_columns(sa.bindparam("t")))
 
 
 def config_stamp(db: Session, tenant_id: str, policy_key: str, now: Any) -> tuple[Any, ...]:
