@@ -62,6 +62,27 @@ async def call(app: Any, method: str, path: str, query: str, headers: dict[str, 
     return status, b"".join(chunks)
 
 
+def postgres_cpu() -> float:
+    """Seconds of CPU used so far by this machine's running PostgreSQL processes (backends
+    and background workers): read from /proc, so only for a server on this machine."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if name.startswith("postgres"):
+            total += int(rest[11]) + int(rest[12])  # utime + stime
+    return total / tick
+
+
 async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("route", choices=["check", "record", "bulk", "snippet", "snippet304"])
@@ -74,6 +95,8 @@ async def main() -> None:
                    help="run threadpool work on the calling thread, so cProfile sees the handler")
     p.add_argument("--sort", default="cumulative", choices=["cumulative", "tottime"])
     p.add_argument("--ledger", default="quick", choices=["quick", "full"], help="which cached ledger of bench/run.py")
+    p.add_argument("--db-cpu", action="store_true",
+                   help="also the CPU of this machine's PostgreSQL processes per request (local server only)")
     args = p.parse_args()
     if args.sync or args.profile:
         import consent.http
@@ -131,6 +154,7 @@ async def main() -> None:
             for line in sent:
                 print("  " + line)
         prof = cProfile.Profile() if args.profile else None
+        db_cpu = postgres_cpu() if args.db_cpu else 0.0
         wall, cpu = time.perf_counter(), time.process_time()
         if prof:
             prof.enable()
@@ -139,9 +163,12 @@ async def main() -> None:
         if prof:
             prof.disable()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"{args.route} on {args.backend}: {cpu / n * 1e6:,.0f} us CPU and {wall / n * 1e6:,.0f} us wall per request")
+        db_cpu = postgres_cpu() - db_cpu if args.db_cpu else 0.0
+    print(f"{args.route} on {args.backend}: {cpu / n * 1e6:,.0f} us CPU and {wall / n * 1e6:,.0f} us wall per request"
+          + (f", {db_cpu / n * 1e6:,.0f} us CPU in PostgreSQL" if args.db_cpu else ""))
     if prof:
         pstats.Stats(prof).sort_stats(args.sort).print_stats(40)
+        prof.dump_stats("/tmp/prof.out")
 
 
 if __name__ == "__main__":

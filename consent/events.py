@@ -14,7 +14,8 @@ lock is the last one a transaction takes (nothing runs between it and COMMIT), s
 close a deadlock cycle, and it is held for the few milliseconds of the commit only. On
 SQLite ``BEGIN IMMEDIATE`` already serialises writers; the same code runs there.
 ``fastrecord`` (the common record on PostgreSQL) takes the same counter row the same way, in
-the single statement that writes its record, held until that statement commits.
+the single statement that writes a batch of records (one increment by the number written),
+held until that statement commits.
 """
 
 from __future__ import annotations

@@ -1,35 +1,48 @@
-"""``POST /v1/consents`` in two statements on PostgreSQL, for the common case.
+"""``POST /v1/consents`` on PostgreSQL for the common case: records that arrive together are
+read together and written together, two statements per batch (group commit).
 
 The route (``api.record_consent`` → ``ledger.record_decision``) sends about ten statements
 through the ORM session: ~4 ms of Python per record. ``handle`` (run before any middleware by
-``app.ConsentApp``, PostgreSQL only) records a decision of an *existing* subject named by *one* identifier, under
-the newest policy version in effect, with two statements on an autocommit connection:
+``app.ConsentApp``, PostgreSQL only) records a decision of an *existing* subject named by *one*
+identifier, under the newest policy version in effect. The request waits in the process's
+``Writer``; an idle autocommit connection takes every record waiting (one tenant, at most
+``BATCH_MAX``) and sends:
 
-1. one read returning, in one snapshot, whether the key is a live secret key, the tenant's
-   evidence settings, the purpose, the newest version covering it, the subject and its chain
-   head, an earlier record with the same Idempotency-Key, and the tenant's webhook endpoints;
-2. one write (data-modifying CTEs, committed as one statement): move the chain head *only if
+1. one read returning for each record, in one snapshot, whether its key is a live secret key,
+   the tenant's evidence settings, the purpose, the newest version covering it, the subject and
+   its chain head, an earlier record with the same Idempotency-Key, and the tenant's webhook
+   endpoints;
+2. one write (data-modifying CTEs, committed as one statement): move each chain head *only if
    it is still the one read* (``UPDATE subject ... WHERE head_hash IS NOT DISTINCT FROM
-   prev``), and only then insert the record, upsert ``consent_state``, take the tenant's next
-   change-feed position (the counter row, held to the commit as in ``events._allocate``) and
-   insert the event and its webhook outbox rows. If another record of the subject moved the
-   head in between, nothing is written and we read again (optimistic concurrency instead of
-   a row lock held across round trips): chains stay linear either way.
+   prev``), and for exactly those records insert the record, upsert ``consent_state``, take the
+   tenant's next change-feed positions (the counter row, held to the commit as in
+   ``events._allocate``) and insert the events and their webhook outbox rows. A record whose
+   head another writer moved in between is not written and is read again in the next batch
+   (optimistic concurrency instead of a row lock held across round trips): chains stay linear
+   either way.
+
+At one client a batch is one record (the latency of two round trips, as before batching);
+under load one round trip, one commit and one WAL flush serve many records, which halved the
+CPU per record in both the workers and PostgreSQL (docs/bench.md, seventh pass). A batch
+holds distinct identifiers and Idempotency-Keys, and no identifier of a batch under way: a
+second record of the same subject waits for the next batch instead of racing the first for the
+chain head. Rows are written in subject order, so concurrent batches lock subjects in one order.
 
 The record itself is built by the same functions as the route's (``ledger.checked_version``,
 ``new_record``, ``sign_record``, ``events.event_for``), so the two paths write the same
 rows; ``tests/test_fastrecord.py`` compares them. Anything else is *declined* before any
 write and goes to the route unchanged (its body is replayed): a new subject or several
 identifiers, a named ``policy_version`` or ``recorded_at``, a notice purpose, an Idempotency-Key
-seen before (or lost to a concurrent twin), any invalid input (the route makes every error), a
-revoked key, a database error. A connection lost *while the write is in flight* is not
-declined (the record may exist): it is a 503 telling the caller to retry with an
-Idempotency-Key, as the route's own lost COMMIT would be.
+seen before (or lost to a concurrent twin: the whole batch is declined), any invalid input (the
+route makes every error), a revoked key, a database error. A connection lost *while the write is
+in flight* is not declined (the records may exist): each record of that batch gets a 503 telling
+the caller to retry with an Idempotency-Key, as the route's own lost COMMIT would be.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 import time
@@ -51,6 +64,7 @@ from .fastcheck import (
     pg_connect,
     pg_connect_args,
     send_json,
+    settle,
 )
 from .http import dumps, problem_response
 from .middleware import BASE_HEADERS, finish_request, incoming_request_id, new_request_id
@@ -62,108 +76,153 @@ log = logging.getLogger("consent.fastrecord")
 
 ROUTE = "/v1/consents"
 BODY_MAX = 16 * 1024  # larger bodies go to the route (which allows up to max_body_bytes)
-CONNECTIONS = 4  # per process; a record holds one for its three round trips
+CONNECTIONS = 4  # per process; each writes a whole batch per read and write
+BATCH_MAX = 32  # records per batch
 RETRIES = 3  # reads of a subject whose chain head moved under us before the route takes over
+# What the write takes of a NewRecord (its tenant is the batch's).
+WRITE_COLUMNS = tuple(c for c in ledger.RECORD_COLUMNS if c != "tenant_id")
 DECISIONS = ("granted", "denied", "withdrawn")
 
+# One read for a whole batch (one tenant): per input row ``i``, in one snapshot, whether its key
+# is a live secret key, the tenant's evidence settings, the purpose, the newest version covering
+# it, the subject and its chain head, an earlier record with the same Idempotency-Key, and the
+# tenant's webhook endpoints. The inputs travel as ONE JSON text (as the check's: no per-element
+# array dumping in psycopg). A row is missing only where the tenant is gone.
 _READ = """
-WITH subj AS (
-  SELECT s.id, s.pseudonym, s.head_hash FROM subject s
-  JOIN subject_identifier si ON si.subject_id = s.id
-  WHERE si.tenant_id = %(t)s AND si.kind = %(kind)s AND si.value_hash = %(h)s
-)
-SELECT
-  EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = %(kh)s AND k.tenant_id = t.id
+SELECT q.i,
+  EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = t.id
           AND k.revoked_at IS NULL AND k.kind = 'secret'),
   t.store_full_ip, t.store_user_agent,
   pu.key, pu.kind, pu.legal_basis, pu.double_opt_in,
   v.id, v.policy_key, v.version, v.purposes, v.cookies, v.document_sha256, v.document_url,
   subj.id, subj.pseudonym, subj.head_hash,
-  EXISTS (SELECT 1 FROM consent_record r WHERE r.tenant_id = t.id AND r.idempotency_key = %(ik)s),
+  EXISTS (SELECT 1 FROM consent_record r WHERE r.tenant_id = t.id AND r.idempotency_key = q.ik),
   (SELECT json_agg(json_build_array(e.id, e.event_types)) FROM webhook_endpoint e
    WHERE e.tenant_id = t.id AND e.enabled AND e.deleted_at IS NULL)
-FROM tenant t
-LEFT JOIN purpose pu ON pu.tenant_id = t.id AND pu.key = %(p)s
-LEFT JOIN policy_version v ON v.id = (
+FROM json_to_recordset(%(q)s::json) AS q(i int, kh text, kind text, h text, ik text, p text, k text)
+JOIN tenant t ON t.id = %(t)s
+LEFT JOIN purpose pu ON pu.tenant_id = t.id AND pu.key = q.p
+LEFT JOIN LATERAL (
   SELECT pv.id FROM policy_version pv JOIN policy_purpose pp ON pp.policy_version_id = pv.id
-  WHERE pv.tenant_id = t.id AND pv.policy_key = %(k)s AND pv.effective_at <= %(at)s AND pp.purpose = %(p)s
-  ORDER BY pv.id DESC LIMIT 1)
-LEFT JOIN subj ON true
-WHERE t.id = %(t)s
+  WHERE pv.tenant_id = t.id AND pv.policy_key = q.k AND pv.effective_at <= %(at)s AND pp.purpose = q.p
+  ORDER BY pv.id DESC LIMIT 1) lv ON true
+LEFT JOIN policy_version v ON v.id = lv.id
+LEFT JOIN LATERAL (
+  SELECT s.id, s.pseudonym, s.head_hash FROM subject s
+  JOIN subject_identifier si ON si.subject_id = s.id
+  WHERE si.tenant_id = t.id AND si.kind = q.kind AND si.value_hash = q.h) subj ON true
+ORDER BY q.i
 """
 
+# One write for a whole batch (one tenant, distinct subjects), committed as one statement: move
+# each chain head *only if it is still the one read*, and for exactly those records insert the
+# record, upsert ``consent_state``, take the tenant's next change-feed positions (the counter row,
+# held to the commit as in ``events._allocate``: one increment by the number written) and insert
+# the events and their webhook outbox rows. Returns ``(i, seq)`` of the records written; a
+# record whose head moved is not written and is read again. Rows come in subject order, so
+# concurrent batches lock subjects in the same order.
 _WRITE = """
-WITH head AS (
-  UPDATE subject SET head_hash = %(record_hash)s
-  WHERE id = %(subject_id)s AND head_hash IS NOT DISTINCT FROM %(prev_hash)s
-  RETURNING id
+WITH v AS MATERIALIZED (
+  SELECT * FROM json_to_recordset(%(q)s::json) AS v(i int, id text, subject_id text, purpose text,
+    decision text, confirmed boolean, policy_key text, policy_version_id bigint, policy_version text,
+    source text, evidence json, evidence_sha256 text, disclosures json, recorded_at timestamptz,
+    idempotency_key text, request_sha256 text, prev_hash text, record_hash text, receipt text,
+    export_line text, event_id text, event_type text, event_data json, endpoints json)
+), head AS (
+  UPDATE subject s SET head_hash = v.record_hash FROM v
+  WHERE s.id = v.subject_id AND s.head_hash IS NOT DISTINCT FROM v.prev_hash
+  RETURNING v.i
+), w AS MATERIALIZED (
+  SELECT v.*, row_number() OVER (ORDER BY v.i) AS rn, count(*) OVER () AS n FROM v JOIN head USING (i)
 ), rec AS (
   INSERT INTO consent_record (id, tenant_id, subject_id, purpose, decision, confirmed, policy_key,
     policy_version_id, policy_version, source, evidence, evidence_sha256, disclosures, recorded_at,
     idempotency_key, request_sha256, prev_hash, record_hash, receipt, export_line)
-  SELECT %(id)s, %(tenant_id)s, %(subject_id)s, %(purpose)s, %(decision)s, %(confirmed)s, %(policy_key)s,
-    %(policy_version_id)s, %(policy_version)s, %(source)s, %(evidence)s::json, %(evidence_sha256)s,
-    %(disclosures)s::json, %(recorded_at)s, %(idempotency_key)s, %(request_sha256)s, %(prev_hash)s,
-    %(record_hash)s, %(receipt)s, %(export_line)s FROM head
-  RETURNING seq
+  SELECT w.id, %(t)s, w.subject_id, w.purpose, w.decision, w.confirmed, w.policy_key,
+    w.policy_version_id, w.policy_version, w.source, w.evidence, w.evidence_sha256, w.disclosures,
+    w.recorded_at, w.idempotency_key, w.request_sha256, w.prev_hash, w.record_hash, w.receipt,
+    decode(w.export_line, 'base64')
+  FROM w ORDER BY w.i
+  RETURNING seq, id
 ), state AS (
   INSERT INTO consent_state (tenant_id, subject_id, purpose, record_seq, decision, confirmed, policy_key,
     policy_version_id, policy_version, recorded_at)
-  SELECT %(tenant_id)s, %(subject_id)s, %(purpose)s, rec.seq, %(decision)s, %(confirmed)s, %(policy_key)s,
-    %(policy_version_id)s, %(policy_version)s, %(recorded_at)s FROM rec
+  SELECT %(t)s, w.subject_id, w.purpose, rec.seq, w.decision, w.confirmed, w.policy_key,
+    w.policy_version_id, w.policy_version, w.recorded_at FROM w JOIN rec ON rec.id = w.id
   ON CONFLICT (tenant_id, subject_id, purpose) DO UPDATE SET record_seq = EXCLUDED.record_seq,
     decision = EXCLUDED.decision, confirmed = EXCLUDED.confirmed, policy_key = EXCLUDED.policy_key,
     policy_version_id = EXCLUDED.policy_version_id, policy_version = EXCLUDED.policy_version,
     recorded_at = EXCLUDED.recorded_at
   WHERE consent_state.recorded_at <= EXCLUDED.recorded_at
 ), counter AS (
-  INSERT INTO event_counter (tenant_id, last_position) SELECT %(tenant_id)s, 1 FROM rec
-  ON CONFLICT (tenant_id) DO UPDATE SET last_position = event_counter.last_position + 1
+  INSERT INTO event_counter (tenant_id, last_position) SELECT %(t)s, count(*) FROM rec HAVING count(*) > 0
+  ON CONFLICT (tenant_id) DO UPDATE SET last_position = event_counter.last_position + EXCLUDED.last_position
   RETURNING last_position
 ), ev AS (
   INSERT INTO event (tenant_id, position, id, type, record_id, subject_id, data, created_at)
-  SELECT %(tenant_id)s, counter.last_position, %(event_id)s, %(event_type)s, %(id)s, %(subject_id)s,
-    %(event_data)s::json, %(now)s FROM counter
-  RETURNING position
+  SELECT %(t)s, counter.last_position - w.n + w.rn, w.event_id, w.event_type, w.id, w.subject_id,
+    w.event_data, %(now)s FROM w, counter
+  RETURNING position, id
 ), outbox AS (
   INSERT INTO webhook_delivery (tenant_id, endpoint_id, event_id, event_position, event_type, status,
     attempts, next_attempt_at, created_at)
-  SELECT %(tenant_id)s, e.id, %(event_id)s, ev.position, %(event_type)s, 'pending', 0, %(now)s, %(now)s
-  FROM ev, unnest(%(endpoints)s::text[]) AS e(id)
+  SELECT %(t)s, e.id, w.event_id, ev.position, w.event_type, 'pending', 0, %(now)s, %(now)s
+  FROM w JOIN ev ON ev.id = w.event_id, json_array_elements_text(w.endpoints) AS e(id)
 )
-SELECT rec.seq FROM rec, ev
+SELECT w.i, rec.seq FROM w JOIN rec ON rec.id = w.id JOIN ev ON ev.id = w.event_id
 """
 
 
-def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+class Job:
+    """One record waiting for a batch: what it asks, and the future its request awaits."""
+
+    __slots__ = ("spec", "ikey", "tenant_id", "read", "fut", "reads")
+
+    def __init__(self, spec: ConsentIn, ikey: str | None, tenant_id: str, read: dict[str, Any],
+                 fut: asyncio.Future[Any]) -> None:
+        self.spec, self.ikey, self.tenant_id, self.read, self.fut = spec, ikey, tenant_id, read, fut
+        self.reads = 0  # how often its subject's head was read (a moved head means reading again)
 
 
 class Writer:
-    """The connections and the key cache of one process (see the module doc)."""
+    """The connections, the waiting records and the key cache of one process (see the module doc).
+
+    A record waits in ``_pending``; an idle connection takes a batch of them (one tenant,
+    distinct identifiers and Idempotency-Keys, at most ``BATCH_MAX``) and keeps draining until
+    nothing waits: at one client a batch is one record, under load one read and one write (one
+    commit) serve many (group commit)."""
 
     def __init__(self, connect_args: dict[str, Any], services: Any, connections: int = CONNECTIONS) -> None:
         self._connect_args = connect_args
         self._services = services
-        self._idle: asyncio.Queue[Any] | None = None
-        self._connections = connections
+        self._idle: list[Any] = [None] * connections  # connection slots (None: not yet open)
+        self._pending: list[Job] = []
+        self._writing: set[tuple[str, str]] = set()  # identifiers in a batch under way
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
         self._keys = KeyCache()
         self.recorded = 0  # records written here rather than by the route (tests, debugging)
+        self.batches = 0  # write statements sent (each writes a whole batch)
 
-    async def _take(self) -> Any:
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for _ in range(self._connections):
-                self._idle.put_nowait(None)
-        return await self._idle.get()
-
-    async def _key(self, conn: Any, digest: str) -> tuple[str, str]:
+    async def _key(self, digest: str) -> tuple[str, str]:
         """The tenant and hash key of a secret key (cached: those never change for a key)."""
         known = self._keys.get(digest)
         if known is None:
-            row = await (await conn.execute(_KEY_SQL.format(kh="%s"), (digest,))).fetchone()
-            if row is None:
-                raise Declined  # the route says 401
+            if self._closed or not self._idle:
+                raise Declined  # every connection is busy writing: the route looks this key up
+            conn = self._idle.pop()
+            row, failure = None, None
+            try:
+                if conn is None or conn.closed:
+                    conn = None
+                    conn = await pg_connect(self._connect_args)
+                row = await (await conn.execute(_KEY_SQL.format(kh="%s"), (digest,))).fetchone()
+            except Exception as exc:
+                conn, failure = await self._after_failure(conn, exc, writing=False)
+            finally:
+                self._give_back(conn)
+            if failure is not None or row is None:
+                raise Declined  # unknown or revoked: the route says 401 (or the database is down)
             known = self._keys.put(digest, tuple(row))  # type: ignore[arg-type]
         tenant_id, kind, hash_key = known
         if kind != "secret":
@@ -199,78 +258,182 @@ class Writer:
                            issuer=services.settings.issuer)
         event = events.event_for(record, status)
         hooks = [e_id for e_id, types in endpoints or () if events.type_matches(types, event["type"])]
-        params = {k: getattr(record, k) for k in ledger.RECORD_COLUMNS}
-        params.update(evidence=_json(record.evidence), disclosures=_json(record.disclosures),
-                      event_id=event["id"], event_type=event["type"], event_data=_json(event["data"]),
-                      now=utcnow(), endpoints=hooks)
+        params = {k: getattr(record, k) for k in WRITE_COLUMNS}
+        params.update(recorded_at=record.recorded_at.isoformat(),
+                      export_line=base64.b64encode(record.export_line or b"").decode(),
+                      event_id=event["id"], event_type=event["type"], event_data=event["data"], endpoints=hooks)
         return record, status, params, hooks
 
-    async def _after_failure(self, conn: Any, exc: BaseException, writing: bool) -> Any:
-        """Turn a failure into Declined (nothing was written: the route takes the request) or
-        Unavailable (the connection broke while the write was in flight: the record may exist).
-        Returns the connection to keep (None: closed)."""
+    async def _after_failure(self, conn: Any, exc: BaseException,
+                             writing: bool) -> tuple[Any, Declined | Unavailable]:
+        """The connection to keep (None: closed) and what a failure means for the records at
+        hand: Declined (nothing was written: the route takes them) or Unavailable (the
+        connection broke while the write was in flight: the records may exist)."""
         import psycopg
 
         if conn is not None and conn.broken:
             await conn.close()
         if conn is not None and conn.closed:
             conn = None
-        if isinstance(exc, (Declined, asyncio.CancelledError)):
-            return conn
         if writing and isinstance(exc, psycopg.Error) and exc.sqlstate is None \
                 and not isinstance(exc, psycopg.ProgrammingError):
             # No SQLSTATE: the server did not answer (connection lost), maybe after committing.
             log.warning("fast record: connection failed (%s); the outcome is unknown", type(exc).__name__)
-            raise Unavailable("the database connection failed while recording; retry with an Idempotency-Key",
-                              headers={"Retry-After": "1"}) from None
+            return conn, Unavailable("the database connection failed while recording; retry with an "
+                                     "Idempotency-Key", headers={"Retry-After": "1"})
         log.debug("fast record declined after %s", type(exc).__name__)
-        raise Declined from None
+        return conn, Declined()
+
+    def _give_back(self, conn: Any) -> None:
+        """A connection back from a key lookup: it drains what waits, else it waits itself."""
+        if self._pending and not self._closed:
+            self._start(conn)
+        else:
+            self._park(conn)
+
+    def _park(self, conn: Any) -> None:
+        if self._closed:
+            if conn is not None:
+                asyncio.get_running_loop().create_task(conn.close())
+        else:
+            self._idle.append(conn)
+
+    def _start(self, conn: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def record(self, token: str, spec: ConsentIn, idempotency_key: str | None) -> bytes:
         """The 201 body of a recorded decision, or Declined (nothing written)."""
+        if self._closed:
+            raise Declined
         (kind, value), = [(k, v) for k, v in (("user", spec.subject.user_id), ("email", spec.subject.email),
                                                 ("anon", spec.subject.anonymous_id)) if v]
         digest = hashlib.sha256(token.encode()).hexdigest()
-        conn = await self._take()
+        tenant_id, hash_key = await self._key(digest)
+        if kind == "email":
+            value = crypto.normalize_email(value)
+        read = {"kh": digest, "kind": kind, "h": crypto.keyed_hash(hash_key, kind, value), "ik": idempotency_key,
+                "p": spec.purpose, "k": spec.policy}
+        job = Job(spec, idempotency_key, tenant_id, read, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        if self._idle:
+            self._start(self._idle.pop())
+        record, status = await job.fut
+        return dumps(ledger.record_out(record, status))
+
+    def _next_batch(self) -> list[Job]:
+        """Up to BATCH_MAX waiting records of one tenant, with distinct identifiers and
+        Idempotency-Keys, none of whose identifiers is in another batch under way (a record of
+        the same subject waits for the next batch rather than race it for the chain head); the
+        rest stay in order. Empty when everything waiting waits for a batch under way."""
+        tenant = None
+        batch: list[Job] = []
+        rest: list[Job] = []
+        ikeys: set[str] = set()
+        writing = self._writing
+        for job in self._pending:
+            ident = (job.read["kind"], job.read["h"])
+            if (len(batch) >= BATCH_MAX or ident in writing or (tenant is not None and job.tenant_id != tenant)
+                    or (job.ikey is not None and job.ikey in ikeys)):
+                rest.append(job)
+                continue
+            tenant = job.tenant_id
+            batch.append(job)
+            writing.add(ident)
+            if job.ikey is not None:
+                ikeys.add(job.ikey)
+        self._pending = rest
+        return batch
+
+    async def _drain(self, conn: Any) -> None:
+        """Write batches on one connection until nothing waits."""
+        batch: list[Job] = []
+        try:
+            while self._pending and not self._closed:
+                batch = self._next_batch()
+                if not batch:
+                    break  # what waits, waits for a batch under way; that drain takes it next
+                try:
+                    conn, retry = await self._write_batch(conn, batch)
+                finally:
+                    self._writing.difference_update((job.read["kind"], job.read["h"]) for job in batch)
+                self._pending[:0] = retry
+                batch = []
+        except BaseException:  # cancelled mid-batch (shutdown): the outcome is unknown
+            settle([(job.fut, Unavailable("the service stopped while recording; retry with an Idempotency-Key",
+                                          headers={"Retry-After": "1"})) for job in batch])
+            raise
+        finally:
+            self._park(conn)
+
+    async def _write_batch(self, conn: Any, batch: list[Job]) -> tuple[Any, list[Job]]:
+        """Read, build and write one batch. Settles every record written or declined; returns
+        the connection to keep and the records to read again (their subject's head moved)."""
+        tenant_id = batch[0].tenant_id
+        built: list[tuple[Job, ledger.NewRecord, str, dict[str, Any], list[str]]] = []
+        retry: list[Job] = []
         writing = False
         try:
             if conn is None or conn.closed:
                 conn = None
                 conn = await pg_connect(self._connect_args)
-            tenant_id, hash_key = await self._key(conn, digest)
-            if kind == "email":
-                value = crypto.normalize_email(value)
-            read = {"t": tenant_id, "kind": kind, "h": crypto.keyed_hash(hash_key, kind, value), "kh": digest,
-                    "ik": idempotency_key, "p": spec.purpose, "k": spec.policy}
-            for _ in range(RETRIES):
-                read["at"] = at = utcnow()
-                row = await (await conn.execute(_READ, read)).fetchone()
-                record, status, params, hooks = self._build(spec, tenant_id, idempotency_key, at, row)
-                writing = True
-                written = await (await conn.execute(_WRITE, params)).fetchone()
-                writing = False
-                if written is not None:
-                    record.seq = written[0]
-                    break
-                # Another record of this subject moved the chain head since our read: read again.
+            at = utcnow()
+            inputs = orjson.dumps([{"i": n, **job.read} for n, job in enumerate(batch)]).decode()
+            found = {row[0]: row[1:] for row in await (await conn.execute(
+                _READ, {"q": inputs, "t": tenant_id, "at": at})).fetchall()}
+            subjects: set[str] = set()
+            for n, job in enumerate(batch):
+                job.reads += 1
+                try:
+                    record, status, params, hooks = self._build(job.spec, tenant_id, job.ikey, at, found.get(n))
+                except Exception as exc:  # Declined, or a bug: the route answers this one
+                    if not isinstance(exc, Declined):
+                        log.exception("fast record failed; the route answers")
+                    settle([(job.fut, Declined())])
+                    continue
+                if record.subject_id in subjects:  # one subject named by two identifiers: next batch
+                    retry.append(job)
+                    continue
+                subjects.add(record.subject_id)
+                built.append((job, record, status, params, hooks))
+            if not built:
+                return conn, retry
+            built.sort(key=lambda b: b[1].subject_id)  # one lock order for every batch
+            rows = orjson.dumps([{"i": n, **b[3]} for n, b in enumerate(built)]).decode()
+            self.batches += 1
+            writing = True
+            written = dict(await (await conn.execute(_WRITE, {"q": rows, "t": tenant_id, "now": utcnow()})).fetchall())
+        except Exception as exc:
+            conn, failure = await self._after_failure(conn, exc, writing)
+            settle([(job.fut, failure if isinstance(failure, Unavailable) else Declined())
+                    for job in batch if job not in retry])
+            return conn, retry
+        hooks_any = False
+        for n, (job, record, status, _params, hooks) in enumerate(built):
+            seq = written.get(n)
+            if seq is not None:
+                record.seq = seq
+                self.recorded += 1
+                hooks_any = hooks_any or bool(hooks)
+                settle([(job.fut, (record, status))])
+            elif job.reads >= RETRIES:
+                settle([(job.fut, Declined())])  # a hot subject: the route waits its turn on the row lock
             else:
-                raise Declined  # a hot subject: the route waits its turn on the row lock
-        except BaseException as exc:
-            conn = await self._after_failure(conn, exc, writing)
-            raise
-        finally:
-            assert self._idle is not None
-            self._idle.put_nowait(conn)
-        if hooks:
+                retry.append(job)  # another record of this subject moved the head: read again
+        if hooks_any:
             events.wake_delivery_loops()
-        self.recorded += 1
-        return dumps(ledger.record_out(record, status))
+        return conn, retry
 
     async def close(self) -> None:
-        while self._idle is not None and not self._idle.empty():
-            conn = self._idle.get_nowait()
+        self._closed = True
+        for job in self._pending:
+            settle([(job.fut, Declined())])
+        self._pending = []
+        for conn in self._idle:
             if conn is not None:
                 await conn.close()
+        self._idle = []
 
 
 def open_writer(engine: Engine, services: Any) -> Writer | None:

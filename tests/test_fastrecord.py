@@ -230,3 +230,77 @@ def test_concurrent_writers_of_one_subject_keep_one_chain(client: TestClient, ba
     assert head == prev
     feed = t.get("/v1/events", params={"after": 0, "limit": 100}).json()["items"]
     assert [e["position"] for e in feed] == list(range(1, len(chain) + 1))
+
+
+def test_concurrent_records_are_written_in_batches(client: TestClient, backend: str, db_url: str) -> None:
+    """Records that wait together are read and written together (group commit): fewer write
+    statements than records, and every row exactly as one-at-a-time writes make them: one
+    record and head move per subject, gap-free feed positions, one outbox row per event, a
+    subject named twice (email and user id) still one linear chain, an Idempotency-Key twin
+    recorded once, a declined record leaving the rest of its batch alone."""
+    writer_of(client, backend)
+    t = make_tenant(client)
+    hook = t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["consent.*"]})
+    assert hook.status_code == 201, hook.text
+    emails = [f"b{n}@example.com" for n in range(40)]
+    for e in emails:
+        t.record("analytics", "denied", email=e)
+    t.record("analytics", "denied", email="twice@example.com", user_id="u-twice")
+    services = client.app.state.services  # type: ignore[attr-defined]
+    engine = db.create_db_engine(db_url)
+    feed_before = len(t.get("/v1/events", params={"after": 0, "limit": 1000}).json()["items"])
+    ikey = str(uuid.uuid4())
+
+    def spec(purpose: str = "analytics", **subject: str) -> ConsentIn:
+        return ConsentIn.model_validate({"subject": subject, "purpose": purpose, "decision": "granted"})
+
+    async def run() -> tuple[list[Any], int]:
+        writer = fastrecord.open_writer(engine, services)
+        assert writer is not None
+        await writer.record(t.secret_key, spec(email=emails[0]), None)  # the key is cached, one batch
+        try:
+            calls = [writer.record(t.secret_key, spec(email=e), None) for e in emails[1:]]
+            calls += [writer.record(t.secret_key, spec(email="twice@example.com"), None),
+                      writer.record(t.secret_key, spec(user_id="u-twice"), None),
+                      writer.record(t.secret_key, spec(email=emails[0]), ikey),
+                      writer.record(t.secret_key, spec(email=emails[0]), ikey),
+                      writer.record(t.secret_key, spec("no_such_purpose", email=emails[1]), None)]
+            return await asyncio.gather(*calls, return_exceptions=True), writer.batches
+        finally:
+            await writer.close()
+
+    try:
+        results, batches = asyncio.run(run())
+    finally:
+        engine.dispose()
+    assert all(isinstance(x, bytes) for x in results[:-3]), results[:-3]  # the 39 others and both of "twice"
+    assert sum(isinstance(x, bytes) for x in results[-3:-1]) == 1  # the twin: once; the other is the route's
+    assert isinstance(results[-1], fastrecord.Declined)  # unknown purpose: the route's 422
+    written = len(emails) + 2
+    assert 1 < batches < written, batches
+    chains = rows(db_url, "SELECT r.subject_id, r.prev_hash, r.record_hash, s.head_hash FROM consent_record r "
+                          "JOIN subject s ON s.id = r.subject_id WHERE r.tenant_id = :t ORDER BY r.seq", t=t.id)
+    by_subject: dict[str, list[dict[str, Any]]] = {}
+    for link in chains:
+        by_subject.setdefault(link["subject_id"], []).append(link)
+    for links in by_subject.values():
+        prev = None
+        for link in links:
+            assert link["prev_hash"] == prev
+            prev = link["record_hash"]
+        assert links[-1]["head_hash"] == prev
+    assert sorted(len(v) for v in by_subject.values()) == [2] * (len(emails) - 1) + [3, 3]
+    assert len(rows(db_url, "SELECT 1 FROM consent_record WHERE idempotency_key = :k", k=ikey)) == 1
+    feed = t.get("/v1/events", params={"after": 0, "limit": 1000}).json()["items"]
+    assert [e["position"] for e in feed] == list(range(1, len(feed) + 1))
+    assert len(feed) == feed_before + written + 1 == len(chains)
+    outbox = rows(db_url, "SELECT d.event_position, e.record_id FROM webhook_delivery d JOIN event e "
+                          "ON e.id = d.event_id AND e.position = d.event_position WHERE d.tenant_id = :t", t=t.id)
+    assert len(outbox) == len(chains) and len({o["record_id"] for o in outbox}) == len(chains)
+    state = rows(db_url, "SELECT s.decision, s.record_seq, r.seq FROM consent_state s JOIN consent_record r "
+                         "ON r.subject_id = s.subject_id AND r.purpose = s.purpose WHERE s.tenant_id = :t "
+                         "AND s.purpose = 'analytics' AND r.seq = (SELECT max(seq) FROM consent_record x "
+                         "WHERE x.subject_id = s.subject_id AND x.purpose = s.purpose)", t=t.id)
+    assert len(state) == len(by_subject) and all(s["record_seq"] == s["seq"] and s["decision"] == "granted"
+                                                 for s in state)
+    assert t.check("analytics", subject="u-twice")["status"] == "granted"
