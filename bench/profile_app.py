@@ -1,7 +1,7 @@
 """CPU cost per request of one route, in process (no network, no load generator): the number
 to watch while optimising on a busy machine. Optionally under cProfile.
 
-    .venv/bin/python bench/profile_app.py check|record|bulk|snippet|snippet304 [--backend sqlite|postgresql] [--n 2000] [--profile]
+    .venv/bin/python bench/profile_app.py check|record|bulk|snippet|snippet304 [--backend sqlite|postgresql] [--n 2000] [--profile] [--db-cpu]
 
 Uses the cached ledger of `bench/run.py --quick` (run that once first), or with
 `--ledger full` the one of `bench/run.py`.
@@ -168,7 +168,6 @@ async def main() -> None:
           + (f", {db_cpu / n * 1e6:,.0f} us CPU in PostgreSQL" if args.db_cpu else ""))
     if prof:
         pstats.Stats(prof).sort_stats(args.sort).print_stats(40)
-        prof.dump_stats("/tmp/prof.out")
 
 
 if __name__ == "__main__":
