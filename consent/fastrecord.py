@@ -176,11 +176,11 @@ SELECT w.i, rec.seq FROM w JOIN rec ON rec.id = w.id JOIN ev ON ev.id = w.event_
 class Job:
     """One record waiting for a batch: what it asks, and the future its request awaits."""
 
-    __slots__ = ("spec", "ikey", "tenant_id", "read", "fut", "reads")
+    __slots__ = ("spec", "tenant_id", "read", "ident", "fut", "reads")
 
-    def __init__(self, spec: ConsentIn, ikey: str | None, tenant_id: str, read: dict[str, Any],
-                 fut: asyncio.Future[Any]) -> None:
-        self.spec, self.ikey, self.tenant_id, self.read, self.fut = spec, ikey, tenant_id, read, fut
+    def __init__(self, spec: ConsentIn, tenant_id: str, read: dict[str, Any], fut: asyncio.Future[Any]) -> None:
+        self.spec, self.tenant_id, self.read, self.fut = spec, tenant_id, read, fut
+        self.ident = (read["kind"], read["h"])  # the subject's identifier (kind, keyed hash)
         self.reads = 0  # how often its subject's head was read (a moved head means reading again)
 
 
@@ -315,7 +315,7 @@ class Writer:
             value = crypto.normalize_email(value)
         read = {"kh": digest, "kind": kind, "h": crypto.keyed_hash(hash_key, kind, value), "ik": idempotency_key,
                 "p": spec.purpose, "k": spec.policy}
-        job = Job(spec, idempotency_key, tenant_id, read, asyncio.get_running_loop().create_future())
+        job = Job(spec, tenant_id, read, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         if self._idle:
             self._start(self._idle.pop())
@@ -333,16 +333,16 @@ class Writer:
         ikeys: set[str] = set()
         writing = self._writing
         for job in self._pending:
-            ident = (job.read["kind"], job.read["h"])
-            if (len(batch) >= BATCH_MAX or ident in writing or (tenant is not None and job.tenant_id != tenant)
-                    or (job.ikey is not None and job.ikey in ikeys)):
+            ikey = job.read["ik"]
+            if (len(batch) >= BATCH_MAX or job.ident in writing or (tenant is not None and job.tenant_id != tenant)
+                    or (ikey is not None and ikey in ikeys)):
                 rest.append(job)
                 continue
             tenant = job.tenant_id
             batch.append(job)
-            writing.add(ident)
-            if job.ikey is not None:
-                ikeys.add(job.ikey)
+            writing.add(job.ident)
+            if ikey is not None:
+                ikeys.add(ikey)
         self._pending = rest
         return batch
 
@@ -357,7 +357,7 @@ class Writer:
                 try:
                     conn, retry = await self._write_batch(conn, batch)
                 finally:
-                    self._writing.difference_update((job.read["kind"], job.read["h"]) for job in batch)
+                    self._writing.difference_update(job.ident for job in batch)
                 self._pending[:0] = retry
                 batch = []
         except BaseException:  # cancelled mid-batch (shutdown): the outcome is unknown
@@ -386,7 +386,8 @@ class Writer:
             for n, job in enumerate(batch):
                 job.reads += 1
                 try:
-                    record, status, params, hooks = self._build(job.spec, tenant_id, job.ikey, at, found.get(n))
+                    record, status, params, hooks = self._build(job.spec, tenant_id, job.read["ik"], at,
+                                                                found.get(n))
                 except Exception as exc:  # Declined, or a bug: the route answers this one
                     if not isinstance(exc, Declined):
                         log.exception("fast record failed; the route answers")
