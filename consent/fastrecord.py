@@ -230,9 +230,9 @@ class Writer:
         return tenant_id, hash_key
 
     def _build(self, spec: ConsentIn, tenant_id: str, idempotency_key: str | None, at: Any,
-               row: Any) -> tuple[ledger.NewRecord, str, dict[str, Any], list[str]]:
-        """The record, its status, the write's parameters and the matching webhook endpoints,
-        from the read's row; Declined where the route must answer."""
+               row: Any) -> tuple[ledger.NewRecord, str, dict[str, Any]]:
+        """The record, its status and the write's parameters (``endpoints``: the webhook
+        endpoints the event goes to), from the read's row; Declined where the route must answer."""
         if row is None:  # the tenant is gone
             raise Declined
         (key_ok, store_full_ip, store_user_agent, p_key, p_kind, p_basis, p_doi, v_id, v_policy, v_version,
@@ -262,7 +262,7 @@ class Writer:
         params.update(recorded_at=record.recorded_at.isoformat(),
                       export_line=base64.b64encode(record.export_line or b"").decode(),
                       event_id=event["id"], event_type=event["type"], event_data=event["data"], endpoints=hooks)
-        return record, status, params, hooks
+        return record, status, params
 
     async def _after_failure(self, conn: Any, exc: BaseException,
                              writing: bool) -> tuple[Any, Declined | Unavailable]:
@@ -371,7 +371,7 @@ class Writer:
         """Read, build and write one batch. Settles every record written or declined; returns
         the connection to keep and the records to read again (their subject's head moved)."""
         tenant_id = batch[0].tenant_id
-        built: list[tuple[Job, ledger.NewRecord, str, dict[str, Any], list[str]]] = []
+        built: list[tuple[Job, ledger.NewRecord, str, dict[str, Any]]] = []
         retry: list[Job] = []
         writing = False
         try:
@@ -386,8 +386,7 @@ class Writer:
             for n, job in enumerate(batch):
                 job.reads += 1
                 try:
-                    record, status, params, hooks = self._build(job.spec, tenant_id, job.read["ik"], at,
-                                                                found.get(n))
+                    record, status, params = self._build(job.spec, tenant_id, job.read["ik"], at, found.get(n))
                 except Exception as exc:  # Declined, or a bug: the route answers this one
                     if not isinstance(exc, Declined):
                         log.exception("fast record failed; the route answers")
@@ -397,7 +396,7 @@ class Writer:
                     retry.append(job)
                     continue
                 subjects.add(record.subject_id)
-                built.append((job, record, status, params, hooks))
+                built.append((job, record, status, params))
             if not built:
                 return conn, retry
             built.sort(key=lambda b: b[1].subject_id)  # one lock order for every batch
@@ -411,12 +410,12 @@ class Writer:
                     for job in batch if job not in retry])
             return conn, retry
         hooks_any = False
-        for n, (job, record, status, _params, hooks) in enumerate(built):
+        for n, (job, record, status, params) in enumerate(built):
             seq = written.get(n)
             if seq is not None:
                 record.seq = seq
                 self.recorded += 1
-                hooks_any = hooks_any or bool(hooks)
+                hooks_any = hooks_any or bool(params["endpoints"])
                 settle([(job.fut, (record, status))])
             elif job.reads >= RETRIES:
                 settle([(job.fut, Declined())])  # a hot subject: the route waits its turn on the row lock
