@@ -139,7 +139,8 @@ def generate(meta: dict[str, Any], subjects: int, seed: int = 7) -> Iterator[dic
                     "tenant_id": tid, "subject_id": sid, "purpose": purpose, "record_seq": r["seq"],
                     "decision": r["decision"], "confirmed": True, "policy_key": "privacy",
                     "policy_version_id": r["policy_version_id"], "policy_version": r["policy_version"],
-                    "recorded_at": r["recorded_at"]})
+                    "recorded_at": r["recorded_at"], "receipt_seq": r["seq"], "record_id": r["id"],
+                    "receipt": r["receipt"]})
         yield rows
 
 

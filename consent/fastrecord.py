@@ -146,13 +146,14 @@ WITH v AS MATERIALIZED (
   RETURNING seq, id
 ), state AS (
   INSERT INTO consent_state (tenant_id, subject_id, purpose, record_seq, decision, confirmed, policy_key,
-    policy_version_id, policy_version, recorded_at)
+    policy_version_id, policy_version, recorded_at, receipt_seq, record_id, receipt)
   SELECT %(t)s, w.subject_id, w.purpose, rec.seq, w.decision, w.confirmed, w.policy_key,
-    w.policy_version_id, w.policy_version, w.recorded_at FROM w JOIN rec ON rec.id = w.id
+    w.policy_version_id, w.policy_version, w.recorded_at, rec.seq, w.id, w.receipt FROM w JOIN rec ON rec.id = w.id
   ON CONFLICT (tenant_id, subject_id, purpose) DO UPDATE SET record_seq = EXCLUDED.record_seq,
     decision = EXCLUDED.decision, confirmed = EXCLUDED.confirmed, policy_key = EXCLUDED.policy_key,
     policy_version_id = EXCLUDED.policy_version_id, policy_version = EXCLUDED.policy_version,
-    recorded_at = EXCLUDED.recorded_at
+    recorded_at = EXCLUDED.recorded_at, receipt_seq = EXCLUDED.receipt_seq, record_id = EXCLUDED.record_id,
+    receipt = EXCLUDED.receipt
   WHERE consent_state.recorded_at <= EXCLUDED.recorded_at
 ), counter AS (
   INSERT INTO event_counter (tenant_id, last_position) SELECT %(t)s, count(*) FROM rec HAVING count(*) > 0

@@ -445,7 +445,7 @@ def set_head(db: Session, subject: Subject, head: str) -> None:
 
 
 _STATE_COLS = ("tenant_id", "subject_id", "purpose", "record_seq", "decision", "confirmed", "policy_key",
-               "policy_version_id", "policy_version", "recorded_at")
+               "policy_version_id", "policy_version", "recorded_at", "receipt_seq", "record_id", "receipt")
 
 
 def _state_upsert(insert: Any) -> Any:
@@ -468,6 +468,8 @@ def upsert_state(db: Session, record: NewRecord) -> None:
         "record_seq": record.seq, "decision": record.decision, "confirmed": record.confirmed,
         "policy_key": record.policy_key, "policy_version_id": record.policy_version_id,
         "policy_version": record.policy_version, "recorded_at": record.recorded_at,
+        # The copy a check reads instead of the record (valid while receipt_seq = record_seq).
+        "receipt_seq": record.seq, "record_id": record.id, "receipt": record.receipt,
     }
     db.execute(_STATE_UPSERT[db.get_bind().dialect.name], values)
 

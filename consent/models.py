@@ -240,6 +240,14 @@ class ConsentState(SQLModel, table=True):
     policy_version_id: int | None = Field(default=None, sa_column=sa.Column(BigInt, nullable=True))
     policy_version: str | None = Field(default=None, max_length=64)
     recorded_at: datetime = ts()
+    # A copy of the current record's id and receipt, so a check reads one row instead of also
+    # probing consent_record (docs/bench.md, eighth pass). Valid only while ``receipt_seq`` equals
+    # ``record_seq``: every writer sets the three with ``record_seq`` in the same statement, and a
+    # reader falls back to consent_record otherwise (a row written before migration 0009, or by
+    # code that predates it).
+    receipt_seq: int | None = Field(default=None, sa_column=sa.Column(BigInt, nullable=True))
+    record_id: str | None = Field(default=None, max_length=40)
+    receipt: str | None = None
 
 
 TABLES = SQLModel.metadata

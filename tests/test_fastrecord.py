@@ -57,7 +57,7 @@ def as_route(t: Tenant, route: TestClient) -> Tenant:
 
 VOLATILE = {"id", "seq", "record_hash", "prev_hash", "receipt", "recorded_at", "request_sha256", "subject_id",
             "record_seq", "record_id", "created_at", "position", "subject", "next_attempt_at", "event_id",
-            "event_position", "export_line"}
+            "event_position", "export_line", "receipt_seq"}
 
 
 def stable(row: dict[str, Any]) -> dict[str, Any]:
@@ -90,6 +90,9 @@ def test_both_paths_write_the_same_rows(client: TestClient, route_client: TestCl
     sa_, sb = (rows(db_url, "SELECT * FROM consent_state WHERE subject_id = :s AND purpose = 'product_updates'",
                     s=x["subject"])[0] for x in (fast, slow))
     assert stable(sa_) == stable(sb) and sa_["record_seq"] == a["seq"]
+    for state, record in ((sa_, a), (sb, b)):  # both paths leave the check's copy of the record's receipt
+        assert (state["receipt_seq"], state["record_id"], state["receipt"]) == (record["seq"], record["id"],
+                                                                                record["receipt"])
     ea, eb = (rows(db_url, "SELECT * FROM event WHERE record_id = :i", i=x["id"])[0] for x in (fast, slow))
     assert stable(ea) == stable(eb) | {"data": ea["data"]}
     assert {k: v for k, v in ea["data"].items() if k not in ("record_id", "subject", "recorded_at", "record_hash")} \

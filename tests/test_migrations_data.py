@@ -36,11 +36,13 @@ def second_database() -> str:
 
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
-ADDED_LATER = {"export_line": "bytea"}  # record columns a revision adds and fills from the others
+# Columns a revision adds and fills from the others: table -> column -> type.
+ADDED_LATER = {"consent_record": {"export_line": "bytea"},
+               "consent_state": {"receipt_seq": "bigint", "record_id": "varchar(40)", "receipt": "varchar"}}
 
 
-def record_columns(engine: sa.Engine) -> set[str]:
-    return {c["name"] for c in sa.inspect(engine).get_columns("consent_record")}
+def columns_of(engine: sa.Engine, table: str = "consent_record") -> set[str]:
+    return {c["name"] for c in sa.inspect(engine).get_columns(table)}
 
 
 def fill(url: str, rev: str) -> str:
@@ -50,18 +52,19 @@ def fill(url: str, rev: str) -> str:
     engine = db.create_db_engine(url)
     pair = generate_signing_key()
     signer = Signer(pair.kid, pair.private_pem)
-    missing = [c for c in ADDED_LATER if c not in record_columns(engine)]
+    missing = [(t, c, kind) for t, cols in ADDED_LATER.items() if t in sa.inspect(engine).get_table_names()
+               for c, kind in cols.items() if c not in columns_of(engine, t)]
     try:
         if missing:
             with engine.begin() as conn:
-                for c in missing:
-                    conn.exec_driver_sql(f"ALTER TABLE consent_record ADD COLUMN {c} {ADDED_LATER[c]}")
+                for t, c, kind in missing:
+                    conn.exec_driver_sql(f"ALTER TABLE {t} ADD COLUMN {c} {kind}")
         return _fill(engine, rev, signer)
     finally:
         if missing:
             with engine.begin() as conn:
-                for c in missing:
-                    conn.exec_driver_sql(f"ALTER TABLE consent_record DROP COLUMN {c}")
+                for t, c, _ in missing:
+                    conn.exec_driver_sql(f"ALTER TABLE {t} DROP COLUMN {c}")
         engine.dispose()
 
 
@@ -83,15 +86,21 @@ def _fill(engine: sa.Engine, rev: str, signer: Signer) -> str:
 
 def snapshot(url: str) -> dict[str, Any]:
     """Every record (id -> hash) and a verification of every chain (and, where the revision has
-    them, of every stored export line)."""
+    them, of every stored export line and of consent_state's copy of each current receipt)."""
     engine = db.create_db_engine(url)
     try:
-        columns = [c for c in REC.c if c.name in record_columns(engine)]
+        columns = [c for c in REC.c if c.name in columns_of(engine)]
         with Session(engine) as s:
             records = s.execute(sa.select(*columns).order_by(REC.c.seq)).all()
             subjects = {x.id: x for x in s.execute(sa.select(Subject)).scalars()}
+            copies = s.execute(sa.text(
+                "SELECT s.receipt_seq, s.record_seq, s.record_id, r.id, s.receipt, r.receipt FROM consent_state s "
+                "JOIN consent_record r ON r.seq = s.record_seq")).all() \
+                if "receipt_seq" in columns_of(engine, "consent_state") else []
     finally:
         engine.dispose()
+    for copy in copies:  # filled by the migration, or written with the record
+        assert copy[0] == copy[1] and copy[2] == copy[3] and copy[4] == copy[5], copy
     heads: dict[str, str | None] = {}
     for r in records:
         assert r.prev_hash == heads.get(r.subject_id), f"broken chain at {r.id}"
