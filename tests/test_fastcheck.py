@@ -138,6 +138,42 @@ def test_a_subject_id_of_another_tenant_is_not_seen(client: TestClient, route_cl
     assert code == 200 and body["status"] == "none" and body["subject"] is None
 
 
+def test_a_missing_or_stale_receipt_copy_is_not_answered(client: TestClient, route_client: TestClient,
+                                                          db_url: str) -> None:
+    """consent_state's copy of the record's id and receipt is used only while its receipt_seq is
+    the state's record_seq: a row from before migration 0009 (no copy) or one moved by older
+    code (the copy of an earlier record) is answered from the record itself, as the route does."""
+    t = make_tenant(client)
+    first = t.record(email="ada@example.com")
+    t.record(email="bob@example.com")
+    latest = t.record("marketing_email", "withdrawn", email="ada@example.com")
+    engine = db.create_db_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            copy = conn.exec_driver_sql(
+                f"SELECT receipt_seq, record_seq, record_id, receipt FROM consent_state "
+                f"WHERE subject_id = '{latest['subject']}' AND purpose = 'marketing_email'").one()
+            assert copy[0] == copy[1] and (copy[2], copy[3]) == (latest["id"], latest["receipt"])
+            # older code moved the state to the newest record but left the first record's copy
+            conn.exec_driver_sql(
+                f"UPDATE consent_state SET receipt_seq = record_seq - 1, record_id = '{first['id']}', "
+                f"receipt = '{first['receipt']}' WHERE subject_id = '{latest['subject']}'")
+            conn.exec_driver_sql(  # no copy at all
+                "UPDATE consent_state SET receipt_seq = NULL, record_id = NULL, receipt = NULL "
+                "WHERE subject_id <> '" + latest["subject"] + "' AND tenant_id = '" + t.id + "'")
+    finally:
+        engine.dispose()
+    reader = reader_of(client)
+    before = reader.answered
+    for email, record in (("ada@example.com", latest), ("bob@example.com", None)):
+        code, body = same_answer(client, route_client, t.h, {"purpose": "marketing_email", "email": email})
+        assert code == 200 and body["receipt"] and body["record_id"]
+        if record is not None:
+            assert (body["status"], body["record_id"], body["receipt"]) == ("withdrawn", record["id"],
+                                                                             record["receipt"])
+    assert reader.answered == before + 2, "the fast path answered both"
+
+
 def test_admin_rotation_and_foreign_keys(client: TestClient) -> None:
     t = make_tenant(client)
     params = {"purpose": "marketing_email", "email": "ada@example.com"}
