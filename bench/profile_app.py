@@ -1,7 +1,7 @@
 """CPU cost per request of one route, in process (no network, no load generator): the number
 to watch while optimising on a busy machine. Optionally under cProfile.
 
-    .venv/bin/python bench/profile_app.py check|record|bulk|snippet|snippet304 [--backend sqlite|postgresql] [--n 2000] [--profile] [--db-cpu]
+    .venv/bin/python bench/profile_app.py check|record|bulk|snippet|snippet304 [--backend sqlite|postgresql] [--n 2000] [--concurrency 1] [--profile] [--db-cpu]
 
 Uses the cached ledger of `bench/run.py --quick` (run that once first), or with
 `--ledger full` the one of `bench/run.py`.
@@ -95,6 +95,8 @@ async def main() -> None:
                    help="run threadpool work on the calling thread, so cProfile sees the handler")
     p.add_argument("--sort", default="cumulative", choices=["cumulative", "tottime"])
     p.add_argument("--ledger", default="quick", choices=["quick", "full"], help="which cached ledger of bench/run.py")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests in flight at once (the fast paths batch them, as under load)")
     p.add_argument("--db-cpu", action="store_true",
                    help="also the CPU of this machine's PostgreSQL processes per request (local server only)")
     args = p.parse_args()
@@ -158,8 +160,13 @@ async def main() -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         if prof:
             prof.enable()
-        for _ in range(n):
-            await call(app, *make())
+        c = max(1, args.concurrency)
+        n = max(1, n // c) * c
+        for _ in range(n // c):
+            if c == 1:
+                await call(app, *make())
+            else:
+                await asyncio.gather(*[call(app, *make()) for _ in range(c)])
         if prof:
             prof.disable()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
