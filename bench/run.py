@@ -345,25 +345,24 @@ def route_present(base: str, path: str, headers: dict[str, str]) -> bool:
 
 # --- one configuration ----------------------------------------------------------------------
 
-def bench_bare(workers: int, profile: Profile, tmp: Path) -> Result:
+def bare_cells(workers: int, conns: tuple[int, ...], profile: Profile, tmp: Path) -> list[dict[str, float]]:
+    """Bare Starlette (one constant-JSON route) under wrk at each of ``conns`` clients."""
     server = Server("bare_app:app", workers, {}, factory=False)
     try:
-        script = lua_get('"/"', {})
-        return Result(f"bare w{workers}", "GET / (constant JSON)",
-                      wrk(server.base, script, 1, profile, tmp), wrk(server.base, script, 32, profile, tmp))
+        return [wrk(server.base, lua_get('"/"', {}), c, profile, tmp) for c in conns]
     finally:
         server.stop()
+
+
+def bench_bare(workers: int, profile: Profile, tmp: Path) -> Result:
+    return Result(f"bare w{workers}", "GET / (constant JSON)", *bare_cells(workers, (1, 32), profile, tmp))
 
 
 def bare_now(workers: int, profile: Profile, tmp: Path) -> float:
     """Bare Starlette's req/s at 32 clients, measured again right before a check's 32-client
     cell: the machine's speed drifts by 10-25 % within minutes (docs/bench.md), so the check's
     ratio is also taken against the baseline of the same minute."""
-    server = Server("bare_app:app", workers, {}, factory=False)
-    try:
-        return wrk(server.base, lua_get('"/"', {}), 32, profile, tmp)["rps"]
-    finally:
-        server.stop()
+    return bare_cells(workers, (32,), profile, tmp)[0]["rps"]
 
 
 TESTS = ("check", "record", "bulk", "snippet", "export")
