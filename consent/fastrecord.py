@@ -76,7 +76,7 @@ log = logging.getLogger("consent.fastrecord")
 
 ROUTE = "/v1/consents"
 BODY_MAX = 16 * 1024  # larger bodies go to the route (which allows up to max_body_bytes)
-CONNECTIONS = 4  # per process; each writes a whole batch per read and write
+CONNECTIONS = 1  # per process: one batch at a time makes the biggest batches (docs/bench.md, ninth pass)
 BATCH_MAX = 32  # records per batch
 RETRIES = 3  # reads of a subject whose chain head moved under us before the route takes over
 # What the write takes of a NewRecord (its tenant is the batch's).
@@ -202,33 +202,42 @@ class Writer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._keys = KeyCache()
+        self._lookups: dict[str, asyncio.Future[Any]] = {}  # key digest -> its lookup under way
         self.recorded = 0  # records written here rather than by the route (tests, debugging)
         self.batches = 0  # write statements sent (each writes a whole batch)
 
     async def _key(self, digest: str) -> tuple[str, str]:
-        """The tenant and hash key of a secret key (cached: those never change for a key)."""
+        """The tenant and hash key of a secret key (cached: those never change for a key).
+        Records that arrive together with a key not yet known wait for one lookup of it."""
         known = self._keys.get(digest)
         if known is None:
-            if self._closed or not self._idle:
-                raise Declined  # every connection is busy writing: the route looks this key up
-            conn = self._idle.pop()
-            row, failure = None, None
-            try:
-                if conn is None or conn.closed:
-                    conn = None
-                    conn = await pg_connect(self._connect_args)
-                row = await (await conn.execute(_KEY_SQL.format(kh="%s"), (digest,))).fetchone()
-            except Exception as exc:
-                conn, failure = await self._after_failure(conn, exc, writing=False)
-            finally:
-                self._give_back(conn)
-            if failure is not None or row is None:
-                raise Declined  # unknown or revoked: the route says 401 (or the database is down)
-            known = self._keys.put(digest, tuple(row))  # type: ignore[arg-type]
+            lookup = self._lookups.get(digest)
+            if lookup is None:
+                lookup = self._lookups[digest] = asyncio.ensure_future(self._lookup_key(digest))
+                lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+            known = await asyncio.shield(lookup)  # one caller giving up does not stop the others'
         tenant_id, kind, hash_key = known
         if kind != "secret":
             raise Declined  # the route says 403
         return tenant_id, hash_key
+
+    async def _lookup_key(self, digest: str) -> tuple[str, str, str]:
+        if self._closed or not self._idle:
+            raise Declined  # every connection is busy writing: the route looks this key up
+        conn = self._idle.pop()
+        row, failure = None, None
+        try:
+            if conn is None or conn.closed:
+                conn = None
+                conn = await pg_connect(self._connect_args)
+            row = await (await conn.execute(_KEY_SQL.format(kh="%s"), (digest,))).fetchone()
+        except Exception as exc:
+            conn, failure = await self._after_failure(conn, exc, writing=False)
+        finally:
+            self._give_back(conn)
+        if failure is not None or row is None:
+            raise Declined  # unknown or revoked: the route says 401 (or the database is down)
+        return self._keys.put(digest, tuple(row))  # type: ignore[arg-type,return-value]
 
     def _build(self, spec: ConsentIn, tenant_id: str, idempotency_key: str | None, at: Any,
                row: Any) -> tuple[ledger.NewRecord, str, dict[str, Any]]:

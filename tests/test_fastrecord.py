@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import db, fastrecord, ledger
+from consent import db, fastcheck, fastrecord, ledger
 from consent.app import create_app
 from consent.schemas import ConsentIn
 
@@ -206,8 +206,9 @@ def test_concurrent_writers_of_one_subject_keep_one_chain(client: TestClient, ba
     engine = db.create_db_engine(db_url)
 
     async def run() -> list[Any]:
-        writer = fastrecord.open_writer(engine, services)
-        assert writer is not None
+        # Several connections race for the one head here, as several processes do in production
+        # (a process has one connection: fastrecord.CONNECTIONS).
+        writer = fastrecord.Writer(fastcheck.pg_connect_args(engine), services, connections=4)
         spec = ConsentIn.model_validate({"subject": {"email": "ada@example.com"}, "purpose": "analytics",
                                          "decision": "granted"})
         try:
@@ -307,3 +308,36 @@ def test_concurrent_records_are_written_in_batches(client: TestClient, backend: 
     assert len(state) == len(by_subject) and all(s["record_seq"] == s["seq"] and s["decision"] == "granted"
                                                  for s in state)
     assert t.check("analytics", subject="u-twice")["status"] == "granted"
+
+
+def test_records_arriving_with_a_new_key_wait_for_one_lookup(client: TestClient, backend: str, db_url: str) -> None:
+    """A process's writer has one connection: records that arrive together with a key it has not
+    seen yet wait for one lookup of that key, then go into batches (none goes to the route)."""
+    writer_of(client, backend)
+    t = make_tenant(client)
+    emails = [f"k{n}@example.com" for n in range(12)]
+    for e in emails:
+        t.record("analytics", "denied", email=e)
+    services = client.app.state.services  # type: ignore[attr-defined]
+    engine = db.create_db_engine(db_url)
+
+    async def run() -> tuple[list[Any], int, int]:
+        writer = fastrecord.open_writer(engine, services)
+        assert writer is not None
+        try:
+            specs = [ConsentIn.model_validate({"subject": {"email": e}, "purpose": "analytics", "decision": "granted"})
+                     for e in emails]
+            done = await asyncio.gather(*[writer.record(t.secret_key, s, None) for s in specs],
+                                        return_exceptions=True)
+            return done, writer.recorded, writer.batches
+        finally:
+            await writer.close()
+
+    try:
+        results, recorded, batches = asyncio.run(run())
+    finally:
+        engine.dispose()
+    assert all(isinstance(x, bytes) for x in results), results
+    assert recorded == len(emails) and batches < len(emails)
+    for e in emails:
+        assert t.check("analytics", email=e)["status"] == "granted"
