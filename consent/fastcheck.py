@@ -111,13 +111,13 @@ SELECT q.i,
   EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = q.t AND k.revoked_at IS NULL),
   EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p),
   x.subject_id, x.decision, x.confirmed, x.policy_version, x.record_id, x.receipt, x.stale
-FROM json_to_recordset(%(q)s::json) AS q(i int, kh text, t text, kind text, h text, p text)
+FROM json_to_recordset($1::json) AS q(i int, kh text, t text, kind text, h text, p text)
 LEFT JOIN LATERAL (
   SELECT s.subject_id, s.decision, s.confirmed, s.policy_version, {_RECORD_ID} AS record_id,
          {_RECEIPT_OF} AS receipt,
          EXISTS (SELECT 1 FROM policy_purpose pp
                  WHERE pp.tenant_id = s.tenant_id AND pp.purpose = s.purpose AND pp.policy_key = s.policy_key
-                   AND pp.material AND pp.effective_at <= %(now)s
+                   AND pp.material AND pp.effective_at <= $2
                    AND pp.policy_version_id > s.policy_version_id) AS stale
   FROM consent_state s
   WHERE s.tenant_id = q.t AND s.purpose = q.p
@@ -127,10 +127,9 @@ LEFT JOIN LATERAL (
 ) AS x ON true
 ORDER BY q.i
 """
-# The same, prepared once per connection and run on libpq directly (pgraw: psycopg's execute
-# cost more Python than the rest of a batch).
-_PG_BATCH = pgraw.RawStatement("consent_fastcheck", _PG_SQL.replace("%(q)s", "$1").replace("%(now)s", "$2"),
-                               ("json", "timestamptz"))
+# Prepared once per connection and run on libpq directly (pgraw: psycopg's execute cost more
+# Python than the rest of a batch). $1: the checks as JSON; $2: now.
+_PG_BATCH = pgraw.RawStatement("consent_fastcheck", _PG_SQL, ("json", "timestamptz"))
 
 Key = tuple[str, str, str]  # tenant_id, kind, hash_key
 # One check to run: (key digest, tenant_id, kind, hash or subject id, purpose).
