@@ -190,6 +190,9 @@ class SubjectIdentifier(SQLModel, table=True):
     created_at: datetime = ts()
 
 
+RECORD_TOAST_TUPLE_TARGET = 8160  # the largest PostgreSQL allows (one row per 8 KB page at most)
+
+
 class ConsentRecord(SQLModel, table=True):
     """One append-only decision. Never updated in place (erasure only drops evidence)."""
 
@@ -200,6 +203,9 @@ class ConsentRecord(SQLModel, table=True):
         sa.Index(None, "tenant_id", "recorded_at"),
         sa.Index("ix_consent_record_without_line", "tenant_id", sqlite_where=sa.text("export_line IS NULL"),
                  postgresql_where=sa.text("export_line IS NULL")),
+        # PostgreSQL: rows (~2 KB with the receipt and export line) stay whole instead of having
+        # the receipt moved out of line (migration 0011: exports read them ~30 % cheaper).
+        {"postgresql_with": {"toast_tuple_target": RECORD_TOAST_TUPLE_TARGET}},
     )
     seq: int | None = Field(default=None, sa_column=sa.Column(BigInt, primary_key=True, autoincrement=True))
     id: str = Field(unique=True, max_length=40)

@@ -4,6 +4,8 @@ lines rebuilt from the database by the slow, obvious code (ORM rows, ``record_co
 
 from __future__ import annotations
 
+import secrets
+
 import orjson
 import pytest
 import sqlalchemy as sa
@@ -150,3 +152,32 @@ def test_an_export_abandoned_midway_leaves_the_database_usable(tenant: Tenant) -
     tenant.record(email="after@example.com")  # the ledger takes writes
     whole = b"".join(exports.stream_export(engine, flt, "jsonl", export_id=exports.new_export_id(), **kw))
     assert whole.count(b"\n") == 3001 + 1  # every record, then the manifest
+
+
+def test_record_rows_are_stored_whole_on_postgresql(tenant: Tenant, backend: str) -> None:
+    """Migration 0011: a record row of a few KB (a receipt alone is ~1 KB) stays in the table
+    instead of having its largest values moved out of line into the TOAST table, which an
+    export would then fetch one by one. Without the setting PostgreSQL moves values out of any
+    row above ~2 KB (about half of the bench ledger's rows)."""
+    if backend != "postgresql":
+        pytest.skip("a PostgreSQL storage setting")
+    engine = tenant.client.app.state.services.engine
+
+    def toasted() -> int:
+        with engine.connect() as conn:
+            toast = conn.execute(sa.text("SELECT reltoastrelid::regclass::text FROM pg_class "
+                                         "WHERE oid = 'consent_record'::regclass")).scalar_one()
+            return int(conn.execute(sa.text(f"SELECT count(*) FROM {toast}")).scalar_one())
+
+    before = toasted()
+    # Random hex (hardly compressible) evidence: a row of ~3.5 KB, above the default threshold.
+    rid = tenant.record(email="whole@example.com",
+                        evidence={"user_agent": secrets.token_hex(500), "form": secrets.token_hex(500)})["id"]
+    with engine.connect() as conn:
+        size = conn.execute(sa.text("SELECT octet_length(export_line) + octet_length(receipt) + "
+                                    "octet_length(evidence::text) FROM consent_record WHERE id = :i"),
+                            {"i": rid}).scalar_one()
+        options = conn.execute(sa.text("SELECT reloptions FROM pg_class WHERE oid = 'consent_record'::regclass"))
+        assert "toast_tuple_target=8160" in options.scalar_one()
+    assert 3000 < size < 8000
+    assert toasted() == before
