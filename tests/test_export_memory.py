@@ -13,8 +13,8 @@ from .ledger_factory import generate_ledger, signer_for
 
 
 # Records per chunk here: small enough that even the 2,000-record export fills the pipeline (the
-# read-ahead queue, the chunk being encoded, the one being hashed). With the service's 512 it
-# ends after four chunks, before the pipeline is full, and its peak is no steady-state baseline.
+# read-ahead queue, the chunk being encoded, the one being hashed). With the service's 1,024 it
+# ends after two chunks, before the pipeline is full, and its peak is no steady-state baseline.
 CHUNK = 64
 
 
