@@ -149,6 +149,7 @@ def ledgers(profile: Profile, rebuild: bool) -> dict[str, dict[str, Any]]:
     for kind in ("sqlite", "postgresql"):
         db.migrate(metas[kind]["url"])  # new indexes etc. since the cache was made
         _repair(metas[kind]["url"])
+    ledger.vacuum(metas["postgresql"]["url"])
     return metas
 
 
