@@ -161,7 +161,8 @@ def _statuses(conn: sa.Connection, tenant_id: str, purpose: str, kind: str, keys
 # for the query and its rows; docs/bench.md). Staleness is a join to the newest material
 # version per policy in effect (a tiny aggregate built once), not an EXISTS per row. All keys
 # travel in ONE bound parameter, a JSON array (or comma-joined hashes, below) unpacked by the
-# database in C (no 100,000 bound parameters to render, no per-element array dumping in psycopg). One statement, one snapshot.
+# database in C (no 100,000 bound parameters to render, no per-element array dumping in
+# psycopg). One statement, one snapshot.
 _BULK_FROM = {
     "ident": "LEFT JOIN subject_identifier si ON si.tenant_id = :t AND si.kind = :k AND si.value_hash = j.value "
              "LEFT JOIN consent_state s ON s.tenant_id = :t AND s.subject_id = si.subject_id AND s.purpose = :p ",
@@ -173,7 +174,7 @@ _BULK_NEWEST = ("LEFT JOIN (SELECT policy_key, max(policy_version_id) AS newest 
 # SQLite has no ordered aggregate before 3.44, and needs none here: it runs joins as nested loops
 # and never reorders outer joins (its query planner documentation), so json_each, left of every
 # LEFT JOIN, is the outermost loop and group_concat sees one row per key in array order. (An
-# ORDER BY j.key in a subquery cost a temporary B-tree sort: 100,000 keys 0.75-0.80 -> 0.70 s
+# ORDER BY j.key in a subquery cost a temporary B-tree sort: 100,000 keys 0.74-0.82 -> 0.72-0.75 s
 # without; docs/bench.md tenth pass.) The tests compare every answer with single checks, and
 # ``bulk_codes`` checks the count.
 _BULK_SQLITE = ("SELECT group_concat(coalesce(s.decision || s.confirmed || coalesce(n.newest > s.policy_version_id, 0), "
