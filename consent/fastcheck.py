@@ -102,6 +102,38 @@ SELECT EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = 
        NULL, NULL, NULL, NULL, NULL, NULL, NULL
 """
 
+# Several checks, ONE statement on SQLite: the rows _SQLITE_HIT / _SQLITE_MISS give, one per input,
+# as one JSON array. Why one statement: sqlite3 lets go of the GIL for each step of a statement,
+# and each time the reader thread wants it back it waits for the event loop to let go of it; per
+# check (execute, then fetchone's second step) that was four waits, now a few per batch, while
+# SQLite does the whole batch in one step. Same probes per input as _SQLITE_HIT (EXPLAIN QUERY
+# PLAN, bench ledger): json_each is the outer loop (a LEFT JOIN is never reordered, so
+# json_group_array sees the inputs in order; ``i`` is checked anyway), then subject_identifier and
+# consent_state by their keys, api_key by key_hash, policy_purpose by its index. Per check in a
+# tight loop it costs what _SQLITE_HIT does from ~6 inputs on (27.5 against 27.5-28 us) and more
+# below (2: 33 us); under load what it saves is the waits (docs/bench.md, eleventh pass).
+_SQLITE_BATCH = f"""
+WITH q AS MATERIALIZED (
+  SELECT j.key AS i, j.value ->> 0 AS kh, j.value ->> 1 AS t, j.value ->> 2 AS kind, j.value ->> 3 AS h,
+         j.value ->> 4 AS p,
+         EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = j.value ->> 0 AND k.tenant_id = j.value ->> 1
+                   AND k.revoked_at IS NULL) AS key_ok
+  FROM json_each(:inputs) j)
+SELECT json_group_array(json_array(q.i, q.key_ok,
+  CASE WHEN s.subject_id IS NULL THEN EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p) ELSE 1 END,
+  s.subject_id, s.decision, s.confirmed,
+  s.policy_version, {_RECORD_ID}, {_RECEIPT_OF},
+  CASE WHEN s.subject_id IS NOT NULL THEN EXISTS (SELECT 1 FROM policy_purpose pp
+         WHERE pp.tenant_id = s.tenant_id AND pp.purpose = s.purpose AND pp.policy_key = s.policy_key
+           AND pp.material = 1 AND pp.effective_at <= :now
+           AND pp.policy_version_id > s.policy_version_id) END))
+FROM q
+LEFT JOIN consent_state s ON q.key_ok AND s.tenant_id = q.t AND s.purpose = q.p
+  AND s.subject_id = CASE WHEN q.kind = 'id' THEN q.h ELSE
+      (SELECT si.subject_id FROM subject_identifier si
+       WHERE si.tenant_id = q.t AND si.kind = q.kind AND si.value_hash = q.h) END
+"""
+
 # Many checks, one statement: one row per input, in input order (``i``). The inputs travel as
 # ONE JSON text unpacked by json_to_recordset in C: five text[] parameters cost psycopg a
 # Python-level dump per element, a third of the fast path's CPU under load (py-spy,
@@ -276,9 +308,16 @@ class SqliteReader(Reader):
     sqlite3 lets go of the GIL while SQLite works, so the event loop parses and answers other
     requests on the other core meanwhile (the statement is about half of a check's time; run
     inline on the loop it made the loop wait). The thread starts on a check as soon as it is
-    queued, answers every check waiting, and hands those answers back to the loop with one
-    wake-up. At one client the hand-off costs ~30 us of latency; at 32 it gave ~+20 % checks/s
-    (docs/bench.md, sixth pass).
+    queued, takes the checks waiting (at most half of those in flight), answers them with one
+    statement (_SQLITE_BATCH; one check alone: _SQLITE_HIT), and hands the answers back to the
+    loop with one wake-up. At one client the hand-off costs ~30 us of latency; at 32 it gave
+    ~+20 % checks/s (docs/bench.md, sixth pass).
+
+    Why at most half: under load every client waited in the same batch, so the loop sat idle
+    while the thread read and the thread while the loop answered (27-28 of 32 clients per batch).
+    Taking half splits them into two groups that take turns, one read while the other is
+    answered: with the one batch statement, 8,400-10,300 -> 10,700-14,500 checks/s at 32
+    clients, 1 worker (docs/bench.md, eleventh pass).
     """
 
     def __init__(self, path: str, now_param: Callable[[], str]) -> None:
@@ -289,7 +328,9 @@ class SqliteReader(Reader):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (loop, what, arg, future); None: stop
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._in_flight = 0  # checks and key lookups submitted and not yet answered (the loop's count)
         self.batches = 0  # hand-backs to the loop (tests, debugging)
+        self.statements = 0  # check statements run (tests, debugging)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=5)
@@ -304,12 +345,22 @@ class SqliteReader(Reader):
         """One key lookup or one check on ``conn``."""
         if what == "key":
             return conn.execute(_KEY_SQL.format(kh=":kh"), {"kh": arg}).fetchone()  # type: ignore[no-any-return]
+        self.statements += 1
         kh, tenant_id, kind, h, purpose = arg
         params = {"kh": kh, "t": tenant_id, "kind": kind, "h": h, "p": purpose, "now": self._now()}
         row = conn.execute(self._sql["id" if kind == "id" else "ident"], params).fetchone()
         if row is None:  # each statement is its own snapshot: a write between them is a race
             row = conn.execute(_SQLITE_MISS, params).fetchone()  # the check could have lost anyway
         return row  # type: ignore[no-any-return]
+
+    def _work_batch(self, conn: sqlite3.Connection, items: list[Item]) -> list[Row]:
+        """Several checks on ``conn`` with one statement (one snapshot): their rows, in order."""
+        self.statements += 1
+        out = conn.execute(_SQLITE_BATCH, {"inputs": orjson.dumps(items), "now": self._now()}).fetchone()[0]
+        rows = orjson.loads(out)
+        if [r[0] for r in rows] != list(range(len(items))):
+            raise sqlite3.DatabaseError(f"{len(rows)} rows out of order for {len(items)} checks")
+        return [r[1:] for r in rows]
 
     async def _submit(self, what: str, arg: Any) -> Any:
         if self._closed:
@@ -319,44 +370,53 @@ class SqliteReader(Reader):
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, daemon=True, name="fastcheck-sqlite")
             self._thread.start()
+        self._in_flight += 1
         self._queue.put((loop, what, arg, fut))
-        return await fut
+        try:
+            return await fut
+        finally:
+            self._in_flight -= 1
 
     def _serve(self) -> None:
-        """The reader thread, until close(). A database error declines that check (the route
-        answers it: 503 if the database is down) and reconnects for the next one."""
+        """The reader thread, until close(). A database error declines the checks it was
+        answering (the route answers them: 503 if the database is down) and reconnects for the
+        next ones."""
         conn: sqlite3.Connection | None = None
         get, get_nowait = self._queue.get, self._queue.get_nowait
-        pending: list[Any] = []
         while True:
-            pending.append(get())
+            pending: list[Any] = [get()]
+            most = max(1, (self._in_flight + 1) // 2)  # read by this thread, written by the loop's
             try:
-                while pending[-1] is not None:
+                while pending[-1] is not None and len(pending) < most:
                     pending.append(get_nowait())
             except queue.Empty:
                 pass
+            stop = pending[-1] is None
+            work = pending[:-1] if stop else pending
+            checks = [item for item in work if item[1] == "check"]
             done: dict[Any, list[tuple[asyncio.Future[Any], Any]]] = {}
-            for item in pending:
-                if item is None:
-                    continue
-                loop, what, arg, fut = item
+            for group in ([[item] for item in work if item[1] != "check"]
+                          + ([checks] if len(checks) > 1 else [[item] for item in checks])):
                 try:
                     if conn is None:
                         conn = self._connect()
-                    result: Any = self._work(conn, what, arg)
+                    if len(group) > 1:
+                        results: list[Any] = self._work_batch(conn, [item[2] for item in group])
+                    else:
+                        results = [self._work(conn, group[0][1], group[0][2])]
                 except Exception:  # sqlite3.Error, or a bug: the route answers
                     conn = _closed(conn)
-                    result = Declined()
-                done.setdefault(loop, []).append((fut, result))
+                    results = [Declined() for _ in group]
+                for (loop, _what, _arg, fut), result in zip(group, results):
+                    done.setdefault(loop, []).append((fut, result))
             for loop, answers in done.items():
                 try:
                     loop.call_soon_threadsafe(self._answered, answers)
                 except RuntimeError:  # that loop is closed: nobody waits any more
                     pass
-            if pending[-1] is None:
+            if stop:
                 _closed(conn)
                 return
-            pending = []
 
     def _answered(self, answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
         self.batches += 1
