@@ -48,7 +48,7 @@ from . import crypto, pgraw
 from .http import dumps
 from .ledger import parse_subject_ref
 from .middleware import BASE_HEADERS, finish_request, incoming_request_id, new_request_id
-from .models import sqlite_time, utcnow
+from .models import IDENTIFIER_COVER_INDEX, sqlite_time, utcnow
 from .state import derive_status, is_allowed
 
 log = logging.getLogger("consent.fastcheck")
@@ -77,7 +77,8 @@ def _copied(state_col: str, record_col: str) -> str:
 _RECORD_ID, _RECEIPT_OF = _copied("record_id", "id"), _copied("receipt", "receipt")
 
 # One check on SQLite: the state row if there is one, in a statement that also requires the
-# key to be live (same snapshot). Plan (EXPLAIN QUERY PLAN, bench ledger): subject_identifier,
+# key to be live (same snapshot). Plan (EXPLAIN QUERY PLAN, bench ledger): subject_identifier by
+# its covering index (named: the planner would take the primary key, then read the table; 0012),
 # consent_state and purpose by primary key, api_key by its unique key_hash, policy_purpose by
 # (tenant_id, purpose, policy_key, effective_at). ~24 us.
 # No row: _SQLITE_MISS tells a live key and a known purpose (answer "none") from the rest.
@@ -93,7 +94,7 @@ WHERE s.tenant_id = :t AND s.purpose = :p AND s.subject_id = {{subject}}
 """
 _SQLITE_SUBJECT = {
     "id": ":h",
-    "ident": "(SELECT si.subject_id FROM subject_identifier si "
+    "ident": f"(SELECT si.subject_id FROM subject_identifier si INDEXED BY {IDENTIFIER_COVER_INDEX} "
              "WHERE si.tenant_id = :t AND si.kind = :kind AND si.value_hash = :h)",
 }
 _SQLITE_MISS = """
@@ -108,8 +109,8 @@ SELECT EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = 
 # check (execute, then fetchone's second step) that was four waits, now a few per batch, while
 # SQLite does the whole batch in one step. Same probes per input as _SQLITE_HIT (EXPLAIN QUERY
 # PLAN, bench ledger): json_each is the outer loop (a LEFT JOIN is never reordered, so
-# json_group_array sees the inputs in order; ``i`` is checked anyway), then subject_identifier and
-# consent_state by their keys, api_key by key_hash, policy_purpose by its index. Per check in a
+# json_group_array sees the inputs in order; ``i`` is checked anyway), then subject_identifier by
+# its covering index and consent_state by its keys, api_key by key_hash, policy_purpose by its index. Per check in a
 # tight loop it costs what _SQLITE_HIT does from ~6 inputs on (27.5 against 27.5-28 us) and more
 # below (2: 33 us); under load what it saves is the waits (docs/bench.md, eleventh pass).
 _SQLITE_BATCH = f"""
@@ -130,7 +131,7 @@ SELECT json_group_array(json_array(q.i, q.key_ok,
 FROM q
 LEFT JOIN consent_state s ON q.key_ok AND s.tenant_id = q.t AND s.purpose = q.p
   AND s.subject_id = CASE WHEN q.kind = 'id' THEN q.h ELSE
-      (SELECT si.subject_id FROM subject_identifier si
+      (SELECT si.subject_id FROM subject_identifier si INDEXED BY {IDENTIFIER_COVER_INDEX}
        WHERE si.tenant_id = q.t AND si.kind = q.kind AND si.value_hash = q.h) END
 """
 
