@@ -110,9 +110,10 @@ SELECT EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = 
 # SQLite does the whole batch in one step. Same probes per input as _SQLITE_HIT (EXPLAIN QUERY
 # PLAN, bench ledger): json_each is the outer loop (a LEFT JOIN is never reordered, so
 # json_group_array sees the inputs in order; ``i`` is checked anyway), then subject_identifier by
-# its covering index and consent_state by its keys, api_key by key_hash, policy_purpose by its index. Per check in a
-# tight loop it costs what _SQLITE_HIT does from ~6 inputs on (27.5 against 27.5-28 us) and more
-# below (2: 33 us); under load what it saves is the waits (docs/bench.md, eleventh pass).
+# its covering index, consent_state by its keys, api_key by key_hash, policy_purpose by its
+# index. Per check in a tight loop it costs what _SQLITE_HIT does from ~4-6 inputs on, a little
+# more below (2: 20-21 against 18-19 us); under load what it saves is the waits (docs/bench.md,
+# eleventh pass).
 _SQLITE_BATCH = f"""
 WITH q AS MATERIALIZED (
   SELECT j.key AS i, j.value ->> 0 AS kh, j.value ->> 1 AS t, j.value ->> 2 AS kind, j.value ->> 3 AS h,
@@ -121,9 +122,9 @@ WITH q AS MATERIALIZED (
                    AND k.revoked_at IS NULL) AS key_ok
   FROM json_each(:inputs) j)
 SELECT json_group_array(json_array(q.i, q.key_ok,
-  CASE WHEN s.subject_id IS NULL THEN EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p) ELSE 1 END,
-  s.subject_id, s.decision, s.confirmed,
-  s.policy_version, {_RECORD_ID}, {_RECEIPT_OF},
+  CASE WHEN s.subject_id IS NULL
+       THEN EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p) ELSE 1 END,
+  s.subject_id, s.decision, s.confirmed, s.policy_version, {_RECORD_ID}, {_RECEIPT_OF},
   CASE WHEN s.subject_id IS NOT NULL THEN EXISTS (SELECT 1 FROM policy_purpose pp
          WHERE pp.tenant_id = s.tenant_id AND pp.purpose = s.purpose AND pp.policy_key = s.policy_key
            AND pp.material = 1 AND pp.effective_at <= :now
@@ -317,8 +318,8 @@ class SqliteReader(Reader):
     Why at most half: under load every client waited in the same batch, so the loop sat idle
     while the thread read and the thread while the loop answered (27-28 of 32 clients per batch).
     Taking half splits them into two groups that take turns, one read while the other is
-    answered: with the one batch statement, 8,400-10,300 -> 10,700-14,500 checks/s at 32
-    clients, 1 worker (docs/bench.md, eleventh pass).
+    answered: with the batch statement, 9,011-9,906 -> 11,902-14,601 checks/s at 32 clients,
+    1 worker (docs/bench.md, eleventh pass).
     """
 
     def __init__(self, path: str, now_param: Callable[[], str]) -> None:
