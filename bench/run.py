@@ -374,7 +374,9 @@ TESTS = ("check", "record", "bulk", "snippet", "export")
 
 def bench_service(kind: str, workers: int, meta: dict[str, Any], profile: Profile, tmp: Path,
                   tests: tuple[str, ...] = TESTS) -> list[Result]:
-    env = {"CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false", "CONSENT_MIGRATE_ON_START": "false",
+    # CONSENT_WORKERS: what `consent serve` sets for uvicorn's --workers; the service reads it too.
+    env = {"CONSENT_DATABASE_URL": meta["url"], "CONSENT_WORKERS": str(workers),
+           "CONSENT_DEMO": "false", "CONSENT_MIGRATE_ON_START": "false",
            "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN, "CONSENT_ISSUER": "http://127.0.0.1",
            "CONSENT_LOG_LEVEL": "warning", "CONSENT_RATE_LIMIT_PER_MINUTE": "100000000",
            "CONSENT_RATE_LIMIT_IP_PER_MINUTE": "100000000"}

@@ -227,7 +227,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             signer = await run_in_threadpool(prepare, settings, engine)
             # A rate-limited check must pass the limiter: then the route answers every check.
             if settings.fast_check and "check_one" not in settings.rate_limit_routes:
-                reader = fastcheck.open_reader(engine)
+                reader = fastcheck.open_reader(
+                    engine, fastcheck.sqlite_threaded(settings.sqlite_reader, settings.workers))
             services = Services(settings, engine, signer, db.head_revision(settings.database_url), reader)
             if settings.fast_record and "record_consent" not in settings.rate_limit_routes:
                 services.record_writer = fastrecord.open_writer(engine, services)

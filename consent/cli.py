@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -47,6 +48,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         elif first:
             print("No tenants yet: create one with `consent tenants create --name NAME`.")
     engine.dispose()
+    os.environ["CONSENT_WORKERS"] = str(args.workers)  # each worker reads it (fastcheck.sqlite_threaded)
     uvicorn.run(
         "consent.app:create_app", factory=True, host=args.host, port=args.port,
         workers=args.workers, log_level=settings.log_level, proxy_headers=True,

@@ -14,8 +14,9 @@ tenant, its kind, and that tenant's identifier hash key), so a rotation or revoc
 seen by the very next check in every process.
 
 - SQLite: the statement (a ~30 us indexed read in WAL mode, in autocommit: one statement,
-  one snapshot) runs in a reader thread on a connection of its own, while the event loop
-  goes on with other requests; answers come back to the loop a batch at a time.
+  one snapshot) runs on a connection of its own, for a batch of checks at a time: in a reader
+  thread while the event loop goes on with other requests, or, where every core already runs
+  a worker process, on the loop itself (``sqlite_threaded``).
 - PostgreSQL: two asynchronous connections per process; an idle one takes *every* check
   waiting at that moment and answers them with one statement over all of them (group
   lookups, like group commit). One round trip and one psycopg execute serve a whole batch,
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -320,9 +322,13 @@ class SqliteReader(Reader):
     Taking half splits them into two groups that take turns, one read while the other is
     answered: with the batch statement, 9,011-9,906 -> 11,902-14,601 checks/s at 32 clients,
     1 worker (docs/bench.md, eleventh pass).
+
+    Not ``threaded``: the checks submitted in one turn of the event loop wait for its next turn
+    and are answered there with one statement, on the loop (no hand-offs; for processes that
+    have no core to spare, ``sqlite_threaded``).
     """
 
-    def __init__(self, path: str, now_param: Callable[[], str]) -> None:
+    def __init__(self, path: str, now_param: Callable[[], str], threaded: bool = True) -> None:
         super().__init__()
         self._path = path
         self._now = now_param
@@ -331,6 +337,9 @@ class SqliteReader(Reader):
         self._thread: threading.Thread | None = None
         self._closed = False
         self._in_flight = 0  # checks and key lookups submitted and not yet answered (the loop's count)
+        self._threaded = threaded
+        self._pending: list[Any] = []  # on the loop (not threaded): (loop, what, arg, future) of this turn
+        self._conn: sqlite3.Connection | None = None  # on the loop: its connection
         self.batches = 0  # hand-backs to the loop (tests, debugging)
         self.statements = 0  # check statements run (tests, debugging)
 
@@ -369,6 +378,11 @@ class SqliteReader(Reader):
             raise Declined
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        if not self._threaded:
+            self._pending.append((loop, what, arg, fut))
+            if len(self._pending) == 1:
+                loop.call_soon(self._run_pending)  # after every request of this turn has come in
+            return await fut
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, daemon=True, name="fastcheck-sqlite")
             self._thread.start()
@@ -394,23 +408,10 @@ class SqliteReader(Reader):
             except queue.Empty:
                 pass
             stop = pending[-1] is None
-            work = pending[:-1] if stop else pending
-            checks = [item for item in work if item[1] == "check"]
+            conn, answered = self._run(conn, pending[:-1] if stop else pending)
             done: dict[Any, list[tuple[asyncio.Future[Any], Any]]] = {}
-            for group in ([[item] for item in work if item[1] != "check"]
-                          + ([checks] if len(checks) > 1 else [[item] for item in checks])):
-                try:
-                    if conn is None:
-                        conn = self._connect()
-                    if len(group) > 1:
-                        results: list[Any] = self._work_batch(conn, [item[2] for item in group])
-                    else:
-                        results = [self._work(conn, group[0][1], group[0][2])]
-                except Exception:  # sqlite3.Error, or a bug: the route answers
-                    conn = _closed(conn)
-                    results = [Declined() for _ in group]
-                for (loop, _what, _arg, fut), result in zip(group, results):
-                    done.setdefault(loop, []).append((fut, result))
+            for (loop, _what, _arg, fut), result in answered:
+                done.setdefault(loop, []).append((fut, result))
             for loop, answers in done.items():
                 try:
                     loop.call_soon_threadsafe(self._answered, answers)
@@ -419,6 +420,38 @@ class SqliteReader(Reader):
             if stop:
                 _closed(conn)
                 return
+
+    def _run(self, conn: sqlite3.Connection | None,
+             work: list[Any]) -> tuple[sqlite3.Connection | None, list[tuple[Any, Any]]]:
+        """Answer ``work`` ((loop, what, arg, future) each): key lookups one by one, the checks
+        with one statement. A database error declines what it was answering (the route answers
+        them: 503 if the database is down) and drops the connection (reconnected next time)."""
+        checks = [item for item in work if item[1] == "check"]
+        out: list[tuple[Any, Any]] = []
+        for group in ([[item] for item in work if item[1] != "check"]
+                      + ([checks] if len(checks) > 1 else [[item] for item in checks])):
+            try:
+                if conn is None:
+                    conn = self._connect()
+                if len(group) > 1:
+                    results: list[Any] = self._work_batch(conn, [item[2] for item in group])
+                else:
+                    results = [self._work(conn, group[0][1], group[0][2])]
+            except Exception:  # sqlite3.Error, or a bug: the route answers
+                conn = _closed(conn)
+                results = [Declined() for _ in group]
+            out.extend(zip(group, results))
+        return conn, out
+
+    def _run_pending(self) -> None:
+        """On the loop (not threaded): the checks that came in this turn, with one statement."""
+        work, self._pending = self._pending, []
+        if self._closed:  # closed meanwhile: the route answers
+            settle([(item[3], Declined()) for item in work])
+            return
+        self._conn, answered = self._run(self._conn, work)
+        self.batches += 1
+        settle([(item[3], result) for item, result in answered])
 
     def _answered(self, answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
         self.batches += 1
@@ -435,6 +468,7 @@ class SqliteReader(Reader):
         if self._thread is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
+        self._conn = _closed(self._conn)
 
 
 def _closed(conn: sqlite3.Connection | None) -> None:
@@ -555,14 +589,30 @@ def sqlite_now() -> str:
     return f"{_SECOND[1]}.{int((t - second) * 1_000_000):06d}"
 
 
-def open_reader(engine: Engine) -> Reader | None:
+def sqlite_threaded(mode: str, workers: int) -> bool:
+    """Whether the SQLite reader runs in a thread (``CONSENT_SQLITE_READER``): ``thread``,
+    ``loop``, or ``auto``: a thread where it has a core to itself, i.e. where this process may
+    use more cores than there are worker processes. Where every core already runs a worker, the
+    thread's hand-offs cost CPU and buy no parallelism: 2 workers on 2 cores served 9-21 % more
+    checks on the loop, 1 worker far fewer (docs/bench.md, twelfth pass)."""
+    if mode == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return cores > workers
+    return mode == "thread"
+
+
+def open_reader(engine: Engine, threaded: bool = True) -> Reader | None:
     """The fast reader for this engine's database, or None where it does not apply
-    (an in-memory SQLite database is private to its one pooled connection)."""
+    (an in-memory SQLite database is private to its one pooled connection). ``threaded``:
+    SQLite's statements in a reader thread, else on the event loop (``sqlite_threaded``)."""
     url = engine.url
     if engine.dialect.name == "sqlite":
         if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
             return None
-        return SqliteReader(url.database, sqlite_now)
+        return SqliteReader(url.database, sqlite_now, threaded=threaded)
     if engine.dialect.name == "postgresql":
         return PostgresReader(pg_connect_args(engine))
     return None

@@ -10,6 +10,7 @@ from starlette.config import Config
 from starlette.datastructures import Secret
 
 DEFAULT_DATA_DIR = "consent-data"
+SQLITE_READERS = ("auto", "thread", "loop")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Settings:
     rate_limit_routes: tuple[str, ...] = ()
     limit_concurrency: int = 1000
     fast_check: bool = True  # GET /v1/check answered by consent/fastcheck.py (False: by the route)
+    sqlite_reader: str = "auto"  # the fast check's SQLite reads: auto | thread | loop (fastcheck.sqlite_threaded)
     fast_record: bool = True  # common POST /v1/consents by consent/fastrecord.py (PostgreSQL)
     # integrations (issue 4): email links and the webhook delivery worker
     email_confirm_days: int = 7
@@ -75,6 +77,7 @@ class Settings:
                                     if n.strip()),
             limit_concurrency=config("CONSENT_LIMIT_CONCURRENCY", cast=int, default=1000),
             fast_check=config("CONSENT_FAST_CHECK", cast=bool, default=True),
+            sqlite_reader=config("CONSENT_SQLITE_READER", default="auto").strip().lower(),
             fast_record=config("CONSENT_FAST_RECORD", cast=bool, default=True),
             email_confirm_days=config("CONSENT_EMAIL_CONFIRM_DAYS", cast=int, default=7),
             webhook_worker=config("CONSENT_WEBHOOK_WORKER", cast=bool, default=True),
@@ -86,4 +89,7 @@ class Settings:
             webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
         )
         values.update(overrides)
+        if values["sqlite_reader"] not in SQLITE_READERS:
+            raise ValueError(f"CONSENT_SQLITE_READER must be one of {', '.join(SQLITE_READERS)}, "
+                             f"not {values['sqlite_reader']!r}")
         return cls(**values)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from starlette.testclient import TestClient
 
 from consent import crypto, db, fastcheck, models
 from consent.app import create_app
+from consent.settings import Settings
 
 from .conftest import settings_for
 from .helpers import ADMIN, Tenant, make_tenant
@@ -185,8 +186,12 @@ def test_admin_rotation_and_foreign_keys(client: TestClient) -> None:
     assert client.get("/v1/check", params=params, headers=ADMIN).status_code == 403
 
 
-def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> None:
-    """Many checks at once (one statement for a batch) give each caller its own answer."""
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread", "loop"])
+def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str, threaded: bool) -> None:
+    """Many checks at once (one statement for a batch) give each caller its own answer; on
+    SQLite both in the reader thread and on the event loop."""
+    if not threaded and not db_url.startswith("sqlite"):
+        pytest.skip("the event-loop reader is SQLite's (PostgreSQL's is always on the loop)")
     rng = random.Random(7)
     tenants: list[Tenant] = [make_tenant(client) for _ in range(3)]
     hash_keys = {}
@@ -216,12 +221,13 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> N
         rng.shuffle(items)
 
         async def run() -> tuple[list[Any], list[Any]]:
-            reader = fastcheck.open_reader(engine)
+            reader = fastcheck.open_reader(engine, threaded)
             assert reader is not None
             try:
                 together = await asyncio.gather(*[reader.check(item) for item in items])
-                # batched: far fewer statements (SQLite: one per batch the reader thread takes)
-                assert 0 < reader.statements <= len(items) // 10, reader.statements
+                # batched: far fewer statements (SQLite: one per batch the reader thread takes;
+                # on the loop, one for everything submitted in one turn)
+                assert 0 < reader.statements <= (len(items) // 10 if threaded else 1), reader.statements
                 if isinstance(reader, fastcheck.SqliteReader):  # answers handed back together
                     assert 0 < reader.batches < len(items), reader.batches
                 one_by_one = [await reader.check(item) for item in items]
@@ -247,11 +253,12 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> N
         assert answer["status"] == row[3] and answer["allowed"] == (row[3] == "granted")
 
 
-def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path) -> None:
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread", "loop"])
+def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path, threaded: bool) -> None:
     """A database error declines that check (the route answers it); the next one reconnects."""
     path = tmp_path / "ledger.db"
     path.write_bytes(b"this is not a database" * 300)
-    reader = fastcheck.SqliteReader(str(path), fastcheck.sqlite_now)
+    reader = fastcheck.SqliteReader(str(path), fastcheck.sqlite_now, threaded=threaded)
     item = ("0" * 64, "ten_x", "id", "sub_x", "marketing_email")
 
     async def run() -> None:
@@ -273,6 +280,32 @@ def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path) -> None
             await reader.check(item)
 
     asyncio.run(run())
+
+
+def test_sqlite_reader_on_the_loop_where_no_core_is_spare(monkeypatch) -> None:
+    """auto: a reader thread only where this process has more cores than there are workers."""
+    monkeypatch.setattr(fastcheck.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert fastcheck.sqlite_threaded("auto", 1) is True
+    assert fastcheck.sqlite_threaded("auto", 2) is False
+    assert fastcheck.sqlite_threaded("thread", 2) is True
+    assert fastcheck.sqlite_threaded("loop", 1) is False
+    assert Settings.from_env({"CONSENT_SQLITE_READER": " Loop "}).sqlite_reader == "loop"
+    assert Settings.from_env({}).sqlite_reader == "auto"
+    with pytest.raises(ValueError, match="CONSENT_SQLITE_READER must be one of auto, thread, loop"):
+        Settings.from_env({"CONSENT_SQLITE_READER": "threads"})
+
+
+def test_the_service_reads_on_the_loop_when_told(tmp_path) -> None:
+    """CONSENT_SQLITE_READER=loop: the service's own checks are answered on the event loop."""
+    url = f"sqlite:///{tmp_path / 'loop.db'}"
+    with TestClient(create_app(settings_for(url, sqlite_reader="loop"))) as c:
+        t = make_tenant(c)
+        t.record(email="ada@example.com")
+        reader = reader_of(c)
+        assert isinstance(reader, fastcheck.SqliteReader) and not reader._threaded
+        r = c.get("/v1/check", params={"purpose": "marketing_email", "email": "ada@example.com"}, headers=t.h)
+        assert r.status_code == 200 and r.json()["status"] == "granted" and reader.answered == 1
+        assert reader._thread is None
 
 
 @settings(max_examples=300, deadline=None)
