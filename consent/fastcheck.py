@@ -340,7 +340,7 @@ class SqliteReader(Reader):
         self._threaded = threaded
         self._pending: list[Any] = []  # on the loop (not threaded): (loop, what, arg, future) of this turn
         self._conn: sqlite3.Connection | None = None  # on the loop: its connection
-        self.batches = 0  # hand-backs to the loop (tests, debugging)
+        self.batches = 0  # hand-backs to the loop, or turns answered on it (tests, debugging)
         self.statements = 0  # check statements run (tests, debugging)
 
     def _connect(self) -> sqlite3.Connection:
@@ -593,8 +593,9 @@ def sqlite_threaded(mode: str, workers: int) -> bool:
     """Whether the SQLite reader runs in a thread (``CONSENT_SQLITE_READER``): ``thread``,
     ``loop``, or ``auto``: a thread where it has a core to itself, i.e. where this process may
     use more cores than there are worker processes. Where every core already runs a worker, the
-    thread's hand-offs cost CPU and buy no parallelism: 2 workers on 2 cores served 9-21 % more
-    checks on the loop, 1 worker far fewer (docs/bench.md, twelfth pass)."""
+    thread's hand-offs cost CPU and buy no parallelism: 2 workers on 2 cores served 9 % more
+    checks on the loop (mean of 9 alternating pairs, ahead in 7), 1 worker far fewer
+    (docs/bench.md, twelfth pass)."""
     if mode == "auto":
         try:
             cores = len(os.sched_getaffinity(0))
