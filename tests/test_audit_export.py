@@ -9,9 +9,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from consent import exports
 from consent.cli import main
 from consent.crypto import generate_signing_key
 
@@ -148,6 +150,39 @@ def test_filtered_exports_hold_partial_chains(tenant: Tenant, tmp_path: Path, ca
     bad.write_bytes(b"".join(raw[:4] + raw[5:]))
     code, _, err = verify(bad, jwks, capsys)
     assert code == 1 and "line 5:" in err
+
+
+@pytest.mark.parametrize("purpose", [None, "marketing_email"], ids=["whole", "filtered"])
+def test_records_written_while_an_export_streams_are_not_in_it(tenant: Tenant, tmp_path: Path, capsys, monkeypatch,
+                                                               purpose: str | None) -> None:
+    """An export is the ledger as it was when the export began. A record committed after that
+    but before the chain heads are read on their own connection (SQLite cannot share the
+    export's snapshot with it; PostgreSQL imports it) moves a chain head that is already in the
+    export: neither the lines nor the manifest may show it, and the export verifies."""
+    build_ledger(tenant, generated=60)
+    params = {"purpose": purpose} if purpose else {}
+    before = export(tenant, tmp_path, "before.jsonl", **params).read_bytes().splitlines(keepends=True)
+    services = tenant.client.app.state.services
+    run_heads = exports._Heads._run
+
+    def write_first(self: exports._Heads, engine: Any, snapshot: str | None) -> None:
+        tenant.record(decision="withdrawn", email="ada@example.com")  # ada's chain is in the export
+        run_heads(self, engine, snapshot)
+
+    monkeypatch.setattr(exports._Heads, "_run", write_first)
+    flt = exports.ExportFilter(tenant.id, purpose=purpose)
+    body = b"".join(exports.stream_export(services.engine, flt, "jsonl", signer=services.signer,
+                                          issuer=services.settings.issuer, export_id=exports.new_export_id()))
+    monkeypatch.setattr(exports._Heads, "_run", run_heads)
+    assert body.splitlines(keepends=True)[:-1] == before[:-1]  # the same lines; its own manifest
+    path = tmp_path / "during.jsonl"
+    path.write_bytes(body)
+    jwks = jwks_file(tenant, tmp_path)
+    code, out, err = verify(path, jwks, capsys)
+    assert code == 0 and json.loads(out)["records"] == len(before) - 1, err
+    after = export(tenant, tmp_path, "after.jsonl", **params)
+    code, out, err = verify(after, jwks, capsys)
+    assert code == 0 and json.loads(out)["records"] == len(before), err
 
 
 def test_csv_export_with_manifest_route(tenant: Tenant, tmp_path: Path, capsys) -> None:
