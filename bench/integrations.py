@@ -23,8 +23,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import sqlalchemy as sa
+
 from consent import db
-from tests.conftest import free_port, reset_postgres
+from tests.conftest import free_port
 from tests.helpers import ADMIN_TOKEN, make_tenant
 from tests.receiver import Receiver
 
@@ -33,8 +35,13 @@ THREADS = int(os.environ.get("CONSENT_BENCH_THREADS", "8"))
 
 
 def reset(url: str) -> None:
+    """Empty the benchmark's own database (CONSENT_BENCH_DB names it) and migrate it."""
     if url.startswith("postgresql"):
-        reset_postgres(url)
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+            conn.exec_driver_sql("CREATE SCHEMA public")
+        engine.dispose()
     db.migrate(url)
 
 

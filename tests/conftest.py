@@ -1,10 +1,12 @@
 """Fixtures: every API test runs against SQLite and against the real PostgreSQL of this
-machine, with the schema built by the real Alembic migrations. Each test gets its own
-tenant, so tests never see each other's data even on a shared database."""
+machine, with the schema built by the real Alembic migrations. Each test run creates its own
+PostgreSQL database (a unique name) and drops it at the end, so it never touches a database it
+did not make; each test gets its own tenant, so tests never see each other's data."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +22,56 @@ from consent.settings import Settings
 
 from .helpers import ADMIN_TOKEN, Tenant, make_tenant
 
-PG_URL = os.environ.get("CONSENT_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# The server only: each run makes its own databases on it, named after this prefix.
+PG_SERVER = os.environ.get("CONSENT_TEST_PG_SERVER", "postgresql+psycopg://postgres@127.0.0.1:5432")
+RUN_DB_PREFIX = f"consent_test_{os.getpid()}_{secrets.token_hex(3)}"
+PG_URL = f"{PG_SERVER}/{RUN_DB_PREFIX}"
 BACKENDS = [b.strip() for b in os.environ.get("CONSENT_TEST_BACKENDS", "sqlite,postgresql").split(",") if b.strip()]
 
 
+def _maintenance_engine() -> sa.Engine:
+    return sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+
+
+def create_run_database(suffix: str = "") -> str:
+    """Create a database of this run (``RUN_DB_PREFIX`` + suffix) and return its URL."""
+    name = RUN_DB_PREFIX + suffix
+    engine = _maintenance_engine()
+    try:
+        with engine.connect() as conn:
+            if not conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
+                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    finally:
+        engine.dispose()
+    return f"{PG_SERVER}/{name}"
+
+
+def drop_run_databases() -> None:
+    """Drop every database this run created (and only those: they carry its unique prefix)."""
+    engine = _maintenance_engine()
+    try:
+        with engine.connect() as conn:
+            names = conn.execute(sa.text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
+                                 {"p": RUN_DB_PREFIX.replace("_", r"\_") + "%"}).scalars().all()
+            for name in names:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        engine.dispose()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if "postgresql" in BACKENDS:
+        create_run_database()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if "postgresql" in BACKENDS:
+        drop_run_databases()
+
+
 def reset_postgres(url: str) -> None:
-    """Drop everything in the test database (fails loudly if PostgreSQL is not there)."""
+    """Drop everything in one of this run's databases (fails loudly if PostgreSQL is not there)."""
+    assert url.rpartition("/")[2].split("?")[0].startswith(RUN_DB_PREFIX), url
     engine = sa.create_engine(url)
     try:
         with engine.begin() as conn:

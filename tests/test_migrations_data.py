@@ -18,21 +18,12 @@ from consent.crypto import Signer, generate_signing_key
 from consent.models import ConsentRecord, Subject
 from consent.schemas import ConsentIn, PolicyVersionIn, PurposeIn, TenantIn
 
-from .conftest import PG_URL, reset_postgres
+from .conftest import create_run_database, reset_postgres
 from .helpers import DOC_SHA
 
 
 def second_database() -> str:
-    base, _, name = PG_URL.rpartition("/")
-    other = f"{name}_migrations"
-    engine = sa.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            if not conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": other}).first():
-                conn.exec_driver_sql(f'CREATE DATABASE "{other}"')
-    finally:
-        engine.dispose()
-    return f"{base}/{other}"
+    return create_run_database("_migrations")
 
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
