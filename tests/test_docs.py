@@ -38,3 +38,20 @@ def test_readme_has_the_two_commands_ci_runs() -> None:
     assert "bash tests/run.sh" in README
     assert "bash tests/run.sh" in (ROOT / ".ci" / "run").read_text()
     assert ".venv/bin/consent serve" in README
+
+
+def stable_error_codes() -> set[str]:
+    """Every `code` the service can answer with: the error classes' own and the specific
+    ones raised with ``code="…"``."""
+    code = "".join(p.read_text() for p in (ROOT / "consent").rglob("*.py"))
+    classes = re.findall(r"^\s+(?:status, )?code, title = (?:\d+, )?\"([a-z_]+)\"", code, re.M)
+    raised = re.findall(r"\bcode\s*=\s*\"([a-z_]+)\"", code)
+    return set(classes) | set(raised)
+
+
+def test_every_error_code_is_documented() -> None:
+    codes = stable_error_codes()
+    assert {"validation_failed", "malformed_json", "link_gone"} <= codes, codes
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    missing = sorted(c for c in codes if f"`{c}`" not in doc)
+    assert not missing, f"error codes missing from docs/errors.md: {missing}"
