@@ -109,7 +109,8 @@ def put_retention(ctx: Ctx) -> Any:
     return retention.settings_out(t)
 
 
-@endpoint(auth="admin", summary="Close a tenant (idempotent); record retention counts from now",
+@endpoint(auth="admin", summary="Close a tenant (idempotent): all its keys stop working at once; "
+          "record retention counts from now",
           response=TenantClosed, write=True)
 def close_tenant(ctx: Ctx) -> Any:
     t = retention.close_tenant(ctx.db, ctx.path("tenant_id"))

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import crypto, snippet, subject_tokens
+from . import crypto, snippet, subject_tokens, tenants
 from .db import READ_PG, transaction
 from .errors import ConsentError, NotFound, OriginNotAllowed, Unauthorized
 from .http import (
@@ -242,7 +242,7 @@ def _fast_config_query() -> Any:
     return (sa.select(k.c.kind, k.c.key_hash, t.c.id, t.c.allowed_origins, t.c.default_lang,
                       *snippet.stamp_columns(k.c.tenant_id))
             .join(t, t.c.id == k.c.tenant_id)
-            .where(k.c.key_hash == sa.bindparam("h"), k.c.revoked_at.is_(None)))
+            .where(k.c.key_hash == sa.bindparam("h"), tenants.key_live(k, sa.bindparam("now"))))
 
 
 _FAST_CONFIG = _fast_config_query()

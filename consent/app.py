@@ -79,6 +79,13 @@ routes = [
     Route("/v1/tenants/{tenant_id}/keys/rotate", api.admin_rotate_keys, methods=["POST"], name="admin_rotate_keys"),
     Route("/v1/tenant", api.get_own_tenant, methods=["GET"], name="get_own_tenant"),
     Route("/v1/keys/rotate", api.rotate_keys, methods=["POST"], name="rotate_keys"),
+    # --- tenant settings and audit trail (issue 23) ---
+    Route("/v1/tenant", api.patch_own_tenant, methods=["PATCH"], name="patch_own_tenant"),
+    Route("/v1/tenant/audit", api.own_tenant_audit, methods=["GET"], name="own_tenant_audit"),
+    Route("/v1/tenants/{tenant_id}", api.admin_get_tenant, methods=["GET"], name="admin_get_tenant"),
+    Route("/v1/tenants/{tenant_id}", api.admin_patch_tenant, methods=["PATCH"], name="admin_patch_tenant"),
+    Route("/v1/tenants/{tenant_id}/audit", api.admin_tenant_audit, methods=["GET"], name="admin_tenant_audit"),
+    # --- end issue 23 ---
     Route("/v1/purposes", api.list_purposes, methods=["GET"], name="list_purposes"),
     Route("/v1/purposes/{key}", api.put_purpose, methods=["PUT"], name="put_purpose"),
     Route("/v1/cookies", api.list_cookies, methods=["GET"], name="list_cookies"),

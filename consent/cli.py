@@ -6,14 +6,20 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 from . import cli_audit, db, receipts, tenants
 from .models import Tenant
-from .schemas import TenantIn
+from .schemas import TenantIn, TenantOut, TenantPatch
 from .settings import Settings
+
+
+class CliError(Exception):
+    """A mistake on the command line: printed as one line, exit status 2."""
 
 
 def _print(obj: Any) -> None:
@@ -91,24 +97,69 @@ def _session(settings: Settings) -> Any:
     return db.transaction(db.create_db_engine(settings.database_url), write=True)
 
 
+def _tenant_patch(args: argparse.Namespace) -> TenantPatch:
+    """The settings given on the command line, validated as the API validates them."""
+    given: dict[str, Any] = {}
+    for name in ("name", "notice_days", "default_lang", "store_full_ip", "store_user_agent"):
+        if getattr(args, name, None) is not None:
+            given[name] = getattr(args, name)
+    if args.origin is not None:
+        given["allowed_origins"] = args.origin
+    return TenantPatch(**given)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """A pydantic error as one line naming the option."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        option = {"allowed_origins": "origin"}.get(loc, loc).replace("_", "-")
+        parts.append(f"--{option}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
 def cmd_tenants(args: argparse.Namespace, settings: Settings) -> int:
     with _session(settings) as session:
         if args.action == "create":
-            spec = TenantIn(name=args.name, allowed_origins=args.origin or [], notice_days=args.notice_days)
+            spec = TenantIn(name=args.name or "Tenant", allowed_origins=args.origin or [],
+                            notice_days=30 if args.notice_days is None else args.notice_days,
+                            **{k: getattr(args, k) for k in ("default_lang", "store_full_ip", "store_user_agent")
+                               if getattr(args, k) is not None})
             tenant, keys = tenants.create_tenant(session, spec)
             _print({"tenant_id": tenant.id, "name": tenant.name, "secret_key": keys["secret"],
                     "publishable_key": keys["publishable"]})
-        else:
+        elif args.action == "list":
             rows = session.execute(sa.select(Tenant.id, Tenant.name, Tenant.created_at)).all()
             _print([{"id": r.id, "name": r.name, "created_at": r.created_at} for r in rows])
+        else:
+            if not args.tenant:
+                raise CliError(f"`consent tenants {args.action}` needs --tenant ID (see `consent tenants list`)")
+            tenant = tenants.get_tenant(session, args.tenant)
+            if args.action == "update":
+                changed = tenants.update_settings(session, tenant, _tenant_patch(args), actor="cli")
+                print(f"changed: {', '.join(changed) or 'nothing'}", file=sys.stderr)
+            if args.action == "audit":
+                rows, _ = tenants.audit_trail(session, tenant.id, limit=args.limit, cursor=None)
+                _print([{"id": r.id, "actor": r.actor, "action": r.action, "changed_at": r.changed_at,
+                         "before": r.before, "after": r.after} for r in rows])
+            else:
+                _print({**{k: getattr(tenant, k) for k in TenantOut.model_fields},
+                        "keys": tenants.live_keys(session, tenant.id)})
     return 0
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     kinds = ["secret", "publishable"] if args.kind == "both" else [args.kind]
+    grace = {}
+    if args.publishable_grace_days is not None:
+        grace["publishable"] = timedelta(days=args.publishable_grace_days)
+    if args.secret_grace_hours is not None:
+        grace["secret"] = timedelta(hours=args.secret_grace_hours)
     with _session(settings) as session:
-        keys = tenants.rotate_keys(session, args.tenant, kinds)
-    _print({"tenant_id": args.tenant, **{f"{k}_key": v for k, v in keys.items()}})
+        keys = tenants.rotate_keys(session, args.tenant, kinds, actor="cli", leaked=args.leaked, grace=grace)
+        live = tenants.live_keys(session, args.tenant)
+    _print({"tenant_id": args.tenant, **{f"{k}_key": v for k, v in keys.items()}, "keys": live})
     return 0
 
 
@@ -138,16 +189,32 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--revision")
     m.add_argument("--downgrade", action="store_true", help="downgrade to --revision (default base)")
     m.set_defaults(func=cmd_migrate)
-    t = sub.add_parser("tenants", help="create or list tenants")
-    t.add_argument("action", choices=["create", "list"])
-    t.add_argument("--name", default="Tenant")
-    t.add_argument("--origin", action="append", help="allowed origin for the snippet (repeatable)")
-    t.add_argument("--notice-days", type=int, default=30)
+    t = sub.add_parser("tenants", help="create, list, show, update a tenant, or read its audit trail")
+    t.add_argument("action", choices=["create", "list", "show", "update", "audit"],
+                   help="update changes only the settings given; every change is audited")
+    t.add_argument("--tenant", help="tenant id (show, update, audit)")
+    t.add_argument("--name", help="display name (create: default 'Tenant')")
+    t.add_argument("--origin", action="append", metavar="ORIGIN",
+                   help="allowed origin for the snippet, scheme://host[:port] (repeatable; "
+                        "update replaces the whole list)")
+    t.add_argument("--notice-days", type=int, help="days between announcing and applying a material "
+                   "policy change (create: default 30)")
+    t.add_argument("--default-lang", help="language of the snippet when the page names none, e.g. en or de-AT")
+    t.add_argument("--store-full-ip", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep visitors' full IP address as evidence (default: truncated)")
+    t.add_argument("--store-user-agent", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep visitors' user agent as evidence (default: yes)")
+    t.add_argument("--limit", type=int, default=50, help="audit: how many entries, newest first")
     t.set_defaults(func=cmd_tenants)
-    k = sub.add_parser("keys", help="rotate a tenant's API keys (old ones are revoked)")
-    k.add_argument("action", choices=["rotate"])
-    k.add_argument("--tenant", required=True)
-    k.add_argument("--kind", choices=["secret", "publishable", "both"], default="both")
+    k = sub.add_parser("keys", help="rotate a tenant's API keys (old ones keep working for a grace period)")
+    k.add_argument("action", choices=["rotate"], help="issue new keys")
+    k.add_argument("--tenant", required=True, help="tenant id")
+    k.add_argument("--kind", choices=["secret", "publishable", "both"], default="both", help="which keys")
+    k.add_argument("--leaked", action="store_true", help="the old keys stop working at once")
+    k.add_argument("--publishable-grace-days", type=int, metavar="DAYS",
+                   help="how long the old publishable key keeps working (default 7; 0: at once)")
+    k.add_argument("--secret-grace-hours", type=int, metavar="HOURS",
+                   help="how long the old secret key keeps working (default 24; 0: at once)")
     k.set_defaults(func=cmd_keys)
     a = sub.add_parser("admin-token", help="create and print an admin token")
     a.set_defaults(func=cmd_admin_token)
@@ -172,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, ConsentError):
             print(f"error: {exc.detail}", file=sys.stderr)
+            return 2
+        if isinstance(exc, CliError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, ValidationError):
+            print(f"error: {_validation_message(exc)}", file=sys.stderr)
             return 2
         raise
 

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from . import tenants
 from .db import transaction
 from .errors import NotFound
 from .ledger import SI, STATE
@@ -49,14 +50,18 @@ def set_retention(db: Session, tenant_id: str, *, evidence_days: int | None, rec
     return tenant
 
 
-def close_tenant(db: Session, tenant_id: str) -> Tenant:
-    """Mark a tenant closed (idempotent); its records become subject to record retention."""
+def close_tenant(db: Session, tenant_id: str, actor: str = "admin") -> Tenant:
+    """Mark a tenant closed (idempotent); every key it has stops working at once, and its
+    records become subject to record retention."""
     tenant = db.get(Tenant, tenant_id)
     if tenant is None:
         raise NotFound("tenant not found")
+    revoked = tenants.revoke_all_keys(db, tenant_id, actor)
     if tenant.closed_at is None:
         tenant.closed_at = utcnow()
         db.flush()
+        tenants.record_change(db, tenant_id, actor, "tenant.close", {"closed_at": None},
+                              {"closed_at": tenant.closed_at, "keys_revoked": revoked})
     return tenant
 
 
