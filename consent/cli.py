@@ -83,10 +83,32 @@ def prepare_multiprocess_metrics(settings: Settings) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    if args.downgrade:
-        db.downgrade(settings.database_url, args.revision or "base")
-    else:
-        db.migrate(settings.database_url, args.revision or "head")
+    from alembic.util import CommandError
+
+    try:
+        if args.downgrade:
+            if not args.revision:
+                raise CliError("a downgrade needs an explicit target: --revision REV (or base); "
+                               "add --dry-run to see what it would drop")
+            doomed = db.downgrade_plan(settings.database_url, args.revision)
+            holding = {t: n for t, n in doomed.items() if n}
+            if args.dry_run:
+                for table, rows in doomed.items():
+                    print(f"would drop table {table} ({rows} rows)", file=sys.stderr)
+                print(f"dry run: nothing changed; {len(doomed)} tables would be dropped", file=sys.stderr)
+                return 0
+            if holding and not args.destroy_data:
+                raise CliError(f"refusing to drop {len(holding)} tables holding rows "
+                               f"({', '.join(sorted(holding))}); export first, then repeat with --destroy-data")
+            db.downgrade(settings.database_url, args.revision)
+            if doomed:
+                print(f"dropped tables: {', '.join(doomed)}", file=sys.stderr)
+        else:
+            if args.dry_run:
+                raise CliError("--dry-run goes with --downgrade (an upgrade drops nothing)")
+            db.migrate(settings.database_url, args.revision or "head")
+    except CommandError as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
     engine = db.create_db_engine(settings.database_url)
     print(f"database at revision {db.current_revision(engine)}")
     engine.dispose()
@@ -186,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None)
     s.set_defaults(func=cmd_serve)
     m = sub.add_parser("migrate", help="bring the database to head (or --revision)")
-    m.add_argument("--revision")
-    m.add_argument("--downgrade", action="store_true", help="downgrade to --revision (default base)")
+    m.add_argument("--revision", help="target revision (default head; a downgrade must name one, or base)")
+    m.add_argument("--downgrade", action="store_true", help="go down to --revision (asks nothing: see --dry-run)")
+    m.add_argument("--dry-run", action="store_true", help="with --downgrade: list the tables it would drop")
+    m.add_argument("--destroy-data", action="store_true",
+                   help="with --downgrade: allow dropping tables that hold rows (their data is lost)")
     m.set_defaults(func=cmd_migrate)
     t = sub.add_parser("tenants", help="create, list, show, update a tenant, or read its audit trail")
     t.add_argument("action", choices=["create", "list", "show", "update", "audit"],

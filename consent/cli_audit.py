@@ -111,9 +111,28 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def describe_plan(p: retention.RunResult) -> str:
+    return (f"would purge the evidence of {p.evidence_purged} records and delete {p.records_dropped} records "
+            f"of {p.subjects_dropped} subjects in {p.tenants_dropped} closed tenants")
+
+
 def cmd_retention(args: argparse.Namespace, settings: Settings) -> int:
     engine = db.create_db_engine(settings.database_url)
     try:
+        planned = retention.plan(engine)
+        print(describe_plan(planned), file=sys.stderr)
+        if args.dry_run:
+            print(json.dumps({"dry_run": True, **planned.as_dict()}))
+            return 0
+        nothing = not (planned.evidence_purged or planned.records_dropped or planned.subjects_dropped)
+        # Cron has no terminal and runs as configured; a person at one confirms what goes.
+        if not args.yes and not nothing and sys.stdin.isatty():
+            sys.stderr.write("Proceed? This cannot be undone. [y/N] ")  # stdout stays JSON
+            sys.stderr.flush()
+            answer = sys.stdin.readline().strip().lower()
+            if answer not in ("y", "yes"):
+                print("nothing done", file=sys.stderr)
+                return 1
         result = retention.run(engine, batch=args.batch)
     finally:
         engine.dispose()
@@ -140,4 +159,6 @@ def add_commands(sub: Any) -> None:
     r = sub.add_parser("retention", help="apply retention settings (idempotent; safe from cron on several hosts)")
     r.add_argument("action", choices=["run"])
     r.add_argument("--batch", type=int, default=1000, help="rows per transaction")
+    r.add_argument("--dry-run", action="store_true", help="count what would be purged; change nothing")
+    r.add_argument("--yes", action="store_true", help="do not ask for confirmation on a terminal")
     r.set_defaults(func=cmd_retention)

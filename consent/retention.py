@@ -148,3 +148,27 @@ def run(engine: Engine, *, now: datetime | None = None, batch: int = 1000) -> Ru
                 cutoff = now - timedelta(days=t.evidence_retention_days)
                 result.evidence_purged += purge_evidence(engine, t.id, cutoff, batch)
     return result
+
+
+def plan(engine: Engine, *, now: datetime | None = None) -> RunResult:
+    """What ``run`` would do now, counted without changing anything (for a dry run or to ask
+    before a run). ``subjects_dropped`` and ``tenants_dropped`` count what would go."""
+    now = now or utcnow()
+    result = RunResult()
+    with transaction(engine) as db:
+        for t in db.execute(sa.select(TEN.c.id, TEN.c.evidence_retention_days, TEN.c.record_retention_years,
+                                      TEN.c.closed_at)).all():
+            if t.closed_at is not None and t.record_retention_years is not None \
+                    and add_years(t.closed_at, t.record_retention_years) <= now:
+                records = db.execute(sa.select(sa.func.count()).select_from(REC)
+                                     .where(REC.c.tenant_id == t.id)).scalar_one()
+                subjects = db.execute(sa.select(sa.func.count()).select_from(SUBJ)
+                                      .where(SUBJ.c.tenant_id == t.id)).scalar_one()
+                result.records_dropped += records
+                result.subjects_dropped += subjects
+                result.tenants_dropped += (records + subjects) > 0
+            elif t.evidence_retention_days is not None:
+                cutoff = now - timedelta(days=t.evidence_retention_days)
+                result.evidence_purged += db.execute(sa.select(sa.func.count()).select_from(REC).where(
+                    REC.c.tenant_id == t.id, REC.c.recorded_at < cutoff, REC.c.evidence.is_not(None))).scalar_one()
+    return result
