@@ -40,7 +40,14 @@ def in_utc_range(value: datetime) -> datetime:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    """Every request body: unknown fields refused, and no type coercion (``true`` or ``"5"``
+    where a number is expected is a 422 naming the field, never 1 or 5). JSON has no time
+    type, so time fields are declared ``Time`` (RFC 3339 text, parsed)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
+
+
+Time = Annotated[datetime, Field(strict=False)]
 
 
 class Translation(Strict):
@@ -234,7 +241,7 @@ class PolicyVersionIn(Strict):
     version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
     document_url: str = Field(max_length=2000, pattern=URL_RE.pattern)
     document_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    effective_at: datetime | None = None
+    effective_at: Time | None = None
     material: StrictBool = False
     purposes: list[Key] = Field(min_length=1, max_length=100)
     cookies: list[str] | None = Field(default=None, max_length=200)
@@ -300,7 +307,7 @@ class ConsentIn(Strict):
     policy_version: str | None = Field(default=None, min_length=1, max_length=64)
     source: Source = "api"
     evidence: Evidence | None = None
-    recorded_at: datetime | None = Field(
+    recorded_at: Time | None = Field(
         default=None, description="Only for source=import: when the decision was originally made."
     )
 
