@@ -308,7 +308,7 @@ def snippet_consents(ctx: Ctx) -> Any:
     req = ctx.request
     visit = snippet.Visit(
         origin=req.headers.get("origin"),
-        ip=req.client.host if req.client else None,  # uvicorn's proxy_headers decide whom to trust
+        ip=req.client.host if req.client else None,  # forwarded only by trusted proxies (app.create_app)
         user_agent=req.headers.get("user-agent"),
         sec_gpc=req.headers.get("sec-gpc", "").strip() == "1",
     )

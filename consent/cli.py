@@ -57,7 +57,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     os.environ["CONSENT_WORKERS"] = str(args.workers)  # each worker reads it (fastcheck.sqlite_threaded)
     uvicorn.run(
         "consent.app:create_app", factory=True, host=args.host, port=args.port,
-        workers=args.workers, log_level=settings.log_level, proxy_headers=True,
+        workers=args.workers, log_level=settings.log_level,
+        proxy_headers=False,  # the app reads forwarded headers itself (CONSENT_TRUSTED_PROXIES)
         log_config=log_config(settings.log_level),
         access_log=False,  # ours (consent.access) logs route templates, never paths or queries
         # Slow or greedy clients: bounded header size (431/400 past 64 KiB), idle keep-alive

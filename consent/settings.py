@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ class Settings:
     webhook_backoff_max_seconds: float = 3600.0
     webhook_retry_seconds: int = 86400
     webhook_disable_after: int = 30
+    # proxies whose X-Forwarded-For / -Proto are believed (IPs or networks; "*": any; (): none)
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -87,9 +90,17 @@ class Settings:
             webhook_backoff_max_seconds=config("CONSENT_WEBHOOK_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
             webhook_retry_seconds=config("CONSENT_WEBHOOK_RETRY_SECONDS", cast=int, default=86400),
             webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
+            trusted_proxies=tuple(p.strip() for p in config("CONSENT_TRUSTED_PROXIES", default="127.0.0.1").split(",")
+                                  if p.strip()),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:
             raise ValueError(f"CONSENT_SQLITE_READER must be one of {', '.join(SQLITE_READERS)}, "
                              f"not {values['sqlite_reader']!r}")
+        for proxy in values["trusted_proxies"]:  # type: ignore[attr-defined]
+            try:
+                if proxy != "*":
+                    ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"CONSENT_TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from None
         return cls(**values)  # type: ignore[arg-type]
