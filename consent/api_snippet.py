@@ -355,11 +355,12 @@ async def gpc_json(request: Request) -> Response:
 # --- /snippet.js -------------------------------------------------------------------------
 
 def snippet_path() -> Path:
-    """The built snippet: CONSENT_SNIPPET_PATH, else the repo's client-snippet/dist/snippet.js."""
+    """The built snippet: CONSENT_SNIPPET_PATH, else the package's ``static/snippet.js`` (in a
+    checkout a link to client-snippet/dist/snippet.js; an installed wheel carries a copy)."""
     env = os.environ.get("CONSENT_SNIPPET_PATH")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "client-snippet" / "dist" / "snippet.js"
+    return Path(__file__).parent / "static" / "snippet.js"
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     configure(settings.log_level)
     if args.workers > 1:
         prepare_multiprocess_metrics(settings)
-    db.migrate(settings.database_url)
+    if settings.migrate_on_start:  # off where one `consent migrate` runs before the replicas
+        db.migrate(settings.database_url)
     engine = db.create_db_engine(settings.database_url)
     with db.transaction(engine, write=True) as session:
         receipts.ensure_signing_key(session)

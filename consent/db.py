@@ -104,14 +104,15 @@ def transaction(engine: Engine, *, write: bool = False, read_only: bool = False)
 
 
 def migrations_dir() -> Path:
-    """Where the Alembic scripts live (the repo's ``migrations/``, or CONSENT_MIGRATIONS_DIR)."""
+    """Where the Alembic scripts live: CONSENT_MIGRATIONS_DIR, else the package's own
+    ``migrations/`` (in a checkout a link to the repository's ``migrations/``; an installed
+    wheel carries a copy)."""
     env = os.environ.get("CONSENT_MIGRATIONS_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "migrations"
-    if not (path / "env.py").is_file():  # e.g. a non-editable install without the variable
+    path = Path(env) if env else Path(__file__).parent / "migrations"
+    if not (path / "env.py").is_file():
         from .errors import ConsentError
 
-        raise ConsentError(f"no Alembic migrations at {path}; set CONSENT_MIGRATIONS_DIR to the "
-                           "repository's migrations/ directory")
+        raise ConsentError(f"no Alembic migrations at {path} (CONSENT_MIGRATIONS_DIR)")
     return path
 
 
