@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -33,6 +34,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from .logs import configure, log_config
 
     configure(settings.log_level)
+    announce_issuer(args.host, args.port)
+    if settings.is_sqlite:
+        print(f"database: {settings.database_url}", file=sys.stderr)
     if args.workers > 1:
         prepare_multiprocess_metrics(settings)
     if settings.migrate_on_start:  # off where one `consent migrate` runs before the replicas
@@ -71,6 +75,22 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         limit_concurrency=settings.limit_concurrency, backlog=2048,
     )
     return 0
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def announce_issuer(host: str, port: int) -> None:
+    """Receipts name their issuer: unless CONSENT_ISSUER says otherwise, the address served (set
+    in the environment, which every worker reads), with a warning when others cannot reach it."""
+    if os.environ.get("CONSENT_ISSUER"):
+        return
+    shown = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    issuer = f"http://{shown}:{port}"
+    os.environ["CONSENT_ISSUER"] = issuer
+    if host in WILDCARD_HOSTS or shown not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: CONSENT_ISSUER is not set, so receipts name {issuer} as their issuer and "
+              "links point there; set CONSENT_ISSUER to the service's public URL", file=sys.stderr)
 
 
 def prepare_multiprocess_metrics(settings: Settings) -> None:
@@ -115,6 +135,52 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     print(f"database at revision {db.current_revision(engine)}")
     engine.dispose()
     return 0
+
+
+def masked(url: str) -> str:
+    """A database URL fit to print (no password)."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:  # not even a URL: say so without echoing it
+        return "(unparseable URL)"
+
+
+def check_database(settings: Settings, *, creating: bool = False) -> None:
+    """Refuse, in one line, what would fail with a traceback or quietly make a new empty
+    database: a URL without a usable driver, a SQLite file that is not there (``creating``:
+    its directory), a server that cannot be reached, a database never migrated."""
+    url = settings.database_url
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
+        raise CliError(f"CONSENT_DATABASE_URL starts with {scheme}://; write postgresql+psycopg://user:password@host/db")
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise CliError("CONSENT_DATABASE_URL is not a database URL (sqlite:///path or "
+                       "postgresql+psycopg://user:password@host/db)") from None
+    if parsed.get_backend_name() == "sqlite":
+        path = Path(parsed.database or "")
+        if parsed.database in (None, "", ":memory:"):
+            raise CliError("an in-memory SQLite database holds nothing between commands; set CONSENT_DATABASE_URL")
+        if creating and not path.parent.is_dir():
+            raise CliError(f"data directory {path.parent} does not exist (CONSENT_DATA_DIR or CONSENT_DATABASE_URL)")
+        if not creating and not path.is_file():
+            raise CliError(f"no database at {path.absolute()} (looked there from CONSENT_DATABASE_URL / "
+                           "CONSENT_DATA_DIR); `consent serve` or `consent migrate` creates it")
+    elif parsed.get_backend_name() != "postgresql":
+        raise CliError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
+    engine = db.create_db_engine(url, connect_args={"connect_timeout": 5}) if not url.startswith("sqlite") \
+        else db.create_db_engine(url)
+    try:
+        with engine.connect():
+            pass
+        if not creating and db.current_revision(engine) is None:
+            raise CliError(f"the database at {masked(url)} has no consent tables; run `consent migrate` first")
+    except sa.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        raise CliError(f"cannot connect to the database at {masked(url)}: {reason}") from None
+    finally:
+        engine.dispose()
 
 
 def _session(settings: Settings) -> Any:
@@ -205,9 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="consent", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="migrate, create the demo tenant on first start, run uvicorn")
-    s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
-    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--host", default=None, help="address to listen on (default CONSENT_HOST, 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port to listen on (default CONSENT_PORT, 8000)")
+    s.add_argument("--workers", type=int, default=None, help="worker processes (default CONSENT_WORKERS, 1)")
     s.set_defaults(func=cmd_serve)
     m = sub.add_parser("migrate", help="bring the database to head (or --revision)")
     m.add_argument("--revision", help="target revision (default head; a downgrade must name one, or base)")
@@ -246,20 +312,71 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("admin-token", help="create and print an admin token")
     a.set_defaults(func=cmd_admin_token)
     sk = sub.add_parser("signing-key", help="rotate the receipt signing key")
-    sk.add_argument("action", choices=["rotate"])
+    sk.add_argument("action", choices=["rotate"], help="retire the active key and make a new one")
     sk.set_defaults(func=cmd_signing_key)
     cli_audit.add_commands(sub)  # export, verify, retention (issue 5)
+    c = sub.add_parser("completion", help="print a shell completion script: "
+                       "eval \"$(consent completion bash)\" (bash or zsh)")
+    c.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
+    c.set_defaults(func=cmd_completion)
     return p
+
+
+def cmd_completion(args: argparse.Namespace, settings: Settings) -> int:
+    print(completion_script(build_parser()))
+    return 0
+
+
+def completion_script(parser: argparse.ArgumentParser) -> str:
+    """A bash completion function (zsh runs it through bashcompinit) built from the parser:
+    commands, their options and the choices of their arguments."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cases = []
+    for name, cmd in sub.choices.items():
+        words = []
+        for action in cmd._actions:
+            words += [o for o in action.option_strings if o.startswith("--")]
+            if not action.option_strings and action.choices:
+                words += list(action.choices)
+        cases.append(f'    {name}) words="{" ".join(words)}" ;;')
+    return "\n".join([
+        "# consent shell completion: eval \"$(consent completion bash)\"",
+        "[ -n \"$ZSH_VERSION\" ] && autoload -U +X bashcompinit && bashcompinit",
+        "_consent() {",
+        '  local cur="${COMP_WORDS[COMP_CWORD]}" words',
+        "  if [ \"$COMP_CWORD\" -eq 1 ]; then",
+        f'    COMPREPLY=($(compgen -W "{" ".join(sub.choices)} --help" -- "$cur")); return',
+        "  fi",
+        '  case "${COMP_WORDS[1]}" in',
+        *cases,
+        "    *) words= ;;",
+        "  esac",
+        '  COMPREPLY=($(compgen -W "$words --help" -- "$cur"))',
+        "}",
+        "complete -o default -F _consent consent",
+    ])
+
+
+# What each command needs of the database: made if missing (serve), made in an existing
+# directory (migrate), already there and migrated (the rest); None: no database.
+DATABASE_NEEDS = {"serve": None, "verify": None, "completion": None, "migrate": "create"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "serve":
         args.host = args.host or settings.host
         args.port = args.port or settings.port
         args.workers = args.workers or settings.workers
     try:
+        needs = DATABASE_NEEDS.get(args.command, "existing")
+        if needs is not None:
+            check_database(settings, creating=needs == "create")
         return int(args.func(args, settings))
     except Exception as exc:  # a CLI prints one line, not a traceback, for known failures
         from .errors import ConsentError
@@ -272,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(exc, ValidationError):
             print(f"error: {_validation_message(exc)}", file=sys.stderr)
+            return 2
+        if isinstance(exc, sa.exc.SQLAlchemyError):
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+            print(f"error: database: {reason}", file=sys.stderr)
             return 2
         raise
 

@@ -10,7 +10,14 @@ from pathlib import Path
 from starlette.config import Config
 from starlette.datastructures import Secret
 
-DEFAULT_DATA_DIR = "consent-data"
+DEFAULT_DATA_DIR = "consent-data"  # ..., under the user's data directory (default_data_dir)
+
+
+def default_data_dir(environ: dict[str, str]) -> Path:
+    """$XDG_DATA_HOME/consent-data (~/.local/share/consent-data): the same place whatever the
+    current directory, so a command run from elsewhere (or cron) finds the same database."""
+    base = environ.get("XDG_DATA_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "share")
+    return Path(base) / DEFAULT_DATA_DIR
 SQLITE_READERS = ("auto", "thread", "loop")
 
 
@@ -21,7 +28,7 @@ class Settings:
     database_url: str = ""
     admin_token: Secret | None = None
     issuer: str = "http://127.0.0.1:8000"
-    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    data_dir: Path = Path(DEFAULT_DATA_DIR)  # from_env: absolute, default_data_dir()
     demo: bool = True
     migrate_on_start: bool = True
     max_body_bytes: int = 16 * 1024 * 1024
@@ -58,13 +65,17 @@ class Settings:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         """Read settings from ``environ`` (default: the process environment)."""
         config = Config(environ=dict(os.environ if environ is None else environ))
-        data_dir = Path(config("CONSENT_DATA_DIR", default=DEFAULT_DATA_DIR))
+        env = dict(os.environ if environ is None else environ)
+        data_dir = Path(config("CONSENT_DATA_DIR", default=str(default_data_dir(env)))).expanduser().absolute()
         default_db = f"sqlite:///{data_dir / 'consent.db'}"
         token = config("CONSENT_ADMIN_TOKEN", cast=Secret, default=None)
         values: dict[str, object] = dict(
             database_url=config("CONSENT_DATABASE_URL", default=default_db),
             admin_token=token if token and str(token) else None,
-            issuer=config("CONSENT_ISSUER", default="http://127.0.0.1:8000").rstrip("/"),
+            # default: the local address of the port served (`consent serve` sets it, and warns
+            # when that is not an address others can reach)
+            issuer=config("CONSENT_ISSUER", default=f"http://127.0.0.1:{config('CONSENT_PORT', default='8000')}")
+            .rstrip("/"),
             data_dir=data_dir,
             demo=config("CONSENT_DEMO", cast=bool, default=True),
             migrate_on_start=config("CONSENT_MIGRATE_ON_START", cast=bool, default=True),
