@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
 
 from . import crypto
-from .errors import NotFound
+from .errors import Conflict, NotFound
 from .models import AdminToken, ApiKey, Tenant, TenantAudit, UTCDateTime, utcnow
 from .schemas import TenantIn, TenantPatch
 
@@ -95,7 +95,8 @@ def rotate_keys(db: Session, tenant_id: str, kinds: list[str], *, actor: str = "
     """Issue a fresh key of each kind. The keys it replaces keep working for their grace period
     (``GRACE_DEFAULTS``, or ``grace``), or stop at once when ``leaked``; a key already in its
     grace period never gets longer."""
-    get_tenant(db, tenant_id)
+    if get_tenant(db, tenant_id).closed_at is not None:
+        raise Conflict("the tenant is closed; its keys stay revoked", code="tenant_closed")
     now = utcnow()
     out, before, after = {}, [], []
     for kind in kinds:

@@ -305,5 +305,7 @@ def test_closing_a_tenant_revokes_all_its_keys(client: TestClient, route_client:
         assert set(got.values()) == {401}, got
     got = client.get(f"/v1/tenants/{t.id}", headers=ADMIN).json()
     assert got["keys"] == []
+    r = client.post(f"/v1/tenants/{t.id}/keys/rotate", json={"kind": "both"}, headers=ADMIN)
+    assert r.status_code == 409 and r.json()["code"] == "tenant_closed"
     entry = client.get(f"/v1/tenants/{t.id}/audit", headers=ADMIN).json()["items"][0]
     assert entry["action"] == "tenant.close" and entry["after"]["keys_revoked"] == 4
