@@ -53,7 +53,8 @@ class Progress:
 def choose_tenant(session: Any) -> str:
     """The only tenant, or on a terminal the one the user picks from the list; otherwise an
     error naming them."""
-    rows = session.execute(sa.select(Tenant.id, Tenant.name).order_by(Tenant.created_at)).all()
+    t = Tenant.__table__  # type: ignore[attr-defined]
+    rows = session.execute(sa.select(t.c.id, t.c.name).order_by(t.c.created_at)).all()
     if not rows:
         raise ConsentError("the database holds no tenant yet")
     if len(rows) == 1:

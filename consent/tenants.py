@@ -102,7 +102,7 @@ def rotate_keys(db: Session, tenant_id: str, kinds: list[str], *, actor: str = "
     for kind in kinds:
         until = now if leaked else now + (grace or {}).get(kind, GRACE_DEFAULTS[kind])
         old = db.execute(sa.select(ApiKey).where(
-            ApiKey.tenant_id == tenant_id, ApiKey.kind == kind, key_live(_KEY, now))).scalars().all()
+            _KEY.c.tenant_id == tenant_id, _KEY.c.kind == kind, key_live(_KEY, now))).scalars().all()
         for key in old:
             before.append(key_view(key))
             key.revoked_at = until if key.revoked_at is None else min(key.revoked_at, until)
@@ -117,7 +117,7 @@ def rotate_keys(db: Session, tenant_id: str, kinds: list[str], *, actor: str = "
 def revoke_all_keys(db: Session, tenant_id: str, actor: str) -> int:
     """Every key of the tenant stops working now (grace periods included); how many did."""
     now = utcnow()
-    keys = db.execute(sa.select(ApiKey).where(ApiKey.tenant_id == tenant_id, key_live(_KEY, now))).scalars().all()
+    keys = db.execute(sa.select(ApiKey).where(_KEY.c.tenant_id == tenant_id, key_live(_KEY, now))).scalars().all()
     for key in keys:
         key.revoked_at = now
     db.flush()
@@ -132,8 +132,8 @@ def key_view(key: ApiKey) -> dict[str, Any]:
 
 def live_keys(db: Session, tenant_id: str) -> list[dict[str, Any]]:
     """The tenant's keys that work now, current ones first, then old ones by expiry."""
-    keys = db.execute(sa.select(ApiKey).where(ApiKey.tenant_id == tenant_id, key_live(_KEY, utcnow()))
-                      .order_by(ApiKey.kind, ApiKey.created_at.desc())).scalars().all()  # type: ignore[attr-defined]
+    keys = db.execute(sa.select(ApiKey).where(_KEY.c.tenant_id == tenant_id, key_live(_KEY, utcnow()))
+                      .order_by(_KEY.c.kind, _KEY.c.created_at.desc())).scalars().all()
     return [key_view(k) for k in keys]
 
 
@@ -175,12 +175,13 @@ def audit_trail(db: Session, tenant_id: str, *, limit: int, cursor: str | None) 
     """The tenant's audit entries, newest first; ``cursor`` is the last id of the previous page."""
     from .errors import ValidationFailed
 
-    q = sa.select(TenantAudit).where(TenantAudit.tenant_id == tenant_id)
+    audit = TenantAudit.__table__  # type: ignore[attr-defined]
+    q = sa.select(TenantAudit).where(audit.c.tenant_id == tenant_id)
     if cursor is not None:
         if not cursor.isdigit() or len(cursor) > 18:
             raise ValidationFailed.field("cursor", "not a cursor from this list")
-        q = q.where(TenantAudit.id < int(cursor))  # type: ignore[operator]
-    rows = list(db.execute(q.order_by(TenantAudit.id.desc()).limit(limit + 1)).scalars())  # type: ignore[union-attr]
+        q = q.where(audit.c.id < int(cursor))
+    rows = list(db.execute(q.order_by(audit.c.id.desc()).limit(limit + 1)).scalars())
     nxt = str(rows[limit - 1].id) if len(rows) > limit else None
     return rows[:limit], nxt
 
