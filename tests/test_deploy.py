@@ -6,6 +6,7 @@ answers /readyz and a check."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,3 +76,43 @@ def test_wheel_installs_and_serves_from_anywhere(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_dockerfile_installs_pinned_dependencies_before_the_code() -> None:
+    steps = [line.split()[0:2] for line in (ROOT / "Dockerfile").read_text().splitlines()
+             if line.startswith(("COPY", "RUN"))]
+    flat = [" ".join(s) for s in steps]
+    assert flat.index("COPY constraints.txt") < flat.index("RUN pip") < flat.index("COPY consent")
+    text = (ROOT / "Dockerfile").read_text()
+    assert "CONSENT_MIGRATIONS_DIR" not in text and "CONSENT_SNIPPET_PATH" not in text
+
+
+def test_constraints_pin_every_dependency() -> None:
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in
+              (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
+    names = {re.split(r"[\[<>=!~ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in deps}
+    assert names <= pinned, names - pinned
+
+
+def test_compose_runs_two_replicas_behind_one_trusted_proxy() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    apps = [s for s in services.values() if s.get("build") == "." and "command" not in s]
+    assert len(apps) == 2 and "db" in services
+    proxy = services["proxy"]
+    assert proxy["ports"] == ["8000:8000"]
+    address = proxy["networks"]["backend"]["ipv4_address"]
+    for app in apps:
+        env = app["environment"]
+        assert env["CONSENT_TRUSTED_PROXIES"] == address
+        assert env["CONSENT_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert env["CONSENT_MIGRATE_ON_START"] == "false"
+        assert app["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert services["migrate"]["command"] == ["consent", "migrate"]
+    nginx = compose["configs"]["nginx"]["content"]
+    assert "server app1:8000" in nginx and "server app2:8000" in nginx
