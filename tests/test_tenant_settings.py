@@ -309,3 +309,26 @@ def test_closing_a_tenant_revokes_all_its_keys(client: TestClient, route_client:
     assert r.status_code == 409 and r.json()["code"] == "tenant_closed"
     entry = client.get(f"/v1/tenants/{t.id}/audit", headers=ADMIN).json()["items"][0]
     assert entry["action"] == "tenant.close" and entry["after"]["keys_revoked"] == 4
+
+
+def test_evidence_and_language_settings_apply_at_once(client: TestClient, route_client: TestClient) -> None:
+    t = make_tenant(client)
+    evidence = {"ip": "203.0.113.77", "user_agent": "UA/1"}
+
+    def recorded(c: TestClient, email: str) -> dict[str, Any]:
+        body = {"subject": {"email": email}, "purpose": "analytics", "decision": "granted", "evidence": evidence}
+        r = c.post("/v1/consents", json=body, headers=t.h)
+        assert r.status_code == 201, r.text
+        rec = t.get(f"/v1/subjects/email:{email}/export").json()["records"][-1]
+        return dict(rec["evidence"])
+
+    for n, c in enumerate((client, route_client)):  # the fast record path (PostgreSQL) and the route
+        assert recorded(c, f"before{n}@example.com") == {"ip": "203.0.113.0", "user_agent": "UA/1"}
+    assert patch(t, {"store_full_ip": True, "store_user_agent": False}).status_code == 200
+    for n, c in enumerate((client, route_client)):
+        assert recorded(c, f"after{n}@example.com") == {"ip": "203.0.113.77"}
+    params = {"key": t.publishable_key}
+    assert client.get("/v1/snippet/config", params=params, headers={"Origin": ORIGIN}).json()["lang"] == "en"
+    assert patch(t, {"default_lang": "de"}).status_code == 200
+    for c in (client, route_client):
+        assert c.get("/v1/snippet/config", params=params, headers={"Origin": ORIGIN}).json()["lang"] == "de"
