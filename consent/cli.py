@@ -145,10 +145,12 @@ def masked(url: str) -> str:
         return "(unparseable URL)"
 
 
-def check_database(settings: Settings, *, creating: bool = False) -> None:
+def check_database(settings: Settings, *, creating: bool = False, serving: bool = False) -> None:
     """Refuse, in one line, what would fail with a traceback or quietly make a new empty
     database: a URL without a usable driver, a SQLite file that is not there (``creating``:
-    its directory), a server that cannot be reached, a database never migrated."""
+    its directory; ``serving``: made as needed), a server that cannot be reached, a database
+    never migrated."""
+    creating = creating or serving
     url = settings.database_url
     scheme = url.split("://", 1)[0].lower()
     if scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
@@ -162,6 +164,8 @@ def check_database(settings: Settings, *, creating: bool = False) -> None:
         path = Path(parsed.database or "")
         if parsed.database in (None, "", ":memory:"):
             raise CliError("an in-memory SQLite database holds nothing between commands; set CONSENT_DATABASE_URL")
+        if serving:
+            return
         if creating and not path.parent.is_dir():
             raise CliError(f"data directory {path.parent} does not exist (CONSENT_DATA_DIR or CONSENT_DATABASE_URL)")
         if not creating and not path.is_file():
@@ -357,9 +361,10 @@ def completion_script(parser: argparse.ArgumentParser) -> str:
     ])
 
 
-# What each command needs of the database: made if missing (serve), made in an existing
-# directory (migrate), already there and migrated (the rest); None: no database.
-DATABASE_NEEDS = {"serve": None, "verify": None, "completion": None, "migrate": "create"}
+# What each command needs of the database: made if missing (serve: a reachable server or any
+# SQLite path), made in an existing directory (migrate), already there and migrated (the rest);
+# None: no database.
+DATABASE_NEEDS = {"serve": "serve", "verify": None, "completion": None, "migrate": "create"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         needs = DATABASE_NEEDS.get(args.command, "existing")
         if needs is not None:
-            check_database(settings, creating=needs == "create")
+            check_database(settings, creating=needs == "create", serving=needs == "serve")
         return int(args.func(args, settings))
     except Exception as exc:  # a CLI prints one line, not a traceback, for known failures
         from .errors import ConsentError

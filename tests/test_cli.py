@@ -74,6 +74,9 @@ def test_common_mistakes_are_one_line(run: Any, tmp_path: Path) -> None:
     assert "does not exist" in err and not (tmp_path / "missing").exists()
     code, _, err = run("tenants", "list", CONSENT_DATABASE_URL="not a url")
     one_line_error(code, err)
+    # serve too, before it migrates or starts anything
+    one_line_error(*run("serve", CONSENT_DATABASE_URL="postgres://u:secret@127.0.0.1/db")[::2])
+    one_line_error(*run("serve", CONSENT_DATABASE_URL="postgresql+psycopg://u:secret@127.0.0.1:1/x")[::2])
 
 
 def test_no_command_but_serve_and_migrate_makes_a_database(run: Any, tmp_path: Path) -> None:
