@@ -105,7 +105,8 @@ def get_retention(ctx: Ctx) -> Any:
 def put_retention(ctx: Ctx) -> Any:
     t = retention.set_retention(ctx.db, ctx.principal.tenant_id,  # type: ignore[union-attr]
                                 evidence_days=ctx.body.evidence_retention_days,
-                                record_years=ctx.body.record_retention_years)
+                                record_years=ctx.body.record_retention_years,
+                                actor=ctx.principal.key_id)  # type: ignore[union-attr]
     return retention.settings_out(t)
 
 

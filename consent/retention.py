@@ -40,13 +40,22 @@ def settings_out(t: Tenant) -> dict[str, Any]:
             "record_retention_years": t.record_retention_years, "closed_at": t.closed_at}
 
 
-def set_retention(db: Session, tenant_id: str, *, evidence_days: int | None, record_years: int | None) -> Tenant:
+def set_retention(db: Session, tenant_id: str, *, evidence_days: int | None, record_years: int | None,
+                  actor: str = "cli") -> Tenant:
+    """Set both limits; a change is kept in the tenant's audit trail."""
     tenant = db.get(Tenant, tenant_id)
     if tenant is None:
         raise NotFound("tenant not found")
+    before = {"evidence_retention_days": tenant.evidence_retention_days,
+              "record_retention_years": tenant.record_retention_years}
+    after = {"evidence_retention_days": evidence_days, "record_retention_years": record_years}
     tenant.evidence_retention_days = evidence_days
     tenant.record_retention_years = record_years
     db.flush()
+    changed = [k for k in after if before[k] != after[k]]
+    if changed:
+        tenants.record_change(db, tenant_id, actor, "retention.update", {k: before[k] for k in changed},
+                              {k: after[k] for k in changed})
     return tenant
 
 

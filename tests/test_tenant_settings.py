@@ -332,3 +332,13 @@ def test_evidence_and_language_settings_apply_at_once(client: TestClient, route_
     assert patch(t, {"default_lang": "de"}).status_code == 200
     for c in (client, route_client):
         assert c.get("/v1/snippet/config", params=params, headers={"Origin": ORIGIN}).json()["lang"] == "de"
+
+
+def test_retention_changes_are_audited(tenant: Tenant) -> None:
+    assert tenant.put("/v1/tenant/retention", json={"evidence_retention_days": 30}).status_code == 200
+    entry = audit(tenant)["items"][0]
+    assert entry["action"] == "retention.update" and entry["before"] == {"evidence_retention_days": None}
+    assert entry["after"] == {"evidence_retention_days": 30} and entry["actor"].startswith("key_")
+    n = len(audit(tenant)["items"])
+    assert tenant.put("/v1/tenant/retention", json={"evidence_retention_days": 30}).status_code == 200
+    assert len(audit(tenant)["items"]) == n  # nothing changed, nothing added
