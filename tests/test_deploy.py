@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +38,15 @@ def test_wheel_installs_and_serves_from_anywhere(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSENT_", "PROMETHEUS_", "VIRTUAL_ENV"))}
     wheels, venv, elsewhere = tmp_path / "wheels", tmp_path / "venv", tmp_path / "somewhere" / "else"
     elsewhere.mkdir(parents=True)
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, ROOT, cwd=elsewhere, env=env)
+    # the Docker build context: what the Dockerfile copies, links kept (built there, not in the clone)
+    context = tmp_path / "context"
+    for name in ("pyproject.toml", "README.md", "LICENSE", "constraints.txt"):
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, context / name)
+    for name in ("migrations", "client-snippet/dist", "consent"):
+        shutil.copytree(ROOT / name, context / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, context, cwd=elsewhere, env=env)
     wheel = next(wheels.glob("consent_service-*.whl"))
     run(sys.executable, "-m", "venv", venv, cwd=elsewhere, env=env)
     run(venv / "bin" / "pip", "install", "-q", "-c", ROOT / "constraints.txt", wheel, cwd=elsewhere, env=env)
