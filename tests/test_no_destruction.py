@@ -24,6 +24,8 @@ from consent.models import utcnow
 from .conftest import BACKENDS, PG_URL, settings_for
 from .helpers import make_tenant, pg_schema_url
 
+AUDIT_REVISION = "0014"  # migrations/versions/0014_tenant_audit.py: creates tenant_audit
+
 
 @pytest.fixture(params=BACKENDS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
@@ -76,8 +78,8 @@ def test_downgrade_needs_a_target_and_a_flag_to_destroy(url: str, run: Any) -> N
     code, _, err = run("migrate", "--downgrade", "--revision", "base")
     assert code == 2 and err.startswith("error: refusing to drop") and "--destroy-data" in err, err
     assert revision(url) == head and tables(url) == before
-    # one step down drops the audit trail, which holds a row: refused too, then allowed
-    previous = ScriptDirectory.from_config(db.alembic_config(url)).get_revision(head).down_revision
+    # going below the audit trail's revision drops it, and it holds a row: refused too, then allowed
+    previous = ScriptDirectory.from_config(db.alembic_config(url)).get_revision(AUDIT_REVISION).down_revision
     code, _, err = run("migrate", "--downgrade", "--revision", str(previous))
     assert code == 2 and "tenant_audit" in err and revision(url) == head
     code, _, err = run("migrate", "--downgrade", "--revision", str(previous), "--destroy-data")
