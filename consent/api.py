@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
-
 
 from . import asof, catalog, checks, crypto, ledger, tenants
 from .errors import ValidationFailed
 from .http import Ctx, JSONResponse, Q, endpoint, require
 from .receipts import jwks as load_jwks
 from .schemas import (
+    AuditList,
     BulkCheckIn,
     BulkCheckOut,
     CheckOut,
@@ -18,18 +18,20 @@ from .schemas import (
     CookieIn,
     CookieOut,
     Jwks,
-    KeysOut,
     PolicyVersionIn,
     PolicyVersionList,
     PolicyVersionOut,
     PurposeIn,
     PurposeOut,
     RecordOut,
+    RotatedKeysOut,
     RotateKeysIn,
     SubjectConsents,
     TenantCreated,
+    TenantDetail,
     TenantIn,
     TenantOut,
+    TenantPatch,
 )
 
 KEY_RE = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
@@ -56,24 +58,78 @@ def create_tenant(ctx: Ctx) -> Any:
     return {**tenant_out(tenant), "keys": {"secret_key": keys["secret"], "publishable_key": keys["publishable"]}}
 
 
-@endpoint(auth="secret", summary="The calling tenant's settings", response=TenantOut)
+def tenant_detail(ctx: Ctx, t: Any) -> dict[str, Any]:
+    return {**tenant_out(t), "keys": tenants.live_keys(ctx.db, t.id)}
+
+
+@endpoint(auth="secret", summary="The calling tenant's settings and the keys that work now",
+          response=TenantDetail)
 def get_own_tenant(ctx: Ctx) -> Any:
-    return tenant_out(ctx.tenant)
+    return tenant_detail(ctx, ctx.tenant)
 
 
-@endpoint(auth="secret", summary="Rotate the tenant's keys; the old ones stop working at once",
-          body=RotateKeysIn, response=KeysOut, write=True)
+@endpoint(auth="secret", summary="Change the calling tenant's settings (each change is audited)",
+          body=TenantPatch, response=TenantDetail, write=True)
+def patch_own_tenant(ctx: Ctx) -> Any:
+    tenants.update_settings(ctx.db, ctx.tenant, ctx.body, actor=ctx.principal.key_id)  # type: ignore[union-attr]
+    return tenant_detail(ctx, ctx.tenant)
+
+
+@endpoint(auth="admin", summary="A tenant's settings and the keys that work now (admin)", response=TenantDetail)
+def admin_get_tenant(ctx: Ctx) -> Any:
+    return tenant_detail(ctx, tenants.get_tenant(ctx.db, ctx.path("tenant_id")))
+
+
+@endpoint(auth="admin", summary="Change a tenant's settings (admin; each change is audited)",
+          body=TenantPatch, response=TenantDetail, write=True)
+def admin_patch_tenant(ctx: Ctx) -> Any:
+    t = tenants.get_tenant(ctx.db, ctx.path("tenant_id"))
+    tenants.update_settings(ctx.db, t, ctx.body, actor="admin")
+    return tenant_detail(ctx, t)
+
+
+def audit_page(ctx: Ctx, tenant_id: str) -> dict[str, Any]:
+    rows, nxt = tenants.audit_trail(ctx.db, tenant_id, limit=ctx.query["limit"], cursor=ctx.query["cursor"])
+    return {"items": [{"id": r.id, "actor": r.actor, "action": r.action, "changed_at": r.changed_at,
+                       "before": r.before, "after": r.after} for r in rows], "next_cursor": nxt}
+
+
+@endpoint(auth="secret", summary="The tenant's audit trail: settings and key changes, newest first",
+          query=(LIMIT, CURSOR), response=AuditList)
+def own_tenant_audit(ctx: Ctx) -> Any:
+    return audit_page(ctx, ctx.principal.tenant_id)  # type: ignore[union-attr]
+
+
+@endpoint(auth="admin", summary="A tenant's audit trail (admin), newest first", query=(LIMIT, CURSOR),
+          response=AuditList)
+def admin_tenant_audit(ctx: Ctx) -> Any:
+    return audit_page(ctx, tenants.get_tenant(ctx.db, ctx.path("tenant_id")).id)
+
+
+def rotation(ctx: Ctx, tenant_id: str, actor: str) -> dict[str, Any]:
+    b = ctx.body
+    kinds = ["secret", "publishable"] if b.kind == "both" else [b.kind]
+    grace = {}
+    if b.publishable_grace_days is not None:
+        grace["publishable"] = timedelta(days=b.publishable_grace_days)
+    if b.secret_grace_hours is not None:
+        grace["secret"] = timedelta(hours=b.secret_grace_hours)
+    keys = tenants.rotate_keys(ctx.db, tenant_id, kinds, actor=actor, leaked=b.leaked, grace=grace)
+    return {"secret_key": keys.get("secret"), "publishable_key": keys.get("publishable"),
+            "keys": tenants.live_keys(ctx.db, tenant_id)}
+
+
+@endpoint(auth="secret", summary="Rotate the tenant's keys: old ones keep working for a grace period "
+          "(publishable 7 days, secret 24 hours by default), or stop at once when `leaked`",
+          body=RotateKeysIn, response=RotatedKeysOut, write=True)
 def rotate_keys(ctx: Ctx) -> Any:
-    kinds = ["secret", "publishable"] if ctx.body.kind == "both" else [ctx.body.kind]
-    keys = tenants.rotate_keys(ctx.db, ctx.principal.tenant_id, kinds)  # type: ignore[union-attr]
-    return {"secret_key": keys.get("secret"), "publishable_key": keys.get("publishable")}
+    return rotation(ctx, ctx.principal.tenant_id, ctx.principal.key_id)  # type: ignore[union-attr]
 
 
-@endpoint(auth="admin", summary="Rotate a tenant's keys (admin)", body=RotateKeysIn, response=KeysOut, write=True)
+@endpoint(auth="admin", summary="Rotate a tenant's keys (admin; grace periods as for the tenant's own)",
+          body=RotateKeysIn, response=RotatedKeysOut, write=True)
 def admin_rotate_keys(ctx: Ctx) -> Any:
-    kinds = ["secret", "publishable"] if ctx.body.kind == "both" else [ctx.body.kind]
-    keys = tenants.rotate_keys(ctx.db, ctx.path("tenant_id"), kinds)
-    return {"secret_key": keys.get("secret"), "publishable_key": keys.get("publishable")}
+    return rotation(ctx, ctx.path("tenant_id"), "admin")
 
 
 def purpose_out(p: Any) -> dict[str, Any]:

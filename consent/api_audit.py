@@ -105,11 +105,13 @@ def get_retention(ctx: Ctx) -> Any:
 def put_retention(ctx: Ctx) -> Any:
     t = retention.set_retention(ctx.db, ctx.principal.tenant_id,  # type: ignore[union-attr]
                                 evidence_days=ctx.body.evidence_retention_days,
-                                record_years=ctx.body.record_retention_years)
+                                record_years=ctx.body.record_retention_years,
+                                actor=ctx.principal.key_id)  # type: ignore[union-attr]
     return retention.settings_out(t)
 
 
-@endpoint(auth="admin", summary="Close a tenant (idempotent); record retention counts from now",
+@endpoint(auth="admin", summary="Close a tenant (idempotent): all its keys stop working at once; "
+          "record retention counts from now",
           response=TenantClosed, write=True)
 def close_tenant(ctx: Ctx) -> Any:
     t = retention.close_tenant(ctx.db, ctx.path("tenant_id"))

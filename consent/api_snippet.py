@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import crypto, snippet, subject_tokens
+from . import crypto, snippet, subject_tokens, tenants
 from .db import READ_PG, transaction
 from .errors import ConsentError, NotFound, OriginNotAllowed, Unauthorized
 from .http import (
@@ -242,7 +242,7 @@ def _fast_config_query() -> Any:
     return (sa.select(k.c.kind, k.c.key_hash, t.c.id, t.c.allowed_origins, t.c.default_lang,
                       *snippet.stamp_columns(k.c.tenant_id))
             .join(t, t.c.id == k.c.tenant_id)
-            .where(k.c.key_hash == sa.bindparam("h"), k.c.revoked_at.is_(None)))
+            .where(k.c.key_hash == sa.bindparam("h"), tenants.key_live(k, sa.bindparam("now"))))
 
 
 _FAST_CONFIG = _fast_config_query()
@@ -308,7 +308,7 @@ def snippet_consents(ctx: Ctx) -> Any:
     req = ctx.request
     visit = snippet.Visit(
         origin=req.headers.get("origin"),
-        ip=req.client.host if req.client else None,  # uvicorn's proxy_headers decide whom to trust
+        ip=req.client.host if req.client else None,  # forwarded only by trusted proxies (app.create_app)
         user_agent=req.headers.get("user-agent"),
         sec_gpc=req.headers.get("sec-gpc", "").strip() == "1",
     )
@@ -355,11 +355,12 @@ async def gpc_json(request: Request) -> Response:
 # --- /snippet.js -------------------------------------------------------------------------
 
 def snippet_path() -> Path:
-    """The built snippet: CONSENT_SNIPPET_PATH, else the repo's client-snippet/dist/snippet.js."""
+    """The built snippet: CONSENT_SNIPPET_PATH, else the package's ``static/snippet.js`` (in a
+    checkout a link to client-snippet/dist/snippet.js; an installed wheel carries a copy)."""
     env = os.environ.get("CONSENT_SNIPPET_PATH")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "client-snippet" / "dist" / "snippet.js"
+    return Path(__file__).parent / "static" / "snippet.js"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from . import api, api_audit, api_snippet, db, fastcheck, fastrecord, ratelimit, receipts, webhooks
 from . import api_integrations as integ
@@ -79,6 +80,13 @@ routes = [
     Route("/v1/tenants/{tenant_id}/keys/rotate", api.admin_rotate_keys, methods=["POST"], name="admin_rotate_keys"),
     Route("/v1/tenant", api.get_own_tenant, methods=["GET"], name="get_own_tenant"),
     Route("/v1/keys/rotate", api.rotate_keys, methods=["POST"], name="rotate_keys"),
+    # --- tenant settings and audit trail (issue 23) ---
+    Route("/v1/tenant", api.patch_own_tenant, methods=["PATCH"], name="patch_own_tenant"),
+    Route("/v1/tenant/audit", api.own_tenant_audit, methods=["GET"], name="own_tenant_audit"),
+    Route("/v1/tenants/{tenant_id}", api.admin_get_tenant, methods=["GET"], name="admin_get_tenant"),
+    Route("/v1/tenants/{tenant_id}", api.admin_patch_tenant, methods=["PATCH"], name="admin_patch_tenant"),
+    Route("/v1/tenants/{tenant_id}/audit", api.admin_tenant_audit, methods=["GET"], name="admin_tenant_audit"),
+    # --- end issue 23 ---
     Route("/v1/purposes", api.list_purposes, methods=["GET"], name="list_purposes"),
     Route("/v1/purposes/{key}", api.put_purpose, methods=["PUT"], name="put_purpose"),
     Route("/v1/cookies", api.list_cookies, methods=["GET"], name="list_cookies"),
@@ -200,7 +208,12 @@ class ConsentApp(Starlette):
     (``fastcheck``) and a common ``POST /v1/consents`` (``fastrecord``) are answered before the
     middleware stack; anything they decline goes through it to the routes as usual."""
 
+    entry: Any = None  # the proxy-headers layer in front of _dispatch (set by create_app)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await (self.entry or self._dispatch)(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path, method = scope["path"], scope["method"]
             services = getattr(self.state, "services", None)
@@ -252,4 +265,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                             sa_exc.OperationalError: on_database_error, Exception: on_unexpected},
         lifespan=lifespan,
     )
+    if settings.trusted_proxies:
+        # Before everything, the fast paths included, so rate limits and IP evidence see the
+        # visitor's address wherever a trusted proxy forwarded it (and never a spoofed one).
+        app.entry = ProxyHeadersMiddleware(app._dispatch, trusted_hosts=list(settings.trusted_proxies))  # type: ignore[arg-type]
     return app

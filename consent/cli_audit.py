@@ -32,21 +32,45 @@ def _time(name: str) -> Any:
 class Progress:
     """A one-line progress bar on stderr, only when stderr is a terminal."""
 
-    def __init__(self, total: int, stream: Any = None):
+    def __init__(self, total: int, stream: Any = None, unit: str = "records"):
         self.total = max(total, 1)
         self.stream = stream or sys.stderr
+        self.unit = unit
         self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def __call__(self, done: int) -> None:
         if self.enabled:
             width = 30
-            filled = int(width * done / self.total)
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} records")
+            filled = int(width * min(done, self.total) / self.total)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {self.unit}")
             self.stream.flush()
 
     def close(self) -> None:
         if self.enabled:
             self.stream.write("\n")
+
+
+def choose_tenant(session: Any) -> str:
+    """The only tenant, or on a terminal the one the user picks from the list; otherwise an
+    error naming them."""
+    t = Tenant.__table__  # type: ignore[attr-defined]
+    rows = session.execute(sa.select(t.c.id, t.c.name).order_by(t.c.created_at)).all()
+    if not rows:
+        raise ConsentError("the database holds no tenant yet")
+    if len(rows) == 1:
+        return str(rows[0].id)
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        shown = ", ".join(f"{r.id} ({r.name})" for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+        raise ConsentError(f"several tenants: give --tenant ID, one of {shown}")
+    for n, r in enumerate(rows, 1):
+        print(f"{n:>4}  {r.id}  {r.name}", file=sys.stderr)
+    sys.stderr.write("Export which tenant? (number or id) ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip()
+    for n, r in enumerate(rows, 1):
+        if answer in (str(n), r.id):
+            return str(r.id)
+    raise ConsentError(f"no tenant {answer!r} in the list")
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
@@ -55,12 +79,9 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         with db.transaction(engine, write=True) as session:
             tenant_id = args.tenant
             if tenant_id is None:
-                ids = list(session.execute(sa.select(Tenant.id).limit(2)).scalars())
-                if len(ids) != 1:
-                    raise ConsentError("give --tenant ID (the database holds several tenants, or none)")
-                tenant_id = ids[0]
+                tenant_id = choose_tenant(session)
             elif session.get(Tenant, tenant_id) is None:
-                raise ConsentError(f"no tenant {tenant_id!r}")
+                raise ConsentError(f"no tenant {tenant_id!r} (see `consent tenants list`)")
             key = receipts.ensure_signing_key(session)
             signer = Signer(key.kid, key.private_pem)
         flt = exports.ExportFilter(tenant_id, args.start, args.end, args.purpose, args.policy_version)
@@ -96,7 +117,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: cannot read keys or manifest: {exc}", file=sys.stderr)
         return 2
     try:
-        report = verify_file(args.export, keys, manifest)
+        progress = Progress(os.path.getsize(args.export), unit="bytes")
+        report = verify_file(args.export, keys, manifest, progress=progress)
+        progress.close()
     except VerifyError as exc:
         print(f"FAILED {args.export}: {exc}", file=sys.stderr)
         return 1
@@ -111,9 +134,28 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def describe_plan(p: retention.RunResult) -> str:
+    return (f"would purge the evidence of {p.evidence_purged} records and delete {p.records_dropped} records "
+            f"of {p.subjects_dropped} subjects in {p.tenants_dropped} closed tenants")
+
+
 def cmd_retention(args: argparse.Namespace, settings: Settings) -> int:
     engine = db.create_db_engine(settings.database_url)
     try:
+        planned = retention.plan(engine)
+        print(describe_plan(planned), file=sys.stderr)
+        if args.dry_run:
+            print(json.dumps({"dry_run": True, **planned.as_dict()}))
+            return 0
+        nothing = not (planned.evidence_purged or planned.records_dropped or planned.subjects_dropped)
+        # Cron has no terminal and runs as configured; a person at one confirms what goes.
+        if not args.yes and not nothing and sys.stdin.isatty():
+            sys.stderr.write("Proceed? This cannot be undone. [y/N] ")  # stdout stays JSON
+            sys.stderr.flush()
+            answer = sys.stdin.readline().strip().lower()
+            if answer not in ("y", "yes"):
+                print("nothing done", file=sys.stderr)
+                return 1
         result = retention.run(engine, batch=args.batch)
     finally:
         engine.dispose()
@@ -125,12 +167,12 @@ def add_commands(sub: Any) -> None:
     """Register the audit commands on the ``consent`` parser."""
     e = sub.add_parser("export", help="write a verifiable ledger export (JSONL or CSV) to a file")
     e.add_argument("--out", required=True, help="file to write")
-    e.add_argument("--tenant", help="tenant id (optional when the database holds one tenant)")
+    e.add_argument("--tenant", help="tenant id (else: the only one, or asked on a terminal)")
     e.add_argument("--from", dest="start", type=_time("from"), help="recorded_at at or after (RFC 3339)")
     e.add_argument("--to", dest="end", type=_time("to"), help="recorded_at before (RFC 3339)")
-    e.add_argument("--purpose")
-    e.add_argument("--policy-version")
-    e.add_argument("--format", choices=exports.FORMATS, default="jsonl")
+    e.add_argument("--purpose", help="only records of this purpose")
+    e.add_argument("--policy-version", help="only records given under this policy version")
+    e.add_argument("--format", choices=exports.FORMATS, default="jsonl", help="file format (default jsonl)")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("verify", help="verify an export offline: hashes, chains, receipts, signed manifest")
     v.add_argument("export", help="the export file (JSONL or CSV)")
@@ -138,6 +180,8 @@ def add_commands(sub: Any) -> None:
     v.add_argument("--manifest", help="manifest file (needed for CSV; default EXPORT.manifest if present)")
     v.set_defaults(func=cmd_verify)
     r = sub.add_parser("retention", help="apply retention settings (idempotent; safe from cron on several hosts)")
-    r.add_argument("action", choices=["run"])
+    r.add_argument("action", choices=["run"], help="apply the retention settings once")
     r.add_argument("--batch", type=int, default=1000, help="rows per transaction")
+    r.add_argument("--dry-run", action="store_true", help="count what would be purged; change nothing")
+    r.add_argument("--yes", action="store_true", help="do not ask for confirmation on a terminal")
     r.set_defaults(func=cmd_retention)

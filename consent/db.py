@@ -104,14 +104,15 @@ def transaction(engine: Engine, *, write: bool = False, read_only: bool = False)
 
 
 def migrations_dir() -> Path:
-    """Where the Alembic scripts live (the repo's ``migrations/``, or CONSENT_MIGRATIONS_DIR)."""
+    """Where the Alembic scripts live: CONSENT_MIGRATIONS_DIR, else the package's own
+    ``migrations/`` (in a checkout a link to the repository's ``migrations/``; an installed
+    wheel carries a copy)."""
     env = os.environ.get("CONSENT_MIGRATIONS_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "migrations"
-    if not (path / "env.py").is_file():  # e.g. a non-editable install without the variable
+    path = Path(env) if env else Path(__file__).parent / "migrations"
+    if not (path / "env.py").is_file():
         from .errors import ConsentError
 
-        raise ConsentError(f"no Alembic migrations at {path}; set CONSENT_MIGRATIONS_DIR to the "
-                           "repository's migrations/ directory")
+        raise ConsentError(f"no Alembic migrations at {path} (CONSENT_MIGRATIONS_DIR)")
     return path
 
 
@@ -134,10 +135,41 @@ def migrate(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
-def downgrade(url: str, revision: str = "base") -> None:
+def downgrade(url: str, revision: str) -> None:
+    """Take the database at ``url`` down to ``revision`` (the CLI asks ``downgrade_plan`` first)."""
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
+
+
+def tables_at(revision: str) -> set[str]:
+    """The tables the migrations build up to ``revision`` (``base``: none), found by running
+    them on a scratch SQLite file."""
+    import tempfile
+
+    if revision == "base":
+        return set()
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{Path(tmp) / 'scratch.db'}"
+        migrate(url, revision)
+        engine = create_db_engine(url)
+        try:
+            return set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+        finally:
+            engine.dispose()
+
+
+def downgrade_plan(url: str, revision: str) -> dict[str, int]:
+    """The tables a downgrade to ``revision`` would drop, with how many rows each holds now."""
+    engine = create_db_engine(url)
+    try:
+        current = set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+        dropped = sorted(current - tables_at(revision))
+        with engine.connect() as conn:
+            return {t: conn.execute(sa.select(sa.func.count()).select_from(sa.table(t))).scalar_one()
+                    for t in dropped}
+    finally:
+        engine.dispose()
 
 
 def head_revision(url: str) -> str | None:

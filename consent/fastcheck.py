@@ -52,6 +52,7 @@ from .ledger import parse_subject_ref
 from .middleware import BASE_HEADERS, finish_request, incoming_request_id, new_request_id
 from .models import IDENTIFIER_COVER_INDEX, sqlite_time, utcnow
 from .state import derive_status, is_allowed
+from .tenants import key_live_sql
 
 log = logging.getLogger("consent.fastcheck")
 
@@ -63,9 +64,11 @@ KEY_CACHE_MAX = 10_000
 SQLITE_CACHE_KIB = 128 * 1024  # page cache of the fast check's own SQLite connection
 PG_CONNECTIONS = 2  # per process; each carries a whole batch per round trip
 
-# What a key is, forever: (tenant_id, kind, tenant hash key). Validity is NOT cached.
+# What a key is, forever: (tenant_id, kind, tenant hash key). Validity is NOT cached, nor read
+# here: every check statement tests it (tenants.key_live_sql), in the snapshot it answers from.
 _KEY_SQL = ("SELECT k.tenant_id, k.kind, t.hash_key FROM api_key k JOIN tenant t ON t.id = k.tenant_id "
-            "WHERE k.key_hash = {kh} AND k.revoked_at IS NULL")
+            "WHERE k.key_hash = {kh}")
+_LIVE, _LIVE_PG = key_live_sql("k", ":now"), key_live_sql("k", "$2")
 
 # The current record's id and receipt: consent_state's copy where it belongs to the state's
 # record (receipt_seq = record_seq, what every writer since migration 0009 leaves), else the
@@ -92,15 +95,15 @@ SELECT 1, 1, s.subject_id, s.decision, s.confirmed, s.policy_version, {_RECORD_I
                  AND pp.policy_version_id > s.policy_version_id)
 FROM consent_state s
 WHERE s.tenant_id = :t AND s.purpose = :p AND s.subject_id = {{subject}}
-  AND EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = :t AND k.revoked_at IS NULL)
+  AND EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = :t AND {_LIVE})
 """
 _SQLITE_SUBJECT = {
     "id": ":h",
     "ident": f"(SELECT si.subject_id FROM subject_identifier si INDEXED BY {IDENTIFIER_COVER_INDEX} "
              "WHERE si.tenant_id = :t AND si.kind = :kind AND si.value_hash = :h)",
 }
-_SQLITE_MISS = """
-SELECT EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = :t AND k.revoked_at IS NULL),
+_SQLITE_MISS = f"""
+SELECT EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = :t AND {_LIVE}),
        EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = :t AND pu.key = :p),
        NULL, NULL, NULL, NULL, NULL, NULL, NULL
 """
@@ -121,7 +124,7 @@ WITH q AS MATERIALIZED (
   SELECT j.key AS i, j.value ->> 0 AS kh, j.value ->> 1 AS t, j.value ->> 2 AS kind, j.value ->> 3 AS h,
          j.value ->> 4 AS p,
          EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = j.value ->> 0 AND k.tenant_id = j.value ->> 1
-                   AND k.revoked_at IS NULL) AS key_ok
+                   AND {_LIVE}) AS key_ok
   FROM json_each(:inputs) j)
 SELECT json_group_array(json_array(q.i, q.key_ok,
   CASE WHEN s.subject_id IS NULL
@@ -144,7 +147,7 @@ LEFT JOIN consent_state s ON q.key_ok AND s.tenant_id = q.t AND s.purpose = q.p
 # docs/bench.md). LATERAL keeps every lookup an index probe whatever the planner guesses.
 _PG_SQL = f"""
 SELECT q.i,
-  EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = q.t AND k.revoked_at IS NULL),
+  EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = q.t AND {_LIVE_PG}),
   EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p),
   x.subject_id, x.decision, x.confirmed, x.policy_version, x.record_id, x.receipt, x.stale
 FROM json_to_recordset($1::json) AS q(i int, kh text, t text, kind text, h text, p text)

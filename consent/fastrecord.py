@@ -71,6 +71,7 @@ from .middleware import BASE_HEADERS, finish_request, incoming_request_id, new_r
 from .models import utcnow
 from .schemas import ConsentIn
 from .state import derive_status
+from .tenants import key_live_sql
 
 log = logging.getLogger("consent.fastrecord")
 
@@ -88,10 +89,10 @@ DECISIONS = ("granted", "denied", "withdrawn")
 # it, the subject and its chain head, an earlier record with the same Idempotency-Key, and the
 # tenant's webhook endpoints. The inputs travel as ONE JSON text (as the check's: no per-element
 # array dumping in psycopg). A row is missing only where the tenant is gone.
-_READ = """
+_READ = f"""
 SELECT q.i,
   EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = t.id
-          AND k.revoked_at IS NULL AND k.kind = 'secret'),
+          AND {key_live_sql("k", "%(at)s")} AND k.kind = 'secret'),
   t.store_full_ip, t.store_user_agent,
   pu.key, pu.kind, pu.legal_basis, pu.double_opt_in,
   v.id, v.policy_key, v.version, v.purposes, v.cookies, v.document_sha256, v.document_url,

@@ -398,3 +398,20 @@ class WebhookAttempt(SQLModel, table=True):
     error: str | None = Field(default=None, max_length=500)
     duration_ms: int = 0
 
+
+
+# --- tenant settings and key rotation (issue 23) ---------------------------------------
+
+class TenantAudit(SQLModel, table=True):
+    """One change to a tenant's settings or keys: who (which key, or the admin / CLI), when,
+    and the changed fields before and after. Append-only; never holds a raw key."""
+
+    __tablename__ = "tenant_audit"
+    __table_args__ = (sa.Index(None, "tenant_id", "id"),)
+    id: int | None = Field(default=None, sa_column=sa.Column(BigInt, primary_key=True, autoincrement=True))
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=40)
+    actor: str = Field(max_length=64)  # key id, "admin" or "cli"
+    action: str = Field(max_length=32)  # settings.update | keys.rotate | tenant.close
+    changed_at: datetime = ts()
+    before: dict[str, Any] = jsoncol()
+    after: dict[str, Any] = jsoncol()

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from . import tenants
 from .db import transaction
 from .errors import NotFound
 from .ledger import SI, STATE
@@ -39,24 +40,37 @@ def settings_out(t: Tenant) -> dict[str, Any]:
             "record_retention_years": t.record_retention_years, "closed_at": t.closed_at}
 
 
-def set_retention(db: Session, tenant_id: str, *, evidence_days: int | None, record_years: int | None) -> Tenant:
+def set_retention(db: Session, tenant_id: str, *, evidence_days: int | None, record_years: int | None,
+                  actor: str = "cli") -> Tenant:
+    """Set both limits; a change is kept in the tenant's audit trail."""
     tenant = db.get(Tenant, tenant_id)
     if tenant is None:
         raise NotFound("tenant not found")
+    before = {"evidence_retention_days": tenant.evidence_retention_days,
+              "record_retention_years": tenant.record_retention_years}
+    after = {"evidence_retention_days": evidence_days, "record_retention_years": record_years}
     tenant.evidence_retention_days = evidence_days
     tenant.record_retention_years = record_years
     db.flush()
+    changed = [k for k in after if before[k] != after[k]]
+    if changed:
+        tenants.record_change(db, tenant_id, actor, "retention.update", {k: before[k] for k in changed},
+                              {k: after[k] for k in changed})
     return tenant
 
 
-def close_tenant(db: Session, tenant_id: str) -> Tenant:
-    """Mark a tenant closed (idempotent); its records become subject to record retention."""
+def close_tenant(db: Session, tenant_id: str, actor: str = "admin") -> Tenant:
+    """Mark a tenant closed (idempotent); every key it has stops working at once, and its
+    records become subject to record retention."""
     tenant = db.get(Tenant, tenant_id)
     if tenant is None:
         raise NotFound("tenant not found")
+    revoked = tenants.revoke_all_keys(db, tenant_id, actor)
     if tenant.closed_at is None:
         tenant.closed_at = utcnow()
         db.flush()
+        tenants.record_change(db, tenant_id, actor, "tenant.close", {"closed_at": None},
+                              {"closed_at": tenant.closed_at, "keys_revoked": revoked})
     return tenant
 
 
@@ -142,4 +156,28 @@ def run(engine: Engine, *, now: datetime | None = None, batch: int = 1000) -> Ru
             elif t.evidence_retention_days is not None:
                 cutoff = now - timedelta(days=t.evidence_retention_days)
                 result.evidence_purged += purge_evidence(engine, t.id, cutoff, batch)
+    return result
+
+
+def plan(engine: Engine, *, now: datetime | None = None) -> RunResult:
+    """What ``run`` would do now, counted without changing anything (for a dry run or to ask
+    before a run). ``subjects_dropped`` and ``tenants_dropped`` count what would go."""
+    now = now or utcnow()
+    result = RunResult()
+    with transaction(engine) as db:
+        for t in db.execute(sa.select(TEN.c.id, TEN.c.evidence_retention_days, TEN.c.record_retention_years,
+                                      TEN.c.closed_at)).all():
+            if t.closed_at is not None and t.record_retention_years is not None \
+                    and add_years(t.closed_at, t.record_retention_years) <= now:
+                records = db.execute(sa.select(sa.func.count()).select_from(REC)
+                                     .where(REC.c.tenant_id == t.id)).scalar_one()
+                subjects = db.execute(sa.select(sa.func.count()).select_from(SUBJ)
+                                      .where(SUBJ.c.tenant_id == t.id)).scalar_one()
+                result.records_dropped += records
+                result.subjects_dropped += subjects
+                result.tenants_dropped += (records + subjects) > 0
+            elif t.evidence_retention_days is not None:
+                cutoff = now - timedelta(days=t.evidence_retention_days)
+                result.evidence_purged += db.execute(sa.select(sa.func.count()).select_from(REC).where(
+                    REC.c.tenant_id == t.id, REC.c.recorded_at < cutoff, REC.c.evidence.is_not(None))).scalar_one()
     return result

@@ -6,8 +6,17 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 Key = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
 Lang = Annotated[str, Field(min_length=2, max_length=16, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
@@ -18,6 +27,7 @@ Status = Literal[
 ]
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 ORIGIN_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
+ORIGIN_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
 URL_RE = re.compile(r"^https?://\S+$")
 
 
@@ -30,7 +40,14 @@ def in_utc_range(value: datetime) -> datetime:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    """Every request body: unknown fields refused, and no type coercion (``true`` or ``"5"``
+    where a number is expected is a 422 naming the field, never 1 or 5). JSON has no time
+    type, so time fields are declared ``Time`` (RFC 3339 text, parsed)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
+
+
+Time = Annotated[datetime, Field(strict=False)]
 
 
 class Translation(Strict):
@@ -38,9 +55,48 @@ class Translation(Strict):
     description: str | None = Field(default=None, max_length=2000)
 
 
+def normalise_origin(value: str) -> str:
+    """An origin as browsers send it: lowercase scheme and host, no default port; refuses a
+    path, a trailing slash, a query or credentials with a message saying what to remove."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("an origin is scheme://host[:port], e.g. https://www.example.com")
+    parsed = urlsplit(value.strip())
+    scheme = parsed.scheme.lower()
+    if scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"not an origin (scheme://host[:port], http or https): {value!r}")
+    if parsed.path == "/" and not parsed.query and not parsed.fragment:
+        raise ValueError(f"remove the trailing slash: an origin has no path ({value.rstrip('/')!r})")
+    if parsed.path or parsed.query or parsed.fragment:
+        raise ValueError(f"an origin has no path, query or fragment: {value!r}")
+    if "@" in parsed.netloc:
+        raise ValueError(f"an origin has no user name or password: {value!r}")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise ValueError(f"not a valid port in {value!r}") from None
+    host = (parsed.hostname or "").lower()
+    if not ORIGIN_HOST_RE.match(host):
+        raise ValueError(f"not a host name or address in {value!r}")
+    default = {"http": 80, "https": 443}[scheme]
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
+def normalise_origins(values: list[str]) -> list[str]:
+    """Each origin normalised, duplicates dropped, order kept."""
+    out: list[str] = []
+    for v in values:
+        origin = normalise_origin(v)
+        if origin not in out:
+            out.append(origin)
+    return out
+
+
+Origins = Annotated[list[str], Field(max_length=50)]
+
+
 class TenantIn(Strict):
     name: str = Field(min_length=1, max_length=200)
-    allowed_origins: list[str] = Field(default_factory=list, max_length=50)
+    allowed_origins: Origins = Field(default_factory=list)
     notice_days: StrictInt = Field(default=30, ge=0, le=365)
     store_full_ip: StrictBool = False
     store_user_agent: StrictBool = True
@@ -49,10 +105,33 @@ class TenantIn(Strict):
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, v: list[str]) -> list[str]:
-        for origin in v:
-            if not ORIGIN_RE.match(origin):
-                raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
-        return [o.rstrip("/") for o in v]
+        return normalise_origins(v)
+
+
+class TenantPatch(Strict):
+    """The settings to change; fields left out keep their value."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    allowed_origins: Origins | None = Field(
+        default=None, description="replaces the whole list; each normalised to scheme://host[:port]")
+    notice_days: StrictInt | None = Field(default=None, ge=0, le=365)
+    store_full_ip: StrictBool | None = None
+    store_user_agent: StrictBool | None = None
+    default_lang: Lang | None = None
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else normalise_origins(v)
+
+    @model_validator(mode="after")
+    def _not_null(self) -> TenantPatch:
+        for name in self.model_fields_set:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} may not be null; leave it out to keep its value")
+        if not self.model_fields_set:
+            raise ValueError("give at least one setting to change")
+        return self
 
 
 class TenantOut(BaseModel):
@@ -75,8 +154,35 @@ class TenantCreated(TenantOut):
     keys: KeysOut
 
 
+class ApiKeyOut(BaseModel):
+    id: str
+    kind: str
+    prefix: str
+    created_at: datetime
+    expires_at: datetime | None = Field(description="when an old key stops working (null: current key)")
+
+
+class RotatedKeysOut(KeysOut):
+    keys: list[ApiKeyOut] = Field(description="the keys that work now, old ones with their expiry")
+
+
+class TenantDetail(TenantOut):
+    keys: list[ApiKeyOut] = Field(description="the keys that work now, old ones with their expiry")
+
+
 class RotateKeysIn(Strict):
     kind: Literal["secret", "publishable", "both"] = "both"
+    leaked: StrictBool = Field(default=False, description="the old keys stop working at once")
+    publishable_grace_days: StrictInt | None = Field(
+        default=None, ge=0, le=90, description="how long an old publishable key keeps working (default 7)")
+    secret_grace_hours: StrictInt | None = Field(
+        default=None, ge=0, le=720, description="how long an old secret key keeps working (default 24)")
+
+    @model_validator(mode="after")
+    def _leaked_no_grace(self) -> RotateKeysIn:
+        if self.leaked and (self.publishable_grace_days or self.secret_grace_hours):
+            raise ValueError("a leaked key is revoked at once: leave out the grace periods")
+        return self
 
 
 class PurposeIn(Strict):
@@ -135,7 +241,7 @@ class PolicyVersionIn(Strict):
     version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
     document_url: str = Field(max_length=2000, pattern=URL_RE.pattern)
     document_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    effective_at: datetime | None = None
+    effective_at: Time | None = None
     material: StrictBool = False
     purposes: list[Key] = Field(min_length=1, max_length=100)
     cookies: list[str] | None = Field(default=None, max_length=200)
@@ -201,7 +307,7 @@ class ConsentIn(Strict):
     policy_version: str | None = Field(default=None, min_length=1, max_length=64)
     source: Source = "api"
     evidence: Evidence | None = None
-    recorded_at: datetime | None = Field(
+    recorded_at: Time | None = Field(
         default=None, description="Only for source=import: when the decision was originally made."
     )
 
@@ -303,3 +409,16 @@ class Problem(BaseModel):
     detail: str
     instance: str | None = None
     errors: list[dict[str, str]] | None = None
+
+
+class AuditEntry(BaseModel):
+    id: int
+    actor: str = Field(description="the key id that made the change, or admin / cli")
+    action: str
+    changed_at: datetime
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
+class AuditList(Page):
+    items: list[AuditEntry]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,14 @@ from pathlib import Path
 from starlette.config import Config
 from starlette.datastructures import Secret
 
-DEFAULT_DATA_DIR = "consent-data"
+DEFAULT_DATA_DIR = "consent-data"  # ..., under the user's data directory (default_data_dir)
+
+
+def default_data_dir(environ: dict[str, str]) -> Path:
+    """$XDG_DATA_HOME/consent-data (~/.local/share/consent-data): the same place whatever the
+    current directory, so a command run from elsewhere (or cron) finds the same database."""
+    base = environ.get("XDG_DATA_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "share")
+    return Path(base) / DEFAULT_DATA_DIR
 SQLITE_READERS = ("auto", "thread", "loop")
 
 
@@ -20,7 +28,7 @@ class Settings:
     database_url: str = ""
     admin_token: Secret | None = None
     issuer: str = "http://127.0.0.1:8000"
-    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    data_dir: Path = Path(DEFAULT_DATA_DIR)  # from_env: absolute, default_data_dir()
     demo: bool = True
     migrate_on_start: bool = True
     max_body_bytes: int = 16 * 1024 * 1024
@@ -45,6 +53,8 @@ class Settings:
     webhook_backoff_max_seconds: float = 3600.0
     webhook_retry_seconds: int = 86400
     webhook_disable_after: int = 30
+    # proxies whose X-Forwarded-For / -Proto are believed (IPs or networks; "*": any; (): none)
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -55,13 +65,17 @@ class Settings:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         """Read settings from ``environ`` (default: the process environment)."""
         config = Config(environ=dict(os.environ if environ is None else environ))
-        data_dir = Path(config("CONSENT_DATA_DIR", default=DEFAULT_DATA_DIR))
+        env = dict(os.environ if environ is None else environ)
+        data_dir = Path(config("CONSENT_DATA_DIR", default=str(default_data_dir(env)))).expanduser().absolute()
         default_db = f"sqlite:///{data_dir / 'consent.db'}"
         token = config("CONSENT_ADMIN_TOKEN", cast=Secret, default=None)
         values: dict[str, object] = dict(
             database_url=config("CONSENT_DATABASE_URL", default=default_db),
             admin_token=token if token and str(token) else None,
-            issuer=config("CONSENT_ISSUER", default="http://127.0.0.1:8000").rstrip("/"),
+            # default: the local address of the port served (`consent serve` sets it, and warns
+            # when that is not an address others can reach)
+            issuer=config("CONSENT_ISSUER", default=f"http://127.0.0.1:{config('CONSENT_PORT', default='8000')}")
+            .rstrip("/"),
             data_dir=data_dir,
             demo=config("CONSENT_DEMO", cast=bool, default=True),
             migrate_on_start=config("CONSENT_MIGRATE_ON_START", cast=bool, default=True),
@@ -87,9 +101,17 @@ class Settings:
             webhook_backoff_max_seconds=config("CONSENT_WEBHOOK_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
             webhook_retry_seconds=config("CONSENT_WEBHOOK_RETRY_SECONDS", cast=int, default=86400),
             webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
+            trusted_proxies=tuple(p.strip() for p in config("CONSENT_TRUSTED_PROXIES", default="127.0.0.1").split(",")
+                                  if p.strip()),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:
             raise ValueError(f"CONSENT_SQLITE_READER must be one of {', '.join(SQLITE_READERS)}, "
                              f"not {values['sqlite_reader']!r}")
+        for proxy in values["trusted_proxies"]:  # type: ignore[attr-defined]
+            try:
+                if proxy != "*":
+                    ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"CONSENT_TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from None
         return cls(**values)  # type: ignore[arg-type]

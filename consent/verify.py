@@ -22,7 +22,7 @@ import hashlib
 import json
 import multiprocessing
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -360,7 +360,7 @@ def receipt_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def verify_file(path: str, keys: crypto.KeySet, manifest: str | None = None, *,
-                workers: int | None = None) -> Report:
+                workers: int | None = None, progress: Callable[[int], None] | None = None) -> Report:
     """Verify an export file (CSV when it starts with the CSV header, else JSONL). Receipts
     are checked in ``workers`` processes (default: one per CPU for files of 8 MiB and more,
     none for smaller ones; 0: none)."""
@@ -371,11 +371,23 @@ def verify_file(path: str, keys: crypto.KeySet, manifest: str | None = None, *,
         with open(path, "rb") as f:
             is_csv = f.read(len(CSV_COLUMNS[0]) + 1) == f"{CSV_COLUMNS[0]},".encode()
             f.seek(0)
+            lines = f if progress is None else _reporting(f, progress)
             if is_csv:
                 if manifest is None:
                     raise VerifyError(None, "a CSV export needs its manifest (--manifest FILE)")
-                return verify_csv(f, keys, manifest, pool)
-            return verify_jsonl(f, keys, manifest, pool)
+                return verify_csv(lines, keys, manifest, pool)
+            return verify_jsonl(lines, keys, manifest, pool)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+def _reporting(lines: Iterable[bytes], progress: Callable[[int], None], every: int = 8192) -> Iterator[bytes]:
+    """The lines, calling ``progress`` with the bytes read so far every ``every`` lines and at the end."""
+    done = 0
+    for n, line in enumerate(lines, 1):
+        done += len(line)
+        if n % every == 0:
+            progress(done)
+        yield line
+    progress(done)

@@ -171,11 +171,15 @@ def test_retention_drops_closed_tenants_after_years(client, tmp_path: Path, caps
     result = retention.run(engine, now=utcnow() + timedelta(days=800), batch=1)
     assert result.tenants_dropped >= 1 and result.records_dropped >= 2
     assert retention.run(engine, now=utcnow() + timedelta(days=800)).records_dropped == 0
-    assert closed.check(email="c@example.com")["status"] == "none"
+    assert closed.get("/v1/tenant").status_code == 401  # closing stopped every key it had
+    with engine.connect() as conn:
+        left = conn.execute(sa.text("SELECT count(*) FROM consent_record WHERE tenant_id = :t"),
+                            {"t": closed.id}).scalar()
+    assert left == 0
     assert kept.check(email="c@example.com")["status"] == "withdrawn"
-    path = export(closed, tmp_path)
-    code, out, err = verify(path, jwks_file(closed, tmp_path), capsys)
-    assert code == 0 and json.loads(out)["records"] == 0, err
+    path = export(kept, tmp_path)
+    code, out, err = verify(path, jwks_file(kept, tmp_path), capsys)
+    assert code == 0 and json.loads(out)["records"] == 2, err
 
 
 def test_retention_runs_once_across_hosts(client, backend: str) -> None:

@@ -26,11 +26,11 @@ def test_keys_are_typed_and_rotatable(client, tenant: Tenant) -> None:
     assert r.status_code == 403 and r.json()["code"] == "wrong_key_type"
     r = client.get("/v1/check", params={"purpose": "marketing_email", "email": "a@b.c"}, headers=ADMIN)
     assert r.status_code == 403
-    r = tenant.post("/v1/keys/rotate", json={"kind": "secret"})
+    r = tenant.post("/v1/keys/rotate", json={"kind": "secret", "leaked": True})
     assert r.status_code == 200
     new = r.json()["secret_key"]
     assert new != tenant.secret_key and r.json()["publishable_key"] is None
-    assert tenant.get("/v1/tenant").status_code == 401  # the old key is revoked at once
+    assert tenant.get("/v1/tenant").status_code == 401  # a leaked key is revoked at once
     tenant.secret_key = new
     assert tenant.get("/v1/tenant").json()["id"] == tenant.id
     r = client.post(f"/v1/tenants/{tenant.id}/keys/rotate", json={"kind": "publishable"}, headers=ADMIN)

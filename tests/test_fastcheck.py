@@ -125,7 +125,7 @@ def test_keys_are_checked_on_every_call(client: TestClient, route_client: TestCl
                           ({"Authorization": f"Bearer {t.secret_key}x"}, 401)]:
         assert same_answer(client, route_client, headers, params)[0] == code
     old = t.h
-    r = t.post("/v1/keys/rotate", json={"kind": "secret"})
+    r = t.post("/v1/keys/rotate", json={"kind": "secret", "leaked": True})
     assert r.status_code == 200, r.text
     # revoked in another "process" (the route app): the very next fast check refuses the key
     assert client.get("/v1/check", params=params, headers=old).status_code == 401
@@ -180,7 +180,7 @@ def test_admin_rotation_and_foreign_keys(client: TestClient) -> None:
     t = make_tenant(client)
     params = {"purpose": "marketing_email", "email": "ada@example.com"}
     assert t.check(**{"email": "ada@example.com"})["status"] == "none"
-    r = client.post(f"/v1/tenants/{t.id}/keys/rotate", json={"kind": "both"}, headers=ADMIN)
+    r = client.post(f"/v1/tenants/{t.id}/keys/rotate", json={"kind": "both", "leaked": True}, headers=ADMIN)
     assert r.status_code == 200
     assert t.get("/v1/check", params=params).status_code == 401
     assert client.get("/v1/check", params=params, headers=ADMIN).status_code == 403

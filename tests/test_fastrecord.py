@@ -190,7 +190,7 @@ def test_a_revoked_key_stops_at_once(client: TestClient, backend: str) -> None:
     t.record(email="ada@example.com")
     t.record("analytics", email="ada@example.com")  # the key is in the writer's cache now
     old = t.h
-    new = t.post("/v1/keys/rotate", json={"kind": "secret"}).json()["secret_key"]
+    new = t.post("/v1/keys/rotate", json={"kind": "secret", "leaked": True}).json()["secret_key"]
     body = {"subject": {"email": "ada@example.com"}, "purpose": "analytics", "decision": "denied"}
     assert client.post("/v1/consents", json=body, headers=old).status_code == 401
     assert client.post("/v1/consents", json=body, headers={"Authorization": f"Bearer {new}"}).status_code == 201

@@ -34,7 +34,7 @@ def world(client) -> dict[str, Any]:
     other.record(email="someone.else@example.com")
     revoked = make_tenant(client, catalog=False)
     old_sk, old_pk = revoked.secret_key, revoked.publishable_key
-    r = revoked.post("/v1/keys/rotate", json={"kind": "both"})
+    r = revoked.post("/v1/keys/rotate", json={"kind": "both", "leaked": True})
     assert r.status_code == 200
     markers = [victim.id, rec["subject"], rec["id"], rec["record_hash"], VICTIM_EMAIL, rec["receipt"][:40]]
     return {"victim": victim, "other": other, "rec": rec, "old_sk": old_sk, "old_pk": old_pk,

@@ -182,8 +182,9 @@ def test_serve_sqlite_receipts_rotation_and_key_revocation(tmp_path: Path) -> No
             seen.append(jwks.text)
             assert {k["kid"] for k in jwks.json()["keys"]} == {kid1, kid2}
 
-            # `consent keys rotate` revokes the old secret key at once, even for a running server
-            rotated = cli(env, tmp_path, "keys", "rotate", "--tenant", keys["tenant_id"], "--kind", "secret")
+            # `consent keys rotate --leaked` revokes the old secret key at once, even for a running server
+            rotated = cli(env, tmp_path, "keys", "rotate", "--tenant", keys["tenant_id"], "--kind", "secret",
+                          "--leaked")
             new_sk = json.loads(rotated)["secret_key"]
             old = http.get("/v1/tenant", headers={"Authorization": f"Bearer {keys['secret_key']}"})
             assert old.status_code == 401 and old.headers["content-type"] == "application/problem+json"

@@ -107,7 +107,7 @@ def test_revoked_key_is_refused_by_the_next_check(client) -> None:
     t.record(email="r@example.com")
     assert t.check(email="r@example.com")["allowed"] is True
     old = t.secret_key
-    t.secret_key = t.post("/v1/keys/rotate", json={"kind": "secret"}).json()["secret_key"]
+    t.secret_key = t.post("/v1/keys/rotate", json={"kind": "secret", "leaked": True}).json()["secret_key"]
     r = client.get("/v1/check", params={"purpose": "marketing_email", "email": "r@example.com"},
                    headers={"Authorization": f"Bearer {old}"})
     assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"

@@ -47,7 +47,7 @@ def test_no_secrets_in_logs_or_error_bodies(db_url, tmp_path) -> None:
         keep(c.get(f"/v1/snippet/config?key={t.publishable_key}"))                       # 404 today
         keep(c.get(f"/u/{t.secret_key}"))                                                # 404 today
         old = t.secret_key
-        r = t.post("/v1/keys/rotate", json={"kind": "both"})
+        r = t.post("/v1/keys/rotate", json={"kind": "both", "leaked": True})
         assert r.status_code == 200
         secrets += [r.json()["secret_key"], r.json()["publishable_key"]]
         keep(c.get("/v1/tenant", headers={"Authorization": f"Bearer {old}"}))           # revoked: 401
