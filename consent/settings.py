@@ -45,6 +45,7 @@ class Settings:
     webhook_backoff_max_seconds: float = 3600.0
     webhook_retry_seconds: int = 86400
     webhook_disable_after: int = 30
+    tlog_seconds: float = 2.0  # transparency log: sequencer and checkpoint interval (0: no sequencer)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -87,6 +88,7 @@ class Settings:
             webhook_backoff_max_seconds=config("CONSENT_WEBHOOK_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
             webhook_retry_seconds=config("CONSENT_WEBHOOK_RETRY_SECONDS", cast=int, default=86400),
             webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
+            tlog_seconds=config("CONSENT_TLOG_SECONDS", cast=float, default=2.0),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:
