@@ -414,7 +414,7 @@ def open_note(note: str, vkeys: list[str]) -> str:
     keys: dict[tuple[str, bytes], Ed25519PublicKey] = {}
     for vkey in vkeys:
         try:
-            name, key_id, b64 = vkey.strip().split("+")
+            name, key_id, b64 = vkey.strip().split("+", 2)
             raw = base64.b64decode(b64, validate=True)
         except (ValueError, binascii.Error) as exc:
             raise BadToken("malformed note verifier key") from exc

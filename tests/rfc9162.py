@@ -107,7 +107,7 @@ def verify_consistency(first: int, second: int, first_hash: bytes, second_hash: 
 
 def parse_vkey(vkey: str) -> tuple[str, bytes, bytes]:
     """A signed-note verifier key ``<name>+<hex key id>+<base64(0x01 || public key)>``."""
-    name, key_id, key = vkey.strip().split("+")
+    name, key_id, key = vkey.strip().split("+", 2)
     raw = base64.b64decode(key)
     if raw[:1] != b"\x01" or len(raw) != 33:
         raise ValueError("not an Ed25519 verifier key")

@@ -4,9 +4,11 @@ and PostgreSQL."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from typing import Any
 
+import jwt
 import sqlalchemy as sa
 
 from consent import crypto, merkle, tlog
@@ -82,3 +84,72 @@ def test_sequencer_appends_records_in_commit_order_and_builds_older_ones(tenant:
     assert len(rows) == 32 and len({r.record_id for r in rows}) == 32
     with transaction(services(tenant).engine) as db:
         assert tlog.root_at(db, tenant.id, 32) == rfc9162.mth([r.record_hash.encode() for r in rows])
+
+
+def note_parts(t: Tenant, note: str) -> tuple[str, int, bytes]:
+    vkey = t.client.get("/v1/tlog/key").text.splitlines()[0]
+    return rfc9162.open_checkpoint(note, vkey)
+
+
+def test_checkpoints_and_proofs_verify_with_an_independent_verifier(tenant: Tenant) -> None:
+    first = [tenant.record(email=f"a{i}@example.com") for i in range(5)]
+    sequence(tenant)
+    later = [tenant.record(email=f"b{i}@example.com", decision="denied") for i in range(12)]
+    sequence(tenant)
+    c = tenant.client
+    r = c.get(f"/v1/tlog/{tenant.id}/checkpoint")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    origin, size, head = note_parts(tenant, r.text)
+    assert (origin, size) == (f"testserver/tenants/{tenant.id}", 17)
+    hashes = [row.record_hash.encode() for row in leaf_rows(tenant)]
+    assert head == rfc9162.mth(hashes)
+    old = c.get(f"/v1/tlog/{tenant.id}/checkpoints/5")
+    assert old.status_code == 200 and "immutable" in old.headers["cache-control"]
+    assert note_parts(tenant, old.text)[1:] == (5, rfc9162.mth(hashes[:5]))
+    for rec in first + later:
+        receipt = jwt.decode(rec["receipt"], options={"verify_signature": False})
+        for size_, params in ((17, {"record_id": rec["id"]}), (17, {"jti": receipt["jti"]}),
+                              (5, {"record_id": rec["id"], "tree_size": 5})):
+            p = c.get(f"/v1/tlog/{tenant.id}/proof/inclusion", params=params)
+            if size_ == 5 and rec in later:
+                assert p.status_code == 404 and p.json()["code"] == "tlog_record_not_found"
+                continue
+            assert p.status_code == 200, p.text
+            body = p.json()
+            assert body["tree_size"] == size_ and body["record_hash"] == receipt["record_hash"]
+            _, _, root = note_parts(tenant, body["checkpoint"])
+            path = [base64.b64decode(h) for h in body["hashes"]]
+            assert rfc9162.verify_inclusion(receipt["record_hash"].encode(), body["leaf_index"], size_, path, root)
+            assert not rfc9162.verify_inclusion(hashes[(body["leaf_index"] + 1) % size_], body["leaf_index"],
+                                                size_, path, root)
+    p = c.get(f"/v1/tlog/{tenant.id}/proof/consistency", params={"first": 5})
+    assert p.status_code == 200 and p.json()["second"] == 17
+    path = [base64.b64decode(h) for h in p.json()["hashes"]]
+    assert rfc9162.verify_consistency(5, 17, rfc9162.mth(hashes[:5]), head, path)
+    assert c.get(f"/v1/tlog/{tenant.id}/proof/consistency", params={"first": 17, "second": 17}).json()["hashes"] == []
+
+
+def test_tlog_routes_reject_bad_input(tenant: Tenant) -> None:
+    rec = tenant.record()
+    c = tenant.client
+    base = f"/v1/tlog/{tenant.id}"
+    assert c.get(f"{base}/checkpoint").json()["code"] == "checkpoint_not_found"  # not sequenced yet
+    sequence(tenant)
+    cases = [
+        (f"{base}/checkpoints/x", {}, 422, "validation_failed"),
+        (f"{base}/checkpoints/0", {}, 422, "validation_failed"),
+        (f"{base}/checkpoints/2", {}, 404, "checkpoint_not_found"),
+        ("/v1/tlog/ten_nobody/checkpoint", {}, 404, "checkpoint_not_found"),
+        (f"{base}/proof/inclusion", {}, 422, "validation_failed"),
+        (f"{base}/proof/inclusion", {"record_id": rec["id"], "jti": "rct_x"}, 422, "validation_failed"),
+        (f"{base}/proof/inclusion", {"record_id": "rec_nothing"}, 404, "tlog_record_not_found"),
+        (f"{base}/proof/inclusion", {"record_id": rec["id"], "tree_size": 3}, 404, "checkpoint_not_found"),
+        (f"{base}/proof/inclusion", {"record_id": rec["id"], "tree_size": "z"}, 422, "validation_failed"),
+        (f"{base}/proof/consistency", {}, 422, "validation_failed"),
+        (f"{base}/proof/consistency", {"first": 2, "second": 1}, 422, "validation_failed"),
+        (f"{base}/proof/consistency", {"first": 1, "second": 9}, 404, "checkpoint_not_found"),
+    ]
+    for path, params, status, code in cases:
+        r = c.get(path, params=params)
+        assert (r.status_code, r.json()["code"]) == (status, code), (path, params, r.text)
+        assert r.headers["content-type"].startswith("application/problem+json")
