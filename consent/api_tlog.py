@@ -54,7 +54,8 @@ def checkpoint_at(ctx: Ctx) -> Any:
           "(RFC 9162 §2.1.3)",
           query=(Q("record_id", max_length=40, description="the record's id"),
                  Q("jti", max_length=40, description="or the jti of its receipt"),
-                 Q("tree_size", int, minimum=1, maximum=SIZE, description="a checkpoint's size (default: newest)")),
+                 Q("tree_size", int, minimum=1, maximum=SIZE,
+                   description="a tree size up to the newest checkpoint's (default: newest)")),
           responses={404: "record not in the log yet, or no such checkpoint"})
 def inclusion_proof(ctx: Ctx) -> Any:
     q = ctx.query
@@ -62,17 +63,17 @@ def inclusion_proof(ctx: Ctx) -> Any:
         raise ValidationFailed.field("record_id", "give exactly one of record_id and jti")
     tenant_id = ctx.request.path_params["tenant_id"]
     p = tlog.inclusion(ctx.db, tenant_id, record_id=q["record_id"], jti=q["jti"], tree_size=q["tree_size"])
-    note = tlog.checkpoint(ctx.db, tenant_id, p.tree_size).note
+    kept = tlog.checkpoint(ctx.db, tenant_id, p.tree_size, missing_ok=True)
     leaf = merkle.leaf_hash(tlog.leaf_data(p.record_hash))
     return {"leaf_index": p.leaf_index, "tree_size": p.tree_size, "record_id": p.record_id,
             "record_hash": p.record_hash, "leaf_hash": base64.b64encode(leaf).decode(),
-            "hashes": tlog.b64(p.hashes), "checkpoint": note}
+            "hashes": tlog.b64(p.hashes), "checkpoint": kept.note if kept is not None else None}
 
 
-@endpoint(auth=None, summary="Consistency proof between two checkpoints of a tenant's log (RFC 9162 §2.1.4)",
-          query=(Q("first", int, required=True, minimum=1, maximum=SIZE, description="the older checkpoint's size"),
+@endpoint(auth=None, summary="Consistency proof between two tree sizes of a tenant's log (RFC 9162 §2.1.4)",
+          query=(Q("first", int, required=True, minimum=1, maximum=SIZE, description="the older tree size"),
                  Q("second", int, minimum=1, maximum=SIZE, description="the newer checkpoint's size (default: newest)")),
-          responses={404: "no checkpoint at one of the sizes"})
+          responses={404: "a size beyond the newest checkpoint"})
 def consistency_proof(ctx: Ctx) -> Any:
     tenant_id, q = ctx.request.path_params["tenant_id"], ctx.query
     second = q["second"] if q["second"] is not None else int(tlog.checkpoint(ctx.db, tenant_id).size)

@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import cli_audit, db, receipts, tenants
+from . import cli_audit, cli_tlog, db, receipts, tenants
 from .models import Tenant
 from .schemas import TenantIn
 from .settings import Settings
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("action", choices=["rotate"])
     sk.set_defaults(func=cmd_signing_key)
     cli_audit.add_commands(sub)  # export, verify, retention (issue 5)
+    cli_tlog.add_commands(sub)  # tlog build, checkpoint fetch (issue 27)
     return p
 
 

@@ -260,12 +260,12 @@ def sign_checkpoint(db: Session, settings: Settings, signer: Signer, tenant_id: 
     return state.size
 
 
-def checkpoint(db: Session, tenant_id: str, size: int | None = None) -> Any:
+def checkpoint(db: Session, tenant_id: str, size: int | None = None, *, missing_ok: bool = False) -> Any:
     """A kept checkpoint (the newest without ``size``)."""
     q = sa.select(CHECKPOINT).where(CHECKPOINT.c.tenant_id == tenant_id)
     q = q.where(CHECKPOINT.c.size == size) if size is not None else q.order_by(CHECKPOINT.c.size.desc()).limit(1)
     row = db.execute(q).one_or_none()
-    if row is None:
+    if row is None and not missing_ok:
         raise NotFound("no such checkpoint", code="checkpoint_not_found")
     return row
 
@@ -319,10 +319,12 @@ class Inclusion:
 
 
 def _size(db: Session, tenant_id: str, size: int | None) -> int:
-    """The tree size a proof is made against: a kept checkpoint's (the newest by default)."""
-    if size is None:
-        return int(checkpoint(db, tenant_id).size)
-    return int(checkpoint(db, tenant_id, size).size)
+    """The tree size a proof is made against: the newest checkpoint's by default, else any size
+    up to it (the auditor's kept checkpoint need not be one this database still has)."""
+    newest = int(checkpoint(db, tenant_id).size)
+    if size is not None and size > newest:
+        raise NotFound(f"the newest checkpoint has {newest} records", code="checkpoint_not_found")
+    return newest if size is None else size
 
 
 def inclusion(db: Session, tenant_id: str, *, record_id: str | None = None, jti: str | None = None,
@@ -337,13 +339,15 @@ def inclusion(db: Session, tenant_id: str, *, record_id: str | None = None, jti:
     size = _size(db, tenant_id, tree_size)
     if leaf.idx >= size:
         raise NotFound("the record was appended after that checkpoint", code="tlog_record_not_found")
-    record_hash = db.execute(sa.select(REC.c.record_hash).where(REC.c.id == leaf.record_id)).scalar_one()
+    record_hash = db.execute(sa.select(REC.c.record_hash).where(REC.c.id == leaf.record_id)).scalar()
+    if record_hash is None:  # its tenant's ledger was deleted by retention; the leaf stays
+        raise NotFound("the record is no longer in the ledger", code="tlog_record_not_found")
     hashes = _run(db, tenant_id, lambda g: merkle.inclusion_path(g, leaf.idx, size))
     return Inclusion(leaf.idx, size, leaf.record_id, record_hash, hashes)
 
 
 def consistency(db: Session, tenant_id: str, first: int, second: int) -> list[bytes]:
-    """The consistency proof between two checkpoints (RFC 9162 §2.1.4)."""
+    """The consistency proof between two tree sizes up to the newest checkpoint (RFC 9162 §2.1.4)."""
     if not 0 < first <= second:
         raise ValidationFailed.field("first", "must be at least 1 and at most second")
     _size(db, tenant_id, first)

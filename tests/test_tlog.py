@@ -143,7 +143,7 @@ def test_tlog_routes_reject_bad_input(tenant: Tenant) -> None:
         (f"{base}/proof/inclusion", {}, 422, "validation_failed"),
         (f"{base}/proof/inclusion", {"record_id": rec["id"], "jti": "rct_x"}, 422, "validation_failed"),
         (f"{base}/proof/inclusion", {"record_id": "rec_nothing"}, 404, "tlog_record_not_found"),
-        (f"{base}/proof/inclusion", {"record_id": rec["id"], "tree_size": 3}, 404, "checkpoint_not_found"),
+        (f"{base}/proof/inclusion", {"record_id": rec["id"], "tree_size": 3}, 404, "checkpoint_not_found"),  # > newest
         (f"{base}/proof/inclusion", {"record_id": rec["id"], "tree_size": "z"}, 422, "validation_failed"),
         (f"{base}/proof/consistency", {}, 422, "validation_failed"),
         (f"{base}/proof/consistency", {"first": 2, "second": 1}, 422, "validation_failed"),
