@@ -96,17 +96,21 @@ def _hashes(db: Session, tenant_id: str, keys: Iterable[tuple[int, int]]) -> dic
     stored = [k for k in keys if k[0] >= NODE_LEVEL]
     small = [k for k in keys if k[0] < NODE_LEVEL]
     out: dict[tuple[int, int], bytes] = {}
+    # Statements as text with the (integer) positions inline: building them as SQLAlchemy
+    # expressions cost more than running them (~2 ms of a 3 ms proof). One primary-key lookup
+    # per subtree, as a UNION ALL: a row-value IN list was planned as a scan of every subtree.
     if stored:
-        rows = db.execute(sa.select(NODE.c.level, NODE.c.idx, NODE.c.hash).where(
-            NODE.c.tenant_id == tenant_id, sa.tuple_(NODE.c.level, NODE.c.idx).in_(stored)))
-        out.update({(r.level, r.idx): bytes(r.hash) for r in rows})
+        sql = " UNION ALL ".join(f"SELECT level, idx, hash FROM tlog_node WHERE tenant_id = :t "
+                                 f"AND level = {int(lvl)} AND idx = {int(idx)}" for lvl, idx in stored)
+        out.update({(r[0], r[1]): bytes(r[2]) for r in db.execute(sa.text(sql), {"t": tenant_id})})
     if small:
         wanted = sorted({i for lvl, idx in small for i in range(idx << lvl, (idx + 1) << lvl)})
-        leaves = dict(db.execute(sa.select(LEAF.c.idx, LEAF.c.hash).where(
-            LEAF.c.tenant_id == tenant_id, LEAF.c.idx.in_(wanted))).all())
+        sql = f"SELECT idx, hash FROM tlog_leaf WHERE tenant_id = :t AND idx IN ({','.join(map(str, wanted))})"
+        leaves = {r[0]: bytes(r[1]) for r in db.execute(sa.text(sql), {"t": tenant_id})}
         for lvl, idx in small:
-            block = [bytes(leaves[i]) for i in range((idx << lvl), (idx + 1) << lvl)]
-            out[(lvl, idx)] = merkle.root(merkle.from_leaves(block), len(block))
+            block = [leaves[i] for i in range((idx << lvl), (idx + 1) << lvl) if i in leaves]
+            if len(block) == 1 << lvl:
+                out[(lvl, idx)] = merkle.root(merkle.from_leaves(block), len(block))
     missing = keys - out.keys()
     if missing:
         raise LookupError(f"transparency log of {tenant_id} is missing subtrees {sorted(missing)[:3]}")
