@@ -19,6 +19,8 @@ from .errors import BadToken
 from .models import Tenant
 from .settings import Settings
 
+TENANT = Tenant.__table__  # type: ignore[attr-defined]
+
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
     engine = db.create_db_engine(settings.database_url)
@@ -26,7 +28,7 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
         with db.transaction(engine, write=True) as session:
             key = receipts.ensure_signing_key(session)
             signer = crypto.Signer(key.kid, key.private_pem)
-            ids = [args.tenant] if args.tenant else list(session.execute(sa.select(Tenant.id)).scalars())
+            ids = [args.tenant] if args.tenant else list(session.execute(sa.select(TENANT.c.id)).scalars())
         out = []
         for tenant_id in ids:
             added = tlog.build(engine, tenant_id)

@@ -209,13 +209,15 @@ def sequence(db: Session, tenant_id: str, *, limit: int = CHUNK, wait: bool = Tr
         values["build_seq"] = rows[-1].seq if len(rows) == limit else state.build_until
     else:
         done = sa.exists().where(LEAF.c.record_id == REC.c.id)
+        # An outer join: the position moves past an event whose record is gone (a closed tenant's
+        # ledger purged by retention) instead of stopping there.
         events = db.execute(sa.select(EVENT.c.position, REC.c.id, REC.c.record_hash, REC.c.receipt, done)
-                            .join(REC, REC.c.id == EVENT.c.record_id)
+                            .outerjoin(REC, REC.c.id == EVENT.c.record_id)
                             .where(EVENT.c.tenant_id == tenant_id, EVENT.c.position > state.position)
                             .order_by(EVENT.c.position).limit(limit)).all()
         if events:
             values["position"] = events[-1].position
-        rows = [e for e in events if not e[-1]]
+        rows = [e for e in events if e.id is not None and not e[-1]]
     new = [(r.id, _jti(r.receipt), merkle.leaf_hash(leaf_data(r.record_hash))) for r in rows]
     values["size"] = append(db, tenant_id, size, new)
     if values != {"size": size}:
@@ -278,7 +280,8 @@ def verifier_keys(db: Session, settings: Settings) -> list[str]:
     """The note verifier keys of every signing key (retired ones too), newest first."""
     from .crypto import note_vkey
 
-    jwks = db.execute(sa.select(SigningKey.public_jwk).order_by(SigningKey.created_at.desc())).scalars()
+    keys = SigningKey.__table__  # type: ignore[attr-defined]
+    jwks = db.execute(sa.select(keys.c.public_jwk).order_by(keys.c.created_at.desc())).scalars()
     return [note_vkey(key_name(settings), jwk) for jwk in jwks]
 
 

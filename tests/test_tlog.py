@@ -153,3 +153,19 @@ def test_tlog_routes_reject_bad_input(tenant: Tenant) -> None:
         r = c.get(path, params=params)
         assert (r.status_code, r.json()["code"]) == (status, code), (path, params, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_erasure_never_changes_a_leaf(tenant: Tenant) -> None:
+    recs = [tenant.record(email=f"e{i}@example.com") for i in range(3)]
+    sequence(tenant)
+    before = tenant.client.get(f"/v1/tlog/{tenant.id}/checkpoint").text
+    r = tenant.delete("/v1/subjects/email:e1@example.com")
+    assert r.status_code in (200, 204), r.text
+    tenant.record(email="e9@example.com")
+    sequence(tenant)
+    _, size, head = note_parts(tenant, tenant.client.get(f"/v1/tlog/{tenant.id}/checkpoint").text)
+    assert size == 4 and tenant.client.get(f"/v1/tlog/{tenant.id}/checkpoints/3").text == before
+    p = tenant.client.get(f"/v1/tlog/{tenant.id}/proof/inclusion", params={"record_id": recs[1]["id"]}).json()
+    path = [base64.b64decode(h) for h in p["hashes"]]
+    assert rfc9162.verify_inclusion(p["record_hash"].encode(), p["leaf_index"], 4, path, head)
+    assert p["record_hash"] == jwt.decode(recs[1]["receipt"], options={"verify_signature": False})["record_hash"]
