@@ -110,6 +110,13 @@ def _linked(flt: ExportFilter) -> Any:
 ISO_PG = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'  # crypto.iso, formatted by the server
 
 
+def _leaf() -> Any:
+    """The record's index in the transparency log (NULL until the sequencer appends it). A
+    correlated lookup, not a join: a join let PostgreSQL hash both tables and sort the ledger
+    on disk instead of streaming it in ``seq`` order from the index."""
+    return sa.select(LEAF.c.idx).where(LEAF.c.record_id == REC.c.id).correlate(REC).scalar_subquery()
+
+
 def _upto(max_seq: int | None) -> list[Any]:
     return [] if max_seq is None else [REC.c.seq <= max_seq]
 
@@ -126,9 +133,8 @@ def _records_query(flt: ExportFilter, dialect: str, max_seq: int | None) -> Any:
         sa.select(REC.c.id, REC.c.purpose, REC.c.decision, sa.type_coerce(REC.c.confirmed, sa.Integer),
                   REC.c.policy_key, REC.c.policy_version, REC.c.source, REC.c.evidence_sha256,
                   sa.cast(REC.c.disclosures, sa.Text), at, REC.c.prev_hash, REC.c.record_hash,
-                  REC.c.receipt, SUBJ.c.pseudonym, linked, LEAF.c.idx)
-        .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id)
-                     .outerjoin(LEAF, LEAF.c.record_id == REC.c.id))
+                  REC.c.receipt, SUBJ.c.pseudonym, linked, _leaf())
+        .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id))
         .where(*flt.where(REC), *_upto(max_seq))
         .order_by(REC.c.seq)
     )
@@ -145,8 +151,7 @@ def _stored_lines_query(flt: ExportFilter, dialect: str, max_seq: int | None) ->
         receipt = sa.func.convert_to(REC.c.receipt, sa.literal_column("'UTF8'"), type_=sa.LargeBinary)
     else:
         receipt = sa.cast(REC.c.receipt, sa.LargeBinary)
-    return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0), LEAF.c.idx)
-            .select_from(REC.outerjoin(LEAF, LEAF.c.record_id == REC.c.id))
+    return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0), _leaf())
             .where(*flt.where(REC), *_upto(max_seq)).order_by(REC.c.seq))
 
 
