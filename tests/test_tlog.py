@@ -169,3 +169,47 @@ def test_erasure_never_changes_a_leaf(tenant: Tenant) -> None:
     path = [base64.b64decode(h) for h in p["hashes"]]
     assert rfc9162.verify_inclusion(p["record_hash"].encode(), p["leaf_index"], 4, path, head)
     assert p["record_hash"] == jwt.decode(recs[1]["receipt"], options={"verify_signature": False})["record_hash"]
+
+
+def test_sequencers_racing_writers_miss_nothing_and_append_nothing_twice(tenant: Tenant) -> None:
+    """Writers in threads while two sequencers (two service processes) run: every record ends
+    up as exactly one leaf, and every checkpoint is a prefix of the final tree."""
+    import threading
+
+    s = services(tenant)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(k: int) -> None:
+        try:
+            for i in range(12):
+                tenant.record(email=f"w{k}-{i % 4}@example.com", decision=("granted", "withdrawn")[i % 2])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def sequencer() -> None:
+        try:
+            while not stop.is_set():
+                tlog.run_once(s.engine, s.settings, s.signer)
+        except BaseException as exc:
+            errors.append(exc)
+
+    seqs = [threading.Thread(target=sequencer) for _ in range(2)]
+    writers = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in seqs + writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in seqs:
+        t.join()
+    assert not errors, errors
+    sequence(tenant)
+    rows = leaf_rows(tenant)
+    with transaction(s.engine) as db:
+        ids = set(db.execute(sa.select(tlog.REC.c.id).where(tlog.REC.c.tenant_id == tenant.id)).scalars())
+        kept = db.execute(sa.select(tlog.CHECKPOINT.c.size, tlog.CHECKPOINT.c.root)
+                          .where(tlog.CHECKPOINT.c.tenant_id == tenant.id)).all()
+    assert [r.idx for r in rows] == list(range(48)) and {r.record_id for r in rows} == ids
+    data = [r.record_hash.encode() for r in rows]
+    assert kept and all(bytes(root) == rfc9162.mth(data[:size]) for size, root in kept)
