@@ -184,14 +184,14 @@ def test_sequencers_racing_writers_miss_nothing_and_append_nothing_twice(tenant:
         try:
             for i in range(12):
                 tenant.record(email=f"w{k}-{i % 4}@example.com", decision=("granted", "withdrawn")[i % 2])
-        except BaseException as exc:  # reported below
+        except BaseException as exc:  # noqa: BLE001 (reported below, in the test thread)
             errors.append(exc)
 
     def sequencer() -> None:
         try:
             while not stop.is_set():
                 tlog.run_once(s.engine, s.settings, s.signer)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 (reported below, in the test thread)
             errors.append(exc)
 
     seqs = [threading.Thread(target=sequencer) for _ in range(2)]
