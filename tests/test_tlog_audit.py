@@ -166,3 +166,18 @@ def test_the_service_sequences_and_checkpoints_within_seconds(db_url: str, tenan
             time.sleep(0.1)
         assert p.status_code == 200, p.text
         assert p.json()["leaf_index"] == 0 and p.json()["tree_size"] == 1
+
+
+def test_tlog_build_command_builds_an_older_ledger(tenant: Tenant, db_url: str, monkeypatch, capsys) -> None:
+    from .ledger_factory import generate_ledger
+
+    generate_ledger(services(tenant).engine, tenant.id, 40)  # written around the feed: no events
+    monkeypatch.setenv("CONSENT_DATABASE_URL", db_url)
+    monkeypatch.setenv("CONSENT_ISSUER", "http://testserver")
+    assert main(["tlog", "build", "--tenant", tenant.id]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == [{"tenant": tenant.id, "appended": 40, "tree_size": 40}]
+    note = tenant.client.get(f"/v1/tlog/{tenant.id}/checkpoints/40")
+    assert note.status_code == 200 and note.text.startswith(f"testserver/tenants/{tenant.id}\n40\n")
+    assert main(["tlog", "build", "--tenant", tenant.id]) == 0  # again: nothing to add
+    assert json.loads(capsys.readouterr().out)[0]["appended"] == 0
