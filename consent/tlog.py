@@ -13,7 +13,7 @@ sequencer on a tenant it has never seen, and by ``consent tlog build``).
 
 Storage: each leaf hash by index (``tlog_leaf``) and the hash of every complete subtree of at
 least ``2**NODE_LEVEL`` leaves (``tlog_node``, one row per 16 leaves in all), so any tree head or
-proof is O(log n) rows read in two statements. Erasure never touches a leaf: the leaf data is
+proof is O(log n) rows read in one statement. Erasure never touches a leaf: the leaf data is
 the record hash, which names the subject only by pseudonym and the evidence only by its hash.
 """
 
@@ -96,21 +96,26 @@ def _hashes(db: Session, tenant_id: str, keys: Iterable[tuple[int, int]]) -> dic
     stored = [k for k in keys if k[0] >= NODE_LEVEL]
     small = [k for k in keys if k[0] < NODE_LEVEL]
     out: dict[tuple[int, int], bytes] = {}
-    # Statements as text with the (integer) positions inline: building them as SQLAlchemy
-    # expressions cost more than running them (~2 ms of a 3 ms proof). One primary-key lookup
-    # per subtree, as a UNION ALL: a row-value IN list was planned as a scan of every subtree.
-    if stored:
-        sql = " UNION ALL ".join(f"SELECT level, idx, hash FROM tlog_node WHERE tenant_id = :t "
-                                 f"AND level = {int(lvl)} AND idx = {int(idx)}" for lvl, idx in stored)
-        out.update({(r[0], r[1]): bytes(r[2]) for r in db.execute(sa.text(sql), {"t": tenant_id})})
-    if small:
-        wanted = sorted({i for lvl, idx in small for i in range(idx << lvl, (idx + 1) << lvl)})
-        sql = f"SELECT idx, hash FROM tlog_leaf WHERE tenant_id = :t AND idx IN ({','.join(map(str, wanted))})"
-        leaves = {r[0]: bytes(r[1]) for r in db.execute(sa.text(sql), {"t": tenant_id})}
-        for lvl, idx in small:
-            block = [leaves[i] for i in range((idx << lvl), (idx + 1) << lvl) if i in leaves]
-            if len(block) == 1 << lvl:
-                out[(lvl, idx)] = merkle.root(merkle.from_leaves(block), len(block))
+    # One statement, as text with only integers inline: building it as SQLAlchemy expressions
+    # cost more than running it (~2 ms of a 3 ms proof). A primary-key lookup per stored
+    # subtree (a row-value IN list was planned as a scan of every subtree on PostgreSQL), and
+    # the leaves of the small ones (level -1 in the answer).
+    parts = [f"SELECT level, idx, hash FROM tlog_node WHERE tenant_id = :t AND level = {int(lvl)} "
+             f"AND idx = {int(idx)}" for lvl, idx in stored]
+    wanted = sorted({i for lvl, idx in small for i in range(idx << lvl, (idx + 1) << lvl)})
+    if wanted:
+        parts.append(f"SELECT -1, idx, hash FROM tlog_leaf WHERE tenant_id = :t "
+                     f"AND idx IN ({','.join(map(str, wanted))})")
+    leaves: dict[int, bytes] = {}
+    for lvl, idx, h in db.execute(sa.text(" UNION ALL ".join(parts)), {"t": tenant_id}) if parts else ():
+        if lvl < 0:
+            leaves[idx] = bytes(h)
+        else:
+            out[(lvl, idx)] = bytes(h)
+    for lvl, idx in small:
+        block = [leaves[i] for i in range((idx << lvl), (idx + 1) << lvl) if i in leaves]
+        if len(block) == 1 << lvl:
+            out[(lvl, idx)] = merkle.root(merkle.from_leaves(block), len(block))
     missing = keys - out.keys()
     if missing:
         raise LookupError(f"transparency log of {tenant_id} is missing subtrees {sorted(missing)[:3]}")
@@ -118,7 +123,7 @@ def _hashes(db: Session, tenant_id: str, keys: Iterable[tuple[int, int]]) -> dic
 
 
 def _run(db: Session, tenant_id: str, fn: Any) -> Any:
-    """Run a merkle function over the stored tree with every read done in two statements."""
+    """Run a merkle function over the stored tree with every read done in one statement."""
     table = _hashes(db, tenant_id, merkle.needed(fn))
     return fn(lambda level, idx: table[(level, idx)])
 
@@ -323,43 +328,47 @@ class Inclusion:
     record_id: str
     record_hash: str
     hashes: list[bytes]
+    checkpoint: str | None  # the signed note at tree_size, when one was kept
 
 
-def _size(db: Session, tenant_id: str, size: int | None) -> int:
+def _size(db: Session, tenant_id: str, size: int | None) -> tuple[int, Any]:
     """The tree size a proof is made against: the newest checkpoint's by default, else any size
-    up to it (the auditor's kept checkpoint need not be one this database still has)."""
-    newest = int(checkpoint(db, tenant_id).size)
-    if size is not None and size > newest:
-        raise NotFound(f"the newest checkpoint has {newest} records", code="checkpoint_not_found")
-    return newest if size is None else size
+    up to it (the auditor's kept checkpoint need not be one this database still has); and the
+    newest checkpoint."""
+    newest = checkpoint(db, tenant_id)
+    if size is not None and size > newest.size:
+        raise NotFound(f"the newest checkpoint has {newest.size} records", code="checkpoint_not_found")
+    return (int(newest.size) if size is None else size), newest
 
 
 def inclusion(db: Session, tenant_id: str, *, record_id: str | None = None, jti: str | None = None,
               tree_size: int | None = None) -> Inclusion:
     """The inclusion proof of a record (by id or receipt jti) against a checkpoint."""
     col, value = (LEAF.c.record_id, record_id) if record_id is not None else (LEAF.c.jti, jti)
-    leaf = db.execute(sa.select(LEAF.c.idx, LEAF.c.record_id).where(
-        LEAF.c.tenant_id == tenant_id, col == value)).one_or_none()
+    leaf = db.execute(sa.select(LEAF.c.idx, LEAF.c.record_id, REC.c.record_hash)
+                      .outerjoin(REC, REC.c.id == LEAF.c.record_id)
+                      .where(LEAF.c.tenant_id == tenant_id, col == value)).one_or_none()
     if leaf is None:
         raise NotFound("the record is not in the log (yet: leaves are appended within seconds)",
                        code="tlog_record_not_found")
-    size = _size(db, tenant_id, tree_size)
+    size, newest = _size(db, tenant_id, tree_size)
     if leaf.idx >= size:
         raise NotFound("the record was appended after that checkpoint", code="tlog_record_not_found")
-    record_hash = db.execute(sa.select(REC.c.record_hash).where(REC.c.id == leaf.record_id)).scalar()
-    if record_hash is None:  # its tenant's ledger was deleted by retention; the leaf stays
+    if leaf.record_hash is None:  # its tenant's ledger was deleted by retention; the leaf stays
         raise NotFound("the record is no longer in the ledger", code="tlog_record_not_found")
     hashes = _run(db, tenant_id, lambda g: merkle.inclusion_path(g, leaf.idx, size))
-    return Inclusion(leaf.idx, size, leaf.record_id, record_hash, hashes)
+    kept = newest if newest.size == size else checkpoint(db, tenant_id, size, missing_ok=True)
+    return Inclusion(leaf.idx, size, leaf.record_id, leaf.record_hash, hashes,
+                     kept.note if kept is not None else None)
 
 
-def consistency(db: Session, tenant_id: str, first: int, second: int) -> list[bytes]:
-    """The consistency proof between two tree sizes up to the newest checkpoint (RFC 9162 §2.1.4)."""
+def consistency(db: Session, tenant_id: str, first: int, second: int | None = None) -> tuple[int, list[bytes]]:
+    """The consistency proof between two tree sizes up to the newest checkpoint (RFC 9162
+    §2.1.4); ``second`` defaults to the newest checkpoint's size. (second, hashes)."""
+    second, _ = _size(db, tenant_id, second)
     if not 0 < first <= second:
         raise ValidationFailed.field("first", "must be at least 1 and at most second")
-    _size(db, tenant_id, first)
-    _size(db, tenant_id, second)
-    return list(_run(db, tenant_id, lambda g: merkle.consistency_path(g, first, second)))
+    return second, list(_run(db, tenant_id, lambda g: merkle.consistency_path(g, first, second)))
 
 
 def b64(hashes: list[bytes]) -> list[str]:
