@@ -48,6 +48,7 @@ ADMIN_TOKEN = "adm_bench_0123456789abcdef"
 # rows whole on PostgreSQL (migration 0011 changes only rows written after it).
 CACHE_VERSION = 2
 HARD_LIMIT_S = 15 * 60  # the whole run stops here, whatever happens
+DB_SUFFIX = os.environ.get("BENCH_DB_SUFFIX", "")  # own ledgers for runs from several checkouts at once
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Profile:
 
     @property
     def pg_db(self) -> str:
-        return "bench_perf" if self.name == "full" else "bench_perf_quick"
+        return ("bench_perf" if self.name == "full" else "bench_perf_quick") + DB_SUFFIX
 
 
 FULL = Profile("full", 100_000, 2, 8, 3)
@@ -128,9 +129,9 @@ def ledgers(profile: Profile, rebuild: bool) -> dict[str, dict[str, Any]]:
     """{"sqlite": meta, "postgresql": meta} for a ledger of this profile's size, cached."""
     cache = HERE / ".cache"
     cache.mkdir(exist_ok=True)
-    sqlite_url = f"sqlite:///{cache / f'ledger-{profile.name}.db'}"
+    sqlite_url = f"sqlite:///{cache / f'ledger-{profile.name}{DB_SUFFIX}.db'}"
     pg_url = f"{PG_BASE}/{profile.pg_db}"
-    meta_file = cache / f"ledger-{profile.name}.json"
+    meta_file = cache / f"ledger-{profile.name}{DB_SUFFIX}.json"
     metas = None
     if meta_file.exists() and not rebuild:
         saved = json.loads(meta_file.read_text())
@@ -149,8 +150,29 @@ def ledgers(profile: Profile, rebuild: bool) -> dict[str, dict[str, Any]]:
     for kind in ("sqlite", "postgresql"):
         db.migrate(metas[kind]["url"])  # new indexes etc. since the cache was made
         _repair(metas[kind]["url"])
+        _tlog_build(metas[kind]["url"])
     ledger.vacuum(metas["postgresql"]["url"])
     return metas
+
+
+def _tlog_build(url: str) -> None:
+    """The transparency log of a generated ledger (written without feed events), built once
+    as `consent tlog build` does, so the runs measure the steady state, not the first build."""
+    import sqlalchemy as sa
+
+    from consent import tlog
+    from consent.models import Tenant
+
+    engine = db.create_db_engine(url)
+    try:
+        with db.transaction(engine) as s:
+            todo = s.execute(sa.select(Tenant.id).where(~sa.exists().where(tlog.STATE.c.tenant_id == Tenant.id))).scalars().all()
+        for tenant_id in todo:
+            t = time.monotonic()
+            n = tlog.build(engine, tenant_id)
+            log(f"  transparency log of {url.rsplit('/', 1)[-1]}: {n:,} leaves in {time.monotonic() - t:.1f} s")
+    finally:
+        engine.dispose()
 
 
 def _repair(url: str) -> None:

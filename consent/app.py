@@ -22,6 +22,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from . import api, api_audit, api_snippet, db, fastcheck, fastrecord, ratelimit, receipts, webhooks
 from . import api_integrations as integ
+from . import api_tlog as tl
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
 from .http import JSONResponse, describe, problem_response
@@ -29,6 +30,7 @@ from .metrics import metrics_handler
 from .middleware import RequestContextMiddleware
 from .openapi import openapi_handler
 from .settings import Settings
+from .tlog import start_sequencer
 
 log = logging.getLogger("consent")
 
@@ -143,6 +145,12 @@ routes = [
     Route("/v1/policies/{policy}/versions/{version}/notices", integ.list_notices, methods=["GET"], name="list_notices"),
     Route("/v1/policies/{policy}/versions/{version}/notices", integ.record_notices, methods=["POST"],
           name="record_notices"),
+    # --- transparency log (issue 27, consent/api_tlog.py): public, no key ---
+    Route("/v1/tlog/key", tl.tlog_keys, methods=["GET"], name="tlog_keys"),
+    Route("/v1/tlog/{tenant_id}/checkpoint", tl.latest_checkpoint, methods=["GET"], name="latest_checkpoint"),
+    Route("/v1/tlog/{tenant_id}/checkpoints/{size}", tl.checkpoint_at, methods=["GET"], name="checkpoint_at"),
+    Route("/v1/tlog/{tenant_id}/proof/inclusion", tl.inclusion_proof, methods=["GET"], name="inclusion_proof"),
+    Route("/v1/tlog/{tenant_id}/proof/consistency", tl.consistency_proof, methods=["GET"], name="consistency_proof"),
 ]
 
 
@@ -235,7 +243,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = db.create_db_engine(settings.database_url)
-        worker = reader = None
+        worker = reader = sequencer = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)
             # A rate-limited check must pass the limiter: then the route answers every check.
@@ -247,8 +255,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 services.record_writer = fastrecord.open_writer(engine, services)
             app.state.services = services
             worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery (issue 4)
+            sequencer = start_sequencer(engine, settings, signer)  # transparency log (issue 27)
             yield
         finally:
+            if sequencer is not None:
+                await sequencer.stop()
             if worker is not None:
                 await worker.stop()
             if reader is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from . import cli_audit, db, receipts, tenants
+from . import cli_audit, cli_tlog, db, receipts, tenants
 from .models import Tenant
 from .schemas import TenantIn, TenantOut, TenantPatch
 from .settings import Settings
@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "eval \"$(consent completion bash)\" (bash or zsh)")
     c.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
     c.set_defaults(func=cmd_completion)
+    cli_tlog.add_commands(sub)  # tlog build, checkpoint fetch (issue 27)
     return p
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -117,8 +118,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: cannot read keys or manifest: {exc}", file=sys.stderr)
         return 2
     try:
+        saved = [Path(c).read_text(encoding="utf-8") for c in args.checkpoint or []]
         progress = Progress(os.path.getsize(args.export), unit="bytes")
-        report = verify_file(args.export, keys, manifest, progress=progress)
+        report = verify_file(args.export, keys, manifest, progress=progress, saved=saved)
         progress.close()
     except VerifyError as exc:
         print(f"FAILED {args.export}: {exc}", file=sys.stderr)
@@ -130,7 +132,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps({"ok": True, "records": report.records, "subjects": report.subjects,
                       "receipts_verified": report.receipts, "tenant": m.get("tenant"),
                       "filters": m.get("filters"), "partial": m.get("partial"), "export_id": m.get("jti"),
-                      "signed_by": m.get("iss")}, indent=2))
+                      "signed_by": m.get("iss"), "tlog_size": report.tlog_size,
+                      "saved_checkpoints_matched": report.checkpoints}, indent=2))
     return 0
 
 
@@ -178,6 +181,8 @@ def add_commands(sub: Any) -> None:
     v.add_argument("export", help="the export file (JSONL or CSV)")
     v.add_argument("--jwks", required=True, help="JWKS URL (…/.well-known/jwks.json) or file")
     v.add_argument("--manifest", help="manifest file (needed for CSV; default EXPORT.manifest if present)")
+    v.add_argument("--checkpoint", action="append",
+                   help="a transparency-log checkpoint kept earlier (repeatable): the log must still extend it")
     v.set_defaults(func=cmd_verify)
     r = sub.add_parser("retention", help="apply retention settings (idempotent; safe from cron on several hosts)")
     r.add_argument("action", choices=["run"], help="apply the retention settings once")

@@ -19,10 +19,10 @@ from datetime import datetime
 from typing import Any
 
 import jwt
-from cryptography.exceptions import InvalidSignature
 import orjson
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from .errors import BadToken
@@ -160,6 +160,13 @@ class Signer:
         """
         signing_input = self._header + b"." + _b64url(orjson.dumps(claims))
         return (signing_input + b"." + _b64url(self._key.sign(signing_input))).decode()
+
+    def sign_note(self, name: str, text: str) -> str:
+        """A C2SP signed note of ``text`` (each line ending in a newline) by this key under ``name``."""
+        public = self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        sig = self._key.sign(text.encode())
+        blob = base64.b64encode(note_key_id(name, public) + sig).decode()
+        return f"{text}\n{NOTE_DASH} {name} {blob}\n"
 
 
 def verify_jwt(token: str, jwks: dict[str, Any], *, audience: str | None = None) -> dict[str, Any]:
@@ -378,3 +385,60 @@ def webhook_signature_matches(secret: str, msg_id: str, timestamp: int, body: by
         if version == "v1" and hmac.compare_digest(sig.encode(), expected):
             found = True
     return found
+
+
+# --- C2SP signed notes (https://c2sp.org/signed-note): transparency-log checkpoints ------------
+
+NOTE_DASH = "\u2014"  # each signature line starts with an em dash
+NOTE_ED25519 = b"\x01"
+
+
+def note_key_id(name: str, public_raw: bytes) -> bytes:
+    """First 4 bytes of SHA-256(name || 0x0A || 0x01 || public key)."""
+    return hashlib.sha256(name.encode() + b"\n" + NOTE_ED25519 + public_raw).digest()[:4]
+
+
+def jwk_public_raw(jwk: dict[str, Any]) -> bytes:
+    """The raw Ed25519 public key of an OKP JWK."""
+    return base64.urlsafe_b64decode(jwk["x"] + "=" * (-len(jwk["x"]) % 4))
+
+
+def note_vkey(name: str, jwk: dict[str, Any]) -> str:
+    """A signed-note verifier key: ``<name>+<hex key id>+<base64(0x01 || public key)>``."""
+    raw = jwk_public_raw(jwk)
+    return f"{name}+{note_key_id(name, raw).hex()}+{base64.b64encode(NOTE_ED25519 + raw).decode()}"
+
+
+def open_note(note: str, vkeys: list[str]) -> str:
+    """The text of a signed note that carries a valid signature by one of ``vkeys``."""
+    keys: dict[tuple[str, bytes], Ed25519PublicKey] = {}
+    for vkey in vkeys:
+        try:
+            name, key_id, b64 = vkey.strip().split("+", 2)
+            raw = base64.b64decode(b64, validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise BadToken("malformed note verifier key") from exc
+        if raw[:1] != NOTE_ED25519 or len(raw) != 33 or note_key_id(name, raw[1:]).hex() != key_id:
+            raise BadToken("malformed note verifier key")
+        keys[(name, bytes.fromhex(key_id))] = Ed25519PublicKey.from_public_bytes(raw[1:])
+    text, sep, block = note.partition("\n\n")
+    if not sep or not block.endswith("\n"):
+        raise BadToken("not a signed note")
+    text += "\n"
+    for line in block[:-1].split("\n"):
+        parts = line.split(" ")
+        if len(parts) != 3 or parts[0] != NOTE_DASH:
+            raise BadToken("malformed note signature line")
+        try:
+            blob = base64.b64decode(parts[2], validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise BadToken("malformed note signature line") from exc
+        key = keys.get((parts[1], blob[:4]))
+        if key is None:
+            continue
+        try:
+            key.verify(blob[4:], text.encode())
+        except InvalidSignature as exc:
+            raise BadToken("note signature does not verify") from exc
+        return text
+    raise BadToken("note is not signed by a known key")

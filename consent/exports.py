@@ -45,6 +45,7 @@ from . import crypto
 from .db import transaction
 from .ledger import LINE_SEP
 from .models import ConsentRecord, ExportManifest, Subject, utcnow
+from .tlog import CHECKPOINT, LEAF
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 SUBJ = Subject.__table__  # type: ignore[attr-defined]
@@ -52,7 +53,7 @@ FORMATS = ("jsonl", "csv")
 MANIFEST_TYPE = "consent-export-manifest/1"
 CONTENT_KEYS = ("v", "id", "tenant", "subject", "purpose", "decision", "confirmed", "policy", "source",
                 "evidence_sha256", "disclosures_sha256", "recorded_at", "prev_hash")
-LINE_KEYS = frozenset((*CONTENT_KEYS, "n", "linked", "record_hash", "receipt"))
+LINE_KEYS = frozenset((*CONTENT_KEYS, "n", "leaf", "linked", "record_hash", "receipt"))
 CSV_COLUMNS = ("n", "linked", "v", "id", "tenant", "subject", "purpose", "decision", "confirmed",
                "policy_key", "policy_version", "source", "evidence_sha256", "disclosures_sha256",
                "recorded_at", "prev_hash", "record_hash", "receipt")
@@ -109,6 +110,13 @@ def _linked(flt: ExportFilter) -> Any:
 ISO_PG = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'  # crypto.iso, formatted by the server
 
 
+def _leaf() -> Any:
+    """The record's index in the transparency log (NULL until the sequencer appends it). A
+    correlated lookup, not a join: a join let PostgreSQL hash both tables and sort the ledger
+    on disk instead of streaming it in ``seq`` order from the index."""
+    return sa.select(LEAF.c.idx).where(LEAF.c.record_id == REC.c.id).correlate(REC).scalar_subquery()
+
+
 def _upto(max_seq: int | None) -> list[Any]:
     return [] if max_seq is None else [REC.c.seq <= max_seq]
 
@@ -125,7 +133,7 @@ def _records_query(flt: ExportFilter, dialect: str, max_seq: int | None) -> Any:
         sa.select(REC.c.id, REC.c.purpose, REC.c.decision, sa.type_coerce(REC.c.confirmed, sa.Integer),
                   REC.c.policy_key, REC.c.policy_version, REC.c.source, REC.c.evidence_sha256,
                   sa.cast(REC.c.disclosures, sa.Text), at, REC.c.prev_hash, REC.c.record_hash,
-                  REC.c.receipt, SUBJ.c.pseudonym, linked)
+                  REC.c.receipt, SUBJ.c.pseudonym, linked, _leaf())
         .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id))
         .where(*flt.where(REC), *_upto(max_seq))
         .order_by(REC.c.seq)
@@ -143,7 +151,7 @@ def _stored_lines_query(flt: ExportFilter, dialect: str, max_seq: int | None) ->
         receipt = sa.func.convert_to(REC.c.receipt, sa.literal_column("'UTF8'"), type_=sa.LargeBinary)
     else:
         receipt = sa.cast(REC.c.receipt, sa.LargeBinary)
-    return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0))
+    return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0), _leaf())
             .where(*flt.where(REC), *_upto(max_seq)).order_by(REC.c.seq))
 
 
@@ -225,14 +233,14 @@ class Lines:
         partial = self.partial
         try:
             for (rid, purpose, decision, confirmed, policy_key, policy_version, source, evidence_sha256,
-                 disclosures_json, at, prev_hash, record_hash, receipt, pseudonym, linked) in rows:
+                 disclosures_json, at, prev_hash, record_hash, receipt, pseudonym, linked, leaf) in rows:
                 n += 1
                 if len(at) != 27:  # PostgreSQL formats it already; SQLite stores 'YYYY-MM-DD HH:MM:SS.ffffff'
                     at = f"{at[:10]}T{at[11:]}Z" if len(at) == 26 and at[10] == " " else _iso_text(at)
                 yield {
                     "confirmed": bool(confirmed), "decision": decision,
                     "disclosures_sha256": disclosures(disclosures_json), "evidence_sha256": evidence_sha256,
-                    "id": rid, "linked": bool(linked) if partial else prev_hash is not None, "n": n,
+                    "id": rid, "leaf": leaf, "linked": bool(linked) if partial else prev_hash is not None, "n": n,
                     "policy": {"key": policy_key, "version": policy_version}, "prev_hash": prev_hash,
                     "purpose": purpose, "receipt": receipt, "record_hash": record_hash,
                     "recorded_at": at, "source": source, "subject": pseudonym, "tenant": tenant, "v": 1,
@@ -259,15 +267,17 @@ class Lines:
         n = self.count
         parts: list[bytes] = []
         extend, sep = parts.extend, LINE_SEP
-        for stored, receipt, linked in rows:
+        for stored, receipt, linked, leaf in rows:
             n += 1
             a, b, c = stored.split(sep, 2)
-            extend((a, _LINKED if linked else _UNLINKED, b"%d," % n, b, _RECEIPT, receipt, b'"', c, b"\n"))
+            extend((a, _NO_LEAF if leaf is None else b'"leaf":%d,' % leaf, _LINKED if linked else _UNLINKED,
+                    b"%d," % n, b, _RECEIPT, receipt, b'"', c, b"\n"))
         self.count = n
         return b"".join(parts)
 
 
 _LINKED, _UNLINKED, _RECEIPT = b'"linked":true,"n":', b'"linked":false,"n":', b'"receipt":"'
+_NO_LEAF = b'"leaf":null,'  # not in the transparency log yet (appended within seconds)
 
 
 def _iso_text(at: str) -> str:
@@ -332,6 +342,8 @@ def stream_export(
             if dialect == "postgresql":  # a JIT compile costs seconds and saves nothing on a streaming scan
                 conn.exec_driver_sql("SET LOCAL jit = off")
             heads = _Heads(engine, conn, flt)
+            checkpoint = conn.execute(sa.select(CHECKPOINT.c.size, CHECKPOINT.c.note).where(
+                CHECKPOINT.c.tenant_id == flt.tenant_id).order_by(CHECKPOINT.c.size.desc()).limit(1)).first()
             lines = Lines(flt.tenant_id, flt.partial)
             stored = fmt == "jsonl" and _lines_stored(conn, flt, heads.max_seq)
             if stored:
@@ -365,6 +377,10 @@ def stream_export(
         "tenant": flt.tenant_id, "format": fmt, "filters": flt.claims(), "partial": flt.partial,
         "count": count, "first_recorded_at": summary.first_at, "last_recorded_at": summary.last_at,
         "body_sha256": body.hexdigest(), "subjects": summary.subjects, "heads_sha256": summary.heads_sha256,
+        # The newest checkpoint of the tenant's transparency log in the export's snapshot: every
+        # leaf below its size is a line of an unfiltered export ("leaf"); ``consent verify``
+        # recomputes its root (docs/transparency.md).
+        "tlog": {"size": checkpoint.size, "checkpoint": checkpoint.note} if checkpoint else None,
     }
     manifest = signer.sign(claims)
     with transaction(engine, write=True) as db:

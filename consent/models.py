@@ -415,3 +415,51 @@ class TenantAudit(SQLModel, table=True):
     changed_at: datetime = ts()
     before: dict[str, Any] = jsoncol()
     after: dict[str, Any] = jsoncol()
+
+
+# --- transparency log (issue 27): a per-tenant RFC 9162 Merkle tree over the records ----------
+
+
+class TlogLeaf(SQLModel, table=True):
+    """One leaf per record, at its index in the tenant's log (SHA-256(0x00 || record_hash))."""
+
+    __tablename__ = "tlog_leaf"
+    tenant_id: str = Field(primary_key=True, max_length=40)
+    idx: int = Field(sa_column=sa.Column(BigInt, primary_key=True, autoincrement=False))
+    record_id: str = Field(unique=True, max_length=40)
+    jti: str | None = Field(default=None, index=True, max_length=40)  # the receipt's, for proofs by jti
+    hash: bytes = Field(sa_column=sa.Column(sa.LargeBinary(), nullable=False))
+
+
+class TlogNode(SQLModel, table=True):
+    """The hash of a complete subtree of ``2**level`` leaves (only levels >= tlog.NODE_LEVEL)."""
+
+    __tablename__ = "tlog_node"
+    tenant_id: str = Field(primary_key=True, max_length=40)
+    level: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    idx: int = Field(sa_column=sa.Column(BigInt, primary_key=True, autoincrement=False))
+    hash: bytes = Field(sa_column=sa.Column(sa.LargeBinary(), nullable=False))
+
+
+class TlogState(SQLModel, table=True):
+    """The sequencer's place per tenant; its row lock lets one process append at a time."""
+
+    __tablename__ = "tlog_state"
+    tenant_id: str = Field(primary_key=True, max_length=40)
+    size: int = Field(sa_column=sa.Column(BigInt, nullable=False))
+    position: int = Field(sa_column=sa.Column(BigInt, nullable=False))  # change-feed position read up to
+    build_seq: int = Field(sa_column=sa.Column(BigInt, nullable=False))  # records before the log: done up to
+    build_until: int = Field(sa_column=sa.Column(BigInt, nullable=False))
+    signed_size: int = Field(sa_column=sa.Column(BigInt, nullable=False))  # size of the newest checkpoint
+    updated_at: datetime = ts()
+
+
+class TlogCheckpoint(SQLModel, table=True):
+    """A signed tree head (C2SP tlog-checkpoint note), kept for ever."""
+
+    __tablename__ = "tlog_checkpoint"
+    tenant_id: str = Field(primary_key=True, max_length=40)
+    size: int = Field(sa_column=sa.Column(BigInt, primary_key=True, autoincrement=False))
+    root: bytes = Field(sa_column=sa.Column(sa.LargeBinary(), nullable=False))
+    note: str
+    created_at: datetime = ts()

@@ -55,6 +55,7 @@ class Settings:
     webhook_disable_after: int = 30
     # proxies whose X-Forwarded-For / -Proto are believed (IPs or networks; "*": any; (): none)
     trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
+    tlog_seconds: float = 2.0  # transparency log: sequencer and checkpoint interval (0: no sequencer)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -103,6 +104,7 @@ class Settings:
             webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
             trusted_proxies=tuple(p.strip() for p in config("CONSENT_TRUSTED_PROXIES", default="127.0.0.1").split(",")
                                   if p.strip()),
+            tlog_seconds=config("CONSENT_TLOG_SECONDS", cast=float, default=2.0),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:

@@ -8,7 +8,11 @@ must be the SHA-256 of its content; its ``prev_hash`` must be the hash of the su
 previous line when ``linked``, or point outside the export (an anchor) only when the export is
 filtered; its receipt must be an EdDSA JWT from a known key naming this record and hash.
 At the end the signed manifest must match: count, SHA-256 of the body, and the digest of every
-subject's chain (anchor, head, count).
+subject's chain (anchor, head, count). When the manifest names a transparency-log checkpoint
+(docs/transparency.md) and the export is whole, every leaf below the checkpoint's size must be a
+line (``leaf``), and the tree over their record hashes must have the checkpoint's signed root; each
+checkpoint an auditor saved earlier must be the tree over the first leaves of that one (a removed,
+inserted or reordered record anywhere in history changes it, whatever the service signs now).
 
 Receipt signatures are most of the work (an Ed25519 check each), so large exports check them in
 worker processes, in batches, while this process walks the lines; the first bad line reported is
@@ -17,6 +21,8 @@ the same as with one process (see ``Walker``).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import hashlib
 import json
@@ -29,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from . import crypto
+from . import crypto, merkle
 from .errors import BadToken
 from .exports import (
     CONTENT_KEYS,
@@ -56,6 +62,8 @@ class Report:
     subjects: int = 0
     receipts: int = 0
     manifest: dict[str, Any] = field(default_factory=dict)
+    tlog_size: int | None = None  # the checkpoint whose root was recomputed
+    checkpoints: list[int] = field(default_factory=list)  # sizes of the saved checkpoints matched
 
 
 RECEIPT_BATCH = 2000  # receipts per job for a worker process
@@ -111,8 +119,11 @@ class Walker:
     A receipt a worker rejects is checked again here (this key set may fetch rotated keys).
     """
 
-    def __init__(self, keys: crypto.KeySet, pool: Executor | None = None):
+    def __init__(self, keys: crypto.KeySet, pool: Executor | None = None, saved: list[str] | None = None):
         self.keys = keys
+        self.saved = saved or []  # checkpoints (signed notes) an auditor kept
+        self.leaves = bytearray()  # 32-byte leaf hashes by leaf index
+        self.seen = bytearray()  # 1 where a line carried that leaf index
         self.count = 0
         self.tenant: str | None = None
         self.chains: dict[str, list[Any]] = {}  # pseudonym -> [anchor, head, count]
@@ -123,7 +134,7 @@ class Walker:
         self._pending: list[tuple[int, Future[Any], list[tuple[int, Any, Any, Any, Any]]]] = []
 
     def record(self, no: int, line: Any) -> None:
-        if not isinstance(line, dict) or set(line) != LINE_KEYS:
+        if not isinstance(line, dict) or (set(line) != LINE_KEYS and set(line) != LINE_KEYS - {"leaf"}):
             raise VerifyError(no, "not a record line (fields missing or unexpected)")
         n = line["n"]
         if type(n) is not int or n != self.count + 1:
@@ -142,6 +153,9 @@ class Walker:
         elif line["tenant"] != self.tenant:
             raise VerifyError(no, "record of another tenant")
         self._receipt(no, line)  # first: a valid receipt vouches for the content's types too
+        leaf = line.get("leaf")
+        if leaf is not None:
+            self._leaf(no, leaf, record_hash)
         try:
             self._chain(no, line)
         except VerifyError:
@@ -150,6 +164,18 @@ class Walker:
         except TypeError:  # content of odd types (an unhashable subject): its receipt cannot be valid
             self.settle(no)
             raise VerifyError(no, "malformed subject or prev_hash") from None
+
+    def _leaf(self, no: int, leaf: Any, record_hash: str) -> None:
+        if type(leaf) is not int or not 0 <= leaf < 2**40:
+            raise VerifyError(no, "leaf must be a log index or null")
+        if leaf >= len(self.seen):
+            grow = max(leaf + 1, 2 * len(self.seen)) - len(self.seen)
+            self.seen.extend(bytes(grow))
+            self.leaves.extend(bytes(32 * grow))
+        if self.seen[leaf]:
+            raise VerifyError(no, f"leaf {leaf} of the transparency log appears twice")
+        self.seen[leaf] = 1
+        self.leaves[32 * leaf:32 * leaf + 32] = merkle.leaf_hash(record_hash.encode())
 
     def _chain(self, no: int, line: dict[str, Any]) -> None:
         subject, prev, linked = line["subject"], line["prev_hash"], line["linked"]
@@ -248,14 +274,74 @@ class Walker:
             heads.update(head_digest_line(pseudonym, anchor, head, count))
         if claims.get("subjects") != len(self.chains) or claims.get("heads_sha256") != heads.hexdigest():
             raise VerifyError(no, "subject chains (anchors, heads, counts) do not match the manifest")
-        return Report(self.count, len(self.chains), self.receipts, claims)
+        report = Report(self.count, len(self.chains), self.receipts, claims)
+        self._tree(no, claims, fmt, report)
+        return report
+
+    def _tree(self, no: int | None, claims: dict[str, Any], fmt: str, report: Report) -> None:
+        """Recompute the log's root from the lines' leaves; check it, and every saved checkpoint."""
+        tlog = claims.get("tlog")
+        if tlog is None:
+            if self.saved:
+                raise VerifyError(no, "the export names no transparency-log checkpoint to compare with")
+            return
+        if claims.get("partial") or fmt != "jsonl":  # the tree needs every leaf: a whole JSONL export
+            if self.saved:
+                raise VerifyError(no, "saved checkpoints are checked against a whole (unfiltered) JSONL export")
+            return
+        origin, size, root = open_checkpoint(self.keys, tlog.get("checkpoint"), no, "the export's checkpoint")
+        if size != tlog.get("size") or origin.rsplit("/", 1)[-1] != claims.get("tenant"):
+            raise VerifyError(no, "the export's checkpoint is for another log or size")
+        if len(self.seen) < size:
+            self.leaves.extend(bytes(32 * (size - len(self.seen))))
+            self.seen.extend(bytes(size - len(self.seen)))
+        missing = self.seen.find(0, 0, size)
+        if missing != -1:
+            raise VerifyError(no, f"leaf {missing} of the transparency log (size {size}) is not in the export: "
+                                  "a record was removed")
+        saved = {}
+        for note in self.saved:
+            s_origin, s_size, s_root = open_checkpoint(self.keys, note, None, "a saved checkpoint")
+            if s_origin != origin:
+                raise VerifyError(None, f"a saved checkpoint is for another log ({s_origin})")
+            if s_size > size:
+                raise VerifyError(None, f"a saved checkpoint has {s_size} records, the export's log only {size}: "
+                                        "records were removed from the log")
+            saved[s_size] = s_root
+        acc = merkle.RootAccumulator()
+        view = memoryview(self.leaves)
+        for i in range(size):
+            acc.add(bytes(view[32 * i:32 * i + 32]))
+            if acc.size in saved:
+                if acc.root() != saved[acc.size]:
+                    raise VerifyError(None, f"the log's first {acc.size} records no longer hash to the saved "
+                                            "checkpoint: a record was removed, inserted or reordered")
+                report.checkpoints.append(acc.size)
+        if acc.root() != root:
+            raise VerifyError(no, "the records' transparency-log root does not match the export's checkpoint")
+        report.tlog_size = size
+
+
+def open_checkpoint(keys: crypto.KeySet, note: Any, no: int | None, what: str) -> tuple[str, int, bytes]:
+    """(origin, size, root) of a checkpoint note signed by a key of the JWKS."""
+    if not isinstance(note, str):
+        raise VerifyError(no, f"{what} is not a signed note")
+    names = {line.split(" ")[1] for line in note.split("\n\n", 1)[-1].splitlines() if line.count(" ") == 2}
+    vkeys = [crypto.note_vkey(name, jwk) for name in names for jwk in keys.known_jwks().get("keys", [])
+             if jwk.get("crv") == "Ed25519"]
+    try:
+        text = crypto.open_note(note, vkeys)
+        origin, size, root = text.split("\n")[:3]
+        return origin, int(size), base64.b64decode(root, validate=True)
+    except (BadToken, ValueError, binascii.Error) as exc:
+        raise VerifyError(no, f"{what} does not verify: {exc}") from None
 
 
 def verify_jsonl(lines: Iterable[bytes], keys: crypto.KeySet, manifest: str | None = None,
-                 pool: Executor | None = None) -> Report:
+                 pool: Executor | None = None, saved: list[str] | None = None) -> Report:
     """Verify a JSONL export given as raw lines (each ending in a newline); ``pool`` checks
-    the receipts in worker processes."""
-    walker = Walker(keys, pool)
+    the receipts in worker processes; ``saved``: checkpoints kept by an auditor."""
+    walker = Walker(keys, pool, saved)
     try:
         return _walk_jsonl(walker, lines, manifest)
     except VerifyError as exc:
@@ -308,9 +394,9 @@ def _csv_line(no: int, row: list[str]) -> dict[str, Any]:
 
 
 def verify_csv(lines: Iterable[bytes], keys: crypto.KeySet, manifest: str,
-               pool: Executor | None = None) -> Report:
+               pool: Executor | None = None, saved: list[str] | None = None) -> Report:
     """Verify a CSV export against its manifest (fetched from the manifest route)."""
-    walker = Walker(keys, pool)
+    walker = Walker(keys, pool, saved)
     try:
         return _walk_csv(walker, lines, manifest)
     except VerifyError as exc:
@@ -360,7 +446,8 @@ def receipt_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def verify_file(path: str, keys: crypto.KeySet, manifest: str | None = None, *,
-                workers: int | None = None, progress: Callable[[int], None] | None = None) -> Report:
+                workers: int | None = None, progress: Callable[[int], None] | None = None,
+                saved: list[str] | None = None) -> Report:
     """Verify an export file (CSV when it starts with the CSV header, else JSONL). Receipts
     are checked in ``workers`` processes (default: one per CPU for files of 8 MiB and more,
     none for smaller ones; 0: none)."""
@@ -375,8 +462,8 @@ def verify_file(path: str, keys: crypto.KeySet, manifest: str | None = None, *,
             if is_csv:
                 if manifest is None:
                     raise VerifyError(None, "a CSV export needs its manifest (--manifest FILE)")
-                return verify_csv(lines, keys, manifest, pool)
-            return verify_jsonl(lines, keys, manifest, pool)
+                return verify_csv(lines, keys, manifest, pool, saved)
+            return verify_jsonl(lines, keys, manifest, pool, saved)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

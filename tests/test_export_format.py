@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from consent import crypto, exports, verify
+from consent import crypto, exports, tlog, verify
 from consent.ledger import record_content
-from consent.models import ConsentRecord, Subject
+from consent.models import ConsentRecord, Subject, TlogLeaf
 
 from .helpers import Tenant
 from .ledger_factory import generate_ledger
@@ -36,10 +36,12 @@ def expected_lines(engine, tenant_id: str) -> list[bytes]:
         rows = db.execute(sa.select(ConsentRecord, Subject.pseudonym)
                             .join(Subject, Subject.id == ConsentRecord.subject_id)
                             .where(ConsentRecord.tenant_id == tenant_id).order_by(ConsentRecord.seq)).all()
+        leaves = dict(db.execute(sa.select(TlogLeaf.record_id, TlogLeaf.idx)).all())
     for n, (rec, pseudonym) in enumerate(rows, 1):
         disclosures = crypto.sha256_hex(crypto.canonical_json(rec.disclosures)) if rec.disclosures else None
         line = record_content(rec, pseudonym, disclosures)
-        line.update(n=n, linked=rec.prev_hash is not None, record_hash=rec.record_hash, receipt=rec.receipt)
+        line.update(n=n, linked=rec.prev_hash is not None, record_hash=rec.record_hash, receipt=rec.receipt,
+                    leaf=leaves.get(rec.id))
         out.append(crypto.canonical_json(line) + b"\n")
     return out
 
@@ -50,9 +52,12 @@ def test_fast_lines_equal_the_slow_canonical_lines(tenant: Tenant) -> None:
     tenant.record("strictly_necessary", "acknowledged", email="d@example.com")  # with disclosures
     tenant.record("analytics", decision="denied", email="d@example.com")
     generate_ledger(engine, tenant.id, 700)
+    s = tenant.client.app.state.services
+    tlog.run_once(s.engine, s.settings, s.signer, wait=True)  # leaves for the first 703, not the last
     tenant.record(decision="withdrawn", email="d@example.com")
     body = tenant.get("/v1/exports/consents").content.splitlines(keepends=True)
     assert body[:-1] == expected_lines(engine, tenant.id)
+    assert b'"leaf":702,' in body[-3] and b'"leaf":null,' in body[-2]
     assert any(b'"disclosures_sha256":"' in x for x in body) and b'"linked":true' in body[-2]
 
 
