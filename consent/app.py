@@ -16,11 +16,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from . import api, api_audit, api_snippet, db, fastcheck, fastrecord, ratelimit, receipts, webhooks
 from . import api_integrations as integ
+from . import dashboard as pages
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
 from .http import JSONResponse, describe, problem_response
@@ -135,6 +137,25 @@ routes = [
     Route("/v1/policies/{policy}/versions/{version}/notices", integ.list_notices, methods=["GET"], name="list_notices"),
     Route("/v1/policies/{policy}/versions/{version}/notices", integ.record_notices, methods=["POST"],
           name="record_notices"),
+    # --- dashboard (issue 26, consent/dashboard.py): HTML pages, session cookie, assets ---
+    Route("/", pages.landing, methods=["GET"], name="landing"),
+    Route("/docs", pages.api_docs, methods=["GET"], name="api_docs"),
+    Mount("/static", app=StaticFiles(packages=[("consent", "static")]), name="static"),
+    Route("/dashboard", pages.overview, methods=["GET"], name="dashboard"),
+    Route("/dashboard/sign-in", pages.sign_in_page, methods=["GET"], name="dashboard_sign_in_page"),
+    Route("/dashboard/sign-in", pages.sign_in, methods=["POST"], name="dashboard_sign_in"),
+    Route("/dashboard/sign-out", pages.sign_out, methods=["POST"], name="dashboard_sign_out"),
+    Route("/dashboard/people", pages.people, methods=["GET"], name="dashboard_people"),
+    Route("/dashboard/people/{subject}", pages.person, methods=["GET"], name="dashboard_person"),
+    Route("/dashboard/people/{subject}/export.{fmt}", pages.person_export, methods=["GET"],
+          name="dashboard_person_export"),
+    Route("/dashboard/people/{subject}/erase", pages.person_erase, methods=["POST"], name="dashboard_erase"),
+    Route("/dashboard/verify", pages.verifier, methods=["GET"], name="dashboard_verify_page"),
+    Route("/dashboard/verify", pages.verify_post, methods=["POST"], name="dashboard_verify"),
+    Route("/dashboard/audit", pages.audit_trail, methods=["GET"], name="dashboard_audit"),
+    Route("/dashboard/users", pages.users, methods=["GET"], name="dashboard_users"),
+    Route("/dashboard/users", pages.users_post, methods=["POST"], name="dashboard_users_create"),
+    # --- end dashboard ---
 ]
 
 

@@ -45,6 +45,9 @@ class Settings:
     webhook_backoff_max_seconds: float = 3600.0
     webhook_retry_seconds: int = 86400
     webhook_disable_after: int = 30
+    # dashboard (issue 26): cookie signing secrets (newest last; empty: derived) and idle timeout
+    dashboard_secrets: tuple[Secret, ...] = ()
+    dashboard_idle_seconds: int = 1800
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -87,6 +90,10 @@ class Settings:
             webhook_backoff_max_seconds=config("CONSENT_WEBHOOK_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
             webhook_retry_seconds=config("CONSENT_WEBHOOK_RETRY_SECONDS", cast=int, default=86400),
             webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
+            dashboard_secrets=tuple(Secret(s.strip()) for s in
+                                    str(config("CONSENT_DASHBOARD_SECRETS", cast=Secret, default="")).split(",")
+                                    if s.strip()),
+            dashboard_idle_seconds=config("CONSENT_DASHBOARD_IDLE_SECONDS", cast=int, default=1800),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:

@@ -1,0 +1,444 @@
+"""The privacy dashboard: server-rendered pages (Jinja2 templates in ``consent/templates``,
+assets in ``consent/static``, no build step, nothing from a CDN). Handlers are thin: a
+``page`` wrapper signs the caller in from the session cookie, checks the CSRF token on every
+form, runs the handler in one transaction (committed here) and renders HTML; the data comes
+from ``dashboard_data`` and the domain modules.
+
+The session cookie holds a random session id signed with itsdangerous; the session itself
+(tenant, role, CSRF token, last seen) is a ``dashboard_session`` row, so sign-out and the idle
+timeout end it in every process. The cookie is HttpOnly, SameSite=Strict, Secure over https.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from . import __version__, crypto, rights
+from . import dashboard_data as data
+from .db import transaction
+from .errors import BadToken, ConsentError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
+from .models import SigningKey, Tenant
+from .tenants import authenticate_key, get_tenant
+from .verify import VerifyError
+
+log = logging.getLogger("consent.dashboard")
+
+COOKIE = "consent_dashboard"
+PRE_COOKIE = "consent_dashboard_pre"  # binds the sign-in form's CSRF token to this browser
+SESSION_SALT = "dashboard-session"
+SIGNIN_SALT = "dashboard-sign-in"
+HTML = "text/html; charset=utf-8"
+# The docs page's Swagger UI fetches /openapi.json: the HTML default CSP plus connect-src.
+DOCS_CSP = ("default-src 'none'; style-src 'self' 'unsafe-inline'; script-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+STATUS_COLORS = {  # chart colours, each at least 4.5:1 against white
+    "granted": "#1a7f37", "denied": "#57606a", "withdrawn": "#cf222e", "stale": "#9a6700",
+    "pending_confirmation": "#0969da", "acknowledged": "#8250df", "erased": "#24292f",
+}
+STATUS_LABELS = {"pending_confirmation": "pending"}
+
+
+class CsrfFailed(Forbidden):
+    code, title = "csrf_failed", "Form token missing or wrong"
+
+
+@functools.lru_cache(maxsize=1)
+def templates() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("consent", "templates"),
+                             autoescape=jinja2.select_autoescape(default=True), trim_blocks=True,
+                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["when"] = lambda dt: dt.strftime("%Y-%m-%d %H:%M:%S UTC") if dt else ""
+    env.filters["pct"] = lambda x: "–" if x is None else f"{x * 100:.1f} %"
+    env.filters["label"] = lambda s: STATUS_LABELS.get(s, s)
+    env.globals.update(colors=STATUS_COLORS, version=__version__, bar_segments=bar_segments,
+                       day_bars=day_bars)
+    return env
+
+
+def render(request: Request, template: str, status: int = 200, **ctx: Any) -> Response:
+    body = templates().get_template(template).render(request=request, **ctx)
+    return Response(body, status_code=status, media_type=HTML, headers={"Cache-Control": "no-store"})
+
+
+# --- charts (server-rendered SVG geometry) ---------------------------------------------------
+
+def bar_segments(counts: dict[str, int], width: float = 600) -> list[dict[str, Any]]:
+    """One stacked horizontal bar: (status, count, x, width) per non-empty status."""
+    total = sum(counts.values())
+    out, x = [], 0.0
+    for status, n in counts.items():
+        if n and total:
+            w = width * n / total
+            out.append({"status": status, "n": n, "x": round(x, 2), "w": round(w, 2),
+                        "color": STATUS_COLORS.get(status, "#57606a")})
+            x += w
+    return out
+
+
+def day_bars(per_day: list[tuple[str, dict[str, int]]], height: float = 120, width: float = 600) -> list[dict[str, Any]]:
+    """Stacked columns, one per day: rectangles with their status and count."""
+    peak = max((sum(d.values()) for _, d in per_day), default=0)
+    if not peak:
+        return []
+    step = width / max(len(per_day), 1)
+    out = []
+    for i, (day, counts) in enumerate(per_day):
+        y = height
+        for status in ("granted", "acknowledged", "denied", "withdrawn"):
+            n = counts.get(status, 0)
+            if n:
+                h = height * n / peak
+                y -= h
+                out.append({"day": day, "status": status, "n": n, "x": round(i * step + 1, 2),
+                            "y": round(y, 2), "w": round(max(step - 2, 1), 2), "h": round(h, 2),
+                            "color": STATUS_COLORS[status]})
+    return out
+
+
+# --- sessions and the page wrapper -----------------------------------------------------------
+
+def cookie_serializer(request: Request, db: Session, salt: str) -> Any:
+    """The cookie signer: CONSENT_DASHBOARD_SECRETS (newest last), else a secret derived from
+    the first receipt signing key (kept forever, shared by every process on the database)."""
+    services = request.app.state.services
+    cached = getattr(request.app.state, "dashboard_secrets", None)
+    if cached is None:
+        configured = [str(s) for s in services.settings.dashboard_secrets]
+        if configured:
+            cached = configured
+        else:
+            pem = db.execute(sa.select(SigningKey.private_pem).order_by(SigningKey.created_at).limit(1)).scalar_one()
+            cached = [crypto.derived_secret(pem, "dashboard-cookies")]
+        request.app.state.dashboard_secrets = cached
+    return crypto.serializer(cached, salt)
+
+
+def set_cookie(request: Request, response: Response, name: str, value: str, path: str = "/dashboard") -> None:
+    response.set_cookie(name, value, path=path, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+
+
+def clear_cookie(request: Request, response: Response, name: str) -> None:
+    response.delete_cookie(name, path="/dashboard", httponly=True, samesite="strict",
+                           secure=request.url.scheme == "https")
+
+
+@dataclass
+class Page:
+    """What a dashboard handler gets: the request, its transaction, who is signed in, the form."""
+
+    request: Request
+    db: Session
+    services: Any
+    user: data.SignedIn | None
+    form: FormData | None
+    _tenant: Tenant | None = None
+
+    @property
+    def tenant(self) -> Tenant:
+        assert self.user is not None
+        if self._tenant is None:
+            self._tenant = get_tenant(self.db, self.user.tenant_id)
+        return self._tenant
+
+    def field(self, name: str, limit: int = 2000) -> str:
+        value = self.form.get(name) if self.form is not None else self.request.query_params.get(name)
+        if value is None or isinstance(value, UploadFile):
+            return ""
+        if len(value) > limit:
+            raise ValidationFailed.field(name, f"longer than {limit} characters")
+        return str(value)
+
+    def audit(self, action: str, target: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        assert self.user is not None
+        data.log_event(self.db, self.user.tenant_id, self.user.actor, action, target, detail)
+
+    def render(self, template: str, status: int = 200, **ctx: Any) -> Response:
+        return render(self.request, template, status, user=self.user, tenant=self._tenant, **ctx)
+
+    def require_admin(self) -> None:
+        assert self.user is not None
+        if not self.user.is_admin:
+            raise Forbidden("this action needs the admin role; you are signed in read-only", code="read_only_role")
+
+
+def same_origin(request: Request) -> bool:
+    """A form post from a page of this service (Origin, when the browser sends it, must match)."""
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return origin is None
+    return origin == f"{request.url.scheme}://{request.url.netloc}"
+
+
+def page(*, signed_in: bool = True, write: bool = False, max_bytes: int = 64 * 1024) -> Callable[[Any], Any]:
+    """Wrap ``fn(page) -> Response`` as a dashboard route (see the module docstring)."""
+
+    def deco(fn: Callable[[Page], Response]) -> Any:
+        @functools.wraps(fn)
+        async def handler(request: Request) -> Response:
+            services = request.app.state.services
+            form = None
+            if request.method == "POST":
+                if not same_origin(request):
+                    return error_page(request, CsrfFailed("this form was posted from another site"))
+                length = request.headers.get("content-length")
+                if length and length.isdigit() and int(length) > max_bytes:
+                    return error_page(request, PayloadTooLarge(f"the form may be at most {max_bytes} bytes"))
+                form = await request.form(max_files=1, max_fields=20, max_part_size=max_bytes)
+            raw = request.cookies.get(COOKIE)
+
+            def work() -> Response:
+                with transaction(services.engine, write=write or request.method == "POST") as db:
+                    user = None
+                    if raw:
+                        try:
+                            sid = crypto.loads_token(cookie_serializer(request, db, SESSION_SALT), raw)
+                            user = data.load_session(db, str(sid), idle_seconds=services.settings.dashboard_idle_seconds)
+                        except BadToken:
+                            user = None
+                    if signed_in and user is None:
+                        return sign_in_redirect(request)
+                    if form is not None and user is not None and signed_in:
+                        token = form.get("csrf")
+                        if not isinstance(token, str) or not secrets.compare_digest(token, user.csrf):
+                            raise CsrfFailed("the form's token does not match your session; reload the page")
+                    return fn(Page(request, db, services, user, form))
+
+            try:
+                return await run_in_threadpool(work)
+            except ConsentError as exc:
+                return error_page(request, exc)
+            finally:
+                if form is not None:
+                    await form.close()
+
+        return handler
+
+    return deco
+
+
+def sign_in_redirect(request: Request) -> Response:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    response = RedirectResponse(f"/dashboard/sign-in?next={quote(target, safe='')}", status_code=303)
+    if request.cookies.get(COOKIE):
+        clear_cookie(request, response, COOKIE)
+    return response
+
+
+def error_page(request: Request, exc: ConsentError) -> Response:
+    return render(request, "error.html", exc.status, user=None, tenant=None, error=exc)
+
+
+def safe_next(value: str) -> str:
+    """Only a dashboard path of this service: never an open redirect."""
+    if value.startswith("/dashboard") and not value.startswith("//") and "\\" not in value:
+        return value
+    return "/dashboard"
+
+
+# --- public pages ------------------------------------------------------------------------------
+
+async def landing(request: Request) -> Response:
+    return render(request, "landing.html", user=None, tenant=None, demo=request.app.state.services.settings.demo)
+
+
+async def api_docs(request: Request) -> Response:
+    response = render(request, "docs.html", user=None, tenant=None)
+    response.headers["content-security-policy"] = DOCS_CSP
+    return response
+
+
+# --- sign-in and sign-out --------------------------------------------------------------------
+
+def _signin_form(p: Page, status: int = 200, error: str | None = None) -> Response:
+    pre = p.request.cookies.get(PRE_COOKIE) or secrets.token_urlsafe(16)
+    token = cookie_serializer(p.request, p.db, SIGNIN_SALT).dumps(pre)
+    response = p.render("sign_in.html", status, csrf=token, error=error,
+                        next=safe_next(p.field("next", 500)), tenant_id=p.field("tenant", 40),
+                        email=p.field("email", 320), idle_minutes=p.services.settings.dashboard_idle_seconds // 60)
+    set_cookie(p.request, response, PRE_COOKIE, pre)
+    return response
+
+
+@page(signed_in=False)
+def sign_in_page(p: Page) -> Response:
+    if p.user is not None:
+        return RedirectResponse("/dashboard", status_code=303)
+    return _signin_form(p)
+
+
+@page(signed_in=False, write=True)
+def sign_in(p: Page) -> Response:
+    try:
+        pre = crypto.loads_token(cookie_serializer(p.request, p.db, SIGNIN_SALT), p.field("csrf"), max_age=3600)
+    except BadToken:
+        pre = None
+    if not pre or pre != p.request.cookies.get(PRE_COOKIE):
+        return _signin_form(p, 403, "The sign-in form expired. Please try again.")
+    key, email = p.field("key", 200).strip(), p.field("email", 320).strip()
+    tenant_id = p.field("tenant", 40).strip()
+    if key:
+        principal = authenticate_key(p.db, key)
+        if principal is None or principal.kind != "secret":
+            log.info("dashboard sign-in refused: unknown, revoked or non-secret key")
+            if principal is not None:
+                data.log_event(p.db, principal.tenant_id, f"key:{principal.key_id}", "sign_in_failed",
+                               detail={"reason": "not a secret key"})
+            return _signin_form(p, 401, "That is not a live secret key (sk_…).")
+        tenant_id, actor, role = principal.tenant_id, f"key:{principal.key_id}", "admin"
+        sid = data.start_session(p.db, tenant_id, actor=actor, role=role, key_id=principal.key_id)
+    elif email and tenant_id:
+        if p.db.get(Tenant, tenant_id) is None:
+            crypto.dummy_password_check(p.field("password", 1000))
+            return _signin_form(p, 401, "Wrong tenant, email or password.")
+        user = data.authenticate_user(p.db, tenant_id, email, p.field("password", 1000))
+        if user is None:
+            data.log_event(p.db, tenant_id, f"user:{crypto.normalize_email(email)}", "sign_in_failed",
+                           detail={"reason": "wrong email or password"})
+            return _signin_form(p, 401, "Wrong tenant, email or password.")
+        actor, role = f"user:{user.email}", user.role
+        sid = data.start_session(p.db, tenant_id, actor=actor, role=role, user_id=user.id)
+    else:
+        return _signin_form(p, 422, "Enter a secret key, or your tenant id, email and password.")
+    data.log_event(p.db, tenant_id, actor, "sign_in", detail={"role": role})
+    response = RedirectResponse(safe_next(p.field("next", 500)), status_code=303)
+    set_cookie(p.request, response, COOKIE, cookie_serializer(p.request, p.db, SESSION_SALT).dumps(sid))
+    clear_cookie(p.request, response, PRE_COOKIE)
+    return response
+
+
+@page(write=True)
+def sign_out(p: Page) -> Response:
+    assert p.user is not None
+    data.end_session(p.db, p.user.session_hash)
+    p.audit("sign_out")
+    response = RedirectResponse("/dashboard/sign-in?signed_out=1", status_code=303)
+    clear_cookie(p.request, response, COOKIE)
+    return response
+
+
+# --- signed-in pages -------------------------------------------------------------------------
+
+@page()
+def overview(p: Page) -> Response:
+    ov = data.overview(p.db, p.tenant.id)
+    return p.render("overview.html", ov=ov, nav="overview")
+
+
+@page()
+def people(p: Page) -> Response:
+    q, kind = p.field("q", 320), p.field("kind", 16) or "email"
+    if not q:
+        return p.render("people.html", q="", kind=kind, kinds=data.SEARCH_KINDS, error=None, nav="people")
+    try:
+        subject = data.find_subject(p.db, p.tenant, kind, q)
+    except (NotFound, ValidationFailed) as exc:
+        p.audit("search", detail={"kind": kind, "found": False})
+        return p.render("people.html", 404 if isinstance(exc, NotFound) else 422, q=q, kind=kind,
+                        kinds=data.SEARCH_KINDS, error=exc.detail, nav="people")
+    p.audit("search", subject.id, {"kind": kind, "found": True})
+    return RedirectResponse(f"/dashboard/people/{subject.id}", status_code=303)
+
+
+def _subject(p: Page) -> Any:
+    return data.find_subject(p.db, p.tenant, "subject", str(p.request.path_params["subject"]))
+
+
+@page()
+def person(p: Page) -> Response:
+    view = data.subject_view(p.db, p.tenant, _subject(p))
+    p.audit("view_subject", view.subject.id)
+    return p.render("person.html", view=view, nav="people", erased=p.field("erased", 4) == "1")
+
+
+@page()
+def person_export(p: Page) -> Response:
+    subject = _subject(p)
+    fmt = str(p.request.path_params["fmt"])
+    if fmt not in ("json", "md"):
+        raise NotFound("exports are .json or .md")
+    s = p.services
+    export = rights.access_export(p.db, p.tenant, subject, signer=s.signer, issuer=s.settings.issuer)
+    p.audit("export_subject", subject.id, {"format": fmt})
+    disposition = f'attachment; filename="{subject.id}.{"md" if fmt == "md" else "json"}"'
+    headers = {"Content-Disposition": disposition, "Cache-Control": "no-store"}
+    if fmt == "md":
+        return Response(rights.access_markdown(export), media_type="text/markdown; charset=utf-8", headers=headers)
+    from .http import dumps
+
+    return Response(dumps(export), media_type="application/json", headers=headers)
+
+
+@page(write=True)
+def person_erase(p: Page) -> Response:
+    p.require_admin()
+    subject = _subject(p)
+    if p.field("confirm", 100).strip() != subject.id:
+        raise ValidationFailed.field("confirm", f"type the subject id {subject.id} to confirm the erasure")
+    s = p.services
+    erased, summary = rights.erase(p.db, p.tenant, subject, signer=s.signer, issuer=s.settings.issuer)
+    p.audit("erase_subject", subject.id, {"erased_now": erased, "identifiers_removed": summary["identifiers_removed"]})
+    return RedirectResponse(f"/dashboard/people/{subject.id}?erased=1", status_code=303)
+
+
+@page()
+def verifier(p: Page) -> Response:
+    return p.render("verify.html", nav="verify", receipt=None, export=None, token="")
+
+
+@page(write=True, max_bytes=64 * 1024 * 1024)
+def verify_post(p: Page) -> Response:
+    upload = p.form.get("export") if p.form is not None else None
+    if isinstance(upload, UploadFile) and upload.filename:
+        body = upload.file.read()
+        try:
+            report = data.check_export(p.db, body, p.field("manifest", 4000).strip() or None)
+            result: dict[str, Any] = {"ok": True, "report": report, "name": upload.filename}
+        except VerifyError as exc:
+            result = {"ok": False, "line": exc.line, "problem": exc.message, "name": upload.filename}
+        p.audit("verify_export", upload.filename[:200], {"ok": result["ok"], "bytes": len(body)})
+        return p.render("verify.html", nav="verify", receipt=None, export=result, token="")
+    token = p.field("receipt", 20000)
+    if not token.strip():
+        raise ValidationFailed.field("receipt", "paste a receipt or choose an export file")
+    res = data.check_receipt(p.db, token, p.services.settings.issuer)
+    p.audit("verify_receipt", (res.claims or {}).get("jti"), {"ok": res.ok})
+    return p.render("verify.html", nav="verify", receipt=res, export=None, token=token)
+
+
+@page()
+def audit_trail(p: Page) -> Response:
+    return p.render("audit.html", events=data.recent_events(p.db, p.tenant.id, 100), nav="audit")
+
+
+@page()
+def users(p: Page) -> Response:
+    return p.render("users.html", users=data.list_users(p.db, p.tenant.id), roles=data.ROLES, nav="users",
+                    error=None, created=p.field("created", 320))
+
+
+@page(write=True)
+def users_post(p: Page) -> Response:
+    p.require_admin()
+    try:
+        user = data.create_user(p.db, p.tenant.id, email=p.field("email", 320), password=p.field("password", 1000),
+                                role=p.field("role", 16))
+    except ConsentError as exc:
+        return p.render("users.html", exc.status, users=data.list_users(p.db, p.tenant.id), roles=data.ROLES,
+                        nav="users", error=exc.detail, created="")
+    p.audit("create_user", user.email, {"role": user.role})
+    return RedirectResponse(f"/dashboard/users?created={quote(user.email)}", status_code=303)
