@@ -52,8 +52,8 @@ STATUS_COLORS = {  # chart colours, each at least 4.5:1 against white
 STATUS_LABELS = {"pending_confirmation": "pending"}
 
 
-class CsrfFailed(Forbidden):
-    code, title = "csrf_failed", "Form token missing or wrong"
+def csrf_failed(detail: str) -> Forbidden:
+    return Forbidden(detail, code="csrf_failed")
 
 
 @functools.lru_cache(maxsize=1)
@@ -194,7 +194,7 @@ def page(*, signed_in: bool = True, write: bool = False, max_bytes: int = 64 * 1
             form = None
             if request.method == "POST":
                 if not same_origin(request):
-                    return error_page(request, CsrfFailed("this form was posted from another site"))
+                    return error_page(request, csrf_failed("this form was posted from another site"))
                 length = request.headers.get("content-length")
                 if length and length.isdigit() and int(length) > max_bytes:
                     return error_page(request, PayloadTooLarge(f"the form may be at most {max_bytes} bytes"))
@@ -215,7 +215,7 @@ def page(*, signed_in: bool = True, write: bool = False, max_bytes: int = 64 * 1
                     if form is not None and user is not None and signed_in:
                         token = form.get("csrf")
                         if not isinstance(token, str) or not secrets.compare_digest(token, user.csrf):
-                            raise CsrfFailed("the form's token does not match your session; reload the page")
+                            raise csrf_failed("the form's token does not match your session; reload the page")
                     return fn(Page(request, db, services, user, form))
 
             try:
