@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the live-server and browser fixtures are imported from test_browser)
 """The dashboard in a real headless Chromium (Playwright, Debian's /usr/bin/chromium) against a
 live uvicorn: sign-in with the cookie's flags, charts, search, the verified history, both
 downloads, the verifier with a good and a tampered receipt and an uploaded export, erasure,
@@ -151,10 +152,10 @@ def test_api_reference_renders(live: Live, context: Any) -> None:
     assert not errors, errors
 
 
-def test_read_only_pages_work_without_javascript(live: Live, browser: Any) -> None:  # noqa: F811
+def test_read_only_pages_work_without_javascript(live: Live, browser: Any) -> None:
     if live.backend != "sqlite":
         pytest.skip("runs on SQLite; the end-to-end flow also runs on PostgreSQL")
-    t, ada = populated(live)
+    t, _ = populated(live)
     ctx = browser.new_context(java_script_enabled=False)
     try:
         page = ctx.new_page()
