@@ -152,6 +152,8 @@ routes = [
     Route("/dashboard/people/{subject}/erase", pages.person_erase, methods=["POST"], name="dashboard_erase"),
     Route("/dashboard/verify", pages.verifier, methods=["GET"], name="dashboard_verify_page"),
     Route("/dashboard/verify", pages.verify_post, methods=["POST"], name="dashboard_verify"),
+    Route("/dashboard/policies", pages.policies, methods=["GET"], name="dashboard_policies"),
+    Route("/dashboard/policies", pages.publish_policy, methods=["POST"], name="dashboard_publish_policy"),
     Route("/dashboard/audit", pages.audit_trail, methods=["GET"], name="dashboard_audit"),
     Route("/dashboard/users", pages.users, methods=["GET"], name="dashboard_users"),
     Route("/dashboard/users", pages.users_post, methods=["POST"], name="dashboard_users_create"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,17 +22,29 @@ from urllib.parse import quote
 
 import jinja2
 import sqlalchemy as sa
+from pydantic import ValidationError as PydanticError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from . import __version__, crypto, rights
+from . import __version__, catalog, crypto, rights
 from . import dashboard_data as data
+from .api import KEY_RE
 from .db import transaction
-from .errors import BadToken, ConsentError, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
-from .models import SigningKey, Tenant
+from .errors import (
+    BadToken,
+    Conflict,
+    ConsentError,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    ValidationFailed,
+)
+from .http import validation_errors
+from .models import SigningKey, Tenant, utcnow
+from .schemas import PolicyVersionIn
 from .tenants import authenticate_key, get_tenant
 from .verify import VerifyError
 
@@ -419,6 +432,53 @@ def verify_post(p: Page) -> Response:
     res = data.check_receipt(p.db, token, p.services.settings.issuer)
     p.audit("verify_receipt", (res.claims or {}).get("jti"), {"ok": res.ok})
     return p.render("verify.html", nav="verify", receipt=res, export=None, token=token)
+
+
+def _policies_page(p: Page, status: int = 200, errors: list[dict[str, str]] | None = None,
+                   form: dict[str, Any] | None = None) -> Response:
+    t = p.tenant
+    now = utcnow()
+    return p.render("policies.html", status, nav="policies", rows=data.policy_versions(p.db, t.id, now=now),
+                    purposes=catalog.list_purposes(p.db, t.id), notice_days=t.notice_days,
+                    earliest_material=catalog.earliest_effective(t.notice_days, material=True, now=now),
+                    errors=errors or [], form=form or {"policy": "privacy", "version": "", "document_url": "",
+                                                        "document_sha256": "", "material": False,
+                                                        "effective_at": "", "purposes": []},
+                    published=p.field("published", 64))
+
+
+@page()
+def policies(p: Page) -> Response:
+    return _policies_page(p)
+
+
+@page(write=True)
+def publish_policy(p: Page) -> Response:
+    p.require_admin()
+    assert p.form is not None
+    effective = p.field("effective_at", 40).strip()
+    form = {"policy": p.field("policy", 64).strip() or "privacy", "version": p.field("version", 64).strip(),
+            "document_url": p.field("document_url", 2000).strip(),
+            "document_sha256": p.field("document_sha256", 64).strip().lower(),
+            "material": p.field("material", 4) == "on", "effective_at": effective,
+            "purposes": [str(v) for v in p.form.getlist("purposes")][:100]}
+    body = {k: form[k] for k in ("version", "document_url", "document_sha256", "material", "purposes")}
+    if effective:
+        body["effective_at"] = effective if effective[-1:] in ("Z", "z") or "+" in effective[10:] else effective + "Z"
+    try:
+        if not re.fullmatch(KEY_RE, form["policy"]):
+            raise ValidationFailed.field("policy", "lowercase letters, digits, _ . - (at most 64)")
+        try:
+            spec = PolicyVersionIn.model_validate(body)
+        except PydanticError as exc:
+            raise ValidationFailed(validation_errors(exc)) from None
+        v = catalog.publish_version(p.db, p.tenant.id, p.tenant.notice_days, form["policy"], spec)
+    except (ValidationFailed, Conflict) as exc:
+        errors = getattr(exc, "extra", {}).get("errors") or [{"field": "version", "message": exc.detail}]
+        return _policies_page(p, exc.status, errors, form)
+    p.audit("publish_version", f"{v.policy_key} {v.version}", {"material": v.material,
+                                                               "effective_at": crypto.iso(v.effective_at)})
+    return RedirectResponse(f"/dashboard/policies?published={quote(v.version)}", status_code=303)
 
 
 @page()

@@ -237,6 +237,49 @@ def overview(db: Session, tenant_id: str, *, now: datetime | None = None) -> Ove
                     sorted(days.items())[-30:], withdrawals)
 
 
+# --- policy versions ----------------------------------------------------------------------
+
+@dataclass
+class VersionRow:
+    version: PolicyVersion
+    in_effect: bool
+    # For a material version: choices (subject and purpose) of its purposes made under it or
+    # later (re-consented), still under an earlier version and stale, and notices recorded.
+    reconsented: int = 0
+    stale: int = 0
+    notified: int = 0
+
+
+def policy_versions(db: Session, tenant_id: str, *, now: datetime | None = None) -> list[VersionRow]:
+    """Every version of every policy, newest first, with the material versions' numbers: from
+    the same grouped state counts as the overview, and the ``notified`` records read from the
+    (tenant, recorded_at) index from the version's publication on."""
+    now = now or utcnow()
+    versions = list(db.execute(sa.select(PolicyVersion).where(PolicyVersion.tenant_id == tenant_id)
+                               .order_by(PolicyVersion.policy_key, PolicyVersion.id.desc())).scalars())  # type: ignore[union-attr]
+    rows = [VersionRow(v, v.effective_at <= now) for v in versions]
+    if not any(v.material for v in versions):
+        return rows
+    counts = _state_counts(db, tenant_id, now)
+    for row in rows:
+        v = row.version
+        if not v.material:
+            continue
+        for c in counts:
+            if c.purpose not in v.purposes or c.policy_key != v.policy_key:
+                continue
+            if c.policy_version_id is not None and c.policy_version_id >= v.id:
+                row.reconsented += int(c.n)
+            elif bool(c.stale):
+                row.stale += int(c.n)
+        row.notified = int(db.execute(
+            sa.select(sa.func.count()).select_from(ConsentRecord)
+            .where(ConsentRecord.tenant_id == tenant_id, ConsentRecord.recorded_at >= v.published_at,
+                   ConsentRecord.decision == "notified", ConsentRecord.policy_version_id == v.id)
+        ).scalar_one())
+    return rows
+
+
 # --- one person ----------------------------------------------------------------------------
 
 def find_subject(db: Session, tenant: Tenant, kind: str, value: str) -> Subject:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from starlette.testclient import TestClient
 from consent.app import create_app
 
 from .conftest import settings_for
-from .helpers import Tenant, make_tenant
+from .helpers import DOC_SHA, Tenant, make_tenant
 
 PASSWORD = "correct horse battery staple"
 
@@ -36,7 +37,7 @@ class Browser:
         assert r.status_code == expect, r.text
         return r
 
-    def post(self, path: str, data: dict[str, str] | None = None, *, form_page: str | None = None, **kw: Any) -> Any:
+    def post(self, path: str, data: dict[str, Any] | None = None, *, form_page: str | None = None, **kw: Any) -> Any:
         token = self.csrf(form_page or path)
         return self.c.post(path, data={"csrf": token, **(data or {})}, follow_redirects=False, **kw)
 
@@ -280,3 +281,56 @@ def test_public_pages_and_assets(client: TestClient, path: str) -> None:
         assert "https://" not in re.sub(r'href="https://[^"]*"', "", r.text).split("<body")[0]  # no CDN
         csp = r.headers["content-security-policy"]
         assert "default-src 'none'" in csp and "script-src 'self'" in csp
+
+
+def _cell(html: str, version: str, attr: str) -> int:
+    row = re.search(rf'<tr data-version="{version}">(.*?)</tr>', html, re.DOTALL).group(1)  # type: ignore[union-attr]
+    return int(re.search(rf"<td class=\"num\" {attr}>(\d+)</td>", row).group(1))  # type: ignore[union-attr]
+
+
+def test_policy_versions_with_notified_reconsented_and_stale(client: TestClient) -> None:
+    told = make_tenant(client)
+    for i in range(3):
+        told.record(email=f"n{i}@example.com")
+    soon = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    told.publish("v2", material=True, purposes=["marketing_email"], effective_at=soon)
+    assert told.post("/v1/policies/privacy/versions/v2/notices", json={}).json()["notified"] == 3
+    html = signed_in(told).get("/dashboard/policies").text
+    assert (_cell(html, "v2", "data-notified"), _cell(html, "v2", "data-reconsented"),
+            _cell(html, "v2", "data-stale")) == (3, 0, 0)
+    assert "upcoming" in html
+    t = make_tenant(client)
+    for i in range(3):
+        t.record(email=f"s{i}@example.com")
+    t.publish("v2", material=True, purposes=["marketing_email"])
+    t.record(email="s0@example.com")  # given again under v2
+    html = signed_in(t).get("/dashboard/policies").text
+    assert (_cell(html, "v2", "data-notified"), _cell(html, "v2", "data-reconsented"),
+            _cell(html, "v2", "data-stale")) == (0, 1, 2)
+    assert [t.check(email=f"s{i}@example.com")["status"] for i in range(3)] == ["granted", "stale", "stale"]
+
+
+def test_publish_form_enforces_the_notice_period(client: TestClient) -> None:
+    t = make_tenant(client, notice_days=30)
+    b = signed_in(t)
+    page = b.get("/dashboard/policies").text
+    earliest = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%d")
+    assert re.search(rf"data-earliest>{earliest}", page)
+    form = {"policy": "privacy", "version": "v2", "document_url": "https://acme.test/privacy/v2",
+            "document_sha256": DOC_SHA, "purposes": ["marketing_email", "analytics"], "material": "on",
+            "effective_at": (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")}
+    r = b.post("/dashboard/policies", form)
+    assert r.status_code == 422 and "no sooner than 30 days" in r.text and 'value="v2"' in r.text
+    assert [v["version"] for v in t.get("/v1/policies/privacy/versions").json()["items"]] == ["v1"]
+    r = b.post("/dashboard/policies", {**form, "effective_at": ""})
+    assert r.status_code == 303
+    v2 = t.get("/v1/policies/privacy/versions").json()["items"][0]
+    assert v2["version"] == "v2" and v2["material"] and v2["effective_at"].startswith(earliest)
+    r = b.post("/dashboard/policies", {**form, "effective_at": ""})  # v2 again
+    assert r.status_code == 409
+    r = b.post("/dashboard/policies", {**form, "version": "v3", "material": "", "effective_at": "",
+                                       "purposes": ["nope"]})
+    assert r.status_code == 422 and "unknown purpose" in r.text
+    r = b.post("/dashboard/policies", {**form, "version": "v3", "material": "", "effective_at": ""})
+    assert r.status_code == 303
+    assert "publish_version" in b.get("/dashboard/audit").text
