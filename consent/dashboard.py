@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 
-from . import __version__, catalog, crypto, rights
+from . import __version__, catalog, crypto, exports, rights, webhooks
 from . import dashboard_data as data
 from .api import KEY_RE
 from .db import transaction
@@ -42,7 +42,7 @@ from .errors import (
     PayloadTooLarge,
     ValidationFailed,
 )
-from .http import validation_errors
+from .http import parse_time, validation_errors
 from .models import SigningKey, Tenant, utcnow
 from .schemas import PolicyVersionIn
 from .tenants import authenticate_key, get_tenant
@@ -62,6 +62,7 @@ STATUS_COLORS = {  # chart colours, each at least 4.5:1 against white
     "granted": "#1a7f37", "denied": "#57606a", "withdrawn": "#cf222e", "stale": "#9a6700",
     "pending_confirmation": "#0969da", "acknowledged": "#8250df", "erased": "#24292f",
 }
+EXPORT_MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 STATUS_LABELS = {"pending_confirmation": "pending"}
 
 
@@ -479,6 +480,76 @@ def publish_policy(p: Page) -> Response:
     p.audit("publish_version", f"{v.policy_key} {v.version}", {"material": v.material,
                                                                "effective_at": crypto.iso(v.effective_at)})
     return RedirectResponse(f"/dashboard/policies?published={quote(v.version)}", status_code=303)
+
+
+# --- exports ---------------------------------------------------------------------------------
+
+def _export_filter(p: Page) -> tuple[exports.ExportFilter, str]:
+    """The export form's fields as a filter (the same rules as GET /v1/exports/consents)."""
+    fmt = p.field("format", 8) or "jsonl"
+    if fmt not in exports.FORMATS:
+        raise ValidationFailed.field("format", f"must be one of {', '.join(exports.FORMATS)}")
+    times = {}
+    for name in ("from", "to"):
+        raw = p.field(name, 40).strip()
+        times[name] = parse_time(name, raw if raw[-1:] in ("Z", "z") or "+" in raw[10:] else raw + "Z") if raw else None
+    if times["from"] is not None and times["to"] is not None and times["from"] >= times["to"]:
+        raise ValidationFailed.field("to", "must be after from")
+    purpose = p.field("purpose", 64).strip() or None
+    if purpose is not None and catalog.get_purpose(p.db, p.tenant.id, purpose) is None:
+        raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
+    version = p.field("policy_version", 64).strip() or None
+    return exports.ExportFilter(p.tenant.id, times["from"], times["to"], purpose, version), fmt
+
+
+def _exports_page(p: Page, status: int = 200, error: str | None = None) -> Response:
+    return p.render("exports.html", status, nav="exports", error=error,
+                    recent=data.recent_exports(p.db, p.tenant.id), purposes=catalog.list_purposes(p.db, p.tenant.id))
+
+
+@page()
+def exports_page(p: Page) -> Response:
+    return _exports_page(p)
+
+
+@page(write=True)
+def export_download(p: Page) -> Response:
+    try:
+        flt, fmt = _export_filter(p)
+    except ValidationFailed as exc:
+        return _exports_page(p, exc.status, exc.detail)
+    export_id = exports.new_export_id()
+    p.audit("start_export", export_id, {"format": fmt, **flt.claims()})
+    s = p.services
+    body = exports.stream_export(s.engine, flt, fmt, signer=s.signer, issuer=s.settings.issuer, export_id=export_id)
+    return StreamingResponse(body, media_type=EXPORT_MEDIA[fmt], headers={
+        "Consent-Export-Id": export_id, "Cache-Control": "no-store",
+        "Content-Disposition": f'attachment; filename="consents-{export_id}.{fmt}"'})
+
+
+@page()
+def export_manifest(p: Page) -> Response:
+    m = exports.get_manifest(p.db, p.tenant.id, str(p.request.path_params["export_id"]))
+    if m is None:
+        raise NotFound("no completed export with this id")
+    return Response(m.manifest + "\n", media_type="text/plain; charset=utf-8", headers={
+        "Content-Disposition": f'attachment; filename="{m.id}.manifest.jwt"', "Cache-Control": "no-store"})
+
+
+# --- webhooks --------------------------------------------------------------------------------
+
+@page()
+def webhooks_page(p: Page) -> Response:
+    return p.render("webhooks.html", nav="webhooks", endpoints=data.webhook_overview(p.db, p.tenant.id),
+                    done=p.field("done", 40))
+
+
+@page(write=True)
+def webhook_enable(p: Page) -> Response:
+    p.require_admin()
+    ep = webhooks.enable_endpoint(p.db, p.tenant.id, str(p.request.path_params["webhook_id"]))
+    p.audit("enable_webhook", ep.id, {"url": ep.url})
+    return RedirectResponse(f"/dashboard/webhooks?done={quote(ep.id)}#{ep.id}", status_code=303)
 
 
 @page()

@@ -13,7 +13,7 @@ import jwt
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from . import catalog, checks, crypto, ledger, receipts, verify
+from . import catalog, checks, crypto, ledger, receipts, verify, webhooks
 from .errors import BadToken, Conflict, NotFound, ValidationFailed
 from .models import (
     ApiKey,
@@ -21,6 +21,7 @@ from .models import (
     DashboardEvent,
     DashboardSession,
     DashboardUser,
+    ExportManifest,
     PolicyVersion,
     Subject,
     Tenant,
@@ -278,6 +279,32 @@ def policy_versions(db: Session, tenant_id: str, *, now: datetime | None = None)
                    ConsentRecord.decision == "notified", ConsentRecord.policy_version_id == v.id)
         ).scalar_one())
     return rows
+
+
+# --- exports and webhooks ------------------------------------------------------------------
+
+def recent_exports(db: Session, tenant_id: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The tenant's latest completed exports with their manifests' claims (as signed)."""
+    rows = db.execute(sa.select(ExportManifest).where(ExportManifest.tenant_id == tenant_id)
+                      .order_by(ExportManifest.created_at.desc()).limit(limit)).scalars()  # type: ignore[attr-defined]
+    out = []
+    for m in rows:
+        claims = jwt.decode(m.manifest, options={"verify_signature": False})  # ours, from our table
+        out.append({"row": m, "claims": claims})
+    return out
+
+
+def webhook_overview(db: Session, tenant_id: str, deliveries: int = 10) -> list[dict[str, Any]]:
+    """Each live endpoint with its latest deliveries (status, attempts, latency of the last try)."""
+    out = []
+    for ep in webhooks.list_endpoints(db, tenant_id):
+        items, _ = webhooks.list_deliveries(db, tenant_id, ep.id, limit=deliveries, cursor=None)
+        for d in items:
+            d["latency_ms"] = d["log"][-1]["duration_ms"] if d["log"] else None
+        out.append({"endpoint": ep, "deliveries": items,
+                    "pending": sum(1 for d in items if d["status"] == "pending"),
+                    "failed": sum(1 for d in items if d["status"] == "failed")})
+    return out
 
 
 # --- one person ----------------------------------------------------------------------------

@@ -334,3 +334,63 @@ def test_publish_form_enforces_the_notice_period(client: TestClient) -> None:
     r = b.post("/dashboard/policies", {**form, "version": "v3", "material": "", "effective_at": ""})
     assert r.status_code == 303
     assert "publish_version" in b.get("/dashboard/audit").text
+
+
+def test_exports_page_download_manifest_and_isolation(client: TestClient) -> None:
+    from consent import crypto, verify
+
+    t, other = make_tenant(client), make_tenant(client)
+    t.record(email="e1@example.com")
+    t.record("analytics", "denied", email="e1@example.com")
+    t.record(email="e2@example.com")
+    b = signed_in(t)
+    r = b.get("/dashboard/exports/download", params={"format": "jsonl", "purpose": "", "policy_version": "",
+                                                     "from": "", "to": ""})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+    keys = crypto.KeySet(client.get("/.well-known/jwks.json").json())
+    report = verify.verify_jsonl(r.content.splitlines(keepends=True), keys)
+    assert report.records == 3 and report.subjects == 2
+    r = b.get("/dashboard/exports/download", params={"format": "csv", "purpose": "analytics"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    export_id = r.headers["consent-export-id"]
+    manifest = b.get(f"/dashboard/exports/{export_id}/manifest").text.strip()
+    assert manifest == t.get(f"/v1/exports/{export_id}/manifest").json()["manifest"]
+    assert verify.verify_csv(r.content.splitlines(keepends=True), keys, manifest).records == 1
+    page = b.get("/dashboard/exports").text
+    assert page.count("data-export=") == 2 and "purpose=analytics" in page and "partial" in page
+    r = b.get("/dashboard/exports/download", params={"format": "jsonl", "from": "2026-02-01T00:00",
+                                                     "to": "2026-01-01T00:00"})
+    assert r.status_code == 422 and "must be after from" in r.text
+    assert b.get("/dashboard/exports/download", params={"format": "xml"}).status_code == 422
+    ob = signed_in(other)
+    assert ob.get(f"/dashboard/exports/{export_id}/manifest").status_code == 404
+    assert export_id not in ob.get("/dashboard/exports").text
+    mine = ob.get("/dashboard/exports/download", params={"format": "jsonl"})
+    assert t.id not in mine.text and b"e1@example.com" not in mine.content
+    assert "start_export" in b.get("/dashboard/audit").text
+
+
+def test_webhooks_page_and_enable(client: TestClient) -> None:
+    import sqlalchemy as sa
+
+    from consent.models import WebhookEndpoint
+
+    t, other = make_tenant(client), make_tenant(client)
+    ep = t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}).json()
+    t.record(email="hook@example.com")
+    # what the delivery worker does after too many failures in a row
+    with client.app.state.services.engine.begin() as conn:  # type: ignore[attr-defined]
+        conn.execute(sa.update(WebhookEndpoint).where(WebhookEndpoint.id == ep["id"]).values(
+            enabled=False, consecutive_failures=30, disabled_reason="30 failed attempts in a row"))
+    b = signed_in(t)
+    page = b.get("/dashboard/webhooks").text
+    assert "http://127.0.0.1:9/hook" in page and "disabled" in page and "consent.granted" in page
+    assert "Enable and retry pending deliveries" in page
+    ob = signed_in(other)
+    assert ob.post(f"/dashboard/webhooks/{ep['id']}/enable", form_page="/dashboard/webhooks").status_code == 404
+    assert "127.0.0.1:9/hook" not in ob.get("/dashboard/webhooks").text
+    assert t.get(f"/v1/webhooks/{ep['id']}").json()["enabled"] is False
+    r = b.post(f"/dashboard/webhooks/{ep['id']}/enable", form_page="/dashboard/webhooks")
+    assert r.status_code == 303
+    assert t.get(f"/v1/webhooks/{ep['id']}").json()["enabled"] is True
+    assert "enable_webhook" in b.get("/dashboard/audit").text
