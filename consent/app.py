@@ -161,6 +161,8 @@ routes = [
     Route("/dashboard/webhooks", pages.webhooks_page, methods=["GET"], name="dashboard_webhooks"),
     Route("/dashboard/webhooks/{webhook_id}/enable", pages.webhook_enable, methods=["POST"],
           name="dashboard_webhook_enable"),
+    Route("/dashboard/settings", pages.settings_page, methods=["GET"], name="dashboard_settings"),
+    Route("/dashboard/settings/keys/rotate", pages.rotate_keys, methods=["POST"], name="dashboard_rotate_keys"),
     Route("/dashboard/audit", pages.audit_trail, methods=["GET"], name="dashboard_audit"),
     Route("/dashboard/users", pages.users, methods=["GET"], name="dashboard_users"),
     Route("/dashboard/users", pages.users_post, methods=["POST"], name="dashboard_users_create"),

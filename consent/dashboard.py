@@ -11,6 +11,7 @@ timeout end it in every process. The cookie is HttpOnly, SameSite=Strict, Secure
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -29,7 +30,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 
-from . import __version__, catalog, crypto, exports, rights, webhooks
+from . import __version__, catalog, crypto, exports, receipts, rights, tenants, webhooks
 from . import dashboard_data as data
 from .api import KEY_RE
 from .db import transaction
@@ -160,6 +161,8 @@ class Page:
     services: Any
     user: data.SignedIn | None
     form: FormData | None
+    deferred: bool = False  # a read-only page: audit entries are written after its transaction
+    events: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     _tenant: Tenant | None = None
 
     @property
@@ -179,7 +182,11 @@ class Page:
 
     def audit(self, action: str, target: str | None = None, detail: dict[str, Any] | None = None) -> None:
         assert self.user is not None
-        data.log_event(self.db, self.user.tenant_id, self.user.actor, action, target, detail)
+        event = (self.user.tenant_id, self.user.actor, action, target, detail)
+        if self.deferred:
+            self.events.append(event)
+        else:
+            data.log_event(self.db, *event)
 
     def render(self, template: str, status: int = 200, **ctx: Any) -> Response:
         return render(self.request, template, status, user=self.user, tenant=self._tenant, **ctx)
@@ -216,8 +223,13 @@ def page(*, signed_in: bool = True, write: bool = False, max_bytes: int = 64 * 1
                 form = await request.form(max_files=1, max_fields=20, max_part_size=max_bytes)
             raw = request.cookies.get(COOKIE)
 
+            writes = write or request.method == "POST"
+
             def work() -> Response:
-                with transaction(services.engine, write=write or request.method == "POST") as db:
+                # Read-only pages read in a read transaction and write their audit entries and
+                # the session's last-seen time after it, in a short write transaction: on SQLite a
+                # read that turns into a write fails at once when another writer got in between.
+                with transaction(services.engine, write=writes) as db:
                     user = None
                     if raw:
                         try:
@@ -231,7 +243,17 @@ def page(*, signed_in: bool = True, write: bool = False, max_bytes: int = 64 * 1
                         token = form.get("csrf")
                         if not isinstance(token, str) or not secrets.compare_digest(token, user.csrf):
                             raise csrf_failed("the form's token does not match your session; reload the page")
-                    return fn(Page(request, db, services, user, form))
+                    pg = Page(request, db, services, user, form, deferred=not writes)
+                    response = fn(pg)
+                    if writes and user is not None and user.stale_seen:
+                        data.touch_session(db, user.session_hash)
+                if pg.events or (not writes and user is not None and user.stale_seen):
+                    with transaction(services.engine, write=True) as db:
+                        for event in pg.events:
+                            data.log_event(db, *event)
+                        if not writes and user is not None and user.stale_seen:
+                            data.touch_session(db, user.session_hash)
+                return response
 
             try:
                 return await run_in_threadpool(work)
@@ -550,6 +572,37 @@ def webhook_enable(p: Page) -> Response:
     ep = webhooks.enable_endpoint(p.db, p.tenant.id, str(p.request.path_params["webhook_id"]))
     p.audit("enable_webhook", ep.id, {"url": ep.url})
     return RedirectResponse(f"/dashboard/webhooks?done={quote(ep.id)}#{ep.id}", status_code=303)
+
+
+# --- settings --------------------------------------------------------------------------------
+
+def _settings_page(p: Page, new_keys: dict[str, str] | None = None) -> Response:
+    return p.render("settings.html", nav="settings", keys=data.api_keys(p.db, p.tenant.id), new_keys=new_keys or {},
+                    jwks=receipts.jwks(p.db)["keys"])
+
+
+@page()
+def settings_page(p: Page) -> Response:
+    return _settings_page(p)
+
+
+@page(write=True)
+def rotate_keys(p: Page) -> Response:
+    """New keys, shown once on this answer (never in a URL); a session signed in with the
+    secret key it replaces moves to the new one, so rotating does not sign you out."""
+    p.require_admin()
+    kind = p.field("kind", 16)
+    if kind not in ("secret", "publishable", "both"):
+        raise ValidationFailed.field("kind", "must be secret, publishable or both")
+    kinds = ["secret", "publishable"] if kind == "both" else [kind]
+    new = tenants.rotate_keys(p.db, p.tenant.id, kinds)
+    assert p.user is not None
+    if "secret" in new and p.user.actor.startswith("key:"):
+        principal = authenticate_key(p.db, new["secret"])
+        assert principal is not None
+        data.rebind_session(p.db, p.user.session_hash, principal.key_id)
+    p.audit("rotate_keys", None, {"kinds": kinds})
+    return _settings_page(p, new)
 
 
 @page()

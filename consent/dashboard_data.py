@@ -88,6 +88,7 @@ class SignedIn:
     role: str
     csrf: str
     session_hash: str
+    stale_seen: bool = False  # last seen long enough ago to be written again
 
     @property
     def is_admin(self) -> bool:
@@ -108,13 +109,10 @@ def start_session(db: Session, tenant_id: str, *, actor: str, role: str, key_id:
 
 def load_session(db: Session, raw: str, *, idle_seconds: int) -> SignedIn | None:
     """The live session with this id: not ended, not idle too long, its key not revoked and
-    its user not disabled; its last-seen time moves on."""
+    its user not disabled. Reads only (``touch_session`` moves its last-seen time)."""
     row = db.get(DashboardSession, crypto.hash_token(raw))
     now = utcnow()
-    if row is None or row.ended_at is not None:
-        return None
-    if now - row.last_seen_at > timedelta(seconds=idle_seconds):
-        row.ended_at = now
+    if row is None or row.ended_at is not None or now - row.last_seen_at > timedelta(seconds=idle_seconds):
         return None
     if row.key_id is not None and db.execute(sa.select(ApiKey.id).where(
             ApiKey.id == row.key_id, ApiKey.revoked_at.is_(None))).first() is None:  # type: ignore[union-attr]
@@ -122,9 +120,27 @@ def load_session(db: Session, raw: str, *, idle_seconds: int) -> SignedIn | None
     if row.user_id is not None and db.execute(sa.select(DashboardUser.id).where(
             DashboardUser.id == row.user_id, DashboardUser.disabled_at.is_(None))).first() is None:  # type: ignore[union-attr]
         return None
-    if now - row.last_seen_at > TOUCH_EVERY:
-        row.last_seen_at = now
-    return SignedIn(row.tenant_id, row.actor, row.role, row.csrf, row.id_hash)
+    return SignedIn(row.tenant_id, row.actor, row.role, row.csrf, row.id_hash,
+                    stale_seen=now - row.last_seen_at > TOUCH_EVERY)
+
+
+def touch_session(db: Session, session_hash: str) -> None:
+    """The session was used now: its idle timeout starts again."""
+    db.execute(sa.update(DashboardSession).where(DashboardSession.id_hash == session_hash)
+               .values(last_seen_at=utcnow()))
+
+
+def rebind_session(db: Session, session_hash: str, key_id: str) -> None:
+    """The session goes on under a new key of its tenant (the one that replaced its own)."""
+    row = db.get(DashboardSession, session_hash)
+    if row is not None:
+        row.key_id, row.actor = key_id, f"key:{key_id}"
+
+
+def api_keys(db: Session, tenant_id: str) -> list[ApiKey]:
+    """The tenant's keys (prefix and dates only; the keys themselves are never stored)."""
+    return list(db.execute(sa.select(ApiKey).where(ApiKey.tenant_id == tenant_id)
+                           .order_by(ApiKey.created_at.desc())).scalars())
 
 
 def end_session(db: Session, session_hash: str) -> None:

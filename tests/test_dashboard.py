@@ -394,3 +394,17 @@ def test_webhooks_page_and_enable(client: TestClient) -> None:
     assert r.status_code == 303
     assert t.get(f"/v1/webhooks/{ep['id']}").json()["enabled"] is True
     assert "enable_webhook" in b.get("/dashboard/audit").text
+
+
+def test_settings_rotate_keys_keeps_the_session(tenant: Tenant) -> None:
+    b = signed_in(tenant)
+    page = b.get("/dashboard/settings").text
+    assert tenant.id in page and tenant.secret_key[:7] in page and tenant.secret_key not in page
+    r = b.post("/dashboard/settings/keys/rotate", {"kind": "secret"}, form_page="/dashboard/settings")
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    new = re.search(r'data-new-key="secret">([^<]+)<', r.text).group(1)  # type: ignore[union-attr]
+    assert tenant.get("/v1/tenant").status_code == 401  # the old key stopped at once
+    assert tenant.client.get("/v1/tenant", headers={"Authorization": f"Bearer {new}"}).status_code == 200
+    assert b.get("/dashboard").status_code == 200  # still signed in, now under the new key
+    assert "rotate_keys" in b.get("/dashboard/audit").text
+    assert b.post("/dashboard/settings/keys/rotate", {"kind": "all"}, form_page="/dashboard/settings").status_code == 422

@@ -30,6 +30,8 @@ def shot(page: Any, live: Live, name: str) -> None:
 
 def populated(live: Live) -> tuple[Tenant, dict[str, Any]]:
     t = live.tenant()
+    assert t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["consent.withdrawn"],
+                                        "description": "stop marketing mail"}).status_code == 201
     ada = t.record(email="ada@example.com", user_id="u-ada")
     t.record("analytics", "granted", email="ada@example.com")
     t.record(decision="withdrawn", email="ada@example.com")
@@ -124,11 +126,30 @@ def test_dashboard_end_to_end(live: Live, context: Any, tmp_path: Path) -> None:
     assert "ada@example.com" not in page.content()
     shot(page, live, "person-erased")
 
+    page.get_by_role("link", name="Policies").click()
+    assert page.locator("tr[data-version=v1]").count() == 1
+    assert page.locator("[data-earliest]").inner_text()
+    shot(page, live, "policies")
+    page.get_by_role("link", name="Exports").click()
+    page.get_by_label("Purpose").select_option("marketing_email")
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download export").click()
+    assert b'"purpose":"marketing_email"' in Path(dl.value.path()).read_bytes()
+    page.goto(live.api + "/dashboard/exports")
+    assert page.locator("tr[data-export]").count() == 2  # this one and the one uploaded above
+    assert "purpose=marketing_email" in page.locator("tr[data-export]").first.inner_text()
+    shot(page, live, "exports")
+    page.get_by_role("link", name="Webhooks").click()
+    shot(page, live, "webhooks")
+    page.get_by_role("link", name="Settings").click()
+    assert t.id in page.locator("main").inner_text()
+    shot(page, live, "settings")
     page.get_by_role("link", name="Users").click()
     shot(page, live, "users")
     page.get_by_role("link", name="Audit trail").click()
     trail = page.locator("main").inner_text()
-    assert all(a in trail for a in ("sign_in", "search", "export_subject", "verify_receipt", "erase_subject"))
+    assert all(a in trail for a in ("sign_in", "search", "export_subject", "verify_receipt", "erase_subject",
+                                    "start_export"))
     shot(page, live, "audit")
 
     # sign-out: the cookie is gone and the pages need a sign-in again
