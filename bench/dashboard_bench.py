@@ -31,10 +31,14 @@ import ledger
 
 from consent import db
 from consent.app import create_app
+from consent.models import TABLES
 from consent.settings import Settings
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 BAR_MS = 200.0
+# Explicit actions, timed too but not page views: the overview's refresh computes the aggregate
+# that page views then read (also run after a view finds it older than its maximum age).
+ACTIONS = ("overview refresh",)
 
 
 def pg_database(name: str, *, drop: bool = False) -> str:
@@ -69,6 +73,9 @@ def ledgers(subjects: int, backends: list[str]) -> dict[str, dict]:
         print(f"  built in {time.monotonic() - t:.0f} s", flush=True)
     for b in backends:
         db.migrate(metas[b]["url"])
+        engine = db.create_db_engine(metas[b]["url"])
+        TABLES.create_all(engine)  # tables of the current models a cached ledger lacks (only those)
+        engine.dispose()
         ledger.vacuum(metas[b]["url"])
     return metas
 
@@ -91,6 +98,11 @@ def measure(url: str, meta: dict, runs: int) -> dict[str, list[float]]:
         receipt = re.search(r'aria-label="Receipt of [^"]+">([^<]+)<', page).group(1)  # type: ignore[union-attr]
         pages = {
             "overview": lambda: c.get("/dashboard"),
+            "overview refresh": lambda: c.post("/dashboard/refresh", data={"csrf": csrf}, follow_redirects=False),
+            "policies": lambda: c.get("/dashboard/policies"),
+            "exports": lambda: c.get("/dashboard/exports"),
+            "webhooks": lambda: c.get("/dashboard/webhooks"),
+            "settings": lambda: c.get("/dashboard/settings"),
             "search": lambda: c.get("/dashboard/people", params={"kind": "email", "q": email}, follow_redirects=False),
             "person": lambda: c.get(person),
             "export.json": lambda: c.get(person + "/export.json"),
@@ -133,8 +145,10 @@ def main() -> None:
         print(f"  {'page':<18} {'median ms':>10} {'max ms':>10}")
         for name, samples in measure(meta["url"], meta, args.runs).items():
             med, top = statistics.median(samples), max(samples)
-            worst = max(worst, med)
-            print(f"  {name:<18} {med:>10.1f} {top:>10.1f}{'  OVER' if med > BAR_MS else ''}")
+            if name not in ACTIONS:
+                worst = max(worst, med)
+            over = "  OVER" if med > BAR_MS and name not in ACTIONS else ""
+            print(f"  {name:<18} {med:>10.1f} {top:>10.1f}{over}{'  (an action, not a page view)' if name in ACTIONS else ''}")
     print(f"\nslowest median {worst:.1f} ms (bar {BAR_MS:.0f} ms)")
 
 

@@ -142,6 +142,7 @@ routes = [
     Route("/docs", pages.api_docs, methods=["GET"], name="api_docs"),
     Mount("/static", app=StaticFiles(packages=[("consent", "static")]), name="static"),
     Route("/dashboard", pages.overview, methods=["GET"], name="dashboard"),
+    Route("/dashboard/refresh", pages.refresh_overview, methods=["POST"], name="dashboard_refresh"),
     Route("/dashboard/sign-in", pages.sign_in_page, methods=["GET"], name="dashboard_sign_in_page"),
     Route("/dashboard/sign-in", pages.sign_in, methods=["POST"], name="dashboard_sign_in"),
     Route("/dashboard/sign-out", pages.sign_out, methods=["POST"], name="dashboard_sign_out"),

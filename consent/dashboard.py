@@ -25,6 +25,7 @@ import jinja2
 import sqlalchemy as sa
 from pydantic import ValidationError as PydanticError
 from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
@@ -161,8 +162,8 @@ class Page:
     services: Any
     user: data.SignedIn | None
     form: FormData | None
-    deferred: bool = False  # a read-only page: audit entries are written after its transaction
-    events: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    deferred: bool = False  # a read-only page: its writes run after its transaction
+    later: list[Callable[[Session], None]] = dataclasses.field(default_factory=list)
     _tenant: Tenant | None = None
 
     @property
@@ -183,10 +184,14 @@ class Page:
     def audit(self, action: str, target: str | None = None, detail: dict[str, Any] | None = None) -> None:
         assert self.user is not None
         event = (self.user.tenant_id, self.user.actor, action, target, detail)
+        self.write(lambda db: data.log_event(db, *event))
+
+    def write(self, fn: Callable[[Session], None]) -> None:
+        """Run a write in this page's transaction, or (read-only page) in one right after it."""
         if self.deferred:
-            self.events.append(event)
+            self.later.append(fn)
         else:
-            data.log_event(self.db, *event)
+            fn(self.db)
 
     def render(self, template: str, status: int = 200, **ctx: Any) -> Response:
         return render(self.request, template, status, user=self.user, tenant=self._tenant, **ctx)
@@ -247,10 +252,10 @@ def page(*, signed_in: bool = True, write: bool = False, max_bytes: int = 64 * 1
                     response = fn(pg)
                     if writes and user is not None and user.stale_seen:
                         data.touch_session(db, user.session_hash)
-                if pg.events or (not writes and user is not None and user.stale_seen):
+                if pg.later or (not writes and user is not None and user.stale_seen):
                     with transaction(services.engine, write=True) as db:
-                        for event in pg.events:
-                            data.log_event(db, *event)
+                        for later in pg.later:
+                            later(db)
                         if not writes and user is not None and user.stale_seen:
                             data.touch_session(db, user.session_hash)
                 return response
@@ -372,8 +377,49 @@ def sign_out(p: Page) -> Response:
 
 @page()
 def overview(p: Page) -> Response:
-    ov = data.overview(p.db, p.tenant.id)
-    return p.render("overview.html", ov=ov, nav="overview")
+    """The numbers as last computed (one row); older than CONSENT_DASHBOARD_OVERVIEW_SECONDS,
+    they are recomputed after this answer is sent, so no page view waits for the aggregate."""
+    tenant_id, services = p.tenant.id, p.services
+    ov = data.stored_overview(p.db, tenant_id)
+    refresh = None
+    if ov is None:
+        ov = data.overview(p.db, tenant_id)
+        computed = ov
+        p.write(lambda db: data.store_overview(db, tenant_id, computed))
+    elif (utcnow() - ov.computed_at).total_seconds() > services.settings.dashboard_overview_seconds:
+        refresh = _background_refresh(p.request, tenant_id)
+    response = p.render("overview.html", ov=ov, nav="overview", max_age=services.settings.dashboard_overview_seconds)
+    response.background = refresh
+    return response
+
+
+def _background_refresh(request: Request, tenant_id: str) -> BackgroundTask | None:
+    """Recompute a tenant's overview after the answer (at most one at a time per process)."""
+    state = request.app.state
+    running: set[str] = getattr(state, "dashboard_refreshing", None) or set()
+    state.dashboard_refreshing = running
+    if tenant_id in running:
+        return None
+    running.add(tenant_id)
+    engine = request.app.state.services.engine
+
+    def run() -> None:
+        try:
+            with transaction(engine) as db:
+                ov = data.overview(db, tenant_id)
+            with transaction(engine, write=True) as db:
+                data.store_overview(db, tenant_id, ov)
+        finally:
+            running.discard(tenant_id)
+
+    return BackgroundTask(run)
+
+
+@page(write=True)
+def refresh_overview(p: Page) -> Response:
+    data.store_overview(p.db, p.tenant.id, data.overview(p.db, p.tenant.id))
+    p.audit("refresh_overview")
+    return RedirectResponse("/dashboard", status_code=303)
 
 
 @page()

@@ -19,6 +19,7 @@ from .models import (
     ApiKey,
     ConsentRecord,
     DashboardEvent,
+    DashboardRollup,
     DashboardSession,
     DashboardUser,
     ExportManifest,
@@ -204,6 +205,22 @@ class Overview:
     gpc: int  # of those, made under Global Privacy Control
     per_day: list[tuple[str, dict[str, int]]]  # (date, decision -> count), oldest first
     withdrawals: list[dict[str, Any]]
+    computed_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"purposes": [{"key": p.key, "title": p.title, "kind": p.kind, "totals": p.totals,
+                              "versions": [{"version": v.version, "counts": v.counts} for v in p.versions]}
+                             for p in self.purposes],
+                "window": self.window, "gpc": self.gpc, "per_day": self.per_day,
+                "withdrawals": [{**w, "recorded_at": w["recorded_at"].isoformat()} for w in self.withdrawals]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], computed_at: datetime) -> Overview:
+        purposes = [PurposeOverview(p["key"], p["title"], p["kind"],
+                                    [VersionCounts(v["version"], v["counts"]) for v in p["versions"]], p["totals"])
+                    for p in d["purposes"]]
+        withdrawals = [{**w, "recorded_at": datetime.fromisoformat(w["recorded_at"])} for w in d["withdrawals"]]
+        return cls(purposes, d["window"], d["gpc"], [(day, c) for day, c in d["per_day"]], withdrawals, computed_at)
 
 
 def _state_counts(db: Session, tenant_id: str, now: datetime) -> list[Any]:
@@ -251,7 +268,25 @@ def overview(db: Session, tenant_id: str, *, now: datetime | None = None) -> Ove
         day[r.decision] = day.get(r.decision, 0) + 1
     withdrawals = [r._asdict() for r in recent if r.decision == "withdrawn"][:10]
     return Overview(purposes, len(recent), sum(1 for r in recent if r.source == "gpc"),
-                    sorted(days.items())[-30:], withdrawals)
+                    sorted(days.items())[-30:], withdrawals, now)
+
+
+def stored_overview(db: Session, tenant_id: str) -> Overview | None:
+    """The tenant's overview as last computed (one row by primary key), or None."""
+    row = db.get(DashboardRollup, tenant_id)
+    return Overview.from_json(row.data, row.computed_at) if row is not None else None
+
+
+def store_overview(db: Session, tenant_id: str, ov: Overview) -> None:
+    """Keep a computed overview for the page views that follow (a newer one is never replaced)."""
+    row = db.get(DashboardRollup, tenant_id)
+    if row is not None and row.computed_at >= ov.computed_at:
+        return
+    if row is None:
+        db.add(DashboardRollup(tenant_id=tenant_id, computed_at=ov.computed_at, data=ov.to_json()))
+    else:
+        row.computed_at, row.data = ov.computed_at, ov.to_json()
+    db.flush()
 
 
 # --- policy versions ----------------------------------------------------------------------

@@ -433,6 +433,16 @@ class DashboardSession(SQLModel, table=True):
     ended_at: datetime | None = ts(nullable=True)
 
 
+class DashboardRollup(SQLModel, table=True):
+    """The overview's numbers per tenant, as of ``computed_at``: a page view reads this row; the
+    dashboard recomputes it (from consent_state's index) when it is older than its maximum age."""
+
+    __tablename__ = "dashboard_rollup"
+    tenant_id: str = Field(sa_column=sa.Column(sa.String(40), sa.ForeignKey("tenant.id"), primary_key=True))
+    computed_at: datetime = ts()
+    data: dict[str, Any] = jsoncol()
+
+
 class DashboardEvent(SQLModel, table=True):
     """The dashboard's audit trail: every sign-in (failed ones too) and every action."""
 

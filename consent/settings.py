@@ -48,6 +48,7 @@ class Settings:
     # dashboard (issue 26): cookie signing secrets (newest last; empty: derived) and idle timeout
     dashboard_secrets: tuple[Secret, ...] = ()
     dashboard_idle_seconds: int = 1800
+    dashboard_overview_seconds: int = 60
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -94,6 +95,7 @@ class Settings:
                                     str(config("CONSENT_DASHBOARD_SECRETS", cast=Secret, default="")).split(",")
                                     if s.strip()),
             dashboard_idle_seconds=config("CONSENT_DASHBOARD_IDLE_SECONDS", cast=int, default=1800),
+            dashboard_overview_seconds=config("CONSENT_DASHBOARD_OVERVIEW_SECONDS", cast=int, default=60),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:

@@ -228,6 +228,7 @@ def test_overview_counts_match_the_checks(tenant: Tenant) -> None:
     html = b.get("/dashboard").text
     assert re.search(r'data-opt-in="marketing_email">60\.0 %', html), html
     tenant.publish("v2", material=True, purposes=["strictly_necessary", "marketing_email", "analytics"])
+    assert b.post("/dashboard/refresh", form_page="/dashboard").status_code == 303
     html = b.get("/dashboard").text
     # every current grant of v1 is stale now: exactly what the checks answer
     statuses = [tenant.check(email=e)["status"] for e in
@@ -240,6 +241,27 @@ def test_overview_counts_match_the_checks(tenant: Tenant) -> None:
     assert nums == [statuses.count(s) for s in order] + [5]
     assert "<svg" in html and 'role="img"' in html
     assert "Latest withdrawals" in html and "w@example.com" not in html  # subject ids, never identifiers
+
+
+def test_overview_numbers_are_kept_until_refreshed(tenant: Tenant, db_url: str) -> None:
+    tenant.record(email="one@example.com")
+    b = signed_in(tenant)
+    first = b.get("/dashboard").text
+    stamp = re.search(r'data-computed-at="([^"]+)"', first).group(1)  # type: ignore[union-attr]
+    assert re.search(r'data-opt-in="marketing_email">100\.0 %', first)
+    tenant.record(decision="denied", email="two@example.com")
+    kept = b.get("/dashboard").text
+    assert f'data-computed-at="{stamp}"' in kept and re.search(r'data-opt-in="marketing_email">100\.0 %', kept)
+    assert b.post("/dashboard/refresh", form_page="/dashboard").status_code == 303
+    assert re.search(r'data-opt-in="marketing_email">50\.0 %', b.get("/dashboard").text)
+    assert "refresh_overview" in b.get("/dashboard/audit").text
+    # older than CONSENT_DASHBOARD_OVERVIEW_SECONDS: served, then recomputed after the answer
+    tenant.record(decision="denied", email="three@example.com")
+    with TestClient(create_app(settings_for(db_url, dashboard_overview_seconds=0))) as c:
+        other = Browser(c)
+        other.sign_in(key=tenant.secret_key)
+        assert re.search(r'data-opt-in="marketing_email">50\.0 %', other.get("/dashboard").text)
+        assert re.search(r'data-opt-in="marketing_email">33\.3 %', other.get("/dashboard").text)
 
 
 def test_no_page_or_download_shows_another_tenants_data(client: TestClient) -> None:

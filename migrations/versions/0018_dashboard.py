@@ -1,8 +1,8 @@
 """The dashboard's users, sessions and audit trail
 
 ``dashboard_user`` (email, argon2 password hash, role), ``dashboard_session`` (the signed
-cookie names one; ending it signs out everywhere) and ``dashboard_event`` (sign-ins and every
-dashboard action, per tenant). New tables only: no existing data moves.
+cookie names one; ending it signs out everywhere), ``dashboard_event`` (sign-ins and every
+dashboard action, per tenant) and ``dashboard_rollup`` (the overview's numbers per tenant). New tables only: no existing data moves.
 
 Revision ID: 0018
 Revises: 0012
@@ -56,6 +56,14 @@ def upgrade() -> None:
     )
     op.create_index("ix_dashboard_session_tenant_id", "dashboard_session", ["tenant_id"])
     op.create_table(
+        "dashboard_rollup",
+        sa.Column("tenant_id", sa.String(40), nullable=False),
+        sa.Column("computed_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("data", sa.JSON(), nullable=False),
+        sa.ForeignKeyConstraint(["tenant_id"], ["tenant.id"], name="fk_dashboard_rollup_tenant_id_tenant"),
+        sa.PrimaryKeyConstraint("tenant_id", name="pk_dashboard_rollup"),
+    )
+    op.create_table(
         "dashboard_event",
         sa.Column("id", BigInt, autoincrement=True, nullable=False),
         sa.Column("tenant_id", AutoString(40), nullable=False),
@@ -73,6 +81,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_dashboard_event_tenant_id_id", table_name="dashboard_event")
     op.drop_table("dashboard_event")
+    op.drop_table("dashboard_rollup")
     op.drop_index("ix_dashboard_session_tenant_id", table_name="dashboard_session")
     op.drop_table("dashboard_session")
     op.drop_table("dashboard_user")
