@@ -16,8 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import api, api_audit, api_snippet, db, fastcheck, fastrecord, ratelimit, receipts, webhooks
@@ -140,7 +139,7 @@ routes = [
     # --- dashboard (issue 26, consent/dashboard.py): HTML pages, session cookie, assets ---
     Route("/", pages.landing, methods=["GET"], name="landing"),
     Route("/docs", pages.api_docs, methods=["GET"], name="api_docs"),
-    Mount("/static", app=StaticFiles(packages=[("consent", "static")]), name="static"),
+    Route("/static/{path:path}", pages.static_asset, methods=["GET"], name="static"),
     Route("/dashboard", pages.overview, methods=["GET"], name="dashboard"),
     Route("/dashboard/refresh", pages.refresh_overview, methods=["POST"], name="dashboard_refresh"),
     Route("/dashboard/sign-in", pages.sign_in_page, methods=["GET"], name="dashboard_sign_in_page"),

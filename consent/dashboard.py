@@ -28,8 +28,10 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.staticfiles import StaticFiles
 
 from . import __version__, catalog, crypto, exports, receipts, rights, tenants, webhooks
 from . import dashboard_data as data
@@ -290,6 +292,21 @@ def safe_next(value: str) -> str:
     if value.startswith("/dashboard") and not value.startswith("//") and "\\" not in value:
         return value
     return "/dashboard"
+
+
+@functools.lru_cache(maxsize=1)
+def _static_files() -> StaticFiles:
+    return StaticFiles(packages=[("consent", "static")])
+
+
+async def static_asset(request: Request) -> Response:
+    """The package's stylesheet, scripts and icon (ETag, Last-Modified; 404 for anything else)."""
+    try:
+        return await _static_files().get_response(str(request.path_params["path"]), request.scope)
+    except HTTPException as exc:
+        if exc.status_code == 404:
+            raise NotFound("no such asset") from None
+        raise
 
 
 # --- public pages ------------------------------------------------------------------------------
