@@ -44,9 +44,10 @@ from .errors import (
     Forbidden,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
     ValidationFailed,
 )
-from .http import parse_time, validation_errors
+from .http import parse_time, problem_response, validation_errors
 from .models import SigningKey, Tenant, utcnow
 from .schemas import PolicyVersionIn
 from .tenants import authenticate_key, get_tenant
@@ -223,10 +224,11 @@ def page(*, signed_in: bool = True, write: bool = False, max_bytes: int = 64 * 1
             form = None
             if request.method == "POST":
                 if not same_origin(request):
-                    return error_page(request, csrf_failed("this form was posted from another site"))
+                    return negotiated(request, error_page(request, csrf_failed("this form was posted from another site")))
                 length = request.headers.get("content-length")
                 if length and length.isdigit() and int(length) > max_bytes:
-                    return error_page(request, PayloadTooLarge(f"the form may be at most {max_bytes} bytes"))
+                    return negotiated(request, error_page(
+                        request, PayloadTooLarge(f"the form may be at most {max_bytes} bytes")))
                 form = await request.form(max_files=1, max_fields=20, max_part_size=max_bytes)
             raw = request.cookies.get(COOKIE)
 
@@ -263,9 +265,9 @@ def page(*, signed_in: bool = True, write: bool = False, max_bytes: int = 64 * 1
                 return response
 
             try:
-                return await run_in_threadpool(work)
+                return negotiated(request, await run_in_threadpool(work))
             except ConsentError as exc:
-                return error_page(request, exc)
+                return negotiated(request, error_page(request, exc))
             finally:
                 if form is not None:
                     await form.close()
@@ -284,7 +286,26 @@ def sign_in_redirect(request: Request) -> Response:
 
 
 def error_page(request: Request, exc: ConsentError) -> Response:
-    return render(request, "error.html", exc.status, user=None, tenant=None, error=exc)
+    return with_problem(render(request, "error.html", exc.status, user=None, tenant=None, error=exc), exc)
+
+
+def with_problem(response: Response, exc: ConsentError) -> Response:
+    """Mark an error page with its problem: a client that does not ask for HTML gets that."""
+    response.problem = exc  # type: ignore[attr-defined]
+    return response
+
+
+def negotiated(request: Request, response: Response) -> Response:
+    """An error answer as a browser wants it (the page) or as any other client does (RFC 9457
+    problem+json with its stable code, like every other route of the service)."""
+    if response.status_code < 400 or "text/html" in request.headers.get("accept", ""):
+        return response
+    exc = getattr(response, "problem", None)
+    if exc is None:
+        exc = ConsentError("the request failed")
+        exc.status = response.status_code
+    route = request.scope.get("route")
+    return problem_response(exc, getattr(route, "path", None), request.scope.get("state", {}).get("request_id"))
 
 
 def safe_next(value: str) -> str:
@@ -324,13 +345,20 @@ async def api_docs(request: Request) -> Response:
 # --- sign-in and sign-out --------------------------------------------------------------------
 
 def _signin_form(p: Page, status: int = 200, error: str | None = None) -> Response:
+    problem: ConsentError | None = None
+    if status == 401:
+        problem = Unauthorized(error or "")
+    elif status == 403:
+        problem = csrf_failed(error or "")
+    elif status == 422:
+        problem = ValidationFailed.field("key", error or "")
     pre = p.request.cookies.get(PRE_COOKIE) or secrets.token_urlsafe(16)
     token = cookie_serializer(p.request, p.db, SIGNIN_SALT).dumps(pre)
     response = p.render("sign_in.html", status, csrf=token, error=error,
                         next=safe_next(p.field("next", 500)), tenant_id=p.field("tenant", 40),
                         email=p.field("email", 320), idle_minutes=p.services.settings.dashboard_idle_seconds // 60)
     set_cookie(p.request, response, PRE_COOKIE, pre)
-    return response
+    return with_problem(response, problem) if problem else response
 
 
 @page(signed_in=False)
@@ -448,8 +476,8 @@ def people(p: Page) -> Response:
         subject = data.find_subject(p.db, p.tenant, kind, q)
     except (NotFound, ValidationFailed) as exc:
         p.audit("search", detail={"kind": kind, "found": False})
-        return p.render("people.html", 404 if isinstance(exc, NotFound) else 422, q=q, kind=kind,
-                        kinds=data.SEARCH_KINDS, error=exc.detail, nav="people")
+        return with_problem(p.render("people.html", exc.status, q=q, kind=kind,
+                                     kinds=data.SEARCH_KINDS, error=exc.detail, nav="people"), exc)
     p.audit("search", subject.id, {"kind": kind, "found": True})
     return RedirectResponse(f"/dashboard/people/{subject.id}", status_code=303)
 
@@ -561,7 +589,7 @@ def publish_policy(p: Page) -> Response:
         v = catalog.publish_version(p.db, p.tenant.id, p.tenant.notice_days, form["policy"], spec)
     except (ValidationFailed, Conflict) as exc:
         errors = getattr(exc, "extra", {}).get("errors") or [{"field": "version", "message": exc.detail}]
-        return _policies_page(p, exc.status, errors, form)
+        return with_problem(_policies_page(p, exc.status, errors, form), exc)
     p.audit("publish_version", f"{v.policy_key} {v.version}", {"material": v.material,
                                                                "effective_at": crypto.iso(v.effective_at)})
     return RedirectResponse(f"/dashboard/policies?published={quote(v.version)}", status_code=303)
@@ -602,7 +630,7 @@ def export_download(p: Page) -> Response:
     try:
         flt, fmt = _export_filter(p)
     except ValidationFailed as exc:
-        return _exports_page(p, exc.status, exc.detail)
+        return with_problem(_exports_page(p, exc.status, exc.detail), exc)
     export_id = exports.new_export_id()
     p.audit("start_export", export_id, {"format": fmt, **flt.claims()})
     s = p.services
@@ -686,7 +714,8 @@ def users_post(p: Page) -> Response:
         user = data.create_user(p.db, p.tenant.id, email=p.field("email", 320), password=p.field("password", 1000),
                                 role=p.field("role", 16))
     except ConsentError as exc:
-        return p.render("users.html", exc.status, users=data.list_users(p.db, p.tenant.id), roles=data.ROLES,
-                        nav="users", error=exc.detail, created="")
+        page_ = p.render("users.html", exc.status, users=data.list_users(p.db, p.tenant.id), roles=data.ROLES,
+                         nav="users", error=exc.detail, created="")
+        return with_problem(page_, exc)
     p.audit("create_user", user.email, {"role": user.role})
     return RedirectResponse(f"/dashboard/users?created={quote(user.email)}", status_code=303)

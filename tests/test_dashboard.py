@@ -24,7 +24,8 @@ class Browser:
     """A browser of its own (its own cookie jar) on the shared app."""
 
     def __init__(self, client: TestClient, base_url: str = "http://testserver"):
-        self.c = TestClient(client.app, base_url=base_url)
+        # a browser asks for HTML: error pages come as pages (other clients get problem+json)
+        self.c = TestClient(client.app, base_url=base_url, headers={"Accept": "text/html,*/*;q=0.8"})
 
     def csrf(self, path: str) -> str:
         r = self.c.get(path)
@@ -65,6 +66,22 @@ def test_pages_need_a_session_and_the_cookie_is_strict(tenant: Tenant) -> None:
     assert b.get("/dashboard").status_code == 200
     # an open redirect is never followed
     assert Browser(tenant.client).sign_in(key=tenant.secret_key, next="//evil.example/").headers["location"] == "/dashboard"
+
+
+def test_errors_are_pages_for_browsers_and_problems_for_other_clients(tenant: Tenant) -> None:
+    b = signed_in(tenant)
+    page = b.get("/dashboard/people/sub_nope")
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    assert "subject not found" in page.text and "<h1>" in page.text
+    api = TestClient(tenant.client.app)
+    api.cookies = b.c.cookies
+    r = api.get("/dashboard/people/sub_nope")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "not_found" and r.json()["instance"] == "/dashboard/people/{subject}"
+    r = api.get("/dashboard/people", params={"kind": "nope", "q": "x"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "kind"
+    r = TestClient(tenant.client.app).post("/dashboard/sign-in", data={"key": tenant.secret_key})
+    assert r.status_code == 403 and r.json()["code"] == "csrf_failed"
 
 
 def test_cookie_is_secure_over_https(tenant: Tenant) -> None:

@@ -22,7 +22,17 @@ pytestmark = pytest.mark.browser
 SCREENS = ROOT / "screens"
 
 
-def shot(page: Any, live: Live, name: str) -> None:
+UNLABELLED = """() => [...document.querySelectorAll('input:not([type=hidden]), select, textarea, button')]
+  .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
+  .map(el => el.outerHTML)"""
+
+
+def shot(page: Any, live: Live, name: str, *, ours: bool = True) -> None:
+    """Every page of ours checked on the way: each control has a label, one h1, a main landmark
+    (``ours=False``: the API reference, whose controls Swagger UI draws)."""
+    if ours:
+        assert page.evaluate(UNLABELLED) == [], name
+        assert page.locator("h1").count() == 1 and page.locator("main").count() == 1, name
     if live.backend == "sqlite":
         SCREENS.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENS / f"{name}.png"), full_page=True)
@@ -65,6 +75,8 @@ def test_dashboard_end_to_end(live: Live, context: Any, tmp_path: Path) -> None:
     assert page.get_by_role("alert").inner_text().startswith("That is not a live secret key")
     shot(page, live, "sign-in-error")
 
+    page.keyboard.press("Tab")  # the first stop is the skip link
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     sign_in(page, live, t)
     cookie = next(c for c in context.cookies() if c["name"] == "consent_dashboard")
     assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["secure"] is False
@@ -169,7 +181,7 @@ def test_api_reference_renders(live: Live, context: Any) -> None:
     page.wait_for_selector(".swagger-ui .opblock-tag", timeout=20_000)
     assert page.locator(".opblock").count() > 30
     assert page.get_by_text("Record one decision").count() >= 1
-    shot(page, live, "docs")
+    shot(page, live, "docs", ours=False)
     assert not errors, errors
 
 
