@@ -447,3 +447,17 @@ def test_settings_rotate_keys_keeps_the_session(tenant: Tenant) -> None:
     assert b.get("/dashboard").status_code == 200  # still signed in, now under the new key
     assert "rotate_keys" in b.get("/dashboard/audit").text
     assert b.post("/dashboard/settings/keys/rotate", {"kind": "all"}, form_page="/dashboard/settings").status_code == 422
+
+
+def test_sign_in_is_rate_limited_per_ip(tenant: Tenant, db_url: str) -> None:
+    with TestClient(create_app(settings_for(db_url, rate_limit_ip_per_minute=3))) as c:
+        b = Browser(c)
+        statuses = []
+        for _ in range(6):
+            r = b.c.post("/dashboard/sign-in", data={"csrf": b.csrf("/dashboard/sign-in"), "key": "sk_guess"},
+                         follow_redirects=False)
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert r.headers["retry-after"] and r.json()["code"] == "rate_limited"
+                break
+        assert statuses[-1] == 429, statuses
