@@ -445,6 +445,15 @@ class ReceiptResult:
     problem: str | None
     claims: dict[str, Any] | None
     kid: str | None
+    unverified: dict[str, Any] | None = None  # what a token that failed says, shown as unproven
+
+
+def _unverified_claims(token: str) -> dict[str, Any] | None:
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    return claims if isinstance(claims, dict) else None
 
 
 def check_receipt(db: Session, token: str, issuer: str) -> ReceiptResult:
@@ -455,7 +464,7 @@ def check_receipt(db: Session, token: str, issuer: str) -> ReceiptResult:
     try:
         claims = keys.verify(token)
     except BadToken as exc:
-        return ReceiptResult(False, exc.detail, None, kid)
+        return ReceiptResult(False, exc.detail, None, kid, _unverified_claims(token))
     if claims.get("iss") != issuer:
         return ReceiptResult(False, f"issuer {claims.get('iss')!r} is not this service ({issuer})", claims, kid)
     return ReceiptResult(True, None, claims, kid)

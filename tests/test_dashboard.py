@@ -4,6 +4,8 @@ and that no page or download ever shows another tenant's data."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import time
 from datetime import UTC, datetime, timedelta
@@ -217,9 +219,12 @@ def test_verifier_receipts_and_exports(tenant: Tenant) -> None:
     r = b.post("/dashboard/verify", {"receipt": rec["receipt"]})
     assert r.status_code == 200 and 'data-result="verified"' in r.text and rec["record_hash"] in r.text
     head, payload, sig = rec["receipt"].split(".")
-    forged_payload = payload[:-4] + ("AAAA" if payload[-4:] != "AAAA" else "BBBB")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["purposes"][0]["status"] = "withdrawn"  # a consumer "proving" something else
+    forged_payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
     r = b.post("/dashboard/verify", {"receipt": f"{head}.{forged_payload}.{sig}"})
     assert 'data-result="failed"' in r.text and "signature does not match" in r.text
+    assert "not proven" in r.text and "marketing_email: withdrawn" in r.text  # shown, marked unproven
     r = b.post("/dashboard/verify", {"receipt": "not a receipt"})
     assert 'data-result="failed"' in r.text and "malformed token" in r.text
     export = tenant.get("/v1/exports/consents").content
