@@ -229,7 +229,7 @@ def page(*, signed_in: bool = True, write: bool = False, max_bytes: int = 64 * 1
                 if length and length.isdigit() and int(length) > max_bytes:
                     return negotiated(request, error_page(
                         request, PayloadTooLarge(f"the form may be at most {max_bytes} bytes")))
-                form = await request.form(max_files=1, max_fields=20, max_part_size=max_bytes)
+                form = await request.form(max_files=1, max_fields=200, max_part_size=max_bytes)
             raw = request.cookies.get(COOKIE)
 
             writes = write or request.method == "POST"
@@ -528,10 +528,15 @@ def verifier(p: Page) -> Response:
     return p.render("verify.html", nav="verify", receipt=None, export=None, token="")
 
 
-@page(write=True, max_bytes=64 * 1024 * 1024)
+VERIFY_MAX_BYTES = 64 * 1024 * 1024
+
+
+@page(write=True, max_bytes=VERIFY_MAX_BYTES)
 def verify_post(p: Page) -> Response:
     upload = p.form.get("export") if p.form is not None else None
     if isinstance(upload, UploadFile) and upload.filename:
+        if (upload.size or 0) > VERIFY_MAX_BYTES:  # a body sent without a length is counted here
+            raise PayloadTooLarge(f"an export to verify here may be at most {VERIFY_MAX_BYTES} bytes")
         body = upload.file.read()
         try:
             report = data.check_export(p.db, body, p.field("manifest", 4000).strip() or None)
