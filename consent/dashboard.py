@@ -576,7 +576,7 @@ def publish_policy(p: Page) -> Response:
     p.require_admin()
     assert p.form is not None
     effective = p.field("effective_at", 40).strip()
-    form = {"policy": p.field("policy", 64).strip() or "privacy", "version": p.field("version", 64).strip(),
+    form: dict[str, Any] = {"policy": p.field("policy", 64).strip() or "privacy", "version": p.field("version", 64).strip(),
             "document_url": p.field("document_url", 2000).strip(),
             "document_sha256": p.field("document_sha256", 64).strip().lower(),
             "material": p.field("material", 4) == "on", "effective_at": effective,

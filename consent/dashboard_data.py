@@ -238,15 +238,15 @@ def _state_counts(db: Session, tenant_id: str, now: datetime) -> list[Any]:
 
 def overview(db: Session, tenant_id: str, *, now: datetime | None = None) -> Overview:
     now = now or utcnow()
-    labels = dict(db.execute(sa.select(PolicyVersion.id, PolicyVersion.version)
-                             .where(PolicyVersion.tenant_id == tenant_id)).all())
+    labels: dict[int, str] = dict(db.execute(  # type: ignore[call-overload]
+        sa.select(PolicyVersion.id, PolicyVersion.version).where(PolicyVersion.tenant_id == tenant_id)).all())
     by_purpose: dict[str, dict[int | None, VersionCounts]] = {}
     for r in _state_counts(db, tenant_id, now):
         status = derive_status(r.decision, confirmed=r.confirmed, stale=bool(r.stale))
         if status not in COUNTED:
             continue
-        versions = by_purpose.setdefault(r.purpose, {})
-        vc = versions.setdefault(r.policy_version_id, VersionCounts(labels.get(r.policy_version_id)))
+        of_purpose = by_purpose.setdefault(r.purpose, {})
+        vc = of_purpose.setdefault(r.policy_version_id, VersionCounts(labels.get(r.policy_version_id)))
         vc.counts[status] += int(r.n)
     purposes = []
     for p in catalog.list_purposes(db, tenant_id):
