@@ -466,3 +466,22 @@ def test_sign_in_is_rate_limited_per_ip(tenant: Tenant, db_url: str) -> None:
                 assert r.headers["retry-after"] and r.json()["code"] == "rate_limited"
                 break
         assert statuses[-1] == 429, statuses
+
+
+def test_person_page_shows_a_quiet_edit_of_the_ledger(tenant: Tenant) -> None:
+    import sqlalchemy as sa
+
+    from consent.models import ConsentRecord
+
+    first = tenant.record(email="edited@example.com")
+    second = tenant.record(decision="withdrawn", email="edited@example.com")
+    b = signed_in(tenant)
+    assert 'data-chain="verified"' in b.get(f"/dashboard/people/{first['subject']}").text
+    # someone with database access turns the withdrawal back into a grant, in place
+    with tenant.client.app.state.services.engine.begin() as conn:  # type: ignore[attr-defined]
+        conn.execute(sa.update(ConsentRecord).where(ConsentRecord.id == second["id"]).values(decision="granted"))
+    html = b.get(f"/dashboard/people/{first['subject']}").text
+    assert 'data-chain="failed"' in html
+    rec = re.search(rf'data-record="{second["id"]}" data-verified="(\w+)">(.*?)</li>\s*</ul>', html, re.DOTALL)
+    assert rec and rec.group(1) == "no" and "does NOT match its content" in rec.group(2)
+    assert f'data-record="{first["id"]}" data-verified="yes"' in html
