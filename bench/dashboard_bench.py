@@ -135,6 +135,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.drop:
         pg_database(f"consent_dashbench_{args.subjects}", drop=True)
+        meta_file = HERE / ".cache" / f"dashboard-{args.subjects}.json"
+        if meta_file.exists():  # the next run builds the PostgreSQL ledger again
+            metas = json.loads(meta_file.read_text())
+            metas.pop("postgresql", None)
+            meta_file.write_text(json.dumps(metas, default=str))
         return
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     metas = ledgers(args.subjects, backends)
