@@ -485,3 +485,19 @@ def test_person_page_shows_a_quiet_edit_of_the_ledger(tenant: Tenant) -> None:
     rec = re.search(rf'data-record="{second["id"]}" data-verified="(\w+)">(.*?)</li>\s*</ul>', html, re.DOTALL)
     assert rec and rec.group(1) == "no" and "does NOT match its content" in rec.group(2)
     assert f'data-record="{first["id"]}" data-verified="yes"' in html
+
+
+def test_cookie_secrets_rotate_newest_last(tenant: Tenant, db_url: str) -> None:
+    def app_with(secrets: str) -> TestClient:
+        return TestClient(create_app(settings_for(db_url, dashboard_secrets=tuple(secrets.split(",")))))
+
+    with app_with("first-secret-0123456789") as c:
+        b = Browser(c)
+        b.sign_in(key=tenant.secret_key)
+        cookie = b.c.cookies.get("consent_dashboard")
+    for secrets, expect in (("first-secret-0123456789,second-secret-0123456789", 200),
+                            ("second-secret-0123456789", 303)):
+        with app_with(secrets) as c:
+            b = Browser(c)
+            b.c.cookies.set("consent_dashboard", cookie, domain="testserver.local", path="/dashboard")
+            assert b.get("/dashboard").status_code == expect, secrets
