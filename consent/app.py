@@ -23,6 +23,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from . import api, api_audit, api_snippet, db, fastcheck, fastrecord, ratelimit, receipts, webhooks
 from . import api_integrations as integ
 from . import api_tlog as tl
+from . import dashboard as pages
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
 from .http import JSONResponse, describe, problem_response
@@ -151,6 +152,37 @@ routes = [
     Route("/v1/tlog/{tenant_id}/checkpoints/{size}", tl.checkpoint_at, methods=["GET"], name="checkpoint_at"),
     Route("/v1/tlog/{tenant_id}/proof/inclusion", tl.inclusion_proof, methods=["GET"], name="inclusion_proof"),
     Route("/v1/tlog/{tenant_id}/proof/consistency", tl.consistency_proof, methods=["GET"], name="consistency_proof"),
+    # --- dashboard (issue 26, consent/dashboard.py): HTML pages, session cookie, assets ---
+    Route("/", pages.landing, methods=["GET"], name="landing"),
+    Route("/docs", pages.api_docs, methods=["GET"], name="api_docs"),
+    Route("/static/{path:path}", pages.static_asset, methods=["GET"], name="static"),
+    Route("/dashboard", pages.overview, methods=["GET"], name="dashboard"),
+    Route("/dashboard/refresh", pages.refresh_overview, methods=["POST"], name="dashboard_refresh"),
+    Route("/dashboard/sign-in", pages.sign_in_page, methods=["GET"], name="dashboard_sign_in_page"),
+    Route("/dashboard/sign-in", pages.sign_in, methods=["POST"], name="dashboard_sign_in"),
+    Route("/dashboard/sign-out", pages.sign_out, methods=["POST"], name="dashboard_sign_out"),
+    Route("/dashboard/people", pages.people, methods=["GET"], name="dashboard_people"),
+    Route("/dashboard/people/{subject}", pages.person, methods=["GET"], name="dashboard_person"),
+    Route("/dashboard/people/{subject}/export.{fmt}", pages.person_export, methods=["GET"],
+          name="dashboard_person_export"),
+    Route("/dashboard/people/{subject}/erase", pages.person_erase, methods=["POST"], name="dashboard_erase"),
+    Route("/dashboard/verify", pages.verifier, methods=["GET"], name="dashboard_verify_page"),
+    Route("/dashboard/verify", pages.verify_post, methods=["POST"], name="dashboard_verify"),
+    Route("/dashboard/policies", pages.policies, methods=["GET"], name="dashboard_policies"),
+    Route("/dashboard/policies", pages.publish_policy, methods=["POST"], name="dashboard_publish_policy"),
+    Route("/dashboard/exports", pages.exports_page, methods=["GET"], name="dashboard_exports"),
+    Route("/dashboard/exports/download", pages.export_download, methods=["GET"], name="dashboard_export_download"),
+    Route("/dashboard/exports/{export_id}/manifest", pages.export_manifest, methods=["GET"],
+          name="dashboard_export_manifest"),
+    Route("/dashboard/webhooks", pages.webhooks_page, methods=["GET"], name="dashboard_webhooks"),
+    Route("/dashboard/webhooks/{webhook_id}/enable", pages.webhook_enable, methods=["POST"],
+          name="dashboard_webhook_enable"),
+    Route("/dashboard/settings", pages.settings_page, methods=["GET"], name="dashboard_settings"),
+    Route("/dashboard/settings/keys/rotate", pages.rotate_keys, methods=["POST"], name="dashboard_rotate_keys"),
+    Route("/dashboard/audit", pages.audit_trail, methods=["GET"], name="dashboard_audit"),
+    Route("/dashboard/users", pages.users, methods=["GET"], name="dashboard_users"),
+    Route("/dashboard/users", pages.users_post, methods=["POST"], name="dashboard_users_create"),
+    # --- end dashboard ---
 ]
 
 

@@ -120,13 +120,13 @@ def publish_version(
                 chosen.append(cookies[name])
         if len(set(spec.cookies)) != len(spec.cookies):
             errors.append({"field": "cookies", "message": "cookies must not repeat"})
-    notice = timedelta(days=notice_days)
-    effective = spec.effective_at or (now + notice if spec.material else now)
-    if spec.material and effective < now + notice - CLOCK_SKEW:
+    earliest = earliest_effective(notice_days, material=spec.material, now=now)
+    effective = spec.effective_at or earliest
+    if spec.material and effective < earliest - CLOCK_SKEW:
         errors.append({
             "field": "effective_at",
             "message": f"a material version may take effect no sooner than {notice_days} days "
-            f"after publication (the tenant's notice period): {(now + notice).isoformat()}",
+            f"after publication (the tenant's notice period): {earliest.isoformat()}",
         })
     elif effective < now - CLOCK_SKEW:
         errors.append({"field": "effective_at", "message": "may not be before publication"})
@@ -157,6 +157,12 @@ def publish_version(
         ))
     db.flush()
     return version
+
+
+def earliest_effective(notice_days: int, *, material: bool, now: datetime) -> datetime:
+    """The earliest a version published ``now`` may take effect (and its default): a material
+    one after the tenant's notice period, any other at once."""
+    return now + timedelta(days=notice_days) if material else now
 
 
 def version_out(v: PolicyVersion) -> dict[str, Any]:

@@ -442,3 +442,41 @@ def open_note(note: str, vkeys: list[str]) -> str:
             raise BadToken("note signature does not verify") from exc
         return text
     raise BadToken("note is not signed by a known key")
+
+# --- dashboard (issue 26): session cookies and user passwords -----------------------------------
+
+def derived_secret(master: str, label: str) -> str:
+    """A secret for one use (``label``) derived from a master secret, so one stored secret can
+    sign several kinds of token without one kind ever verifying as another."""
+    return hmac.new(master.encode(), label.encode(), hashlib.sha256).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _password_hasher() -> Any:
+    from argon2 import PasswordHasher
+
+    return PasswordHasher()  # argon2id with the library's current recommended parameters
+
+
+def hash_password(password: str) -> str:
+    return str(_password_hasher().hash(password))
+
+
+def password_matches(stored_hash: str, password: str) -> bool:
+    """Whether ``password`` is the one hashed in ``stored_hash`` (constant work either way)."""
+    from argon2.exceptions import InvalidHashError, VerificationError
+
+    try:
+        return bool(_password_hasher().verify(stored_hash, password))
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def dummy_password_check(password: str) -> None:
+    """The same work as a real check, for an unknown email (no timing difference to probe)."""
+    password_matches(_dummy_hash(), password)
+
+
+@functools.lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    return hash_password(new_secret_hex(8))

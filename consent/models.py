@@ -463,3 +463,59 @@ class TlogCheckpoint(SQLModel, table=True):
     root: bytes = Field(sa_column=sa.Column(sa.LargeBinary(), nullable=False))
     note: str
     created_at: datetime = ts()
+
+# --- dashboard (issue 26) ------------------------------------------------------------------
+
+class DashboardUser(SQLModel, table=True):
+    """A person who signs in to the dashboard with an email and a password (argon2 hash)."""
+
+    __tablename__ = "dashboard_user"
+    __table_args__ = (sa.UniqueConstraint("tenant_id", "email"),)
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=40)
+    email: str = Field(max_length=320)
+    password_hash: str = Field(max_length=200)
+    role: str = Field(max_length=16)  # admin | read_only
+    created_at: datetime = ts()
+    disabled_at: datetime | None = ts(nullable=True)
+
+
+class DashboardSession(SQLModel, table=True):
+    """A signed-in browser: the cookie carries the id (signed), so sign-out and the idle
+    timeout end it on the server, in every process."""
+
+    __tablename__ = "dashboard_session"
+    id_hash: str = Field(primary_key=True, max_length=64)  # SHA-256 of the id in the cookie
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    actor: str = Field(max_length=400)  # "key:<key id>" or "user:<email>"
+    key_id: str | None = Field(default=None, max_length=40)  # a revoked key ends its sessions
+    user_id: str | None = Field(default=None, max_length=40)
+    role: str = Field(max_length=16)
+    csrf: str = Field(max_length=64)
+    created_at: datetime = ts()
+    last_seen_at: datetime = ts()
+    ended_at: datetime | None = ts(nullable=True)
+
+
+class DashboardRollup(SQLModel, table=True):
+    """The overview's numbers per tenant, as of ``computed_at``: a page view reads this row; the
+    dashboard recomputes it (from consent_state's index) when it is older than its maximum age."""
+
+    __tablename__ = "dashboard_rollup"
+    tenant_id: str = Field(sa_column=sa.Column(sa.String(40), sa.ForeignKey("tenant.id"), primary_key=True))
+    computed_at: datetime = ts()
+    data: dict[str, Any] = jsoncol()
+
+
+class DashboardEvent(SQLModel, table=True):
+    """The dashboard's audit trail: every sign-in (failed ones too) and every action."""
+
+    __tablename__ = "dashboard_event"
+    __table_args__ = (sa.Index(None, "tenant_id", "id"),)
+    id: int | None = Field(default=None, sa_column=sa.Column(BigInt, primary_key=True, autoincrement=True))
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=40)
+    at: datetime = ts()
+    actor: str = Field(max_length=400)
+    action: str = Field(max_length=40)
+    target: str | None = Field(default=None, max_length=400)
+    detail: dict[str, Any] | None = jsoncol(nullable=True)

@@ -38,7 +38,7 @@ log = logging.getLogger("consent.ratelimit")
 
 WINDOW_SECONDS = 60
 PUBLIC_PREFIXES = ("/v1/snippet/", "/u/")
-PUBLIC_ROUTE_NAMES: frozenset[str] = frozenset()
+PUBLIC_ROUTE_NAMES: frozenset[str] = frozenset({"dashboard_sign_in"})  # password guessing
 TABLE = RateLimitCounter.__table__  # type: ignore[attr-defined]
 
 

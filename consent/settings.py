@@ -56,6 +56,10 @@ class Settings:
     # proxies whose X-Forwarded-For / -Proto are believed (IPs or networks; "*": any; (): none)
     trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
     tlog_seconds: float = 2.0  # transparency log: sequencer and checkpoint interval (0: no sequencer)
+    # dashboard (issue 26): cookie signing secrets (newest last; empty: derived) and idle timeout
+    dashboard_secrets: tuple[Secret, ...] = ()
+    dashboard_idle_seconds: int = 1800
+    dashboard_overview_seconds: int = 60
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -105,6 +109,11 @@ class Settings:
             trusted_proxies=tuple(p.strip() for p in config("CONSENT_TRUSTED_PROXIES", default="127.0.0.1").split(",")
                                   if p.strip()),
             tlog_seconds=config("CONSENT_TLOG_SECONDS", cast=float, default=2.0),
+            dashboard_secrets=tuple(Secret(s.strip()) for s in
+                                    str(config("CONSENT_DASHBOARD_SECRETS", cast=Secret, default="")).split(",")
+                                    if s.strip()),
+            dashboard_idle_seconds=config("CONSENT_DASHBOARD_IDLE_SECONDS", cast=int, default=1800),
+            dashboard_overview_seconds=config("CONSENT_DASHBOARD_OVERVIEW_SECONDS", cast=int, default=60),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:

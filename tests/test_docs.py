@@ -55,3 +55,51 @@ def test_every_error_code_is_documented() -> None:
     doc = (ROOT / "docs" / "errors.md").read_text()
     missing = sorted(c for c in codes if f"`{c}`" not in doc)
     assert not missing, f"error codes missing from docs/errors.md: {missing}"
+
+
+
+def test_openapi_operations_have_tag_description_example_and_path_patterns() -> None:
+    from consent.openapi import KEY_PATTERN, build_openapi
+
+    doc = build_openapi(routes)
+    tags = {t["name"] for t in doc["tags"]}
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            where = f"{method.upper()} {path}"
+            assert op["summary"] and op["description"], where
+            assert op["tags"] and op["tags"][0] in tags, where
+            ok = op["responses"][next(c for c in op["responses"] if c.startswith("2"))]
+            assert any("example" in m for m in ok.get("content", {}).values()), where
+            if "requestBody" in op:
+                assert all("example" in m for m in op["requestBody"]["content"].values()), where
+            for p in op.get("parameters", []):
+                if p["in"] == "path" and p["name"] in ("key", "policy"):
+                    assert p["schema"]["pattern"] == KEY_PATTERN, where
+
+
+def test_openapi_body_examples_are_valid_requests() -> None:
+    from consent.openapi import build_openapi
+
+    doc = build_openapi(routes)
+    checked = 0
+    for route in routes:
+        meta = getattr(getattr(route, "endpoint", None), "meta", None)
+        if not isinstance(route, Route) or meta is None or meta.body is None:
+            continue
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            for media in doc["paths"][route.path][method.lower()]["requestBody"]["content"].values():
+                meta.body.model_validate(media["example"])
+                checked += 1
+    assert checked >= 10
+
+
+def test_openapi_key_pattern_is_what_the_server_enforces(tenant) -> None:  # type: ignore[no-untyped-def]
+    from consent.openapi import KEY_PATTERN
+
+    assert re.fullmatch(KEY_PATTERN[1:-1], "marketing_email")
+    for bad in ("Marketing", "-x", "a" * 65):
+        assert not re.fullmatch(KEY_PATTERN[1:-1], bad)
+        r = tenant.put(f"/v1/purposes/{bad}", json={"kind": "consent", "title": "x"})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "key", bad
+        r = tenant.get(f"/v1/policies/{bad}/versions")
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "policy", bad

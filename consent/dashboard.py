@@ -1,0 +1,726 @@
+"""The privacy dashboard: server-rendered pages (Jinja2 templates in ``consent/templates``,
+assets in ``consent/static``, no build step, nothing from a CDN). Handlers are thin: a
+``page`` wrapper signs the caller in from the session cookie, checks the CSRF token on every
+form, runs the handler in one transaction (committed here) and renders HTML; the data comes
+from ``dashboard_data`` and the domain modules.
+
+The session cookie holds a random session id signed with itsdangerous; the session itself
+(tenant, role, CSRF token, last seen) is a ``dashboard_session`` row, so sign-out and the idle
+timeout end it in every process. The cookie is HttpOnly, SameSite=Strict, Secure over https.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+import sqlalchemy as sa
+from pydantic import ValidationError as PydanticError
+from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.staticfiles import StaticFiles
+
+from . import __version__, catalog, crypto, exports, receipts, rights, tenants, webhooks
+from . import dashboard_data as data
+from .api import KEY_RE
+from .db import transaction
+from .errors import (
+    BadToken,
+    Conflict,
+    ConsentError,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    ValidationFailed,
+)
+from .http import parse_time, problem_response, validation_errors
+from .models import SigningKey, Tenant, utcnow
+from .schemas import PolicyVersionIn
+from .tenants import authenticate_key, get_tenant
+from .verify import VerifyError
+
+log = logging.getLogger("consent.dashboard")
+
+COOKIE = "consent_dashboard"
+PRE_COOKIE = "consent_dashboard_pre"  # binds the sign-in form's CSRF token to this browser
+SESSION_SALT = "dashboard-session"
+SIGNIN_SALT = "dashboard-sign-in"
+HTML = "text/html; charset=utf-8"
+# The docs page's Swagger UI fetches /openapi.json: the HTML default CSP plus connect-src.
+DOCS_CSP = ("default-src 'none'; style-src 'self' 'unsafe-inline'; script-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+STATUS_COLORS = {  # chart colours, each at least 4.5:1 against white
+    "granted": "#1a7f37", "denied": "#57606a", "withdrawn": "#cf222e", "stale": "#9a6700",
+    "pending_confirmation": "#0969da", "acknowledged": "#8250df", "erased": "#24292f",
+}
+EXPORT_MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+STATUS_LABELS = {"pending_confirmation": "pending"}
+
+
+def csrf_failed(detail: str) -> Forbidden:
+    return Forbidden(detail, code="csrf_failed")
+
+
+@functools.lru_cache(maxsize=1)
+def templates() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("consent", "templates"),
+                             autoescape=jinja2.select_autoescape(default=True), trim_blocks=True,
+                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["when"] = lambda dt: dt.strftime("%Y-%m-%d %H:%M:%S UTC") if dt else ""
+    env.filters["pct"] = lambda x: "–" if x is None else f"{x * 100:.1f} %"
+    env.filters["label"] = lambda s: STATUS_LABELS.get(s, s)
+    env.globals.update(colors=STATUS_COLORS, version=__version__, bar_segments=bar_segments,
+                       day_bars=day_bars)
+    return env
+
+
+def render(request: Request, template: str, status: int = 200, **ctx: Any) -> Response:
+    body = templates().get_template(template).render(request=request, **ctx)
+    return Response(body, status_code=status, media_type=HTML, headers={"Cache-Control": "no-store"})
+
+
+# --- charts (server-rendered SVG geometry) ---------------------------------------------------
+
+def bar_segments(counts: dict[str, int], width: float = 600) -> list[dict[str, Any]]:
+    """One stacked horizontal bar: (status, count, x, width) per non-empty status."""
+    total = sum(counts.values())
+    out, x = [], 0.0
+    for status, n in counts.items():
+        if n and total:
+            w = width * n / total
+            out.append({"status": status, "n": n, "x": round(x, 2), "w": round(w, 2),
+                        "color": STATUS_COLORS.get(status, "#57606a")})
+            x += w
+    return out
+
+
+def day_bars(per_day: list[tuple[str, dict[str, int]]], height: float = 120, width: float = 600) -> list[dict[str, Any]]:
+    """Stacked columns, one per day: rectangles with their status and count."""
+    peak = max((sum(d.values()) for _, d in per_day), default=0)
+    if not peak:
+        return []
+    step = min(width / max(len(per_day), 1), 40.0)  # a few days stay columns, not slabs
+    out = []
+    for i, (day, counts) in enumerate(per_day):
+        y = height
+        for status in ("granted", "acknowledged", "denied", "withdrawn"):
+            n = counts.get(status, 0)
+            if n:
+                h = height * n / peak
+                y -= h
+                out.append({"day": day, "status": status, "n": n, "x": round(i * step + 1, 2),
+                            "y": round(y, 2), "w": round(max(step - 2, 1), 2), "h": round(h, 2),
+                            "color": STATUS_COLORS[status]})
+    return out
+
+
+# --- sessions and the page wrapper -----------------------------------------------------------
+
+def cookie_serializer(request: Request, db: Session, salt: str) -> Any:
+    """The cookie signer: CONSENT_DASHBOARD_SECRETS (newest last), else a secret derived from
+    the first receipt signing key (kept forever, shared by every process on the database)."""
+    services = request.app.state.services
+    cached = getattr(request.app.state, "dashboard_secrets", None)
+    if cached is None:
+        configured = [str(s) for s in services.settings.dashboard_secrets]
+        if configured:
+            cached = configured
+        else:
+            pem = db.execute(sa.select(SigningKey.private_pem).order_by(SigningKey.created_at).limit(1)).scalar_one()
+            cached = [crypto.derived_secret(pem, "dashboard-cookies")]
+        request.app.state.dashboard_secrets = cached
+    return crypto.serializer(cached, salt)
+
+
+def set_cookie(request: Request, response: Response, name: str, value: str, path: str = "/dashboard") -> None:
+    response.set_cookie(name, value, path=path, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+
+
+def clear_cookie(request: Request, response: Response, name: str) -> None:
+    response.delete_cookie(name, path="/dashboard", httponly=True, samesite="strict",
+                           secure=request.url.scheme == "https")
+
+
+@dataclass
+class Page:
+    """What a dashboard handler gets: the request, its transaction, who is signed in, the form."""
+
+    request: Request
+    db: Session
+    services: Any
+    user: data.SignedIn | None
+    form: FormData | None
+    deferred: bool = False  # a read-only page: its writes run after its transaction
+    later: list[Callable[[Session], None]] = dataclasses.field(default_factory=list)
+    _tenant: Tenant | None = None
+
+    @property
+    def tenant(self) -> Tenant:
+        assert self.user is not None
+        if self._tenant is None:
+            self._tenant = get_tenant(self.db, self.user.tenant_id)
+        return self._tenant
+
+    def field(self, name: str, limit: int = 2000) -> str:
+        value = self.form.get(name) if self.form is not None else self.request.query_params.get(name)
+        if value is None or isinstance(value, UploadFile):
+            return ""
+        if len(value) > limit:
+            raise ValidationFailed.field(name, f"longer than {limit} characters")
+        return str(value)
+
+    def audit(self, action: str, target: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        assert self.user is not None
+        event = (self.user.tenant_id, self.user.actor, action, target, detail)
+        self.write(lambda db: data.log_event(db, *event))
+
+    def write(self, fn: Callable[[Session], None]) -> None:
+        """Run a write in this page's transaction, or (read-only page) in one right after it."""
+        if self.deferred:
+            self.later.append(fn)
+        else:
+            fn(self.db)
+
+    def render(self, template: str, status: int = 200, **ctx: Any) -> Response:
+        return render(self.request, template, status, user=self.user, tenant=self._tenant, **ctx)
+
+    def require_admin(self) -> None:
+        assert self.user is not None
+        if not self.user.is_admin:
+            raise Forbidden("this action needs the admin role; you are signed in read-only", code="read_only_role")
+
+
+def same_origin(request: Request) -> bool:
+    """A form post from a page of this service: a named Origin must be ours. Browsers send
+    ``null`` under our ``Referrer-Policy: no-referrer``; the CSRF token decides then."""
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return True
+    return origin == f"{request.url.scheme}://{request.url.netloc}"
+
+
+def page(*, signed_in: bool = True, write: bool = False, max_bytes: int = 64 * 1024) -> Callable[[Any], Any]:
+    """Wrap ``fn(page) -> Response`` as a dashboard route (see the module docstring)."""
+
+    def deco(fn: Callable[[Page], Response]) -> Any:
+        @functools.wraps(fn)
+        async def handler(request: Request) -> Response:
+            services = request.app.state.services
+            form = None
+            if request.method == "POST":
+                if not same_origin(request):
+                    return negotiated(request, error_page(request, csrf_failed("this form was posted from another site")))
+                length = request.headers.get("content-length")
+                if length and length.isdigit() and int(length) > max_bytes:
+                    return negotiated(request, error_page(
+                        request, PayloadTooLarge(f"the form may be at most {max_bytes} bytes")))
+                form = await request.form(max_files=1, max_fields=200, max_part_size=max_bytes)
+            raw = request.cookies.get(COOKIE)
+
+            writes = write or request.method == "POST"
+
+            def work() -> Response:
+                # Read-only pages read in a read transaction and write their audit entries and
+                # the session's last-seen time after it, in a short write transaction: on SQLite a
+                # read that turns into a write fails at once when another writer got in between.
+                with transaction(services.engine, write=writes) as db:
+                    user = None
+                    if raw:
+                        try:
+                            sid = crypto.loads_token(cookie_serializer(request, db, SESSION_SALT), raw)
+                            user = data.load_session(db, str(sid), idle_seconds=services.settings.dashboard_idle_seconds)
+                        except BadToken:
+                            user = None
+                    if signed_in and user is None:
+                        return sign_in_redirect(request)
+                    if form is not None and user is not None and signed_in:
+                        token = form.get("csrf")
+                        if not isinstance(token, str) or not secrets.compare_digest(token, user.csrf):
+                            raise csrf_failed("the form's token does not match your session; reload the page")
+                    pg = Page(request, db, services, user, form, deferred=not writes)
+                    response = fn(pg)
+                    if writes and user is not None and user.stale_seen:
+                        data.touch_session(db, user.session_hash)
+                if pg.later or (not writes and user is not None and user.stale_seen):
+                    with transaction(services.engine, write=True) as db:
+                        for later in pg.later:
+                            later(db)
+                        if not writes and user is not None and user.stale_seen:
+                            data.touch_session(db, user.session_hash)
+                return response
+
+            try:
+                return negotiated(request, await run_in_threadpool(work))
+            except ConsentError as exc:
+                return negotiated(request, error_page(request, exc))
+            finally:
+                if form is not None:
+                    await form.close()
+
+        return handler
+
+    return deco
+
+
+def sign_in_redirect(request: Request) -> Response:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    response = RedirectResponse(f"/dashboard/sign-in?next={quote(target, safe='')}", status_code=303)
+    if request.cookies.get(COOKIE):
+        clear_cookie(request, response, COOKIE)
+    return response
+
+
+def error_page(request: Request, exc: ConsentError) -> Response:
+    return with_problem(render(request, "error.html", exc.status, user=None, tenant=None, error=exc), exc)
+
+
+def with_problem(response: Response, exc: ConsentError) -> Response:
+    """Mark an error page with its problem: a client that does not ask for HTML gets that."""
+    response.problem = exc  # type: ignore[attr-defined]
+    return response
+
+
+def negotiated(request: Request, response: Response) -> Response:
+    """An error answer as a browser wants it (the page) or as any other client does (RFC 9457
+    problem+json with its stable code, like every other route of the service)."""
+    if response.status_code < 400 or "text/html" in request.headers.get("accept", ""):
+        return response
+    exc = getattr(response, "problem", None)
+    if exc is None:
+        exc = ConsentError("the request failed")
+        exc.status = response.status_code
+    route = request.scope.get("route")
+    return problem_response(exc, getattr(route, "path", None), request.scope.get("state", {}).get("request_id"))
+
+
+def safe_next(value: str) -> str:
+    """Only a dashboard path of this service: never an open redirect."""
+    if value.startswith("/dashboard") and not value.startswith("//") and "\\" not in value:
+        return value
+    return "/dashboard"
+
+
+@functools.lru_cache(maxsize=1)
+def _static_files() -> StaticFiles:
+    return StaticFiles(packages=[("consent", "static")])
+
+
+async def static_asset(request: Request) -> Response:
+    """The package's stylesheet, scripts and icon (ETag, Last-Modified; 404 for anything else)."""
+    try:
+        return await _static_files().get_response(str(request.path_params["path"]), request.scope)
+    except HTTPException as exc:
+        if exc.status_code == 404:
+            raise NotFound("no such asset") from None
+        raise
+
+
+# --- public pages ------------------------------------------------------------------------------
+
+async def landing(request: Request) -> Response:
+    return render(request, "landing.html", user=None, tenant=None, demo=request.app.state.services.settings.demo)
+
+
+async def api_docs(request: Request) -> Response:
+    response = render(request, "docs.html", user=None, tenant=None)
+    response.headers["content-security-policy"] = DOCS_CSP
+    return response
+
+
+# --- sign-in and sign-out --------------------------------------------------------------------
+
+def _signin_form(p: Page, status: int = 200, error: str | None = None) -> Response:
+    problem: ConsentError | None = None
+    if status == 401:
+        problem = Unauthorized(error or "")
+    elif status == 403:
+        problem = csrf_failed(error or "")
+    elif status == 422:
+        problem = ValidationFailed.field("key", error or "")
+    pre = p.request.cookies.get(PRE_COOKIE) or secrets.token_urlsafe(16)
+    token = cookie_serializer(p.request, p.db, SIGNIN_SALT).dumps(pre)
+    response = p.render("sign_in.html", status, csrf=token, error=error,
+                        next=safe_next(p.field("next", 500)), tenant_id=p.field("tenant", 40),
+                        email=p.field("email", 320), idle_minutes=p.services.settings.dashboard_idle_seconds // 60)
+    set_cookie(p.request, response, PRE_COOKIE, pre)
+    return with_problem(response, problem) if problem else response
+
+
+@page(signed_in=False)
+def sign_in_page(p: Page) -> Response:
+    if p.user is not None:
+        return RedirectResponse("/dashboard", status_code=303)
+    return _signin_form(p)
+
+
+@page(signed_in=False, write=True)
+def sign_in(p: Page) -> Response:
+    try:
+        pre = crypto.loads_token(cookie_serializer(p.request, p.db, SIGNIN_SALT), p.field("csrf"), max_age=3600)
+    except BadToken:
+        pre = None
+    if not pre or pre != p.request.cookies.get(PRE_COOKIE):
+        return _signin_form(p, 403, "The sign-in form expired. Please try again.")
+    key, email = p.field("key", 200).strip(), p.field("email", 320).strip()
+    tenant_id = p.field("tenant", 40).strip()
+    if key:
+        principal = authenticate_key(p.db, key)
+        if principal is None or principal.kind != "secret":
+            log.info("dashboard sign-in refused: unknown, revoked or non-secret key")
+            if principal is not None:
+                data.log_event(p.db, principal.tenant_id, f"key:{principal.key_id}", "sign_in_failed",
+                               detail={"reason": "not a secret key"})
+            return _signin_form(p, 401, "That is not a live secret key (sk_…).")
+        tenant_id, actor, role = principal.tenant_id, f"key:{principal.key_id}", "admin"
+        sid = data.start_session(p.db, tenant_id, actor=actor, role=role, key_id=principal.key_id)
+    elif email and tenant_id:
+        if p.db.get(Tenant, tenant_id) is None:
+            crypto.dummy_password_check(p.field("password", 1000))
+            return _signin_form(p, 401, "Wrong tenant, email or password.")
+        user = data.authenticate_user(p.db, tenant_id, email, p.field("password", 1000))
+        if user is None:
+            data.log_event(p.db, tenant_id, f"user:{crypto.normalize_email(email)}", "sign_in_failed",
+                           detail={"reason": "wrong email or password"})
+            return _signin_form(p, 401, "Wrong tenant, email or password.")
+        actor, role = f"user:{user.email}", user.role
+        sid = data.start_session(p.db, tenant_id, actor=actor, role=role, user_id=user.id)
+    else:
+        return _signin_form(p, 422, "Enter a secret key, or your tenant id, email and password.")
+    data.log_event(p.db, tenant_id, actor, "sign_in", detail={"role": role})
+    response = RedirectResponse(safe_next(p.field("next", 500)), status_code=303)
+    set_cookie(p.request, response, COOKIE, cookie_serializer(p.request, p.db, SESSION_SALT).dumps(sid))
+    clear_cookie(p.request, response, PRE_COOKIE)
+    return response
+
+
+@page(write=True)
+def sign_out(p: Page) -> Response:
+    assert p.user is not None
+    data.end_session(p.db, p.user.session_hash)
+    p.audit("sign_out")
+    response = RedirectResponse("/dashboard/sign-in?signed_out=1", status_code=303)
+    clear_cookie(p.request, response, COOKIE)
+    return response
+
+
+# --- signed-in pages -------------------------------------------------------------------------
+
+@page()
+def overview(p: Page) -> Response:
+    """The numbers as last computed (one row); older than CONSENT_DASHBOARD_OVERVIEW_SECONDS,
+    they are recomputed after this answer is sent, so no page view waits for the aggregate."""
+    tenant_id, services = p.tenant.id, p.services
+    ov = data.stored_overview(p.db, tenant_id)
+    refresh = None
+    if ov is None:
+        ov = data.overview(p.db, tenant_id)
+        computed = ov
+        p.write(lambda db: data.store_overview(db, tenant_id, computed))
+    elif (utcnow() - ov.computed_at).total_seconds() > services.settings.dashboard_overview_seconds:
+        refresh = _background_refresh(p.request, tenant_id)
+    response = p.render("overview.html", ov=ov, nav="overview", max_age=services.settings.dashboard_overview_seconds)
+    response.background = refresh
+    return response
+
+
+def _background_refresh(request: Request, tenant_id: str) -> BackgroundTask | None:
+    """Recompute a tenant's overview after the answer (at most one at a time per process)."""
+    state = request.app.state
+    running: set[str] = getattr(state, "dashboard_refreshing", None) or set()
+    state.dashboard_refreshing = running
+    if tenant_id in running:
+        return None
+    running.add(tenant_id)
+    engine = request.app.state.services.engine
+
+    def run() -> None:
+        try:
+            with transaction(engine) as db:
+                ov = data.overview(db, tenant_id)
+            with transaction(engine, write=True) as db:
+                data.store_overview(db, tenant_id, ov)
+        finally:
+            running.discard(tenant_id)
+
+    return BackgroundTask(run)
+
+
+@page(write=True)
+def refresh_overview(p: Page) -> Response:
+    data.store_overview(p.db, p.tenant.id, data.overview(p.db, p.tenant.id))
+    p.audit("refresh_overview")
+    return RedirectResponse("/dashboard", status_code=303)
+
+
+@page()
+def people(p: Page) -> Response:
+    q, kind = p.field("q", 320), p.field("kind", 16) or "email"
+    if not q:
+        return p.render("people.html", q="", kind=kind, kinds=data.SEARCH_KINDS, error=None, nav="people")
+    try:
+        subject = data.find_subject(p.db, p.tenant, kind, q)
+    except (NotFound, ValidationFailed) as exc:
+        p.audit("search", detail={"kind": kind, "found": False})
+        return with_problem(p.render("people.html", exc.status, q=q, kind=kind,
+                                     kinds=data.SEARCH_KINDS, error=exc.detail, nav="people"), exc)
+    p.audit("search", subject.id, {"kind": kind, "found": True})
+    return RedirectResponse(f"/dashboard/people/{subject.id}", status_code=303)
+
+
+def _subject(p: Page) -> Any:
+    return data.find_subject(p.db, p.tenant, "subject", str(p.request.path_params["subject"]))
+
+
+@page()
+def person(p: Page) -> Response:
+    view = data.subject_view(p.db, p.tenant, _subject(p))
+    p.audit("view_subject", view.subject.id)
+    return p.render("person.html", view=view, nav="people", erased=p.field("erased", 4) == "1")
+
+
+@page()
+def person_export(p: Page) -> Response:
+    subject = _subject(p)
+    fmt = str(p.request.path_params["fmt"])
+    if fmt not in ("json", "md"):
+        raise NotFound("exports are .json or .md")
+    s = p.services
+    export = rights.access_export(p.db, p.tenant, subject, signer=s.signer, issuer=s.settings.issuer)
+    p.audit("export_subject", subject.id, {"format": fmt})
+    disposition = f'attachment; filename="{subject.id}.{"md" if fmt == "md" else "json"}"'
+    headers = {"Content-Disposition": disposition, "Cache-Control": "no-store"}
+    if fmt == "md":
+        return Response(rights.access_markdown(export), media_type="text/markdown; charset=utf-8", headers=headers)
+    from .http import dumps
+
+    return Response(dumps(export), media_type="application/json", headers=headers)
+
+
+@page(write=True)
+def person_erase(p: Page) -> Response:
+    p.require_admin()
+    subject = _subject(p)
+    if p.field("confirm", 100).strip() != subject.id:
+        raise ValidationFailed.field("confirm", f"type the subject id {subject.id} to confirm the erasure")
+    s = p.services
+    erased, summary = rights.erase(p.db, p.tenant, subject, signer=s.signer, issuer=s.settings.issuer)
+    p.audit("erase_subject", subject.id, {"erased_now": erased, "identifiers_removed": summary["identifiers_removed"]})
+    return RedirectResponse(f"/dashboard/people/{subject.id}?erased=1", status_code=303)
+
+
+@page()
+def verifier(p: Page) -> Response:
+    return p.render("verify.html", nav="verify", receipt=None, export=None, token="")
+
+
+VERIFY_MAX_BYTES = 64 * 1024 * 1024
+
+
+@page(write=True, max_bytes=VERIFY_MAX_BYTES)
+def verify_post(p: Page) -> Response:
+    upload = p.form.get("export") if p.form is not None else None
+    if isinstance(upload, UploadFile) and upload.filename:
+        if (upload.size or 0) > VERIFY_MAX_BYTES:  # a body sent without a length is counted here
+            raise PayloadTooLarge(f"an export to verify here may be at most {VERIFY_MAX_BYTES} bytes")
+        body = upload.file.read()
+        try:
+            report = data.check_export(p.db, body, p.field("manifest", 4000).strip() or None)
+            result: dict[str, Any] = {"ok": True, "report": report, "name": upload.filename}
+        except VerifyError as exc:
+            result = {"ok": False, "line": exc.line, "problem": exc.message, "name": upload.filename}
+        p.audit("verify_export", upload.filename[:200], {"ok": result["ok"], "bytes": len(body)})
+        return p.render("verify.html", nav="verify", receipt=None, export=result, token="")
+    token = p.field("receipt", 20000)
+    if not token.strip():
+        raise ValidationFailed.field("receipt", "paste a receipt or choose an export file")
+    res = data.check_receipt(p.db, token, p.services.settings.issuer)
+    p.audit("verify_receipt", (res.claims or {}).get("jti"), {"ok": res.ok})
+    return p.render("verify.html", nav="verify", receipt=res, export=None, token=token)
+
+
+def _policies_page(p: Page, status: int = 200, errors: list[dict[str, str]] | None = None,
+                   form: dict[str, Any] | None = None) -> Response:
+    t = p.tenant
+    now = utcnow()
+    return p.render("policies.html", status, nav="policies", rows=data.policy_versions(p.db, t.id, now=now),
+                    purposes=catalog.list_purposes(p.db, t.id), notice_days=t.notice_days,
+                    earliest_material=catalog.earliest_effective(t.notice_days, material=True, now=now),
+                    errors=errors or [], form=form or {"policy": "privacy", "version": "", "document_url": "",
+                                                        "document_sha256": "", "material": False,
+                                                        "effective_at": "", "purposes": []},
+                    published=p.field("published", 64))
+
+
+@page()
+def policies(p: Page) -> Response:
+    return _policies_page(p)
+
+
+@page(write=True)
+def publish_policy(p: Page) -> Response:
+    p.require_admin()
+    assert p.form is not None
+    effective = p.field("effective_at", 40).strip()
+    form: dict[str, Any] = {"policy": p.field("policy", 64).strip() or "privacy", "version": p.field("version", 64).strip(),
+            "document_url": p.field("document_url", 2000).strip(),
+            "document_sha256": p.field("document_sha256", 64).strip().lower(),
+            "material": p.field("material", 4) == "on", "effective_at": effective,
+            "purposes": [str(v) for v in p.form.getlist("purposes")][:100]}
+    body = {k: form[k] for k in ("version", "document_url", "document_sha256", "material", "purposes")}
+    if effective:
+        body["effective_at"] = effective if effective[-1:] in ("Z", "z") or "+" in effective[10:] else effective + "Z"
+    try:
+        if not re.fullmatch(KEY_RE, form["policy"]):
+            raise ValidationFailed.field("policy", "lowercase letters, digits, _ . - (at most 64)")
+        try:
+            spec = PolicyVersionIn.model_validate(body)
+        except PydanticError as exc:
+            raise ValidationFailed(validation_errors(exc)) from None
+        v = catalog.publish_version(p.db, p.tenant.id, p.tenant.notice_days, form["policy"], spec)
+    except (ValidationFailed, Conflict) as exc:
+        errors = getattr(exc, "extra", {}).get("errors") or [{"field": "version", "message": exc.detail}]
+        return with_problem(_policies_page(p, exc.status, errors, form), exc)
+    p.audit("publish_version", f"{v.policy_key} {v.version}", {"material": v.material,
+                                                               "effective_at": crypto.iso(v.effective_at)})
+    return RedirectResponse(f"/dashboard/policies?published={quote(v.version)}", status_code=303)
+
+
+# --- exports ---------------------------------------------------------------------------------
+
+def _export_filter(p: Page) -> tuple[exports.ExportFilter, str]:
+    """The export form's fields as a filter (the same rules as GET /v1/exports/consents)."""
+    fmt = p.field("format", 8) or "jsonl"
+    if fmt not in exports.FORMATS:
+        raise ValidationFailed.field("format", f"must be one of {', '.join(exports.FORMATS)}")
+    times = {}
+    for name in ("from", "to"):
+        raw = p.field(name, 40).strip()
+        times[name] = parse_time(name, raw if raw[-1:] in ("Z", "z") or "+" in raw[10:] else raw + "Z") if raw else None
+    if times["from"] is not None and times["to"] is not None and times["from"] >= times["to"]:
+        raise ValidationFailed.field("to", "must be after from")
+    purpose = p.field("purpose", 64).strip() or None
+    if purpose is not None and catalog.get_purpose(p.db, p.tenant.id, purpose) is None:
+        raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
+    version = p.field("policy_version", 64).strip() or None
+    return exports.ExportFilter(p.tenant.id, times["from"], times["to"], purpose, version), fmt
+
+
+def _exports_page(p: Page, status: int = 200, error: str | None = None) -> Response:
+    return p.render("exports.html", status, nav="exports", error=error,
+                    recent=data.recent_exports(p.db, p.tenant.id), purposes=catalog.list_purposes(p.db, p.tenant.id))
+
+
+@page()
+def exports_page(p: Page) -> Response:
+    return _exports_page(p)
+
+
+@page(write=True)
+def export_download(p: Page) -> Response:
+    try:
+        flt, fmt = _export_filter(p)
+    except ValidationFailed as exc:
+        return with_problem(_exports_page(p, exc.status, exc.detail), exc)
+    export_id = exports.new_export_id()
+    p.audit("start_export", export_id, {"format": fmt, **flt.claims()})
+    s = p.services
+    body = exports.stream_export(s.engine, flt, fmt, signer=s.signer, issuer=s.settings.issuer, export_id=export_id)
+    return StreamingResponse(body, media_type=EXPORT_MEDIA[fmt], headers={
+        "Consent-Export-Id": export_id, "Cache-Control": "no-store",
+        "Content-Disposition": f'attachment; filename="consents-{export_id}.{fmt}"'})
+
+
+@page()
+def export_manifest(p: Page) -> Response:
+    m = exports.get_manifest(p.db, p.tenant.id, str(p.request.path_params["export_id"]))
+    if m is None:
+        raise NotFound("no completed export with this id")
+    return Response(m.manifest + "\n", media_type="text/plain; charset=utf-8", headers={
+        "Content-Disposition": f'attachment; filename="{m.id}.manifest.jwt"', "Cache-Control": "no-store"})
+
+
+# --- webhooks --------------------------------------------------------------------------------
+
+@page()
+def webhooks_page(p: Page) -> Response:
+    return p.render("webhooks.html", nav="webhooks", endpoints=data.webhook_overview(p.db, p.tenant.id),
+                    done=p.field("done", 40))
+
+
+@page(write=True)
+def webhook_enable(p: Page) -> Response:
+    p.require_admin()
+    ep = webhooks.enable_endpoint(p.db, p.tenant.id, str(p.request.path_params["webhook_id"]))
+    p.audit("enable_webhook", ep.id, {"url": ep.url})
+    return RedirectResponse(f"/dashboard/webhooks?done={quote(ep.id)}#{ep.id}", status_code=303)
+
+
+# --- settings --------------------------------------------------------------------------------
+
+def _settings_page(p: Page, new_keys: dict[str, str] | None = None) -> Response:
+    return p.render("settings.html", nav="settings", keys=data.api_keys(p.db, p.tenant.id), new_keys=new_keys or {},
+                    jwks=receipts.jwks(p.db)["keys"])
+
+
+@page()
+def settings_page(p: Page) -> Response:
+    return _settings_page(p)
+
+
+@page(write=True)
+def rotate_keys(p: Page) -> Response:
+    """New keys, shown once on this answer (never in a URL); a session signed in with the
+    secret key it replaces moves to the new one, so rotating does not sign you out."""
+    p.require_admin()
+    kind = p.field("kind", 16)
+    if kind not in ("secret", "publishable", "both"):
+        raise ValidationFailed.field("kind", "must be secret, publishable or both")
+    kinds = ["secret", "publishable"] if kind == "both" else [kind]
+    new = tenants.rotate_keys(p.db, p.tenant.id, kinds)
+    assert p.user is not None
+    if "secret" in new and p.user.actor.startswith("key:"):
+        principal = authenticate_key(p.db, new["secret"])
+        assert principal is not None
+        data.rebind_session(p.db, p.user.session_hash, principal.key_id)
+    p.audit("rotate_keys", None, {"kinds": kinds})
+    return _settings_page(p, new)
+
+
+@page()
+def audit_trail(p: Page) -> Response:
+    return p.render("audit.html", events=data.recent_events(p.db, p.tenant.id, 100), nav="audit")
+
+
+@page()
+def users(p: Page) -> Response:
+    return p.render("users.html", users=data.list_users(p.db, p.tenant.id), roles=data.ROLES, nav="users",
+                    error=None, created=p.field("created", 320))
+
+
+@page(write=True)
+def users_post(p: Page) -> Response:
+    p.require_admin()
+    try:
+        user = data.create_user(p.db, p.tenant.id, email=p.field("email", 320), password=p.field("password", 1000),
+                                role=p.field("role", 16))
+    except ConsentError as exc:
+        page_ = p.render("users.html", exc.status, users=data.list_users(p.db, p.tenant.id), roles=data.ROLES,
+                         nav="users", error=exc.detail, created="")
+        return with_problem(page_, exc)
+    p.audit("create_user", user.email, {"role": user.role})
+    return RedirectResponse(f"/dashboard/users?created={quote(user.email)}", status_code=303)

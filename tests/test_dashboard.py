@@ -1,0 +1,503 @@
+"""The dashboard through HTTP on both backends: sign-in and its cookie, CSRF, sign-out, the
+idle timeout, roles, the audit trail, every page's content, downloads, erasure, the verifier,
+and that no page or download ever shows another tenant's data."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from consent.app import create_app
+
+from .conftest import settings_for
+from .helpers import DOC_SHA, Tenant, make_tenant
+
+PASSWORD = "correct horse battery staple"
+
+
+class Browser:
+    """A browser of its own (its own cookie jar) on the shared app."""
+
+    def __init__(self, client: TestClient, base_url: str = "http://testserver"):
+        # a browser asks for HTML: error pages come as pages (other clients get problem+json)
+        self.c = TestClient(client.app, base_url=base_url, headers={"Accept": "text/html,*/*;q=0.8"})
+
+    def csrf(self, path: str) -> str:
+        r = self.c.get(path)
+        assert r.status_code == 200, r.text
+        return re.search(r'name="csrf" value="([^"]+)"', r.text).group(1)  # type: ignore[union-attr]
+
+    def sign_in(self, expect: int = 303, **fields: str) -> Any:
+        r = self.c.post("/dashboard/sign-in", data={"csrf": self.csrf("/dashboard/sign-in"), **fields},
+                        follow_redirects=False)
+        assert r.status_code == expect, r.text
+        return r
+
+    def post(self, path: str, data: dict[str, Any] | None = None, *, form_page: str | None = None, **kw: Any) -> Any:
+        token = self.csrf(form_page or path)
+        return self.c.post(path, data={"csrf": token, **(data or {})}, follow_redirects=False, **kw)
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.c.get(path, follow_redirects=False, **kw)
+
+
+def signed_in(t: Tenant) -> Browser:
+    b = Browser(t.client)
+    b.sign_in(key=t.secret_key)
+    return b
+
+
+def test_pages_need_a_session_and_the_cookie_is_strict(tenant: Tenant) -> None:
+    b = Browser(tenant.client)
+    for path in ("/dashboard", "/dashboard/people", "/dashboard/verify", "/dashboard/audit", "/dashboard/users",
+                 "/dashboard/people/sub_x"):
+        r = b.get(path)
+        assert r.status_code == 303 and r.headers["location"].startswith("/dashboard/sign-in?next="), path
+    r = b.sign_in(key=tenant.secret_key, next="/dashboard/verify")
+    assert r.headers["location"] == "/dashboard/verify"
+    cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith("consent_dashboard="))
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/dashboard" in cookie
+    assert "Secure" not in cookie  # plain http here; see the https test
+    assert b.get("/dashboard").status_code == 200
+    # an open redirect is never followed
+    assert Browser(tenant.client).sign_in(key=tenant.secret_key, next="//evil.example/").headers["location"] == "/dashboard"
+
+
+def test_errors_are_pages_for_browsers_and_problems_for_other_clients(tenant: Tenant) -> None:
+    b = signed_in(tenant)
+    page = b.get("/dashboard/people/sub_nope")
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    assert "subject not found" in page.text and "<h1>" in page.text
+    api = TestClient(tenant.client.app)
+    api.cookies = b.c.cookies
+    r = api.get("/dashboard/people/sub_nope")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "not_found" and r.json()["instance"] == "/dashboard/people/{subject}"
+    r = api.get("/dashboard/people", params={"kind": "nope", "q": "x"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "kind"
+    r = TestClient(tenant.client.app).post("/dashboard/sign-in", data={"key": tenant.secret_key})
+    assert r.status_code == 403 and r.json()["code"] == "csrf_failed"
+
+
+def test_cookie_is_secure_over_https(tenant: Tenant) -> None:
+    b = Browser(tenant.client, base_url="https://testserver")
+    r = b.sign_in(key=tenant.secret_key)
+    cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith("consent_dashboard="))
+    assert "Secure" in cookie and "HttpOnly" in cookie
+
+
+def test_bad_credentials_and_forged_forms_are_refused(tenant: Tenant) -> None:
+    b = Browser(tenant.client)
+    r = b.sign_in(expect=401, key="sk_" + "0" * 40)
+    assert "not a live secret key" in r.text
+    b.sign_in(expect=401, key=tenant.publishable_key)  # a publishable key is public: never a sign-in
+    # a sign-in form token from another browser (login CSRF) is refused
+    other = Browser(tenant.client)
+    token = other.csrf("/dashboard/sign-in")
+    r = b.c.post("/dashboard/sign-in", data={"csrf": token, "key": tenant.secret_key}, follow_redirects=False)
+    assert r.status_code == 403
+    # signed in, a form without the session's token, or posted from another origin, is refused
+    b.sign_in(key=tenant.secret_key)
+    r = b.c.post("/dashboard/sign-out", data={"csrf": "forged"}, follow_redirects=False)
+    assert r.status_code == 403 and "csrf_failed" in r.text
+    r = b.post("/dashboard/sign-out", form_page="/dashboard", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403
+    assert b.get("/dashboard").status_code == 200  # still signed in
+
+
+def test_sign_out_ends_the_session_server_side(tenant: Tenant) -> None:
+    b = signed_in(tenant)
+    stolen = b.c.cookies.get("consent_dashboard")
+    replay = Browser(tenant.client)
+    replay.c.cookies.set("consent_dashboard", stolen, domain="testserver.local", path="/dashboard")
+    assert replay.get("/dashboard").status_code == 200  # the same cookie elsewhere: the same session
+    forged = Browser(tenant.client)
+    forged.c.cookies.set("consent_dashboard", stolen[:-2] + ("xx" if stolen[-2:] != "xx" else "yy"),
+                         domain="testserver.local", path="/dashboard")
+    assert forged.get("/dashboard").status_code == 303  # a cookie we did not sign is ignored
+    r = b.post("/dashboard/sign-out", form_page="/dashboard")
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard/sign-in?signed_out=1"
+    assert b.get("/dashboard").status_code == 303
+    assert replay.get("/dashboard").status_code == 303  # ended on the server, not only in this browser
+    assert "sign_out" in signed_in(tenant).get("/dashboard/audit").text
+
+
+def test_idle_timeout_and_revoked_key_end_sessions(tenant: Tenant, db_url: str) -> None:
+    app = create_app(settings_for(db_url, dashboard_idle_seconds=1))
+    with TestClient(app) as c:
+        b = Browser(c)
+        b.sign_in(key=tenant.secret_key)
+        assert b.get("/dashboard").status_code == 200
+        time.sleep(1.3)
+        assert b.get("/dashboard").status_code == 303
+    b = signed_in(tenant)
+    assert b.get("/dashboard").status_code == 200
+    r = tenant.post("/v1/keys/rotate", json={"kind": "secret"})
+    assert r.status_code == 200
+    assert b.get("/dashboard").status_code == 303
+
+
+def test_person_page_history_verification_and_downloads(tenant: Tenant) -> None:
+    first = tenant.record(email="Grace@Example.com", user_id="u-grace", anonymous_id="anon-grace")
+    tenant.record(decision="withdrawn", user_id="u-grace")
+    tenant.record("analytics", "denied", email="grace@example.com")
+    b = signed_in(tenant)
+    for kind, q in (("email", "grace@example.com"), ("user", "u-grace"), ("anon", "anon-grace"),
+                    ("subject", first["subject"])):
+        r = b.get("/dashboard/people", params={"kind": kind, "q": q})
+        assert r.status_code == 303 and r.headers["location"] == f"/dashboard/people/{first['subject']}", kind
+    r = b.get("/dashboard/people", params={"kind": "email", "q": "nobody@example.com"})
+    assert r.status_code == 404 and "subject not found" in r.text
+    r = b.get(f"/dashboard/people/{first['subject']}")
+    assert r.status_code == 200
+    assert 'data-chain="verified"' in r.text and r.text.count('data-verified="yes"') == 3
+    assert re.search(r'data-purpose="marketing_email">.*?data-status="withdrawn"', r.text, re.DOTALL)
+    assert re.search(r'data-purpose="analytics">.*?data-status="denied"', r.text, re.DOTALL)
+    assert first["receipt"] in r.text and "position 2 in the chain" in r.text
+    js = b.get(f"/dashboard/people/{first['subject']}/export.json")
+    assert js.status_code == 200 and js.headers["content-disposition"].startswith("attachment")
+    assert js.json()["subject"] == first["subject"] and len(js.json()["records"]) == 3
+    assert js.json()["records"] == tenant.get(f"/v1/subjects/{first['subject']}/export").json()["records"]
+    md = b.get(f"/dashboard/people/{first['subject']}/export.md")
+    assert md.headers["content-type"].startswith("text/markdown") and "grace@example.com" in md.text
+    assert b.get(f"/dashboard/people/{first['subject']}/export.xml").status_code == 404
+
+
+def test_erasure_needs_the_typed_confirmation_and_admin(tenant: Tenant) -> None:
+    rec = tenant.record(email="erase.me@example.com")
+    sub = rec["subject"]
+    b = signed_in(tenant)
+    page = f"/dashboard/people/{sub}"
+    r = b.post(f"{page}/erase", {"confirm": "yes"}, form_page=page)
+    assert r.status_code == 422 and sub in r.text
+    assert tenant.get(f"/v1/subjects/{sub}/export").json()["erased_at"] is None
+    # a read-only user cannot erase
+    r = b.post("/dashboard/users", {"email": "viewer@example.com", "password": PASSWORD, "role": "read_only"})
+    assert r.status_code == 303
+    viewer = Browser(tenant.client)
+    viewer.sign_in(tenant=tenant.id, email="viewer@example.com", password=PASSWORD)
+    assert "Erasure needs the admin role" in viewer.get(page).text
+    r = viewer.post(f"{page}/erase", {"confirm": sub}, form_page=page)
+    assert r.status_code == 403 and "read_only_role" in r.text
+    assert tenant.get(f"/v1/subjects/{sub}/export").json()["erased_at"] is None
+    r = b.post(f"{page}/erase", {"confirm": sub}, form_page=page)
+    assert r.status_code == 303
+    after = tenant.get(f"/v1/subjects/{sub}/export").json()
+    assert after["erased_at"] is not None and after["identifiers"] == []
+    r = b.get(page)
+    assert 'data-chain="verified"' in r.text and "erase.me@example.com" not in r.text
+    assert b.get("/dashboard/people", params={"kind": "email", "q": "erase.me@example.com"}).status_code == 404
+
+
+def test_users_sign_in_with_password(tenant: Tenant) -> None:
+    admin = signed_in(tenant)
+    r = admin.post("/dashboard/users", {"email": "short@example.com", "password": "short", "role": "admin"})
+    assert r.status_code == 422 and "12 to 1000" in r.text
+    r = admin.post("/dashboard/users", {"email": "Ops@Example.com", "password": PASSWORD, "role": "admin"})
+    assert r.status_code == 303
+    r = admin.post("/dashboard/users", {"email": "ops@example.com", "password": PASSWORD, "role": "admin"})
+    assert r.status_code == 409
+    b = Browser(tenant.client)
+    assert "Wrong tenant" in b.sign_in(expect=401, tenant=tenant.id, email="ops@example.com", password="nope" * 4).text
+    b.sign_in(expect=401, tenant="ten_nope", email="ops@example.com", password=PASSWORD)
+    b.sign_in(tenant=tenant.id, email="ops@example.com", password=PASSWORD)
+    assert "user:ops@example.com" in b.get("/dashboard").text
+    trail = admin.get("/dashboard/audit").text
+    assert "sign_in_failed" in trail and "create_user" in trail and "user:ops@example.com" in trail
+
+
+def test_verifier_receipts_and_exports(tenant: Tenant) -> None:
+    rec = tenant.record(email="verify@example.com")
+    b = signed_in(tenant)
+    r = b.post("/dashboard/verify", {"receipt": rec["receipt"]})
+    assert r.status_code == 200 and 'data-result="verified"' in r.text and rec["record_hash"] in r.text
+    head, payload, sig = rec["receipt"].split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["purposes"][0]["status"] = "withdrawn"  # a consumer "proving" something else
+    forged_payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    r = b.post("/dashboard/verify", {"receipt": f"{head}.{forged_payload}.{sig}"})
+    assert 'data-result="failed"' in r.text and "signature does not match" in r.text
+    assert "not proven" in r.text and "marketing_email: withdrawn" in r.text  # shown, marked unproven
+    r = b.post("/dashboard/verify", {"receipt": "not a receipt"})
+    assert 'data-result="failed"' in r.text and "malformed token" in r.text
+    export = tenant.get("/v1/exports/consents").content
+    r = b.post("/dashboard/verify", files={"export": ("ledger.jsonl", export, "application/x-ndjson")})
+    assert 'data-result="verified"' in r.text and "1 records of 1 subjects" in r.text
+    tampered = export.replace(b'"granted"', b'"denied"', 1)
+    r = b.post("/dashboard/verify", files={"export": ("ledger.jsonl", tampered, "application/x-ndjson")})
+    assert 'data-result="failed"' in r.text and "line 1" in r.text and "record hash does not match" in r.text
+    r = b.post("/dashboard/verify", files={"export": ("ledger.csv", tenant.get(
+        "/v1/exports/consents", params={"format": "csv"}).content, "text/csv")})
+    assert "needs its manifest" in r.text
+    trail = b.get("/dashboard/audit").text
+    assert "verify_receipt" in trail and "verify_export" in trail
+
+
+def test_overview_counts_match_the_checks(tenant: Tenant) -> None:
+    for i in range(3):
+        tenant.record(email=f"g{i}@example.com")
+    tenant.record(decision="denied", email="d@example.com")
+    tenant.record(decision="withdrawn", email="w@example.com")
+    tenant.record("product_updates", email="p@example.com")  # double opt-in: pending
+    b = signed_in(tenant)
+    html = b.get("/dashboard").text
+    assert re.search(r'data-opt-in="marketing_email">60\.0 %', html), html
+    tenant.publish("v2", material=True, purposes=["strictly_necessary", "marketing_email", "analytics"])
+    assert b.post("/dashboard/refresh", form_page="/dashboard").status_code == 303
+    html = b.get("/dashboard").text
+    # every current grant of v1 is stale now: exactly what the checks answer
+    statuses = [tenant.check(email=e)["status"] for e in
+                ("g0@example.com", "g1@example.com", "g2@example.com", "d@example.com", "w@example.com")]
+    assert "stale" in statuses and "granted" not in statuses
+    assert re.search(r'data-opt-in="marketing_email">0\.0 %', html)
+    row = re.search(r'<th scope="row">v1</th>(.*?)</tr>', html, re.DOTALL).group(1)  # type: ignore[union-attr]
+    nums = [int(n) for n in re.findall(r'<td class="num">(\d+)</td>', row)]
+    order = ("granted", "denied", "withdrawn", "stale", "pending_confirmation", "acknowledged")
+    assert nums == [statuses.count(s) for s in order] + [5]
+    assert "<svg" in html and 'role="img"' in html
+    assert "Latest withdrawals" in html and "w@example.com" not in html  # subject ids, never identifiers
+
+
+def test_overview_numbers_are_kept_until_refreshed(tenant: Tenant, db_url: str) -> None:
+    tenant.record(email="one@example.com")
+    b = signed_in(tenant)
+    first = b.get("/dashboard").text
+    stamp = re.search(r'data-computed-at="([^"]+)"', first).group(1)  # type: ignore[union-attr]
+    assert re.search(r'data-opt-in="marketing_email">100\.0 %', first)
+    tenant.record(decision="denied", email="two@example.com")
+    kept = b.get("/dashboard").text
+    assert f'data-computed-at="{stamp}"' in kept and re.search(r'data-opt-in="marketing_email">100\.0 %', kept)
+    assert b.post("/dashboard/refresh", form_page="/dashboard").status_code == 303
+    assert re.search(r'data-opt-in="marketing_email">50\.0 %', b.get("/dashboard").text)
+    assert "refresh_overview" in b.get("/dashboard/audit").text
+    # older than CONSENT_DASHBOARD_OVERVIEW_SECONDS: served, then recomputed after the answer
+    tenant.record(decision="denied", email="three@example.com")
+    with TestClient(create_app(settings_for(db_url, dashboard_overview_seconds=0))) as c:
+        other = Browser(c)
+        other.sign_in(key=tenant.secret_key)
+        assert re.search(r'data-opt-in="marketing_email">50\.0 %', other.get("/dashboard").text)
+        assert re.search(r'data-opt-in="marketing_email">33\.3 %', other.get("/dashboard").text)
+
+
+def test_no_page_or_download_shows_another_tenants_data(client: TestClient) -> None:
+    victim, other = make_tenant(client), make_tenant(client)
+    rec = victim.record(email="victim.dash@example.com", user_id="victim-user")
+    victim.record(decision="withdrawn", email="victim.dash@example.com")
+    vb = signed_in(victim)
+    vb.get(f"/dashboard/people/{rec['subject']}")  # leaves a trail entry naming the subject
+    markers = [victim.id, rec["subject"], rec["id"], rec["record_hash"], "victim.dash@example.com", "victim-user"]
+    b = signed_in(other)
+    sub = rec["subject"]
+    for path in (f"/dashboard/people/{sub}", f"/dashboard/people/{sub}/export.json",
+                 f"/dashboard/people/{sub}/export.md"):
+        r = b.get(path)
+        assert r.status_code == 404, path
+        assert not any(m in r.text for m in markers), path
+    for kind, q in (("email", "victim.dash@example.com"), ("user", "victim-user"), ("subject", sub)):
+        r = b.get("/dashboard/people", params={"kind": kind, "q": q})
+        assert r.status_code == 404
+    page = f"/dashboard/people/{sub}"
+    r = b.post(f"{page}/erase", {"confirm": sub}, form_page="/dashboard")
+    assert r.status_code == 404
+    assert victim.get(f"/v1/subjects/{sub}/export").json()["erased_at"] is None
+    for path in ("/dashboard", "/dashboard/audit", "/dashboard/users", "/dashboard/verify", "/dashboard/people"):
+        r = b.get(path)
+        assert r.status_code == 200
+        assert not any(m in r.text for m in markers), path
+    # the victim's own receipt verifies for anyone (public keys), but that shows only what was pasted
+    r = b.post("/dashboard/verify", {"receipt": rec["receipt"]})
+    assert 'data-result="verified"' in r.text
+
+
+@pytest.mark.parametrize("path", ["/", "/docs", "/static/dashboard.css", "/static/swagger-ui-bundle.js", "/dashboard/sign-in"])
+def test_public_pages_and_assets(client: TestClient, path: str) -> None:
+    r = client.get(path)
+    assert r.status_code == 200
+    if path in ("/", "/docs", "/dashboard/sign-in"):
+        assert r.headers["content-type"].startswith("text/html")
+        assert "https://" not in re.sub(r'href="https://[^"]*"', "", r.text).split("<body")[0]  # no CDN
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp
+
+
+def _cell(html: str, version: str, attr: str) -> int:
+    row = re.search(rf'<tr data-version="{version}">(.*?)</tr>', html, re.DOTALL).group(1)  # type: ignore[union-attr]
+    return int(re.search(rf"<td class=\"num\" {attr}>(\d+)</td>", row).group(1))  # type: ignore[union-attr]
+
+
+def test_policy_versions_with_notified_reconsented_and_stale(client: TestClient) -> None:
+    told = make_tenant(client)
+    for i in range(3):
+        told.record(email=f"n{i}@example.com")
+    soon = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    told.publish("v2", material=True, purposes=["marketing_email"], effective_at=soon)
+    assert told.post("/v1/policies/privacy/versions/v2/notices", json={}).json()["notified"] == 3
+    html = signed_in(told).get("/dashboard/policies").text
+    assert (_cell(html, "v2", "data-notified"), _cell(html, "v2", "data-reconsented"),
+            _cell(html, "v2", "data-stale")) == (3, 0, 0)
+    assert "upcoming" in html
+    t = make_tenant(client)
+    for i in range(3):
+        t.record(email=f"s{i}@example.com")
+    t.publish("v2", material=True, purposes=["marketing_email"])
+    t.record(email="s0@example.com")  # given again under v2
+    html = signed_in(t).get("/dashboard/policies").text
+    assert (_cell(html, "v2", "data-notified"), _cell(html, "v2", "data-reconsented"),
+            _cell(html, "v2", "data-stale")) == (0, 1, 2)
+    assert [t.check(email=f"s{i}@example.com")["status"] for i in range(3)] == ["granted", "stale", "stale"]
+
+
+def test_publish_form_enforces_the_notice_period(client: TestClient) -> None:
+    t = make_tenant(client, notice_days=30)
+    b = signed_in(t)
+    page = b.get("/dashboard/policies").text
+    earliest = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%d")
+    assert re.search(rf"data-earliest>{earliest}", page)
+    form = {"policy": "privacy", "version": "v2", "document_url": "https://acme.test/privacy/v2",
+            "document_sha256": DOC_SHA, "purposes": ["marketing_email", "analytics"], "material": "on",
+            "effective_at": (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")}
+    r = b.post("/dashboard/policies", form)
+    assert r.status_code == 422 and "no sooner than 30 days" in r.text and 'value="v2"' in r.text
+    assert [v["version"] for v in t.get("/v1/policies/privacy/versions").json()["items"]] == ["v1"]
+    r = b.post("/dashboard/policies", {**form, "effective_at": ""})
+    assert r.status_code == 303
+    v2 = t.get("/v1/policies/privacy/versions").json()["items"][0]
+    assert v2["version"] == "v2" and v2["material"] and v2["effective_at"].startswith(earliest)
+    r = b.post("/dashboard/policies", {**form, "effective_at": ""})  # v2 again
+    assert r.status_code == 409
+    r = b.post("/dashboard/policies", {**form, "version": "v3", "material": "", "effective_at": "",
+                                       "purposes": ["nope"]})
+    assert r.status_code == 422 and "unknown purpose" in r.text
+    r = b.post("/dashboard/policies", {**form, "version": "v3", "material": "", "effective_at": ""})
+    assert r.status_code == 303
+    assert "publish_version" in b.get("/dashboard/audit").text
+
+
+def test_exports_page_download_manifest_and_isolation(client: TestClient) -> None:
+    from consent import crypto, verify
+
+    t, other = make_tenant(client), make_tenant(client)
+    t.record(email="e1@example.com")
+    t.record("analytics", "denied", email="e1@example.com")
+    t.record(email="e2@example.com")
+    b = signed_in(t)
+    r = b.get("/dashboard/exports/download", params={"format": "jsonl", "purpose": "", "policy_version": "",
+                                                     "from": "", "to": ""})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+    keys = crypto.KeySet(client.get("/.well-known/jwks.json").json())
+    report = verify.verify_jsonl(r.content.splitlines(keepends=True), keys)
+    assert report.records == 3 and report.subjects == 2
+    r = b.get("/dashboard/exports/download", params={"format": "csv", "purpose": "analytics"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    export_id = r.headers["consent-export-id"]
+    manifest = b.get(f"/dashboard/exports/{export_id}/manifest").text.strip()
+    assert manifest == t.get(f"/v1/exports/{export_id}/manifest").json()["manifest"]
+    assert verify.verify_csv(r.content.splitlines(keepends=True), keys, manifest).records == 1
+    page = b.get("/dashboard/exports").text
+    assert page.count("data-export=") == 2 and "purpose=analytics" in page and "partial" in page
+    r = b.get("/dashboard/exports/download", params={"format": "jsonl", "from": "2026-02-01T00:00",
+                                                     "to": "2026-01-01T00:00"})
+    assert r.status_code == 422 and "must be after from" in r.text
+    assert b.get("/dashboard/exports/download", params={"format": "xml"}).status_code == 422
+    ob = signed_in(other)
+    assert ob.get(f"/dashboard/exports/{export_id}/manifest").status_code == 404
+    assert export_id not in ob.get("/dashboard/exports").text
+    mine = ob.get("/dashboard/exports/download", params={"format": "jsonl"})
+    assert t.id not in mine.text and b"e1@example.com" not in mine.content
+    assert "start_export" in b.get("/dashboard/audit").text
+
+
+def test_webhooks_page_and_enable(client: TestClient) -> None:
+    import sqlalchemy as sa
+
+    from consent.models import WebhookEndpoint
+
+    t, other = make_tenant(client), make_tenant(client)
+    ep = t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}).json()
+    t.record(email="hook@example.com")
+    # what the delivery worker does after too many failures in a row
+    with client.app.state.services.engine.begin() as conn:  # type: ignore[attr-defined]
+        conn.execute(sa.update(WebhookEndpoint).where(WebhookEndpoint.id == ep["id"]).values(
+            enabled=False, consecutive_failures=30, disabled_reason="30 failed attempts in a row"))
+    b = signed_in(t)
+    page = b.get("/dashboard/webhooks").text
+    assert "http://127.0.0.1:9/hook" in page and "disabled" in page and "consent.granted" in page
+    assert "Enable and retry pending deliveries" in page
+    ob = signed_in(other)
+    assert ob.post(f"/dashboard/webhooks/{ep['id']}/enable", form_page="/dashboard/webhooks").status_code == 404
+    assert "127.0.0.1:9/hook" not in ob.get("/dashboard/webhooks").text
+    assert t.get(f"/v1/webhooks/{ep['id']}").json()["enabled"] is False
+    r = b.post(f"/dashboard/webhooks/{ep['id']}/enable", form_page="/dashboard/webhooks")
+    assert r.status_code == 303
+    assert t.get(f"/v1/webhooks/{ep['id']}").json()["enabled"] is True
+    assert "enable_webhook" in b.get("/dashboard/audit").text
+
+
+def test_settings_rotate_keys_keeps_the_session(tenant: Tenant) -> None:
+    b = signed_in(tenant)
+    page = b.get("/dashboard/settings").text
+    assert tenant.id in page and tenant.secret_key[:7] in page and tenant.secret_key not in page
+    r = b.post("/dashboard/settings/keys/rotate", {"kind": "secret"}, form_page="/dashboard/settings")
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    new = re.search(r'data-new-key="secret">([^<]+)<', r.text).group(1)  # type: ignore[union-attr]
+    assert tenant.get("/v1/tenant").status_code == 401  # the old key stopped at once
+    assert tenant.client.get("/v1/tenant", headers={"Authorization": f"Bearer {new}"}).status_code == 200
+    assert b.get("/dashboard").status_code == 200  # still signed in, now under the new key
+    assert "rotate_keys" in b.get("/dashboard/audit").text
+    assert b.post("/dashboard/settings/keys/rotate", {"kind": "all"}, form_page="/dashboard/settings").status_code == 422
+
+
+def test_sign_in_is_rate_limited_per_ip(tenant: Tenant, db_url: str) -> None:
+    with TestClient(create_app(settings_for(db_url, rate_limit_ip_per_minute=3))) as c:
+        b = Browser(c)
+        statuses = []
+        for _ in range(6):
+            r = b.c.post("/dashboard/sign-in", data={"csrf": b.csrf("/dashboard/sign-in"), "key": "sk_guess"},
+                         follow_redirects=False)
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert r.headers["retry-after"] and r.json()["code"] == "rate_limited"
+                break
+        assert statuses[-1] == 429, statuses
+
+
+def test_person_page_shows_a_quiet_edit_of_the_ledger(tenant: Tenant) -> None:
+    import sqlalchemy as sa
+
+    from consent.models import ConsentRecord
+
+    first = tenant.record(email="edited@example.com")
+    second = tenant.record(decision="withdrawn", email="edited@example.com")
+    b = signed_in(tenant)
+    assert 'data-chain="verified"' in b.get(f"/dashboard/people/{first['subject']}").text
+    # someone with database access turns the withdrawal back into a grant, in place
+    with tenant.client.app.state.services.engine.begin() as conn:  # type: ignore[attr-defined]
+        conn.execute(sa.update(ConsentRecord).where(ConsentRecord.id == second["id"]).values(decision="granted"))
+    html = b.get(f"/dashboard/people/{first['subject']}").text
+    assert 'data-chain="failed"' in html
+    rec = re.search(rf'data-record="{second["id"]}" data-verified="(\w+)">(.*?)</li>\s*</ul>', html, re.DOTALL)
+    assert rec and rec.group(1) == "no" and "does NOT match its content" in rec.group(2)
+    assert f'data-record="{first["id"]}" data-verified="yes"' in html
+
+
+def test_cookie_secrets_rotate_newest_last(tenant: Tenant, db_url: str) -> None:
+    def app_with(secrets: str) -> TestClient:
+        return TestClient(create_app(settings_for(db_url, dashboard_secrets=tuple(secrets.split(",")))))
+
+    with app_with("first-secret-0123456789") as c:
+        b = Browser(c)
+        b.sign_in(key=tenant.secret_key)
+        cookie = b.c.cookies.get("consent_dashboard")
+    for secrets, expect in (("first-secret-0123456789,second-secret-0123456789", 200),
+                            ("second-secret-0123456789", 303)):
+        with app_with(secrets) as c:
+            b = Browser(c)
+            b.c.cookies.set("consent_dashboard", cookie, domain="testserver.local", path="/dashboard")
+            assert b.get("/dashboard").status_code == expect, secrets

@@ -1,0 +1,205 @@
+# ruff: noqa: F811  (the live-server and browser fixtures are imported from test_browser)
+"""The dashboard in a real headless Chromium (Playwright, Debian's /usr/bin/chromium) against a
+live uvicorn: sign-in with the cookie's flags, charts, search, the verified history, both
+downloads, the verifier with a good and a tampered receipt and an uploaded export, erasure,
+the API reference, sign-out, and the read-only pages with JavaScript off. Screenshots of every
+page go to screens/ (gitignored) to be looked at."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import Tenant
+from .test_browser import ROOT, Live, browser, context, live  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.browser
+
+SCREENS = ROOT / "screens"
+
+
+UNLABELLED = """() => [...document.querySelectorAll('input:not([type=hidden]), select, textarea, button')]
+  .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
+  .map(el => el.outerHTML)"""
+
+
+def shot(page: Any, live: Live, name: str, *, ours: bool = True) -> None:
+    """Every page of ours checked on the way: each control has a label, one h1, a main landmark
+    (``ours=False``: the API reference, whose controls Swagger UI draws)."""
+    if ours:
+        assert page.evaluate(UNLABELLED) == [], name
+        assert page.locator("h1").count() == 1 and page.locator("main").count() == 1, name
+    if live.backend == "sqlite":
+        SCREENS.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENS / f"{name}.png"), full_page=True)
+
+
+def populated(live: Live) -> tuple[Tenant, dict[str, Any]]:
+    t = live.tenant()
+    assert t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["consent.withdrawn"],
+                                        "description": "stop marketing mail"}).status_code == 201
+    ada = t.record(email="ada@example.com", user_id="u-ada")
+    t.record("analytics", "granted", email="ada@example.com")
+    t.record(decision="withdrawn", email="ada@example.com")
+    for i in range(6):
+        t.record(email=f"person{i}@example.com", decision="granted" if i % 3 else "denied")
+    t.record("analytics", "denied", anonymous_id="anon-gpc", source="gpc")
+    t.record("product_updates", email="pending@example.com")
+    return t, ada
+
+
+def sign_in(page: Any, live: Live, t: Tenant) -> None:
+    page.goto(live.api + "/dashboard")
+    assert "/dashboard/sign-in" in page.url
+    page.get_by_label("Secret key", exact=True).fill(t.secret_key)
+    page.get_by_label("Secret key", exact=True).press("Enter")
+    page.wait_for_url(re.compile(r"/dashboard$"))
+
+
+def test_dashboard_end_to_end(live: Live, context: Any, tmp_path: Path) -> None:
+    t, ada = populated(live)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(live.api + "/")
+    assert page.get_by_role("link", name=re.compile("API reference")).count() >= 1
+    shot(page, live, "landing")
+    page.goto(live.api + "/dashboard/sign-in")
+    shot(page, live, "sign-in")
+    page.get_by_label("Secret key", exact=True).fill("sk_wrong")
+    page.get_by_label("Secret key", exact=True).press("Enter")
+    assert page.get_by_role("alert").inner_text().startswith("That is not a live secret key")
+    shot(page, live, "sign-in-error")
+
+    page.keyboard.press("Tab")  # the first stop is the skip link
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    sign_in(page, live, t)
+    cookie = next(c for c in context.cookies() if c["name"] == "consent_dashboard")
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["secure"] is False
+    assert cookie["path"] == "/dashboard" and cookie["expires"] == -1  # a session cookie
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: invisible to scripts
+
+    # overview: charts and numbers
+    assert page.locator("svg.bar rect").count() >= 3
+    assert page.locator("svg.days rect").count() >= 1
+    assert page.locator("[data-opt-in=marketing_email]").inner_text() == "57.1 %"  # 4 granted of 7
+    assert page.locator("[data-gpc-share]").inner_text() != "–"
+    shot(page, live, "overview")
+
+    # search by keyboard, the verified history
+    page.get_by_role("link", name="People").click()
+    page.get_by_label("Value").fill("ada@example.com")
+    page.get_by_label("Value").press("Enter")
+    page.wait_for_url(re.compile(rf"/dashboard/people/{ada['subject']}$"))
+    assert page.locator("[data-chain]").get_attribute("data-chain") == "verified"
+    assert page.locator("[data-verified=yes]").count() == 3
+    assert page.locator("[data-purpose=marketing_email] [data-status]").inner_text() == "withdrawn"
+    shot(page, live, "person")
+
+    # downloads
+    with page.expect_download() as dl:
+        page.get_by_role("link", name="Access export (JSON)").click()
+    data = json.loads(Path(dl.value.path()).read_text())
+    assert data["subject"] == ada["subject"] and len(data["records"]) == 3
+    with page.expect_download() as dl:
+        page.get_by_role("link", name="Access export (Markdown)").click()
+    assert "ada@example.com" in Path(dl.value.path()).read_text()
+
+    # the verifier: a good receipt, a tampered one, an uploaded export
+    page.get_by_role("link", name="Verify").click()
+    page.get_by_label("Receipt (a JWT)").fill(ada["receipt"])
+    page.get_by_role("button", name="Verify receipt").click()
+    assert page.locator("[data-result]").get_attribute("data-result") == "verified"
+    assert ada["record_hash"] in page.locator("[data-result]").inner_text()
+    shot(page, live, "verify-good")
+    head, payload, sig = ada["receipt"].split(".")
+    page.get_by_label("Receipt (a JWT)").fill(f"{head}.{payload}.{sig[:-4]}{'AAAA' if sig[-4:] != 'AAAA' else 'BBBB'}")
+    page.get_by_role("button", name="Verify receipt").click()
+    assert page.locator("[data-result]").get_attribute("data-result") == "failed"
+    assert "signature does not match" in page.locator("[data-problem]").inner_text()
+    shot(page, live, "verify-tampered")
+    export = tmp_path / "ledger.jsonl"
+    export.write_bytes(t.get("/v1/exports/consents").content)
+    page.get_by_label("Export file (JSONL, or CSV)").set_input_files(str(export))
+    page.get_by_role("button", name="Verify export").click()
+    assert page.locator("[data-result]").get_attribute("data-result") == "verified"
+    shot(page, live, "verify-export")
+
+    # erasure behind the typed confirmation
+    page.goto(f"{live.api}/dashboard/people/{ada['subject']}")
+    page.get_by_label(re.compile("to confirm")).fill(ada["subject"])
+    page.get_by_role("button", name="Erase permanently").click()
+    assert "Erased" in page.get_by_role("status").inner_text()
+    assert page.locator("[data-chain]").get_attribute("data-chain") == "verified"
+    assert "ada@example.com" not in page.content()
+    shot(page, live, "person-erased")
+
+    page.get_by_role("link", name="Policies").click()
+    assert page.locator("tr[data-version=v1]").count() == 1
+    assert page.locator("[data-earliest]").inner_text()
+    shot(page, live, "policies")
+    page.get_by_role("link", name="Exports").click()
+    page.get_by_label("Purpose").select_option("marketing_email")
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download export").click()
+    assert b'"purpose":"marketing_email"' in Path(dl.value.path()).read_bytes()
+    page.goto(live.api + "/dashboard/exports")
+    assert page.locator("tr[data-export]").count() == 2  # this one and the one uploaded above
+    assert "purpose=marketing_email" in page.locator("tr[data-export]").first.inner_text()
+    shot(page, live, "exports")
+    page.get_by_role("link", name="Webhooks").click()
+    shot(page, live, "webhooks")
+    page.get_by_role("link", name="Settings").click()
+    assert t.id in page.locator("main").inner_text()
+    shot(page, live, "settings")
+    page.get_by_role("link", name="Users").click()
+    shot(page, live, "users")
+    page.get_by_role("link", name="Audit trail").click()
+    trail = page.locator("main").inner_text()
+    assert all(a in trail for a in ("sign_in", "search", "export_subject", "verify_receipt", "erase_subject",
+                                    "start_export"))
+    shot(page, live, "audit")
+
+    # sign-out: the cookie is gone and the pages need a sign-in again
+    page.get_by_role("button", name="Sign out").click()
+    assert "You are signed out" in page.get_by_role("status").inner_text()
+    assert not [c for c in context.cookies() if c["name"] == "consent_dashboard"]
+    page.goto(live.api + "/dashboard/audit")
+    assert "/dashboard/sign-in" in page.url
+    assert [e for e in errors if "status of 401" not in e] == []  # only the wrong key's page
+
+
+def test_api_reference_renders(live: Live, context: Any) -> None:
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(live.api + "/docs")
+    page.wait_for_selector(".swagger-ui .opblock-tag", timeout=20_000)
+    assert page.locator(".opblock").count() > 30
+    assert page.get_by_text("Record one decision").count() >= 1
+    shot(page, live, "docs", ours=False)
+    assert not errors, errors
+
+
+def test_read_only_pages_work_without_javascript(live: Live, browser: Any) -> None:
+    if live.backend != "sqlite":
+        pytest.skip("runs on SQLite; the end-to-end flow also runs on PostgreSQL")
+    t, _ = populated(live)
+    ctx = browser.new_context(java_script_enabled=False)
+    try:
+        page = ctx.new_page()
+        sign_in(page, live, t)
+        assert page.locator("svg.bar rect").count() >= 3
+        page.goto(f"{live.api}/dashboard/people?kind=user&q=u-ada")
+        assert page.locator("[data-chain]").get_attribute("data-chain") == "verified"
+        page.goto(live.api + "/docs")
+        assert page.locator("noscript").count() == 1
+        page.goto(live.api + "/dashboard/people/sub_nope")
+        assert "subject not found" in page.get_by_role("alert").inner_text()
+        shot(page, live, "not-found")
+    finally:
+        ctx.close()
