@@ -674,7 +674,7 @@ def webhook_enable(p: Page) -> Response:
 
 def _settings_page(p: Page, new_keys: dict[str, str] | None = None) -> Response:
     return p.render("settings.html", nav="settings", keys=data.api_keys(p.db, p.tenant.id), new_keys=new_keys or {},
-                    jwks=receipts.jwks(p.db)["keys"])
+                    jwks=receipts.jwks(p.db)["keys"], now=utcnow())
 
 
 @page()
@@ -691,13 +691,15 @@ def rotate_keys(p: Page) -> Response:
     if kind not in ("secret", "publishable", "both"):
         raise ValidationFailed.field("kind", "must be secret, publishable or both")
     kinds = ["secret", "publishable"] if kind == "both" else [kind]
-    new = tenants.rotate_keys(p.db, p.tenant.id, kinds)
+    leaked = p.field("leaked", 4) == "1"
     assert p.user is not None
+    new = tenants.rotate_keys(p.db, p.tenant.id, kinds, actor=f"dashboard {p.user.actor}"[:64],
+                              leaked=leaked)
     if "secret" in new and p.user.actor.startswith("key:"):
         principal = authenticate_key(p.db, new["secret"])
         assert principal is not None
         data.rebind_session(p.db, p.user.session_hash, principal.key_id)
-    p.audit("rotate_keys", None, {"kinds": kinds})
+    p.audit("rotate_keys", None, {"kinds": kinds, "leaked": leaked})
     return _settings_page(p, new)
 
 

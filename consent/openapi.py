@@ -44,7 +44,7 @@ TAGS: tuple[tuple[str, str], ...] = (
     ("/.well-known/gpc.json", "snippet"),
     ("/v1/email-links", "integrations"), ("/u/", "integrations"), ("/c/", "integrations"),
     ("/v1/events", "integrations"), ("/v1/webhooks", "integrations"),
-    ("/.well-known/jwks.json", "receipts"),
+    ("/.well-known/jwks.json", "receipts"), ("/v1/tlog", "transparency log"),
     ("/healthz", "operations"), ("/readyz", "operations"), ("/metrics", "operations"), ("/openapi.json", "operations"),
 )
 TAG_DESCRIPTIONS = {
@@ -55,6 +55,7 @@ TAG_DESCRIPTIONS = {
     "integrations": "Email links, the change feed, webhooks and policy-change notices.",
     "audit and rights": "Streaming exports verifiable offline, access export, erasure, retention.",
     "receipts": "The public keys that verify every receipt and export.",
+    "transparency log": "Public signed checkpoints of each tenant's append-only log, inclusion and consistency proofs.",
     "operations": "Health, readiness, metrics and this document.",
 }
 AUTH_TEXT = {

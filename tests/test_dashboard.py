@@ -444,10 +444,15 @@ def test_settings_rotate_keys_keeps_the_session(tenant: Tenant) -> None:
     b = signed_in(tenant)
     page = b.get("/dashboard/settings").text
     assert tenant.id in page and tenant.secret_key[:7] in page and tenant.secret_key not in page
+    r = b.post("/dashboard/settings/keys/rotate", {"kind": "publishable"}, form_page="/dashboard/settings")
+    assert r.status_code == 200 and "works until" in r.text  # an ordinary rotation: the old key has a grace period
     r = b.post("/dashboard/settings/keys/rotate", {"kind": "secret"}, form_page="/dashboard/settings")
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    assert tenant.get("/v1/tenant").status_code == 200  # still works during its grace period
+    r = b.post("/dashboard/settings/keys/rotate", {"kind": "secret", "leaked": "1"}, form_page="/dashboard/settings")
+    assert r.status_code == 200
     new = re.search(r'data-new-key="secret">([^<]+)<', r.text).group(1)  # type: ignore[union-attr]
-    assert tenant.get("/v1/tenant").status_code == 401  # the old key stopped at once
+    assert tenant.get("/v1/tenant").status_code == 401  # a leaked key stops at once
     assert tenant.client.get("/v1/tenant", headers={"Authorization": f"Bearer {new}"}).status_code == 200
     assert b.get("/dashboard").status_code == 200  # still signed in, now under the new key
     assert "rotate_keys" in b.get("/dashboard/audit").text
