@@ -51,10 +51,14 @@ def record_claims(
     policy: dict[str, Any] | None,
     purposes: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Claims of a receipt for one record (``record`` holds id, hash, source, recorded_at)."""
+    """Claims of a receipt for one record (``record`` holds id, hash, source, recorded_at).
+
+    ``aud`` is the tenant: a receipt is proof for that tenant only, and a consumer that pins
+    its tenant (``consumer.verify_receipt(audience=...)``) refuses another tenant's receipt."""
     now = utcnow()
     return {
         "iss": issuer,
+        "aud": tenant_id,
         "sub": subject_id,
         "tenant": tenant_id,
         "jti": crypto.new_id("rct", 12),

@@ -82,6 +82,8 @@ def receipt_problem(keys: crypto.KeySet, token: Any, record_hash: Any, record_id
         return f"receipt does not verify: {exc.detail}"
     if (claims.get("record_hash"), claims.get("record_id"), claims.get("tenant")) != (record_hash, record_id, tenant):
         return "receipt names another record, hash or tenant"
+    if claims.get("aud", tenant) != tenant:  # receipts signed before ``aud`` existed have none
+        return "receipt is addressed to another tenant"
     return None
 
 
