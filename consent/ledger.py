@@ -78,9 +78,18 @@ def lookup_subject(db: Session, tenant: Tenant, value: str) -> Subject:
     """The subject named by a path parameter, or 404 (another tenant's is simply not found)."""
     kind, raw = parse_subject_ref(value)
     sid = raw if kind == "id" else find_subject_id(db, tenant, kind, raw)
-    subject = db.get(Subject, sid) if sid else None
+    subject = follow_merges(db, db.get(Subject, sid)) if sid else None
     if subject is None or subject.tenant_id != tenant.id:
         raise NotFound("subject not found")
+    return subject
+
+
+def follow_merges(db: Session, subject: Subject | None) -> Subject | None:
+    """The subject a merged one now lives on (consent/identity.py), else ``subject`` itself."""
+    for _ in range(16):  # a merge chain is one step long; the bound only guards a broken row
+        if subject is None or subject.merged_into is None:
+            return subject
+        subject = db.get(Subject, subject.merged_into)
     return subject
 
 

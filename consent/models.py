@@ -176,6 +176,9 @@ class Subject(SQLModel, table=True):
     head_hash: str | None = Field(default=None, max_length=64)  # last record hash (chain head)
     created_at: datetime = ts()
     erased_at: datetime | None = ts(nullable=True)
+    # Set when this subject was found to be the same person as another (consent/identity.py):
+    # its chain is closed and lookups by its id follow to the survivor.
+    merged_into: str | None = Field(default=None, max_length=40)
 
 
 IDENTIFIER_COVER_INDEX = "ix_subject_identifier_cover"
