@@ -40,7 +40,8 @@ def _stale(now: Any) -> Any:
     ).label("stale")
 
 
-_COLUMNS = (STATE.c.subject_id, STATE.c.decision, STATE.c.confirmed, STATE.c.policy_version, STATE.c.record_seq)
+_COLUMNS = (STATE.c.subject_id, STATE.c.decision, STATE.c.confirmed, STATE.c.policy_version, STATE.c.record_seq,
+            STATE.c.gpc)
 
 # GET /v1/check by identifier: one round trip (identifier -> state -> record receipt).
 _SINGLE_BY_IDENT = (
@@ -73,11 +74,11 @@ def check(db: Session, tenant: Tenant | TenantRef, *, purpose: str, kind: str, v
         if get_purpose(db, tenant.id, purpose) is None:  # only paid for on a miss
             raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
         return {"allowed": False, "status": "none", "purpose": purpose, "subject": None,
-                "policy_version": None, "record_id": None, "receipt": None}
+                "policy_version": None, "record_id": None, "receipt": None, "gpc": False}
     status = derive_status(row.decision, confirmed=row.confirmed, stale=row.stale)
     return {"allowed": is_allowed(status), "status": status, "purpose": purpose,
             "subject": row.subject_id, "policy_version": row.policy_version,
-            "record_id": row.record_id, "receipt": row.receipt}
+            "record_id": row.record_id, "receipt": row.receipt, "gpc": bool(row.gpc)}
 
 
 def bulk_check(db: Session, tenant: Tenant | TenantRef, *, purpose: str, emails: list[str] | None,
@@ -239,6 +240,7 @@ def purpose_states(purposes: list[Any], by_purpose: dict[str, Any], stale: Any, 
             "recorded_at": r.recorded_at if r else None,
             "record_id": record_id(r) if r else None,
             "receipt": r.receipt if r else None,
+            "gpc": bool(r.gpc) if r else False,
             "legal_basis": p.legal_basis,
         })
     return out

@@ -53,9 +53,12 @@ MANIFEST_TYPE = "consent-export-manifest/1"
 CONTENT_KEYS = ("v", "id", "tenant", "subject", "purpose", "decision", "confirmed", "policy", "source",
                 "evidence_sha256", "disclosures_sha256", "recorded_at", "prev_hash")
 LINE_KEYS = frozenset((*CONTENT_KEYS, "n", "linked", "record_hash", "receipt"))
-CSV_COLUMNS = ("n", "linked", "v", "id", "tenant", "subject", "purpose", "decision", "confirmed",
-               "policy_key", "policy_version", "source", "evidence_sha256", "disclosures_sha256",
-               "recorded_at", "prev_hash", "record_hash", "receipt")
+GPC_LINE_KEYS = LINE_KEYS | {"gpc"}  # a record made with a GPC signal: ``"gpc": true`` is hashed too
+# CSV exports made before the ``gpc`` column still verify (``consent verify`` takes either header).
+CSV_COLUMNS_V1 = ("n", "linked", "v", "id", "tenant", "subject", "purpose", "decision", "confirmed",
+                  "policy_key", "policy_version", "source", "evidence_sha256", "disclosures_sha256",
+                  "recorded_at", "prev_hash", "record_hash", "receipt")
+CSV_COLUMNS = (*CSV_COLUMNS_V1, "gpc")
 CHUNK = 1024  # records per yielded chunk (~1.6 MiB of JSONL; docs/bench.md, tenth pass)
 HEADS_WORK_MEM = "64MB"  # PostgreSQL, for the chain-heads query of an export
 
@@ -125,7 +128,7 @@ def _records_query(flt: ExportFilter, dialect: str, max_seq: int | None) -> Any:
         sa.select(REC.c.id, REC.c.purpose, REC.c.decision, sa.type_coerce(REC.c.confirmed, sa.Integer),
                   REC.c.policy_key, REC.c.policy_version, REC.c.source, REC.c.evidence_sha256,
                   sa.cast(REC.c.disclosures, sa.Text), at, REC.c.prev_hash, REC.c.record_hash,
-                  REC.c.receipt, SUBJ.c.pseudonym, linked)
+                  REC.c.receipt, SUBJ.c.pseudonym, linked, sa.type_coerce(REC.c.gpc, sa.Integer))
         .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id))
         .where(*flt.where(REC), *_upto(max_seq))
         .order_by(REC.c.seq)
@@ -225,11 +228,11 @@ class Lines:
         partial = self.partial
         try:
             for (rid, purpose, decision, confirmed, policy_key, policy_version, source, evidence_sha256,
-                 disclosures_json, at, prev_hash, record_hash, receipt, pseudonym, linked) in rows:
+                 disclosures_json, at, prev_hash, record_hash, receipt, pseudonym, linked, gpc) in rows:
                 n += 1
                 if len(at) != 27:  # PostgreSQL formats it already; SQLite stores 'YYYY-MM-DD HH:MM:SS.ffffff'
                     at = f"{at[:10]}T{at[11:]}Z" if len(at) == 26 and at[10] == " " else _iso_text(at)
-                yield {
+                line = {
                     "confirmed": bool(confirmed), "decision": decision,
                     "disclosures_sha256": disclosures(disclosures_json), "evidence_sha256": evidence_sha256,
                     "id": rid, "linked": bool(linked) if partial else prev_hash is not None, "n": n,
@@ -237,6 +240,9 @@ class Lines:
                     "purpose": purpose, "receipt": receipt, "record_hash": record_hash,
                     "recorded_at": at, "source": source, "subject": pseudonym, "tenant": tenant, "v": 1,
                 }
+                if gpc:  # only on records made with a GPC signal (``ledger.record_content``)
+                    line["gpc"] = True
+                yield line
         finally:
             self.count = n
 
@@ -285,7 +291,8 @@ def _csv_value(v: Any) -> str:
 
 
 def csv_row(line: dict[str, Any]) -> list[str]:
-    flat = {**line, "policy_key": line["policy"]["key"], "policy_version": line["policy"]["version"]}
+    flat = {**line, "policy_key": line["policy"]["key"], "policy_version": line["policy"]["version"],
+            "gpc": line.get("gpc")}
     return [_csv_value(flat[c]) for c in CSV_COLUMNS]
 
 

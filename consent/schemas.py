@@ -254,6 +254,8 @@ class PurposeState(BaseModel):
     recorded_at: datetime | None
     record_id: str | None
     receipt: str | None
+    gpc: bool = Field(description="The current status was set by a decision made with a Global Privacy "
+                      "Control signal (a GPC opt-out, or an explicit choice made while the signal was on).")
 
 
 class SubjectConsents(BaseModel):
@@ -270,6 +272,7 @@ class CheckOut(BaseModel):
     policy_version: str | None
     record_id: str | None
     receipt: str | None
+    gpc: bool = Field(description="The current status was set under a Global Privacy Control signal.")
 
 
 class BulkCheckIn(Strict):

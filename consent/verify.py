@@ -34,6 +34,8 @@ from .errors import BadToken
 from .exports import (
     CONTENT_KEYS,
     CSV_COLUMNS,
+    CSV_COLUMNS_V1,
+    GPC_LINE_KEYS,
     LINE_KEYS,
     MANIFEST_TYPE,
     csv_bytes,
@@ -125,7 +127,10 @@ class Walker:
         self._pending: list[tuple[int, Future[Any], list[tuple[int, Any, Any, Any, Any]]]] = []
 
     def record(self, no: int, line: Any) -> None:
-        if not isinstance(line, dict) or set(line) != LINE_KEYS:
+        if not isinstance(line, dict):
+            raise VerifyError(no, "not a record line (fields missing or unexpected)")
+        keys = set(line)
+        if keys != LINE_KEYS and not (keys == GPC_LINE_KEYS and line["gpc"] is True):
             raise VerifyError(no, "not a record line (fields missing or unexpected)")
         n = line["n"]
         if type(n) is not int or n != self.count + 1:
@@ -136,6 +141,8 @@ class Walker:
         if not isinstance(policy, dict) or set(policy) != {"key", "version"}:
             raise VerifyError(no, "policy must be {key, version}")
         content = {k: line[k] for k in CONTENT_KEYS}
+        if "gpc" in line:
+            content["gpc"] = True
         record_hash = line["record_hash"]
         if crypto.sha256_hex(canonical(content)) != record_hash:
             raise VerifyError(no, f"record hash does not match the content of record {line['id']}")
@@ -294,10 +301,12 @@ def _walk_jsonl(walker: Walker, lines: Iterable[bytes], manifest: str | None) ->
     return report
 
 
-def _csv_line(no: int, row: list[str]) -> dict[str, Any]:
-    if len(row) != len(CSV_COLUMNS):
-        raise VerifyError(no, f"expected {len(CSV_COLUMNS)} columns, found {len(row)}")
-    d = dict(zip(CSV_COLUMNS, row))
+def _csv_line(no: int, row: list[str], columns: tuple[str, ...] = CSV_COLUMNS) -> dict[str, Any]:
+    if len(row) != len(columns):
+        raise VerifyError(no, f"expected {len(columns)} columns, found {len(row)}")
+    d = dict(zip(columns, row))
+    if d.get("gpc", "") not in ("", "true"):
+        raise VerifyError(no, "malformed gpc")
     opt = {k: (d[k] or None) for k in ("policy_key", "policy_version", "disclosures_sha256", "prev_hash")}
     bools = {"true": True, "false": False}
     if not d["n"].isdigit() or d["v"] != "1" or d["linked"] not in bools or d["confirmed"] not in bools:
@@ -306,6 +315,8 @@ def _csv_line(no: int, row: list[str]) -> dict[str, Any]:
     line.update(n=int(d["n"]), v=1, linked=bools[d["linked"]], confirmed=bools[d["confirmed"]],
                 policy={"key": opt["policy_key"], "version": opt["policy_version"]},
                 disclosures_sha256=opt["disclosures_sha256"], prev_hash=opt["prev_hash"])
+    if d.get("gpc") == "true":
+        line["gpc"] = True
     return line
 
 
@@ -323,6 +334,7 @@ def verify_csv(lines: Iterable[bytes], keys: crypto.KeySet, manifest: str,
 
 def _walk_csv(walker: Walker, lines: Iterable[bytes], manifest: str) -> Report:
     body = hashlib.sha256()
+    columns = CSV_COLUMNS
     for no, raw in enumerate(lines, 1):
         body.update(raw)
         try:
@@ -332,10 +344,11 @@ def _walk_csv(walker: Walker, lines: Iterable[bytes], manifest: str) -> Report:
         if csv_bytes([row]) != raw:
             raise VerifyError(no, "not in canonical form (a byte was changed)")
         if no == 1:
-            if tuple(row) != CSV_COLUMNS:
+            if tuple(row) not in (CSV_COLUMNS, CSV_COLUMNS_V1):
                 raise VerifyError(1, "unexpected CSV header")
+            columns = tuple(row)
             continue
-        walker.record(no, _csv_line(no, row))
+        walker.record(no, _csv_line(no, row, columns))
     return walker.finish(None, manifest, body.hexdigest(), "csv")
 
 

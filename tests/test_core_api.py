@@ -65,7 +65,7 @@ def test_record_check_and_receipt(client, tenant: Tenant) -> None:
 def test_unknown_subject_and_purpose(tenant: Tenant) -> None:
     assert tenant.check(email="nobody@example.com") == {
         "allowed": False, "status": "none", "purpose": "marketing_email", "subject": None,
-        "policy_version": None, "record_id": None, "receipt": None}
+        "policy_version": None, "record_id": None, "receipt": None, "gpc": False}
     r = tenant.get("/v1/check", params={"purpose": "nope", "email": "a@b.c"})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "purpose"
     r = tenant.get("/v1/check", params={"purpose": "marketing_email"})

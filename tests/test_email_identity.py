@@ -176,13 +176,17 @@ def db_at_0012(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     db.migrate(url, "0012")
     engine = db.create_db_engine(url)
     try:
-        with engine.begin() as conn:  # the head model's column, present only while writing
-            conn.exec_driver_sql("ALTER TABLE subject ADD COLUMN merged_into varchar(40)")
+        added = (("subject", "merged_into varchar(40)"), ("consent_record", "gpc boolean"),
+                 ("consent_state", "gpc boolean"))
+        with engine.begin() as conn:  # the head model's columns, present only while writing
+            for table, column in added:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column}")
         with monkeypatch.context() as m:
             m.setattr(crypto, "normalize_email", _old_rule)
             tenant_id = _fill(engine)
         with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE subject DROP COLUMN merged_into")
+            for table, column in added:
+                conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column.split()[0]}")
     finally:
         engine.dispose()
     yield url, tenant_id

@@ -31,6 +31,7 @@ REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 ADDED_LATER = {"consent_record": {"export_line": "bytea"},
                "consent_state": {"receipt_seq": "bigint", "record_id": "varchar(40)", "receipt": "varchar"},
                "subject": {"merged_into": "varchar(40)"}}
+ADDED_LATER["consent_record"]["gpc"] = ADDED_LATER["consent_state"]["gpc"] = "boolean"
 
 
 def columns_of(engine: sa.Engine, table: str = "consent_record") -> set[str]:

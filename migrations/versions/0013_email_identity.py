@@ -1,4 +1,7 @@
-"""One person, one subject: emails keyed by one rule, colliding subjects merged
+"""One person, one subject: emails keyed by one rule, colliding subjects merged; GPC recorded
+
+``consent_record.gpc`` and ``consent_state.gpc`` (nullable booleans) say a decision came
+with a Global Privacy Control signal; existing rows stay NULL (their hashes do not change).
 
 Email identifiers were keyed by ``strip().lower()``; ``crypto.normalize_email`` now also
 applies Unicode NFKC, full case folding, removal of zero-width characters and the IDNA A-label
@@ -32,9 +35,12 @@ def upgrade() -> None:
     from consent.identity import rekey_emails
 
     op.add_column("subject", sa.Column("merged_into", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=True))
+    op.add_column("consent_record", sa.Column("gpc", sa.Boolean(), nullable=True))
+    op.add_column("consent_state", sa.Column("gpc", sa.Boolean(), nullable=True))
     rekey_emails(op.get_bind())
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("subject") as batch:
-        batch.drop_column("merged_into")
+    for table, column in (("consent_state", "gpc"), ("consent_record", "gpc"), ("subject", "merged_into")):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column(column)
