@@ -44,7 +44,7 @@ from sqlalchemy.engine import Engine
 from . import crypto
 from .db import transaction
 from .ledger import LINE_SEP
-from .models import ConsentRecord, ExportManifest, Subject, utcnow
+from .models import ConsentRecord, ExportManifest, PolicyVersion, Subject, utcnow
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 SUBJ = Subject.__table__  # type: ignore[attr-defined]
@@ -58,7 +58,14 @@ GPC_LINE_KEYS = LINE_KEYS | {"gpc"}  # a record made with a GPC signal: ``"gpc":
 CSV_COLUMNS_V1 = ("n", "linked", "v", "id", "tenant", "subject", "purpose", "decision", "confirmed",
                   "policy_key", "policy_version", "source", "evidence_sha256", "disclosures_sha256",
                   "recorded_at", "prev_hash", "record_hash", "receipt")
-CSV_COLUMNS = (*CSV_COLUMNS_V1, "gpc")
+# Then the readable columns: ``gpc``; the policy document of the record's version (URL and
+# SHA-256); the disclosure it acknowledged, as cookie names and as the canonical JSON whose
+# SHA-256 is ``disclosures_sha256`` (``consent verify`` checks both against the record).
+CSV_COLUMNS = (*CSV_COLUMNS_V1, "gpc", "policy_url", "policy_sha256", "disclosed_cookies", "disclosures")
+# JSONL: after the records, one line per policy document and per disclosure snapshot the
+# records point to (``References``), before the manifest (so inside ``body_sha256``).
+POLICY_LINE, DISCLOSURE_LINE = "policy_document", "disclosure"
+PV = PolicyVersion.__table__  # type: ignore[attr-defined]
 CHUNK = 1024  # records per yielded chunk (~1.6 MiB of JSONL; docs/bench.md, tenth pass)
 HEADS_WORK_MEM = "64MB"  # PostgreSQL, for the chain-heads query of an export
 
@@ -128,8 +135,10 @@ def _records_query(flt: ExportFilter, dialect: str, max_seq: int | None) -> Any:
         sa.select(REC.c.id, REC.c.purpose, REC.c.decision, sa.type_coerce(REC.c.confirmed, sa.Integer),
                   REC.c.policy_key, REC.c.policy_version, REC.c.source, REC.c.evidence_sha256,
                   sa.cast(REC.c.disclosures, sa.Text), at, REC.c.prev_hash, REC.c.record_hash,
-                  REC.c.receipt, SUBJ.c.pseudonym, linked, sa.type_coerce(REC.c.gpc, sa.Integer))
-        .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id))
+                  REC.c.receipt, SUBJ.c.pseudonym, linked, sa.type_coerce(REC.c.gpc, sa.Integer),
+                  REC.c.policy_version_id, PV.c.document_url, PV.c.document_sha256)
+        .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id)
+                     .outerjoin(PV, PV.c.id == REC.c.policy_version_id))
         .where(*flt.where(REC), *_upto(max_seq))
         .order_by(REC.c.seq)
     )
@@ -146,7 +155,8 @@ def _stored_lines_query(flt: ExportFilter, dialect: str, max_seq: int | None) ->
         receipt = sa.func.convert_to(REC.c.receipt, sa.literal_column("'UTF8'"), type_=sa.LargeBinary)
     else:
         receipt = sa.cast(REC.c.receipt, sa.LargeBinary)
-    return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0))
+    return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0), REC.c.policy_version_id,
+                      sa.cast(REC.c.disclosures, sa.Text))
             .where(*flt.where(REC), *_upto(max_seq)).order_by(REC.c.seq))
 
 
@@ -220,16 +230,22 @@ class Lines:
         self.partial = partial
         self.count = 0
         self._disclosures = Disclosures()
+        self.references = References()
 
     def dicts(self, rows: Iterable[Any]) -> Iterator[dict[str, Any]]:
         n = self.count
         tenant = self.tenant_id
         disclosures = self._disclosures
         partial = self.partial
+        versions, texts = self.references.versions, self.references.texts
         try:
             for (rid, purpose, decision, confirmed, policy_key, policy_version, source, evidence_sha256,
-                 disclosures_json, at, prev_hash, record_hash, receipt, pseudonym, linked, gpc) in rows:
+                 disclosures_json, at, prev_hash, record_hash, receipt, pseudonym, linked, gpc, version_id,
+                 *_) in rows:
                 n += 1
+                versions.add(version_id)
+                if disclosures_json is not None:
+                    texts.add(disclosures_json)
                 if len(at) != 27:  # PostgreSQL formats it already; SQLite stores 'YYYY-MM-DD HH:MM:SS.ffffff'
                     at = f"{at[:10]}T{at[11:]}Z" if len(at) == 26 and at[10] == " " else _iso_text(at)
                 line = {
@@ -251,7 +267,9 @@ class Lines:
         return b"".join([orjson.dumps(line, option=opt) for line in self.dicts(rows)])
 
     def csv(self, rows: Iterable[Any]) -> bytes:
-        return csv_bytes([csv_row(line) for line in self.dicts(rows)])
+        rows = list(rows)
+        return csv_bytes([csv_row(line, readable=(row[17], row[18], row[8]))
+                          for row, line in zip(rows, self.dicts(rows))])
 
     def stored_jsonl(self, rows: Iterable[Any]) -> bytes:
         """JSONL from ``_stored_lines_query`` rows: each record's stored line pieces
@@ -265,8 +283,12 @@ class Lines:
         n = self.count
         parts: list[bytes] = []
         extend, sep = parts.extend, LINE_SEP
-        for stored, receipt, linked in rows:
+        versions_add, texts = self.references.versions.add, self.references.texts
+        for stored, receipt, linked, version_id, disclosures_json in rows:
             n += 1
+            versions_add(version_id)
+            if disclosures_json is not None:
+                texts.add(disclosures_json)
             a, b, c = stored.split(sep, 2)
             extend((a, _LINKED if linked else _UNLINKED, b"%d," % n, b, _RECEIPT, receipt, b'"', c, b"\n"))
         self.count = n
@@ -290,10 +312,54 @@ def _csv_value(v: Any) -> str:
     return str(v)
 
 
-def csv_row(line: dict[str, Any]) -> list[str]:
+def csv_row(line: dict[str, Any], readable: tuple[Any, Any, Any] = (None, None, None)) -> list[str]:
+    """A line as CSV cells; ``readable``: the version's document URL and SHA-256 and the
+    record's stored disclosure JSON (None where there is none)."""
+    url, sha, disclosures_json = readable
+    cookies = json.loads(disclosures_json) if disclosures_json and line["disclosures_sha256"] else None
     flat = {**line, "policy_key": line["policy"]["key"], "policy_version": line["policy"]["version"],
-            "gpc": line.get("gpc")}
+            "gpc": line.get("gpc"), "policy_url": url, "policy_sha256": sha,
+            "disclosed_cookies": "; ".join(str(c.get("name")) for c in cookies) if cookies else None,
+            "disclosures": crypto.canonical_json(cookies).decode() if cookies else None}
     return [_csv_value(flat[c]) for c in CSV_COLUMNS]
+
+
+class References:
+    """What the streamed records point to: policy versions (by id) and disclosure snapshots
+    (their stored JSON), collected while streaming; ``lines`` reads the versions in the same
+    snapshot and returns one canonical line per document and per snapshot."""
+
+    def __init__(self) -> None:
+        self.versions: set[int | None] = set()
+        self.texts: set[str] = set()
+
+    def lines(self, conn: Any, tenant_id: str) -> list[bytes]:
+        ids = sorted(v for v in self.versions if v is not None)
+        docs = []
+        for i in range(0, len(ids), 500):
+            docs += conn.execute(sa.select(PV.c.policy_key, PV.c.version, PV.c.document_url, PV.c.document_sha256,
+                                           PV.c.effective_at, PV.c.material)
+                                 .where(PV.c.tenant_id == tenant_id, PV.c.id.in_(ids[i:i + 500]))).all()
+        out = [crypto.canonical_json({POLICY_LINE: {
+            "key": d.policy_key, "version": d.version, "url": d.document_url, "sha256": d.document_sha256,
+            "effective_at": crypto.iso(_utc(d.effective_at)), "material": bool(d.material)}})
+            for d in sorted(docs, key=lambda d: (d.policy_key, d.version))]
+        snapshots: dict[str, Any] = {}
+        for text in self.texts:
+            cookies = json.loads(text)
+            if cookies:  # an empty list is hashed as null by the record (``ledger.hashed_content``)
+                snapshots[crypto.sha256_hex(crypto.canonical_json(cookies))] = cookies
+        out += [crypto.canonical_json({DISCLOSURE_LINE: {"sha256": sha, "cookies": snapshots[sha]}})
+                for sha in sorted(snapshots)]
+        return [line + b"\n" for line in out]
+
+
+def _utc(value: Any) -> datetime:
+    """A timestamp read by a Core select of a column whose type converts it (tz-aware) or, on
+    some drivers, as stored text."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def csv_bytes(rows: list[list[str]]) -> bytes:
@@ -361,6 +427,13 @@ def stream_export(
                     yield data
                     if progress is not None:
                         progress(lines.count)
+                references = lines.references.lines(conn, flt.tenant_id) if fmt == "jsonl" else []
+                if references:  # inside the body the manifest hashes
+                    data = b"".join(references)
+                    if hashing is not None:
+                        hashing.result()
+                    hashing = hasher.submit(body.update, data)
+                    yield data
             finally:
                 hasher.shutdown(wait=True)
             summary = heads.result(conn)
@@ -372,6 +445,7 @@ def stream_export(
         "tenant": flt.tenant_id, "format": fmt, "filters": flt.claims(), "partial": flt.partial,
         "count": count, "first_recorded_at": summary.first_at, "last_recorded_at": summary.last_at,
         "body_sha256": body.hexdigest(), "subjects": summary.subjects, "heads_sha256": summary.heads_sha256,
+        "references": len(references),  # policy-document and disclosure lines before the manifest
     }
     manifest = signer.sign(claims)
     with transaction(engine, write=True) as db:
