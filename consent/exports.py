@@ -155,8 +155,9 @@ def _stored_lines_query(flt: ExportFilter, dialect: str, max_seq: int | None) ->
         receipt = sa.func.convert_to(REC.c.receipt, sa.literal_column("'UTF8'"), type_=sa.LargeBinary)
     else:
         receipt = sa.cast(REC.c.receipt, sa.LargeBinary)
-    return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0), REC.c.policy_version_id,
-                      sa.cast(REC.c.disclosures, sa.Text))
+    # The policy version the record points to; its disclosure (if any) is read from the line
+    # itself (``stored_jsonl``). Perf: the disclosure JSON as a column cost ~10 % more per row.
+    return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0), REC.c.policy_version_id)
             .where(*flt.where(REC), *_upto(max_seq)).order_by(REC.c.seq))
 
 
@@ -283,18 +284,22 @@ class Lines:
         n = self.count
         parts: list[bytes] = []
         extend, sep = parts.extend, LINE_SEP
-        versions_add, texts = self.references.versions.add, self.references.texts
-        for stored, receipt, linked, version_id, disclosures_json in rows:
+        refs = self.references
+        versions_add, disclosure_in = refs.versions.add, refs.disclosure_in
+        for stored, receipt, linked, version_id in rows:
             n += 1
-            versions_add(version_id)
-            if disclosures_json is not None:
-                texts.add(disclosures_json)
             a, b, c = stored.split(sep, 2)
+            versions_add(version_id)
+            # ``"disclosures_sha256":"`` (not ``null``) lies within a's first 90 bytes (after
+            # ``confirmed`` and ``decision``): a bounded search in C.
+            if a.find(_DISCLOSED, 20, 90) >= 0:
+                disclosure_in(a)
             extend((a, _LINKED if linked else _UNLINKED, b"%d," % n, b, _RECEIPT, receipt, b'"', c, b"\n"))
         self.count = n
         return b"".join(parts)
 
 
+_DISCLOSED = b'"disclosures_sha256":"'
 _LINKED, _UNLINKED, _RECEIPT = b'"linked":true,"n":', b'"linked":false,"n":', b'"receipt":"'
 
 
@@ -332,8 +337,22 @@ class References:
     def __init__(self) -> None:
         self.versions: set[int | None] = set()
         self.texts: set[str] = set()
+        self.first_with: dict[bytes, bytes] = {}  # disclosures_sha256 -> id of a record holding it
+
+    def disclosure_in(self, a: bytes) -> None:
+        """Note the disclosure of a stored line's first piece (``ledger.export_line``: it holds
+        ``disclosures_sha256`` and ends with ``id``); its JSON is read once per hash, at the end.
+        An empty disclosure list is hashed as null: nothing to note."""
+        at = a.find(_DISCLOSED) + len(_DISCLOSED)
+        sha = a[at:at + 64]
+        if sha not in self.first_with:
+            self.first_with[sha] = a[a.rindex(b'"id":"') + 6:-2]
 
     def lines(self, conn: Any, tenant_id: str) -> list[bytes]:
+        ids = [i.decode() for i in self.first_with.values()]
+        for i in range(0, len(ids), 500):
+            self.texts.update(conn.execute(sa.select(sa.cast(REC.c.disclosures, sa.Text)).where(
+                REC.c.tenant_id == tenant_id, REC.c.id.in_(ids[i:i + 500]))).scalars())
         ids = sorted(v for v in self.versions if v is not None)
         docs = []
         for i in range(0, len(ids), 500):
