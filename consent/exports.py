@@ -349,10 +349,10 @@ class References:
             self.first_with[sha] = a[a.rindex(b'"id":"') + 6:-2]
 
     def lines(self, conn: Any, tenant_id: str) -> list[bytes]:
-        ids = [i.decode() for i in self.first_with.values()]
-        for i in range(0, len(ids), 500):
+        records = [i.decode() for i in self.first_with.values()]
+        for i in range(0, len(records), 500):
             self.texts.update(conn.execute(sa.select(sa.cast(REC.c.disclosures, sa.Text)).where(
-                REC.c.tenant_id == tenant_id, REC.c.id.in_(ids[i:i + 500]))).scalars())
+                REC.c.tenant_id == tenant_id, REC.c.id.in_(records[i:i + 500]))).scalars())
         ids = sorted(v for v in self.versions if v is not None)
         docs = []
         for i in range(0, len(ids), 500):
@@ -459,7 +459,7 @@ def stream_export(
     count = lines.count
     if summary.count != count:  # a record in range was deleted as the export started (retention)
         raise RuntimeError(f"export inconsistent: {count} records streamed, {summary.count} in the chain heads")
-    claims = {
+    claims: dict[str, Any] = {
         "iss": issuer, "typ": MANIFEST_TYPE, "jti": export_id, "iat": int(utcnow().timestamp()),
         "tenant": flt.tenant_id, "format": fmt, "filters": flt.claims(), "partial": flt.partial,
         "count": count, "first_recorded_at": summary.first_at, "last_recorded_at": summary.last_at,

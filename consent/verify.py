@@ -414,7 +414,7 @@ def verify_csv(lines: Iterable[bytes], keys: crypto.KeySet, manifest: str,
 
 def _walk_csv(walker: Walker, lines: Iterable[bytes], manifest: str) -> Report:
     body = hashlib.sha256()
-    columns = CSV_COLUMNS
+    columns: tuple[str, ...] = CSV_COLUMNS
     for no, raw in enumerate(lines, 1):
         body.update(raw)
         try:
