@@ -48,6 +48,7 @@ from .schemas_snippet import (
     SnippetConfig,
     SnippetConsentsIn,
     SnippetConsentsOut,
+    SnippetGpcOut,
     SubjectTokenIn,
     SubjectTokenOut,
     SubjectTokenSecretOut,
@@ -315,6 +316,18 @@ def snippet_consents(ctx: Ctx) -> Any:
     s = ctx.services
     out = snippet.record_choices(ctx.db, ctx.tenant, ctx.body, visit, signer=s.signer, issuer=s.settings.issuer)
     return (201 if any(r["created"] for r in out["records"]) else 200), out
+
+
+@cors_endpoint(summary="The visitor's Global Privacy Control status, for the snippet to show "
+               "\"Opt-Out Preference Signal Honored\" (CCPA regulations § 7025(c)(6))",
+               methods=("GET",), response=SnippetGpcOut, responses={403: "origin not allowed"},
+               query=(Q("anonymous_id", max_length=200, description="the visitor's anonymous id"),
+                      Q("gpc", default="false", choices=("true", "false"),
+                        description="navigator.globalPrivacyControl as the page saw it "
+                                    "(the Sec-GPC: 1 request header counts too)")))
+def snippet_gpc(ctx: Ctx) -> Any:
+    signal = ctx.query["gpc"] == "true" or ctx.request.headers.get("sec-gpc", "").strip() == "1"
+    return snippet.gpc_status(ctx.db, ctx.tenant, anonymous_id=ctx.query["anonymous_id"], signal=signal)
 
 
 @endpoint(auth="secret", summary="Mint a subject token for a user id (backends may also mint offline "

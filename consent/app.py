@@ -109,6 +109,8 @@ routes = [
     Route("/v1/snippet/consents", api_snippet.snippet_consents, methods=["POST"], name="snippet_consents"),
     Route("/v1/snippet/consents", api_snippet.preflight_for(("POST",)), methods=["OPTIONS"],
           name="snippet_consents_preflight"),
+    Route("/v1/snippet/gpc", api_snippet.snippet_gpc, methods=["GET"], name="snippet_gpc"),
+    Route("/v1/snippet/gpc", api_snippet.preflight_for(("GET",)), methods=["OPTIONS"], name="snippet_gpc_preflight"),
     Route("/v1/subject-tokens", api_snippet.mint_subject_token, methods=["POST"], name="mint_subject_token"),
     Route("/v1/subject-tokens/secret", api_snippet.subject_token_secret, methods=["GET"],
           name="subject_token_secret"),

@@ -35,7 +35,7 @@ def require_past(at: datetime) -> datetime:
 
 def _latest(db: Session, tenant_id: str, subject_id: str, at: datetime, purpose: str | None = None) -> list[Any]:
     q = (sa.select(REC.c.purpose, REC.c.decision, REC.c.confirmed, REC.c.policy_key, REC.c.policy_version_id,
-                   REC.c.policy_version, REC.c.id, REC.c.receipt, REC.c.recorded_at, REC.c.seq)
+                   REC.c.policy_version, REC.c.id, REC.c.receipt, REC.c.recorded_at, REC.c.seq, REC.c.gpc)
          .where(REC.c.tenant_id == tenant_id, REC.c.subject_id == subject_id, REC.c.recorded_at <= at,
                 REC.c.decision.not_in(("erased", "notified"))))  # notified: told of a change, not a choice
     if purpose is not None:
@@ -75,11 +75,12 @@ def check_at(db: Session, tenant: Tenant, *, purpose: str, kind: str, value: str
     rows = _latest(db, tenant.id, sid, at, purpose) if sid else []
     if not rows:
         return {"allowed": False, "status": "none", "purpose": purpose, "subject": sid,
-                "policy_version": None, "record_id": None, "receipt": None}
+                "policy_version": None, "record_id": None, "receipt": None, "gpc": False}
     row = rows[0]
     status = derive_status(row.decision, confirmed=row.confirmed, stale=_stale(db, tenant.id, row, at))
     return {"allowed": is_allowed(status), "status": status, "purpose": purpose, "subject": sid,
-            "policy_version": row.policy_version, "record_id": row.id, "receipt": row.receipt}
+            "policy_version": row.policy_version, "record_id": row.id, "receipt": row.receipt,
+            "gpc": bool(row.gpc)}
 
 
 def subject_states_at(db: Session, tenant: Tenant, subject_id: str, at: datetime) -> list[dict[str, Any]]:

@@ -130,7 +130,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     m = report.manifest
     print(json.dumps({"ok": True, "records": report.records, "subjects": report.subjects,
-                      "receipts_verified": report.receipts, "tenant": m.get("tenant"),
+                      "receipts_verified": report.receipts, "references": report.references, "tenant": m.get("tenant"),
                       "filters": m.get("filters"), "partial": m.get("partial"), "export_id": m.get("jti"),
                       "signed_by": m.get("iss"), "tlog_size": report.tlog_size,
                       "saved_checkpoints_matched": report.checkpoints}, indent=2))

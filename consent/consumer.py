@@ -3,7 +3,7 @@
 No server needed: ``from consent.consumer import verify_receipt, verify_webhook``.
 
     claims = verify_receipt(receipt, "https://consent.example.com/.well-known/jwks.json",
-                            issuer="https://consent.example.com")
+                            issuer="https://consent.example.com", audience="ten_...")
     event = verify_webhook(WHSEC, request.headers, raw_body)
 
 Receipts: only EdDSA (Ed25519) is accepted, whatever the token's header says, so ``alg: none``
@@ -81,8 +81,14 @@ def _jwks(source: str | Path, *, kid: str | None) -> dict[str, Any]:
     return jwks
 
 
-def verify_receipt(token: str, jwks_url_or_path: str | Path, *, issuer: str | None = None) -> dict[str, Any]:
-    """Verify a consent receipt (EdDSA JWT) against a JWKS URL or file; returns its claims."""
+def verify_receipt(token: str, jwks_url_or_path: str | Path, *, issuer: str, audience: str,
+                   subject: str | None = None) -> dict[str, Any]:
+    """Verify a consent receipt (EdDSA JWT) against a JWKS URL or file; returns its claims.
+
+    ``issuer`` is the service's URL and ``audience`` your tenant id: both are required because
+    one service signs receipts for every tenant with the same keys, so a signature alone does
+    not say the receipt is proof for you. ``subject`` (a ``sub_…`` id), when given, must match.
+    """
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
@@ -97,8 +103,14 @@ def verify_receipt(token: str, jwks_url_or_path: str | Path, *, issuer: str | No
         claims = crypto.verify_jwt(token, usable)
     except BadToken as exc:
         raise ReceiptError(exc.detail) from exc
-    if issuer is not None and claims.get("iss") != issuer.rstrip("/"):
+    if claims.get("iss") != issuer.rstrip("/"):
         raise ReceiptError(f"issuer {claims.get('iss')!r} is not {issuer!r}")
+    # Receipts signed before ``aud`` existed name their tenant only in the (signed) ``tenant``.
+    aud = claims.get("aud", claims.get("tenant"))
+    if aud != audience and not (isinstance(aud, list) and audience in aud):
+        raise ReceiptError(f"receipt is for tenant {aud!r}, not {audience!r}")
+    if subject is not None and claims.get("sub") != subject:
+        raise ReceiptError(f"receipt is for subject {claims.get('sub')!r}, not {subject!r}")
     return claims
 
 

@@ -105,7 +105,12 @@ def verify(db: Session, token: str, kind: str) -> Link:
     purpose = get_purpose(db, tenant.id, str(payload.get("p")))
     if purpose is None:
         raise Gone("the subscription this link was for no longer exists", code="link_gone")
-    return Link(kind, tenant, str(payload.get("s")), purpose, str(payload.get("n")), expires)
+    # Checked here, before any page or action: an erased person's link (even one already
+    # used, whose withdrawal would otherwise be answered as "already done") is gone.
+    subject = ledger.follow_merges(db, db.get(Subject, str(payload.get("s"))))
+    if subject is None or subject.tenant_id != tenant.id or subject.erased_at is not None:
+        raise Gone("the person this link was for has been erased", code="link_gone")
+    return Link(kind, tenant, subject.id, purpose, str(payload.get("n")), expires)
 
 
 def _subject_ref(db: Session, link: Link) -> SubjectRef:

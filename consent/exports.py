@@ -44,7 +44,7 @@ from sqlalchemy.engine import Engine
 from . import crypto
 from .db import transaction
 from .ledger import LINE_SEP
-from .models import ConsentRecord, ExportManifest, Subject, utcnow
+from .models import ConsentRecord, ExportManifest, PolicyVersion, Subject, utcnow
 from .tlog import CHECKPOINT, LEAF
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
@@ -54,9 +54,19 @@ MANIFEST_TYPE = "consent-export-manifest/1"
 CONTENT_KEYS = ("v", "id", "tenant", "subject", "purpose", "decision", "confirmed", "policy", "source",
                 "evidence_sha256", "disclosures_sha256", "recorded_at", "prev_hash")
 LINE_KEYS = frozenset((*CONTENT_KEYS, "n", "leaf", "linked", "record_hash", "receipt"))
-CSV_COLUMNS = ("n", "linked", "v", "id", "tenant", "subject", "purpose", "decision", "confirmed",
-               "policy_key", "policy_version", "source", "evidence_sha256", "disclosures_sha256",
-               "recorded_at", "prev_hash", "record_hash", "receipt")
+GPC_LINE_KEYS = LINE_KEYS | {"gpc"}  # a record made with a GPC signal: ``"gpc": true`` is hashed too
+# CSV exports made before the ``gpc`` column still verify (``consent verify`` takes either header).
+CSV_COLUMNS_V1 = ("n", "linked", "v", "id", "tenant", "subject", "purpose", "decision", "confirmed",
+                  "policy_key", "policy_version", "source", "evidence_sha256", "disclosures_sha256",
+                  "recorded_at", "prev_hash", "record_hash", "receipt")
+# Then the readable columns: ``gpc``; the policy document of the record's version (URL and
+# SHA-256); the disclosure it acknowledged, as cookie names and as the canonical JSON whose
+# SHA-256 is ``disclosures_sha256`` (``consent verify`` checks both against the record).
+CSV_COLUMNS = (*CSV_COLUMNS_V1, "gpc", "policy_url", "policy_sha256", "disclosed_cookies", "disclosures")
+# JSONL: after the records, one line per policy document and per disclosure snapshot the
+# records point to (``References``), before the manifest (so inside ``body_sha256``).
+POLICY_LINE, DISCLOSURE_LINE = "policy_document", "disclosure"
+PV = PolicyVersion.__table__  # type: ignore[attr-defined]
 CHUNK = 1024  # records per yielded chunk (~1.6 MiB of JSONL; docs/bench.md, tenth pass)
 HEADS_WORK_MEM = "64MB"  # PostgreSQL, for the chain-heads query of an export
 
@@ -133,8 +143,10 @@ def _records_query(flt: ExportFilter, dialect: str, max_seq: int | None) -> Any:
         sa.select(REC.c.id, REC.c.purpose, REC.c.decision, sa.type_coerce(REC.c.confirmed, sa.Integer),
                   REC.c.policy_key, REC.c.policy_version, REC.c.source, REC.c.evidence_sha256,
                   sa.cast(REC.c.disclosures, sa.Text), at, REC.c.prev_hash, REC.c.record_hash,
-                  REC.c.receipt, SUBJ.c.pseudonym, linked, _leaf())
-        .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id))
+                  REC.c.receipt, SUBJ.c.pseudonym, linked, sa.type_coerce(REC.c.gpc, sa.Integer),
+                  REC.c.policy_version_id, PV.c.document_url, PV.c.document_sha256, _leaf())
+        .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id)
+                     .outerjoin(PV, PV.c.id == REC.c.policy_version_id))
         .where(*flt.where(REC), *_upto(max_seq))
         .order_by(REC.c.seq)
     )
@@ -151,7 +163,10 @@ def _stored_lines_query(flt: ExportFilter, dialect: str, max_seq: int | None) ->
         receipt = sa.func.convert_to(REC.c.receipt, sa.literal_column("'UTF8'"), type_=sa.LargeBinary)
     else:
         receipt = sa.cast(REC.c.receipt, sa.LargeBinary)
-    return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0), _leaf())
+    # The policy version the record points to; its disclosure (if any) is read from the line
+    # itself (``stored_jsonl``): the disclosure JSON as a column costs more per row.
+    return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0), REC.c.policy_version_id,
+                      _leaf())
             .where(*flt.where(REC), *_upto(max_seq)).order_by(REC.c.seq))
 
 
@@ -225,19 +240,25 @@ class Lines:
         self.partial = partial
         self.count = 0
         self._disclosures = Disclosures()
+        self.references = References()
 
     def dicts(self, rows: Iterable[Any]) -> Iterator[dict[str, Any]]:
         n = self.count
         tenant = self.tenant_id
         disclosures = self._disclosures
         partial = self.partial
+        versions, texts = self.references.versions, self.references.texts
         try:
             for (rid, purpose, decision, confirmed, policy_key, policy_version, source, evidence_sha256,
-                 disclosures_json, at, prev_hash, record_hash, receipt, pseudonym, linked, leaf) in rows:
+                 disclosures_json, at, prev_hash, record_hash, receipt, pseudonym, linked, gpc, version_id,
+                 _url, _sha, leaf) in rows:
                 n += 1
+                versions.add(version_id)
+                if disclosures_json is not None:
+                    texts.add(disclosures_json)
                 if len(at) != 27:  # PostgreSQL formats it already; SQLite stores 'YYYY-MM-DD HH:MM:SS.ffffff'
                     at = f"{at[:10]}T{at[11:]}Z" if len(at) == 26 and at[10] == " " else _iso_text(at)
-                yield {
+                line = {
                     "confirmed": bool(confirmed), "decision": decision,
                     "disclosures_sha256": disclosures(disclosures_json), "evidence_sha256": evidence_sha256,
                     "id": rid, "leaf": leaf, "linked": bool(linked) if partial else prev_hash is not None, "n": n,
@@ -245,6 +266,9 @@ class Lines:
                     "purpose": purpose, "receipt": receipt, "record_hash": record_hash,
                     "recorded_at": at, "source": source, "subject": pseudonym, "tenant": tenant, "v": 1,
                 }
+                if gpc:  # only on records made with a GPC signal (``ledger.record_content``)
+                    line["gpc"] = True
+                yield line
         finally:
             self.count = n
 
@@ -253,7 +277,9 @@ class Lines:
         return b"".join([orjson.dumps(line, option=opt) for line in self.dicts(rows)])
 
     def csv(self, rows: Iterable[Any]) -> bytes:
-        return csv_bytes([csv_row(line) for line in self.dicts(rows)])
+        rows = list(rows)
+        return csv_bytes([csv_row(line, readable=(row[17], row[18], row[8]))
+                          for row, line in zip(rows, self.dicts(rows))])
 
     def stored_jsonl(self, rows: Iterable[Any]) -> bytes:
         """JSONL from ``_stored_lines_query`` rows: each record's stored line pieces
@@ -267,15 +293,23 @@ class Lines:
         n = self.count
         parts: list[bytes] = []
         extend, sep = parts.extend, LINE_SEP
-        for stored, receipt, linked, leaf in rows:
+        refs = self.references
+        versions_add, disclosure_in = refs.versions.add, refs.disclosure_in
+        for stored, receipt, linked, version_id, leaf in rows:
             n += 1
             a, b, c = stored.split(sep, 2)
+            versions_add(version_id)
+            # ``"disclosures_sha256":"`` (not ``null``) lies within a's first 90 bytes (after
+            # ``confirmed`` and ``decision``): a bounded search in C.
+            if a.find(_DISCLOSED, 20, 90) >= 0:
+                disclosure_in(a)
             extend((a, _NO_LEAF if leaf is None else b'"leaf":%d,' % leaf, _LINKED if linked else _UNLINKED,
                     b"%d," % n, b, _RECEIPT, receipt, b'"', c, b"\n"))
         self.count = n
         return b"".join(parts)
 
 
+_DISCLOSED = b'"disclosures_sha256":"'
 _LINKED, _UNLINKED, _RECEIPT = b'"linked":true,"n":', b'"linked":false,"n":', b'"receipt":"'
 _NO_LEAF = b'"leaf":null,'  # not in the transparency log yet (appended within seconds)
 
@@ -294,9 +328,68 @@ def _csv_value(v: Any) -> str:
     return str(v)
 
 
-def csv_row(line: dict[str, Any]) -> list[str]:
-    flat = {**line, "policy_key": line["policy"]["key"], "policy_version": line["policy"]["version"]}
+def csv_row(line: dict[str, Any], readable: tuple[Any, Any, Any] = (None, None, None)) -> list[str]:
+    """A line as CSV cells; ``readable``: the version's document URL and SHA-256 and the
+    record's stored disclosure JSON (None where there is none)."""
+    url, sha, disclosures_json = readable
+    cookies = json.loads(disclosures_json) if disclosures_json and line["disclosures_sha256"] else None
+    flat = {**line, "policy_key": line["policy"]["key"], "policy_version": line["policy"]["version"],
+            "gpc": line.get("gpc"), "policy_url": url, "policy_sha256": sha,
+            "disclosed_cookies": "; ".join(str(c.get("name")) for c in cookies) if cookies else None,
+            "disclosures": crypto.canonical_json(cookies).decode() if cookies else None}
     return [_csv_value(flat[c]) for c in CSV_COLUMNS]
+
+
+class References:
+    """What the streamed records point to: policy versions (by id) and disclosure snapshots
+    (their stored JSON), collected while streaming; ``lines`` reads the versions in the same
+    snapshot and returns one canonical line per document and per snapshot."""
+
+    def __init__(self) -> None:
+        self.versions: set[int | None] = set()
+        self.texts: set[str] = set()
+        self.first_with: dict[bytes, bytes] = {}  # disclosures_sha256 -> id of a record holding it
+
+    def disclosure_in(self, a: bytes) -> None:
+        """Note the disclosure of a stored line's first piece (``ledger.export_line``: it holds
+        ``disclosures_sha256`` and ends with ``id``); its JSON is read once per hash, at the end.
+        An empty disclosure list is hashed as null: nothing to note."""
+        at = a.find(_DISCLOSED) + len(_DISCLOSED)
+        sha = a[at:at + 64]
+        if sha not in self.first_with:
+            self.first_with[sha] = a[a.rindex(b'"id":"') + 6:-2]
+
+    def lines(self, conn: Any, tenant_id: str) -> list[bytes]:
+        records = [i.decode() for i in self.first_with.values()]
+        for i in range(0, len(records), 500):
+            self.texts.update(conn.execute(sa.select(sa.cast(REC.c.disclosures, sa.Text)).where(
+                REC.c.tenant_id == tenant_id, REC.c.id.in_(records[i:i + 500]))).scalars())
+        ids = sorted(v for v in self.versions if v is not None)
+        docs = []
+        for i in range(0, len(ids), 500):
+            docs += conn.execute(sa.select(PV.c.policy_key, PV.c.version, PV.c.document_url, PV.c.document_sha256,
+                                           PV.c.effective_at, PV.c.material)
+                                 .where(PV.c.tenant_id == tenant_id, PV.c.id.in_(ids[i:i + 500]))).all()
+        out = [crypto.canonical_json({POLICY_LINE: {
+            "key": d.policy_key, "version": d.version, "url": d.document_url, "sha256": d.document_sha256,
+            "effective_at": crypto.iso(_utc(d.effective_at)), "material": bool(d.material)}})
+            for d in sorted(docs, key=lambda d: (d.policy_key, d.version))]
+        snapshots: dict[str, Any] = {}
+        for text in self.texts:
+            cookies = json.loads(text)
+            if cookies:  # an empty list is hashed as null by the record (``ledger.hashed_content``)
+                snapshots[crypto.sha256_hex(crypto.canonical_json(cookies))] = cookies
+        out += [crypto.canonical_json({DISCLOSURE_LINE: {"sha256": sha, "cookies": snapshots[sha]}})
+                for sha in sorted(snapshots)]
+        return [line + b"\n" for line in out]
+
+
+def _utc(value: Any) -> datetime:
+    """A timestamp read by a Core select of a column whose type converts it (tz-aware) or, on
+    some drivers, as stored text."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def csv_bytes(rows: list[list[str]]) -> bytes:
@@ -366,13 +459,20 @@ def stream_export(
                     yield data
                     if progress is not None:
                         progress(lines.count)
+                references = lines.references.lines(conn, flt.tenant_id) if fmt == "jsonl" else []
+                if references:  # inside the body the manifest hashes
+                    data = b"".join(references)
+                    if hashing is not None:
+                        hashing.result()
+                    hashing = hasher.submit(body.update, data)
+                    yield data
             finally:
                 hasher.shutdown(wait=True)
             summary = heads.result(conn)
     count = lines.count
     if summary.count != count:  # a record in range was deleted as the export started (retention)
         raise RuntimeError(f"export inconsistent: {count} records streamed, {summary.count} in the chain heads")
-    claims = {
+    claims: dict[str, Any] = {
         "iss": issuer, "typ": MANIFEST_TYPE, "jti": export_id, "iat": int(utcnow().timestamp()),
         "tenant": flt.tenant_id, "format": fmt, "filters": flt.claims(), "partial": flt.partial,
         "count": count, "first_recorded_at": summary.first_at, "last_recorded_at": summary.last_at,
@@ -381,6 +481,7 @@ def stream_export(
         # leaf below its size is a line of an unfiltered export ("leaf"); ``consent verify``
         # recomputes its root (docs/transparency.md).
         "tlog": {"size": checkpoint.size, "checkpoint": checkpoint.note} if checkpoint else None,
+        "references": len(references),  # policy-document and disclosure lines before the manifest
     }
     manifest = signer.sign(claims)
     with transaction(engine, write=True) as db:

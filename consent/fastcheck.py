@@ -92,7 +92,7 @@ SELECT 1, 1, s.subject_id, s.decision, s.confirmed, s.policy_version, {_RECORD_I
        EXISTS (SELECT 1 FROM policy_purpose pp
                WHERE pp.tenant_id = s.tenant_id AND pp.purpose = s.purpose AND pp.policy_key = s.policy_key
                  AND pp.material = 1 AND pp.effective_at <= :now
-                 AND pp.policy_version_id > s.policy_version_id)
+                 AND pp.policy_version_id > s.policy_version_id), s.gpc
 FROM consent_state s
 WHERE s.tenant_id = :t AND s.purpose = :p AND s.subject_id = {{subject}}
   AND EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = :t AND {_LIVE})
@@ -105,7 +105,7 @@ _SQLITE_SUBJECT = {
 _SQLITE_MISS = f"""
 SELECT EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = :t AND {_LIVE}),
        EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = :t AND pu.key = :p),
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 """
 
 # Several checks, ONE statement on SQLite: the rows _SQLITE_HIT / _SQLITE_MISS give, one per input,
@@ -133,7 +133,7 @@ SELECT json_group_array(json_array(q.i, q.key_ok,
   CASE WHEN s.subject_id IS NOT NULL THEN EXISTS (SELECT 1 FROM policy_purpose pp
          WHERE pp.tenant_id = s.tenant_id AND pp.purpose = s.purpose AND pp.policy_key = s.policy_key
            AND pp.material = 1 AND pp.effective_at <= :now
-           AND pp.policy_version_id > s.policy_version_id) END))
+           AND pp.policy_version_id > s.policy_version_id) END, s.gpc))
 FROM q
 LEFT JOIN consent_state s ON q.key_ok AND s.tenant_id = q.t AND s.purpose = q.p
   AND s.subject_id = CASE WHEN q.kind = 'id' THEN q.h ELSE
@@ -149,7 +149,7 @@ _PG_SQL = f"""
 SELECT q.i,
   EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = q.t AND {_LIVE_PG}),
   EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p),
-  x.subject_id, x.decision, x.confirmed, x.policy_version, x.record_id, x.receipt, x.stale
+  x.subject_id, x.decision, x.confirmed, x.policy_version, x.record_id, x.receipt, x.stale, x.gpc
 FROM json_to_recordset($1::json) AS q(i int, kh text, t text, kind text, h text, p text)
 LEFT JOIN LATERAL (
   SELECT s.subject_id, s.decision, s.confirmed, s.policy_version, {_RECORD_ID} AS record_id,
@@ -157,7 +157,7 @@ LEFT JOIN LATERAL (
          EXISTS (SELECT 1 FROM policy_purpose pp
                  WHERE pp.tenant_id = s.tenant_id AND pp.purpose = s.purpose AND pp.policy_key = s.policy_key
                    AND pp.material AND pp.effective_at <= $2
-                   AND pp.policy_version_id > s.policy_version_id) AS stale
+                   AND pp.policy_version_id > s.policy_version_id) AS stale, s.gpc
   FROM consent_state s
   WHERE s.tenant_id = q.t AND s.purpose = q.p
     AND s.subject_id = CASE WHEN q.kind = 'id' THEN q.h ELSE
@@ -174,7 +174,7 @@ Key = tuple[str, str, str]  # tenant_id, kind, hash_key
 # One check to run: (key digest, tenant_id, kind, hash or subject id, purpose).
 Item = tuple[str, str, str, str, str]
 # Its answer: (key_ok, purpose_ok, subject_id, decision, confirmed, policy_version, record_id,
-# receipt, stale).
+# receipt, stale, gpc).
 Row = tuple[Any, ...]
 
 
@@ -234,17 +234,17 @@ def _pairs(qs: str) -> list[tuple[str, str]]:
 
 def answer(purpose: str, row: Row) -> dict[str, Any]:
     """The route's body (``checks.check``) from one result row, or Declined."""
-    key_ok, purpose_ok, subject_id, decision, confirmed, policy_version, record_id, receipt, stale = row
+    key_ok, purpose_ok, subject_id, decision, confirmed, policy_version, record_id, receipt, stale, gpc = row
     if not key_ok:
         raise Declined  # revoked since it was cached (or the tenant is gone): the route says 401
     if decision is None:
         if not purpose_ok:
             raise Declined  # unknown purpose: the route says 422
         return {"allowed": False, "status": "none", "purpose": purpose, "subject": None,
-                "policy_version": None, "record_id": None, "receipt": None}
+                "policy_version": None, "record_id": None, "receipt": None, "gpc": False}
     status = derive_status(decision, confirmed=bool(confirmed), stale=bool(stale))
     return {"allowed": is_allowed(status), "status": status, "purpose": purpose, "subject": subject_id,
-            "policy_version": policy_version, "record_id": record_id, "receipt": receipt}
+            "policy_version": policy_version, "record_id": record_id, "receipt": receipt, "gpc": bool(gpc)}
 
 
 class KeyCache:
@@ -565,10 +565,11 @@ class PostgresReader(Reader):
                 raise pgraw.StatementError(f"{res.ntuples} rows for {len(checks)} checks")
             value, text, boolean = res.get_value, pgraw.text, pgraw.boolean
             for r, (n, _) in enumerate(checks):
-                # (key_ok, purpose_ok, subject_id, decision, confirmed, policy_version, record_id, receipt, stale)
+                # (key_ok, purpose_ok, subject_id, decision, confirmed, policy_version, record_id, receipt,
+                # stale, gpc)
                 results[n] = (value(r, 1) == b"t", value(r, 2) == b"t", text(value(r, 3)), text(value(r, 4)),
                               boolean(value(r, 5)), text(value(r, 6)), text(value(r, 7)), text(value(r, 8)),
-                              value(r, 9) == b"t")
+                              value(r, 9) == b"t", value(r, 10) == b"t")
         return results
 
     async def close(self) -> None:

@@ -154,7 +154,7 @@ WITH v AS MATERIALIZED (
     decision = EXCLUDED.decision, confirmed = EXCLUDED.confirmed, policy_key = EXCLUDED.policy_key,
     policy_version_id = EXCLUDED.policy_version_id, policy_version = EXCLUDED.policy_version,
     recorded_at = EXCLUDED.recorded_at, receipt_seq = EXCLUDED.receipt_seq, record_id = EXCLUDED.record_id,
-    receipt = EXCLUDED.receipt
+    receipt = EXCLUDED.receipt, gpc = EXCLUDED.gpc
   WHERE consent_state.recorded_at <= EXCLUDED.recorded_at
 ), counter AS (
   INSERT INTO event_counter (tenant_id, last_position) SELECT %(t)s, count(*) FROM rec HAVING count(*) > 0

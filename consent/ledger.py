@@ -78,9 +78,18 @@ def lookup_subject(db: Session, tenant: Tenant, value: str) -> Subject:
     """The subject named by a path parameter, or 404 (another tenant's is simply not found)."""
     kind, raw = parse_subject_ref(value)
     sid = raw if kind == "id" else find_subject_id(db, tenant, kind, raw)
-    subject = db.get(Subject, sid) if sid else None
+    subject = follow_merges(db, db.get(Subject, sid)) if sid else None
     if subject is None or subject.tenant_id != tenant.id:
         raise NotFound("subject not found")
+    return subject
+
+
+def follow_merges(db: Session, subject: Subject | None) -> Subject | None:
+    """The subject a merged one now lives on (consent/identity.py), else ``subject`` itself."""
+    for _ in range(16):  # a merge chain is one step long; the bound only guards a broken row
+        if subject is None or subject.merged_into is None:
+            return subject
+        subject = db.get(Subject, subject.merged_into)
     return subject
 
 
@@ -172,8 +181,9 @@ def build_evidence(tenant: Tenant, given: dict[str, Any] | None, *, ip: str | No
 
 def record_content(record: ConsentRecord | NewRecord, pseudonym: str, disclosures_sha256: str | None) -> dict[str, Any]:
     """What a record hash covers. Identifiers appear only as the subject's keyed pseudonym and
-    evidence only by its hash, so erasure can drop both without breaking the chain."""
-    return {
+    evidence only by its hash, so erasure can drop both without breaking the chain. ``gpc``
+    appears only when a GPC signal came with the decision (older records hash unchanged)."""
+    content = {
         "v": 1,
         "id": record.id,
         "tenant": record.tenant_id,
@@ -188,6 +198,9 @@ def record_content(record: ConsentRecord | NewRecord, pseudonym: str, disclosure
         "recorded_at": crypto.iso(record.recorded_at),
         "prev_hash": record.prev_hash,
     }
+    if getattr(record, "gpc", None):
+        content["gpc"] = True
+    return content
 
 
 def hashed_content(record: Any, pseudonym: str) -> dict[str, Any]:
@@ -205,6 +218,7 @@ def compute_record_hash(record: ConsentRecord | NewRecord, pseudonym: str) -> st
 # stored as three pieces that go around them (see ``export_line``).
 LINE_SEP = b"\x1f"  # never in canonical JSON output: control characters are escaped there
 _LINE_A = ("confirmed", "decision", "disclosures_sha256", "evidence_sha256", "id")  # ... linked, n
+_LINE_A_GPC = (*_LINE_A, "gpc")  # ``gpc`` (only when true) sorts among them
 _LINE_B = ("policy", "prev_hash", "purpose")  # ... receipt
 _LINE_C = ("record_hash", "recorded_at", "source", "subject", "tenant", "v")
 
@@ -217,7 +231,7 @@ def export_line(content: dict[str, Any], record_hash: str) -> bytes:
     ``canonical_json`` of the whole line."""
     line = {**content, "record_hash": record_hash}
     opt = orjson.OPT_SORT_KEYS
-    a = orjson.dumps({k: line[k] for k in _LINE_A}, option=opt)[:-1] + b","
+    a = orjson.dumps({k: line[k] for k in _LINE_A_GPC if k in line}, option=opt)[:-1] + b","
     b = orjson.dumps({k: line[k] for k in _LINE_B}, option=opt)[1:-1] + b","
     c = b"," + orjson.dumps({k: line[k] for k in _LINE_C}, option=opt)[1:]
     return LINE_SEP.join((a, b, c))
@@ -289,6 +303,7 @@ class NewRecord:
     record_hash: str = ""
     receipt: str = ""
     export_line: bytes | None = None
+    gpc: bool | None = None
     seq: int | None = None
 
 
@@ -320,7 +335,7 @@ def checked_version(spec: ConsentIn, purpose: Any, version: Any, at: datetime) -
 
 def new_record(tenant: Any, spec: ConsentIn, purpose: Any, version: Any, *, subject_id: str, pseudonym: str,
                prev_hash: str | None, at: datetime, confirmed: bool | None, idempotency_key: str | None,
-               request_sha256: str, ip: str | None, user_agent: str | None) -> NewRecord:
+               request_sha256: str, ip: str | None, user_agent: str | None, gpc: bool = False) -> NewRecord:
     """The record (hashed, not yet signed) of a validated decision; ``tenant`` needs ``id``,
     ``store_full_ip`` and ``store_user_agent``, ``version`` may be None."""
     if confirmed is None:
@@ -348,6 +363,7 @@ def new_record(tenant: Any, spec: ConsentIn, purpose: Any, version: Any, *, subj
         idempotency_key=idempotency_key,
         request_sha256=request_sha256,
         prev_hash=prev_hash,
+        gpc=True if gpc else None,
     )
     seal_record(record, pseudonym)
     return record
@@ -366,6 +382,7 @@ def sign_record(record: NewRecord, purpose: Any, version: Any, status: str, *, s
                 "recorded_at": crypto.iso(record.recorded_at)},
         purposes=[{"purpose": purpose.key, "status": status, "legal_basis": purpose.legal_basis,
                    "kind": purpose.kind}],
+        gpc=bool(record.gpc),
     ))
 
 
@@ -380,6 +397,7 @@ def record_decision(
     ip: str | None = None,
     user_agent: str | None = None,
     confirmed: bool | None = None,
+    gpc: bool = False,
 ) -> Recorded:
     """Validate and append one decision, with its chain link, state update and receipt.
     (``fastrecord`` does the same for the common case in fewer round trips; both build the
@@ -398,7 +416,7 @@ def record_decision(
     subject = resolve_subject(db, tenant, spec.subject)
     record = new_record(tenant, spec, purpose, version, subject_id=subject.id, pseudonym=subject.pseudonym,
                         prev_hash=subject.head_hash, at=at, confirmed=confirmed, idempotency_key=idempotency_key,
-                        request_sha256=request_sha256, ip=ip, user_agent=user_agent)
+                        request_sha256=request_sha256, ip=ip, user_agent=user_agent, gpc=gpc)
     # A version picked by default is the newest in effect, so only a named one can be superseded.
     stale = bool(spec.policy_version) and version is not None and superseded(db, record)
     status = derive_status(record.decision, confirmed=record.confirmed, stale=stale)
@@ -445,7 +463,7 @@ def set_head(db: Session, subject: Subject, head: str) -> None:
 
 
 _STATE_COLS = ("tenant_id", "subject_id", "purpose", "record_seq", "decision", "confirmed", "policy_key",
-               "policy_version_id", "policy_version", "recorded_at", "receipt_seq", "record_id", "receipt")
+               "policy_version_id", "policy_version", "recorded_at", "receipt_seq", "record_id", "receipt", "gpc")
 
 
 def _state_upsert(insert: Any) -> Any:
@@ -469,7 +487,7 @@ def upsert_state(db: Session, record: NewRecord) -> None:
         "policy_key": record.policy_key, "policy_version_id": record.policy_version_id,
         "policy_version": record.policy_version, "recorded_at": record.recorded_at,
         # The copy a check reads instead of the record (valid while receipt_seq = record_seq).
-        "receipt_seq": record.seq, "record_id": record.id, "receipt": record.receipt,
+        "receipt_seq": record.seq, "record_id": record.id, "receipt": record.receipt, "gpc": record.gpc,
     }
     db.execute(_STATE_UPSERT[db.get_bind().dialect.name], values)
 

@@ -176,6 +176,9 @@ class Subject(SQLModel, table=True):
     head_hash: str | None = Field(default=None, max_length=64)  # last record hash (chain head)
     created_at: datetime = ts()
     erased_at: datetime | None = ts(nullable=True)
+    # Set when this subject was found to be the same person as another (consent/identity.py):
+    # its chain is closed and lookups by its id follow to the survivor.
+    merged_into: str | None = Field(default=None, max_length=40)
 
 
 IDENTIFIER_COVER_INDEX = "ix_subject_identifier_cover"
@@ -236,6 +239,9 @@ class ConsentRecord(SQLModel, table=True):
     # The export line's fixed bytes (``ledger.export_line``), written with the record; NULL only
     # for rows written by other means, which exports then build from the columns above.
     export_line: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary(), nullable=True))
+    # True when a Global Privacy Control signal came with the decision (hashed into the record
+    # and named in its receipt); NULL otherwise, so records without it hash as they always did.
+    gpc: bool | None = None
 
 
 BULK_INDEX = "ix_consent_state_bulk"
@@ -268,6 +274,7 @@ class ConsentState(SQLModel, table=True):
     receipt_seq: int | None = Field(default=None, sa_column=sa.Column(BigInt, nullable=True))
     record_id: str | None = Field(default=None, max_length=40)
     receipt: str | None = None
+    gpc: bool | None = None  # the current record's ``gpc``: the status was set under the signal
 
 
 TABLES = SQLModel.metadata

@@ -50,11 +50,16 @@ def record_claims(
     record: dict[str, Any],
     policy: dict[str, Any] | None,
     purposes: list[dict[str, Any]],
+    gpc: bool = False,
 ) -> dict[str, Any]:
-    """Claims of a receipt for one record (``record`` holds id, hash, source, recorded_at)."""
+    """Claims of a receipt for one record (``record`` holds id, hash, source, recorded_at).
+
+    ``aud`` is the tenant: a receipt is proof for that tenant only, and a consumer that pins
+    its tenant (``consumer.verify_receipt(audience=...)``) refuses another tenant's receipt."""
     now = utcnow()
-    return {
+    claims = {
         "iss": issuer,
+        "aud": tenant_id,
         "sub": subject_id,
         "tenant": tenant_id,
         "jti": crypto.new_id("rct", 12),
@@ -67,3 +72,6 @@ def record_claims(
         "record_id": record["id"],
         "record_hash": record["record_hash"],
     }
+    if gpc:  # the decision came with a Global Privacy Control signal (in the record hash too)
+        claims["gpc"] = True
+    return claims

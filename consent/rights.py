@@ -23,11 +23,12 @@ from .state import derive_status
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 ERASED = "erased"
+MERGED = "merged"  # consent/identity.py: one person's two subjects joined
 ALL_PURPOSES = "*"  # the purpose of an erasure record: it concerns the whole subject
 
 
 def _record(r: ConsentRecord) -> dict[str, Any]:
-    status = ERASED if r.decision == ERASED else derive_status(r.decision, confirmed=r.confirmed, stale=False)
+    status = r.decision if r.decision in (ERASED, MERGED) else derive_status(r.decision, confirmed=r.confirmed, stale=False)
     return {
         "id": r.id, "purpose": r.purpose, "decision": r.decision, "confirmed": r.confirmed,
         "status_when_recorded": status,
@@ -112,6 +113,14 @@ def erase(db: Session, tenant: Tenant, subject: Subject, *, signer: crypto.Signe
             ConsentRecord.subject_id == subject.id, ConsentRecord.decision == ERASED,
         ).order_by(ConsentRecord.seq.desc())).scalars().first()  # type: ignore[union-attr]
         return False, _summary(subject, record, 0, 0)
+    # Subjects merged into this one (consent/identity.py) are the same person: erased too.
+    absorbed = [e["merged_from"] for e in db.execute(sa.select(REC.c.evidence).where(
+        REC.c.tenant_id == tenant.id, REC.c.subject_id == subject.id, REC.c.decision == MERGED,
+        REC.c.purpose == ALL_PURPOSES)).scalars() if isinstance(e, dict) and e.get("merged_from")]
+    for sid in absorbed:
+        other = db.get(Subject, sid)
+        if other is not None and other.tenant_id == tenant.id:
+            erase(db, tenant, other, signer=signer, issuer=issuer)
     removed = db.execute(sa.delete(SI).where(SI.c.tenant_id == tenant.id, SI.c.subject_id == subject.id)).rowcount
     cleared = db.execute(sa.update(REC).where(REC.c.tenant_id == tenant.id, REC.c.subject_id == subject.id,
                                               REC.c.evidence.is_not(None)).values(evidence=sa.null())).rowcount

@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from .crypto import normalize_email
+
 Key = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
 Lang = Annotated[str, Field(min_length=2, max_length=16, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
 Decision = Literal["granted", "denied", "withdrawn", "acknowledged", "notified"]  # notified: told of a policy change; no state change
@@ -282,7 +284,8 @@ class SubjectRef(Strict):
     @field_validator("email")
     @classmethod
     def _email(cls, v: str | None) -> str | None:
-        if v is not None and not EMAIL_RE.match(v):
+        # Judged in the one spelling the service keys it by (a full-width "＠" is an "@").
+        if v is not None and not EMAIL_RE.match(normalize_email(v)):
             raise ValueError("not an email address")
         return v
 
@@ -349,6 +352,8 @@ class PurposeState(BaseModel):
     recorded_at: datetime | None
     record_id: str | None
     receipt: str | None
+    gpc: bool = Field(description="The current status was set by a decision made with a Global Privacy "
+                      "Control signal (a GPC opt-out, or an explicit choice made while the signal was on).")
 
 
 class SubjectConsents(BaseModel):
@@ -365,6 +370,7 @@ class CheckOut(BaseModel):
     policy_version: str | None
     record_id: str | None
     receipt: str | None
+    gpc: bool = Field(description="The current status was set under a Global Privacy Control signal.")
 
 
 class BulkCheckIn(Strict):

@@ -121,3 +121,17 @@ class LinkOut(BaseModel):
 class GpcJson(BaseModel):
     gpc: bool
     lastUpdate: str
+
+
+class GpcPurpose(BaseModel):
+    purpose: str
+    status: str
+    gpc: bool = Field(description="the status was set by a decision made with the signal on")
+    opted_out: bool = Field(description="status is denied or withdrawn")
+
+
+class SnippetGpcOut(BaseModel):
+    signal: bool = Field(description="this request carried the signal (Sec-GPC: 1, or gpc=true from the page)")
+    honored: bool = Field(description="signal on, and every purpose marked gpc is opted out for this visitor")
+    message: str | None = Field(description='"Opt-Out Preference Signal Honored" when honored, else null')
+    purposes: list[GpcPurpose]

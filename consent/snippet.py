@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from . import crypto, subject_tokens
-from .catalog import current_version, get_purpose, get_version
+from .catalog import current_version, get_purpose, get_version, list_purposes
+from .checks import subject_states
 from .errors import BadToken, Conflict, NotFound, Unauthorized, ValidationFailed
 from .ledger import SI, STATE, find_subject_id, lock_subject, record_decision, resolve_subject
 from .models import ConsentRecord, PolicyPurpose, PolicyVersion, Purpose, Tenant, utcnow
@@ -259,7 +260,7 @@ def record_choices(db: Session, tenant: Tenant, body: SnippetConsentsIn, visit: 
             result = record_decision(
                 db, tenant, spec, signer=signer, issuer=issuer,
                 idempotency_key=f"snippet:{choice.idempotency_key}" if choice.idempotency_key else None,
-                ip=visit.ip, user_agent=visit.user_agent)
+                ip=visit.ip, user_agent=visit.user_agent, gpc=gpc)
         except ValidationFailed as exc:
             raise _prefixed(exc, f"choices[{i}].") from None
         subject_id = result.record.subject_id
@@ -316,7 +317,31 @@ def link(db: Session, tenant: Tenant, anonymous_id: str, user_id: str, *, signer
                          policy=a.policy_key or "privacy", policy_version=a.policy_version,
                          source=cast(Source, original.source),
                          evidence=Evidence.model_validate({"linked_from_record": original.id}))
-        result = record_decision(db, tenant, spec, signer=signer, issuer=issuer, confirmed=a.confirmed)
+        result = record_decision(db, tenant, spec, signer=signer, issuer=issuer, confirmed=a.confirmed,
+                                 gpc=bool(original.gpc))
         carried.append({"purpose": purpose, "decision": a.decision, "from_record": original.id,
                         "record_id": result.record.id})
     return {"subject": user_sid, "outcome": "merged", "carried_over": carried}
+
+
+GPC_HONORED = "Opt-Out Preference Signal Honored"  # CCPA regulations § 7025(c)(6)
+
+
+def gpc_status(db: Session, tenant: Tenant, *, anonymous_id: str | None, signal: bool) -> dict[str, Any]:
+    """Whether this visitor's Global Privacy Control signal is honoured: every purpose marked
+    ``gpc`` is opted out (denied or withdrawn). An explicit opt-in made while the signal was on
+    is the visitor's own choice: kept, shown with ``gpc: true``, and then not "honoured"."""
+    sid = find_subject_id(db, tenant, "anon", anonymous_id) if anonymous_id else None
+    states = subject_states(db, tenant, sid) if sid else []
+    by_purpose = {s["purpose"]: s for s in states}
+    purposes = []
+    for p in list_purposes(db, tenant.id):
+        if not (p.gpc and p.kind == "consent"):
+            continue
+        s = by_purpose.get(p.key)
+        status = s["status"] if s else "none"
+        purposes.append({"purpose": p.key, "status": status, "gpc": bool(s and s["gpc"]),
+                         "opted_out": status in ("denied", "withdrawn")})
+    honored = signal and bool(purposes) and all(p["opted_out"] for p in purposes)
+    return {"signal": signal, "honored": honored, "message": GPC_HONORED if honored else None,
+            "purposes": purposes}

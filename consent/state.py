@@ -3,6 +3,7 @@ shared by the check queries, exports and the property tests' reference model."""
 
 from __future__ import annotations
 
+STALE_DECISIONS = frozenset(("granted", "acknowledged"))  # what a newer material version re-asks
 STATUSES = ("granted", "denied", "withdrawn", "acknowledged", "stale", "pending_confirmation", "none")
 
 
@@ -10,12 +11,13 @@ def derive_status(decision: str | None, *, confirmed: bool, stale: bool) -> str:
     """Status of a purpose given its latest decision.
 
     ``stale``: a material version covering the purpose, newer than the one the decision was
-    made under, is in effect; the decision no longer counts until given again. A withdrawal
-    made without a policy version is never stale (nothing to re-ask against).
+    made under, is in effect. Only a yes goes stale (a grant or an acknowledgement no longer
+    counts until given again); a denial or withdrawal stays what it is whatever version it
+    named, because a new policy text cannot turn a person's no into a question.
     """
     if decision is None:
         return "none"
-    if stale:
+    if stale and decision in STALE_DECISIONS:
         return "stale"
     if decision == "granted" and not confirmed:
         return "pending_confirmation"

@@ -40,8 +40,12 @@ from .errors import BadToken
 from .exports import (
     CONTENT_KEYS,
     CSV_COLUMNS,
+    CSV_COLUMNS_V1,
+    DISCLOSURE_LINE,
+    GPC_LINE_KEYS,
     LINE_KEYS,
     MANIFEST_TYPE,
+    POLICY_LINE,
     csv_bytes,
     head_digest_line,
 )
@@ -62,6 +66,7 @@ class Report:
     subjects: int = 0
     receipts: int = 0
     manifest: dict[str, Any] = field(default_factory=dict)
+    references: int = 0  # policy-document and disclosure lines checked
     tlog_size: int | None = None  # the checkpoint whose root was recomputed
     checkpoints: list[int] = field(default_factory=list)  # sizes of the saved checkpoints matched
 
@@ -90,6 +95,8 @@ def receipt_problem(keys: crypto.KeySet, token: Any, record_hash: Any, record_id
         return f"receipt does not verify: {exc.detail}"
     if (claims.get("record_hash"), claims.get("record_id"), claims.get("tenant")) != (record_hash, record_id, tenant):
         return "receipt names another record, hash or tenant"
+    if claims.get("aud", tenant) != tenant:  # receipts signed before ``aud`` existed have none
+        return "receipt is addressed to another tenant"
     return None
 
 
@@ -130,11 +137,18 @@ class Walker:
         self.needs_partial: tuple[int, str] | None = None  # first line only a filtered export allows
         self.receipts = 0
         self.pool = pool
+        # What the records point to (first line naming each), and the reference lines seen.
+        self.wants: dict[tuple[str, Any], int] = {}
+        self.has: set[tuple[str, Any]] = set()
+        self.csv_docs: dict[Any, tuple[str, str]] = {}
         self._batch: list[tuple[int, Any, Any, Any, Any]] = []
         self._pending: list[tuple[int, Future[Any], list[tuple[int, Any, Any, Any, Any]]]] = []
 
     def record(self, no: int, line: Any) -> None:
-        if not isinstance(line, dict) or (set(line) != LINE_KEYS and set(line) != LINE_KEYS - {"leaf"}):
+        if not isinstance(line, dict):
+            raise VerifyError(no, "not a record line (fields missing or unexpected)")
+        keys = set(line) | {"leaf"}  # exports made before the transparency log have no "leaf"
+        if keys != LINE_KEYS and not (keys == GPC_LINE_KEYS and line["gpc"] is True):
             raise VerifyError(no, "not a record line (fields missing or unexpected)")
         n = line["n"]
         if type(n) is not int or n != self.count + 1:
@@ -144,7 +158,15 @@ class Walker:
         policy = line["policy"]
         if not isinstance(policy, dict) or set(policy) != {"key", "version"}:
             raise VerifyError(no, "policy must be {key, version}")
+        if self.has:
+            raise VerifyError(no, "record line after the policy-document and disclosure lines")
         content = {k: line[k] for k in CONTENT_KEYS}
+        if "gpc" in line:
+            content["gpc"] = True
+        if policy["version"] is not None:
+            self.wants.setdefault((POLICY_LINE, (policy["key"], policy["version"])), no)
+        if line["disclosures_sha256"] is not None:
+            self.wants.setdefault((DISCLOSURE_LINE, line["disclosures_sha256"]), no)
         record_hash = line["record_hash"]
         if crypto.sha256_hex(canonical(content)) != record_hash:
             raise VerifyError(no, f"record hash does not match the content of record {line['id']}")
@@ -251,6 +273,55 @@ class Walker:
                 if problem is not None:
                     raise VerifyError(no, problem)
 
+    def reference(self, no: int, obj: dict[str, Any]) -> None:
+        """A policy-document or disclosure line: well-formed, content-addressed, once each."""
+        (kind, body), = obj.items()
+        if kind == DISCLOSURE_LINE:
+            if not isinstance(body, dict) or set(body) != {"sha256", "cookies"} \
+                    or not isinstance(body["cookies"], list) or not body["cookies"]:
+                raise VerifyError(no, "malformed disclosure line")
+            if crypto.sha256_hex(canonical(body["cookies"])) != body["sha256"]:
+                raise VerifyError(no, "disclosure does not hash to its sha256")
+            key: tuple[str, Any] = (kind, body["sha256"])
+        else:
+            fields = {"key", "version", "url", "sha256", "effective_at", "material"}
+            if not isinstance(body, dict) or set(body) != fields \
+                    or not all(isinstance(body[k], str) for k in fields - {"material"}) \
+                    or type(body["material"]) is not bool:
+                raise VerifyError(no, "malformed policy_document line")
+            key = (kind, (body["key"], body["version"]))
+        if key in self.has:
+            raise VerifyError(no, f"{kind} listed twice")
+        if key not in self.wants:
+            raise VerifyError(no, f"{kind} that no record points to")
+        self.has.add(key)
+
+    def csv_readable(self, no: int, d: dict[str, str]) -> None:
+        """The readable CSV columns agree with the record: the disclosure cell is the JSON the
+        record's ``disclosures_sha256`` hashes (and names its cookies); one document per version."""
+        digest, text = d["disclosures_sha256"], d["disclosures"]
+        if bool(digest) != bool(text):
+            raise VerifyError(no, "disclosures column does not match disclosures_sha256")
+        if text:
+            try:
+                cookies = json.loads(text)
+            except ValueError:
+                raise VerifyError(no, "disclosures column is not JSON") from None
+            if canonical(cookies).decode() != text or crypto.sha256_hex(text.encode()) != digest:
+                raise VerifyError(no, "disclosures column does not hash to disclosures_sha256")
+            names = "; ".join(str(c.get("name")) if isinstance(c, dict) else "?" for c in cookies)
+            if d["disclosed_cookies"] != names:
+                raise VerifyError(no, "disclosed_cookies does not name the disclosed cookies")
+        elif d["disclosed_cookies"]:
+            raise VerifyError(no, "disclosed_cookies without a disclosure")
+        version = (d["policy_key"], d["policy_version"])
+        doc = (d["policy_url"], d["policy_sha256"])
+        if not d["policy_version"]:
+            if any(doc):
+                raise VerifyError(no, "policy document without a policy version")
+        elif self.csv_docs.setdefault(version, doc) != doc or not all(doc):
+            raise VerifyError(no, f"policy document of version {d['policy_version']} differs or is missing")
+
     def finish(self, no: int | None, token: str, body_sha256: str, fmt: str) -> Report:
         """Check the signed manifest against everything read; ``no`` is the manifest's line."""
         self.settle()
@@ -262,6 +333,17 @@ class Walker:
             raise VerifyError(no, f"not a {fmt} export manifest")
         if self.tenant is not None and claims.get("tenant") != self.tenant:
             raise VerifyError(no, "manifest is for another tenant")
+        listed = claims.get("references")
+        if listed is None:  # an export made before reference lines: nothing to require
+            if self.has:
+                raise VerifyError(no, "reference lines, but the manifest does not list them")
+        else:
+            if fmt == "jsonl":
+                for (kind, key), first in sorted(self.wants.items(), key=lambda w: w[1]):
+                    if (kind, key) not in self.has:
+                        raise VerifyError(first, f"the {kind} this record points to ({key}) is not in the export")
+            if listed != len(self.has):
+                raise VerifyError(no, f"manifest lists {listed} reference lines, the file has {len(self.has)}")
         if claims.get("count") != self.count:
             raise VerifyError(no, f"manifest counts {claims.get('count')} records, the file has {self.count}")
         if claims.get("body_sha256") != body_sha256:
@@ -274,7 +356,7 @@ class Walker:
             heads.update(head_digest_line(pseudonym, anchor, head, count))
         if claims.get("subjects") != len(self.chains) or claims.get("heads_sha256") != heads.hexdigest():
             raise VerifyError(no, "subject chains (anchors, heads, counts) do not match the manifest")
-        report = Report(self.count, len(self.chains), self.receipts, claims)
+        report = Report(self.count, len(self.chains), self.receipts, claims, len(self.has))
         self._tree(no, claims, fmt, report)
         return report
 
@@ -363,6 +445,10 @@ def _walk_jsonl(walker: Walker, lines: Iterable[bytes], manifest: str | None) ->
             raise VerifyError(no, "not valid JSON") from None
         if raw[-1:] != b"\n" or canonical(obj) != raw[:-1]:
             raise VerifyError(no, "not in canonical form (a byte was changed)")
+        if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in (POLICY_LINE, DISCLOSURE_LINE):
+            walker.reference(no, obj)
+            body.update(raw)
+            continue
         if isinstance(obj, dict) and set(obj) == {"manifest"}:
             token = obj["manifest"]
             if not isinstance(token, str) or (manifest is not None and manifest != token):
@@ -378,10 +464,13 @@ def _walk_jsonl(walker: Walker, lines: Iterable[bytes], manifest: str | None) ->
     return report
 
 
-def _csv_line(no: int, row: list[str]) -> dict[str, Any]:
-    if len(row) != len(CSV_COLUMNS):
-        raise VerifyError(no, f"expected {len(CSV_COLUMNS)} columns, found {len(row)}")
-    d = dict(zip(CSV_COLUMNS, row))
+def _csv_line(no: int, row: list[str], columns: tuple[str, ...] = CSV_COLUMNS,
+              walker: Walker | None = None) -> dict[str, Any]:
+    if len(row) != len(columns):
+        raise VerifyError(no, f"expected {len(columns)} columns, found {len(row)}")
+    d = dict(zip(columns, row))
+    if d.get("gpc", "") not in ("", "true"):
+        raise VerifyError(no, "malformed gpc")
     opt = {k: (d[k] or None) for k in ("policy_key", "policy_version", "disclosures_sha256", "prev_hash")}
     bools = {"true": True, "false": False}
     if not d["n"].isdigit() or d["v"] != "1" or d["linked"] not in bools or d["confirmed"] not in bools:
@@ -390,6 +479,10 @@ def _csv_line(no: int, row: list[str]) -> dict[str, Any]:
     line.update(n=int(d["n"]), v=1, linked=bools[d["linked"]], confirmed=bools[d["confirmed"]],
                 policy={"key": opt["policy_key"], "version": opt["policy_version"]},
                 disclosures_sha256=opt["disclosures_sha256"], prev_hash=opt["prev_hash"])
+    if d.get("gpc") == "true":
+        line["gpc"] = True
+    if walker is not None and "disclosures" in d:
+        walker.csv_readable(no, d)
     return line
 
 
@@ -407,6 +500,7 @@ def verify_csv(lines: Iterable[bytes], keys: crypto.KeySet, manifest: str,
 
 def _walk_csv(walker: Walker, lines: Iterable[bytes], manifest: str) -> Report:
     body = hashlib.sha256()
+    columns: tuple[str, ...] = CSV_COLUMNS
     for no, raw in enumerate(lines, 1):
         body.update(raw)
         try:
@@ -416,10 +510,11 @@ def _walk_csv(walker: Walker, lines: Iterable[bytes], manifest: str) -> Report:
         if csv_bytes([row]) != raw:
             raise VerifyError(no, "not in canonical form (a byte was changed)")
         if no == 1:
-            if tuple(row) != CSV_COLUMNS:
+            if tuple(row) not in (CSV_COLUMNS, CSV_COLUMNS_V1):
                 raise VerifyError(1, "unexpected CSV header")
+            columns = tuple(row)
             continue
-        walker.record(no, _csv_line(no, row))
+        walker.record(no, _csv_line(no, row, columns, walker))
     return walker.finish(None, manifest, body.hexdigest(), "csv")
 
 

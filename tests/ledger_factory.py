@@ -62,7 +62,7 @@ def generate_ledger(engine: Engine, tenant_id: str, records: int, *, per_subject
                 policy_version=version.version if version else None, source="import", evidence=evidence,
                 evidence_sha256=crypto.sha256_hex(crypto.canonical_json(evidence)), disclosures=None,
                 recorded_at=at, prev_hash=s["head_hash"], record_hash="", receipt="",
-                idempotency_key=None, request_sha256=None,
+                idempotency_key=None, request_sha256=None, gpc=None,
             )
             seal_record(rec, s["pseudonym"])  # type: ignore[arg-type]
             rec.receipt = signer.sign({"iss": issuer, "sub": s["id"], "tenant": tenant_id,

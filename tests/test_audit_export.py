@@ -66,7 +66,8 @@ def test_export_verifies_then_every_tampering_is_named(tenant: Tenant, tmp_path:
     report = json.loads(out)
     assert report["records"] == 305 and report["receipts_verified"] == 305 and report["partial"] is False
     lines = path.read_bytes().splitlines(keepends=True)
-    assert len(lines) == 306 and json.loads(lines[-1]).keys() == {"manifest"}
+    refs = report["references"]  # the policy documents (and disclosures) the records point to
+    assert refs >= 1 and len(lines) == 305 + refs + 1 and json.loads(lines[-1]).keys() == {"manifest"}
     first = json.loads(lines[0])
     assert first["n"] == 1 and first["prev_hash"] is None and "ada@example.com" not in path.read_text()
 
@@ -85,8 +86,11 @@ def test_export_verifies_then_every_tampering_is_named(tenant: Tenant, tmp_path:
     rejected(lines[:k] + [lines[k - 1]] + lines[k:], k + 1, "removed, duplicated or moved")  # duplicated
     moved = lines[:k - 1] + lines[k:k + 5] + [lines[k - 1]] + lines[k + 5:]
     rejected(moved, k, "removed, duplicated or moved")
-    swapped = lines[:-3] + [lines[-2], lines[-3], lines[-1]]  # the last two records swapped
-    rejected(swapped, len(lines) - 2)
+    swapped = lines[:303] + [lines[304], lines[303]] + lines[305:]  # the last two records swapped
+    rejected(swapped, 304)
+    rejected(lines[:305] + lines[306:], 1, "is not in the export")  # a policy document left out
+    rejected(lines[:306] + [lines[305]] + lines[306:], 307, "listed twice")
+    rejected(lines[:305] + [lines[305].replace(b"https://", b"http://")] + lines[306:], len(lines), "body")
     rejected(lines[:-1], len(lines), "no manifest")  # truncated
     last = json.loads(lines[-1])
     forged = last["manifest"][:-8] + ("A" if last["manifest"][-8] != "A" else "B") + last["manifest"][-7:]
@@ -137,7 +141,7 @@ def test_filtered_exports_hold_partial_chains(tenant: Tenant, tmp_path: Path, ca
     assert code == 0, err
     report = json.loads(out)
     assert report["partial"] is True and report["filters"]["purpose"] == "marketing_email"
-    lines = [json.loads(x) for x in path.read_bytes().splitlines()[:-1]]
+    lines = [x for x in (json.loads(y) for y in path.read_bytes().splitlines()[:-1]) if "n" in x]  # records
     assert {x["purpose"] for x in lines} == {"marketing_email"}
     assert any(x["prev_hash"] and not x["linked"] for x in lines)  # anchors outside the export
     assert any(x["linked"] for x in lines)
@@ -179,10 +183,11 @@ def test_records_written_while_an_export_streams_are_not_in_it(tenant: Tenant, t
     path.write_bytes(body)
     jwks = jwks_file(tenant, tmp_path)
     code, out, err = verify(path, jwks, capsys)
-    assert code == 0 and json.loads(out)["records"] == len(before) - 1, err
+    records = sum(x.startswith(b'{"confirmed":') for x in before)
+    assert code == 0 and json.loads(out)["records"] == records, err
     after = export(tenant, tmp_path, "after.jsonl", **params)
     code, out, err = verify(after, jwks, capsys)
-    assert code == 0 and json.loads(out)["records"] == len(before), err
+    assert code == 0 and json.loads(out)["records"] == records + 1, err
 
 
 def test_csv_export_with_manifest_route(tenant: Tenant, tmp_path: Path, capsys) -> None:

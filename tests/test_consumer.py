@@ -36,6 +36,11 @@ def keys(tmp_path: Path) -> tuple[crypto.Signer, crypto.KeyPair, Path]:
     return crypto.Signer(pair.kid, pair.private_pem), pair, path
 
 
+def vr(token: str, source: object, **kw: str) -> dict:
+    """verify_receipt pinned to ISS and ten_1 unless told otherwise."""
+    return verify_receipt(token, source, **{"issuer": ISS, "audience": "ten_1", **kw})  # type: ignore[arg-type]
+
+
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
@@ -43,26 +48,26 @@ def b64url(data: bytes) -> str:
 def test_receipt_from_file_and_url(keys) -> None:
     signer, pair, path = keys
     token = signer.sign(CLAIMS)
-    assert verify_receipt(token, path, issuer=ISS)["record_id"] == "rec_1"
-    assert verify_receipt(token, str(path))["sub"] == "sub_1"
+    assert vr(token, path, issuer=ISS)["record_id"] == "rec_1"
+    assert vr(token, str(path))["sub"] == "sub_1"
     server = Receiver(document={"keys": [pair.public_jwk]}).start()
     try:
         url = f"http://127.0.0.1:{server.server.server_address[1]}/.well-known/jwks.json"  # type: ignore[union-attr]
-        assert verify_receipt(token, url, issuer=ISS + "/")["tenant"] == "ten_1"
+        assert vr(token, url, issuer=ISS + "/")["tenant"] == "ten_1"
         server.document = {"keys": []}  # cached: the source changing does not matter within the TTL
-        assert verify_receipt(token, url)["tenant"] == "ten_1"
+        assert vr(token, url)["tenant"] == "ten_1"
     finally:
         server.stop()
-    assert verify_receipt(token, url)["tenant"] == "ten_1"  # still cached while the source is down
+    assert vr(token, url)["tenant"] == "ten_1"  # still cached while the source is down
 
 
 def test_receipt_rotation_refetches_unknown_kid(keys, tmp_path: Path, monkeypatch) -> None:
     signer, pair, path = keys
-    verify_receipt(signer.sign(CLAIMS), path)
+    vr(signer.sign(CLAIMS), path)
     new = crypto.generate_signing_key()
     path.write_text(json.dumps({"keys": [new.public_jwk, pair.public_jwk]}))
     monkeypatch.setattr(consumer, "JWKS_MIN_REFRESH", 0.0)
-    assert verify_receipt(crypto.Signer(new.kid, new.private_pem).sign(CLAIMS), path)["iss"] == ISS
+    assert vr(crypto.Signer(new.kid, new.private_pem).sign(CLAIMS), path)["iss"] == ISS
 
 
 def test_receipt_attacks(keys) -> None:
@@ -72,38 +77,38 @@ def test_receipt_attacks(keys) -> None:
     # alg none
     none = b64url(json.dumps({"alg": "none", "kid": pair.kid, "typ": "JWT"}).encode()) + "." + payload + "."
     with pytest.raises(ReceiptError, match="not accepted"):
-        verify_receipt(none, path)
+        vr(none, path)
     # HS256 signed with the public key as the HMAC secret (key confusion)
     public_x = pair.public_jwk["x"].encode()
     hs = jwt.encode(CLAIMS, public_x, algorithm="HS256", headers={"kid": pair.kid})
     with pytest.raises(ReceiptError, match="not accepted"):
-        verify_receipt(hs, path)
+        vr(hs, path)
     # an 'oct' key slipped into the JWKS under the same kid is never used
     path.write_text(json.dumps({"keys": [{"kty": "oct", "kid": pair.kid, "k": b64url(b"k" * 32)}]}))
     consumer.clear_jwks_cache()
     with pytest.raises(ReceiptError):
-        verify_receipt(good, path)
+        vr(good, path)
     path.write_text(json.dumps({"keys": [pair.public_jwk]}))
     consumer.clear_jwks_cache()
     # tampered claims
     forged = json.loads(base64.urlsafe_b64decode(payload + "=="))
     forged["purposes"] = [{"purpose": "marketing_email", "status": "granted"}]
     with pytest.raises(ReceiptError):
-        verify_receipt(f"{header}.{b64url(json.dumps(forged).encode())}.{sig}", path)
+        vr(f"{header}.{b64url(json.dumps(forged).encode())}.{sig}", path)
     # signed by another Ed25519 key claiming our kid
     other = Ed25519PrivateKey.generate()
     fake = jwt.encode(CLAIMS, other, algorithm="EdDSA", headers={"kid": pair.kid})
     with pytest.raises(ReceiptError):
-        verify_receipt(fake, path)
+        vr(fake, path)
     # unknown kid, wrong issuer, garbage, unreadable JWKS
     with pytest.raises(ReceiptError, match="unknown key"):
-        verify_receipt(jwt.encode(CLAIMS, other, algorithm="EdDSA", headers={"kid": "nope"}), path)
+        vr(jwt.encode(CLAIMS, other, algorithm="EdDSA", headers={"kid": "nope"}), path)
     with pytest.raises(ReceiptError, match="issuer"):
-        verify_receipt(good, path, issuer="https://evil.example")
+        vr(good, path, issuer="https://evil.example")
     with pytest.raises(ReceiptError):
-        verify_receipt("not.a.jwt", path)
+        vr("not.a.jwt", path)
     with pytest.raises(ReceiptError, match="cannot load"):
-        verify_receipt(good, path.parent / "missing.json")
+        vr(good, path.parent / "missing.json")
 
 
 def signed(secret: str, body: bytes, *, msg_id: str = "evt_1", ts: int | None = None) -> dict[str, str]:
@@ -155,3 +160,37 @@ def test_webhook_attacks(attack: str) -> None:
         verify_secret = "whsec_!!!not base64"
     with pytest.raises(WebhookError):
         verify_webhook(verify_secret, h, body)
+
+
+def test_a_receipt_is_proof_for_its_own_tenant_only(client, tmp_path: Path) -> None:
+    """Real receipts (record, check, state) carry ``aud`` = tenant; a consumer pinned to another
+    tenant, issuer or subject refuses them; a receipt from before ``aud`` is judged by ``tenant``."""
+    from .helpers import make_tenant
+
+    a, b = make_tenant(client), make_tenant(client)
+    path = tmp_path / "jwks.json"
+    path.write_text(client.get("/.well-known/jwks.json").text)
+    iss = str(client.base_url).rstrip("/")
+    rec = a.record(email="aud@example.com")
+    states = a.get(f"/v1/subjects/{rec['subject']}/consents").json()
+    b.record(email="aud@example.com")
+    for token in (rec["receipt"], a.check(email="aud@example.com")["receipt"], states["receipt"]):
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert claims["aud"] == a.id == claims["tenant"]
+        assert verify_receipt(token, path, issuer=iss, audience=a.id, subject=rec["subject"])["sub"] == rec["subject"]
+        with pytest.raises(ReceiptError, match="tenant"):
+            verify_receipt(token, path, issuer=iss, audience=b.id)
+        with pytest.raises(ReceiptError, match="issuer"):
+            verify_receipt(token, path, issuer="https://other.example", audience=a.id)
+        with pytest.raises(ReceiptError, match="subject"):
+            verify_receipt(token, path, issuer=iss, audience=a.id, subject="sub_someone_else")
+    with pytest.raises(TypeError):
+        verify_receipt(rec["receipt"], path)  # type: ignore[call-arg]  # no pin, no answer
+    # A receipt signed before ``aud`` existed: the signed ``tenant`` claim pins it.
+    pair = crypto.generate_signing_key()
+    path.write_text(json.dumps({"keys": [pair.public_jwk]}))
+    consumer.clear_jwks_cache()
+    old = crypto.Signer(pair.kid, pair.private_pem).sign({"iss": iss, "sub": "sub_1", "tenant": a.id})
+    assert verify_receipt(old, path, issuer=iss, audience=a.id)["tenant"] == a.id
+    with pytest.raises(ReceiptError, match="tenant"):
+        verify_receipt(old, path, issuer=iss, audience=b.id)

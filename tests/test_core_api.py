@@ -48,12 +48,12 @@ def test_record_check_and_receipt(client, tenant: Tenant) -> None:
     assert header["alg"] == "EdDSA"
     key = next(k for k in jwks["keys"] if k["kid"] == header["kid"])
     assert "d" not in key  # public half only
-    claims = jwt.decode(rec["receipt"], jwt.PyJWK(key), algorithms=["EdDSA"])
+    claims = jwt.decode(rec["receipt"], jwt.PyJWK(key), algorithms=["EdDSA"], audience=tenant.id)
     assert claims["tenant"] == tenant.id and claims["record_hash"] == rec["record_hash"]
     assert claims["policy"]["version"] == "v1" and claims["policy"]["sha256"]
     assert claims["purposes"][0] == {"purpose": "marketing_email", "status": "granted",
                                      "legal_basis": "consent", "kind": "consent"}
-    for k in ("iss", "sub", "jti", "iat", "recorded_at", "source", "record_id"):
+    for k in ("iss", "aud", "sub", "jti", "iat", "recorded_at", "source", "record_id"):
         assert k in claims
     # the chain links the subject's records
     rec2 = tenant.record(decision="withdrawn", email="ada@example.com")
@@ -65,7 +65,7 @@ def test_record_check_and_receipt(client, tenant: Tenant) -> None:
 def test_unknown_subject_and_purpose(tenant: Tenant) -> None:
     assert tenant.check(email="nobody@example.com") == {
         "allowed": False, "status": "none", "purpose": "marketing_email", "subject": None,
-        "policy_version": None, "record_id": None, "receipt": None}
+        "policy_version": None, "record_id": None, "receipt": None, "gpc": False}
     r = tenant.get("/v1/check", params={"purpose": "nope", "email": "a@b.c"})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "purpose"
     r = tenant.get("/v1/check", params={"purpose": "marketing_email"})

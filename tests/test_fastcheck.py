@@ -272,7 +272,7 @@ def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path, threade
             db.migrate(f"sqlite:///{path}")
             batches = reader.batches
             row = await reader.check(item)  # an empty ledger: no such key, no such purpose
-            assert tuple(row) == (0, 0, None, None, None, None, None, None, None)
+            assert tuple(row) == (0, 0, None, None, None, None, None, None, None, None)
             assert reader.batches == batches + 1
         finally:
             await reader.close()

@@ -249,3 +249,29 @@ def test_concurrent_clicks_record_once(client, tenant: Tenant) -> None:
     assert sum(not r.json()["already"] for r in results) == 1
     assert len({r.json()["record_id"] for r in results}) == 1
     assert len(events_of(tenant)) == before + 1
+
+
+def test_links_of_an_erased_person_are_gone(client, tenant: Tenant) -> None:
+    """Used or unused, unsubscribe or confirm, GET or POST: 410 link_gone, and nothing recorded."""
+    tenant.record(email="gone@example.com")
+    tenant.record("product_updates", email="gone@example.com")
+    used = path_of(links(tenant, email="gone@example.com")["unsubscribe_url"])
+    assert client.post(used, data={"List-Unsubscribe": "One-Click"}, headers=FORM).status_code == 200
+    fresh = path_of(links(tenant, email="gone@example.com")["unsubscribe_url"])
+    confirm = path_of(links(tenant, "product_updates", email="gone@example.com")["confirm_url"])
+    subject = tenant.check(email="gone@example.com")["subject"]
+    assert tenant.delete(f"/v1/subjects/{subject}").status_code == 200
+    before = len(events_of(tenant))
+    for path in (used, fresh, confirm):
+        for method in ("get", "post"):
+            for headers in (JSON, BROWSER):
+                r = getattr(client, method)(path, headers=headers)
+                assert r.status_code == 410, (path, method, r.text)
+                if headers is JSON:
+                    assert r.headers["content-type"] == "application/problem+json"
+                    assert r.json()["code"] == "link_gone"
+        r = client.post(path, data={"List-Unsubscribe": "One-Click"}, headers=FORM)
+        assert r.status_code == 410
+    assert len(events_of(tenant)) == before
+    export = tenant.get(f"/v1/subjects/{subject}/export").json()
+    assert [r["decision"] for r in export["records"]][-1] == "erased"

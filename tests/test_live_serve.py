@@ -94,9 +94,11 @@ def cli(env: dict[str, str], cwd: Path, *args: str) -> str:
 
 
 def verify(base: str, token: str) -> dict[str, Any]:
-    """Exactly what a consumer does: fetch the signing key from the JWKS, then decode."""
+    """Exactly what a consumer does: fetch the signing key from the JWKS, then decode, pinned
+    to the tenant the receipt claims (``aud``; a real consumer pins its own tenant id)."""
     signing_key = jwt.PyJWKClient(f"{base}/.well-known/jwks.json").get_signing_key_from_jwt(token)
-    return dict(jwt.decode(token, signing_key, algorithms=["EdDSA"]))
+    aud = jwt.decode(token, options={"verify_signature": False}).get("aud")
+    return dict(jwt.decode(token, signing_key, algorithms=["EdDSA"], audience=aud))
 
 
 def record(http: httpx.Client, sk: str, **subject: str) -> dict[str, Any]:

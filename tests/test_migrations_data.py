@@ -29,7 +29,9 @@ def second_database() -> str:
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 # Columns a revision adds and fills from the others: table -> column -> type.
 ADDED_LATER = {"consent_record": {"export_line": "bytea"},
-               "consent_state": {"receipt_seq": "bigint", "record_id": "varchar(40)", "receipt": "varchar"}}
+               "consent_state": {"receipt_seq": "bigint", "record_id": "varchar(40)", "receipt": "varchar"},
+               "subject": {"merged_into": "varchar(40)"}}
+ADDED_LATER["consent_record"]["gpc"] = ADDED_LATER["consent_state"]["gpc"] = "boolean"
 
 
 def columns_of(engine: sa.Engine, table: str = "consent_record") -> set[str]:
@@ -83,7 +85,7 @@ def snapshot(url: str) -> dict[str, Any]:
         columns = [c for c in REC.c if c.name in columns_of(engine)]
         with Session(engine) as s:
             records = s.execute(sa.select(*columns).order_by(REC.c.seq)).all()
-            subjects = {x.id: x for x in s.execute(sa.select(Subject)).scalars()}
+            subjects = {x.id: x for x in s.execute(sa.select(Subject.id, Subject.pseudonym, Subject.head_hash))}
             copies = s.execute(sa.text(
                 "SELECT s.receipt_seq, s.record_seq, s.record_id, r.id, s.receipt, r.receipt FROM consent_state s "
                 "JOIN consent_record r ON r.seq = s.record_seq")).all() \

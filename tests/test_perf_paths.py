@@ -49,12 +49,12 @@ def test_bulk_agrees_with_single_checks_including_stale(client) -> None:
     t.record(email="w@example.com")
     t.record(email="w@example.com", decision="withdrawn")
     t.record("product_updates", email="g@example.com")
-    t.publish("v2", material=True)  # notice_days 0: in effect now, earlier decisions are stale
+    t.publish("v2", material=True)  # notice_days 0: in effect now, earlier grants are stale, a no stays a no
     t.record(email="n@example.com", policy_version="v2")
     emails = ["g@example.com", "d@example.com", "w@example.com", "n@example.com", "none@example.com"]
     bulk = t.post("/v1/check", json={"purpose": "marketing_email", "emails": emails}).json()
     single = [t.check(email=e)["status"] for e in emails]
-    assert [r["status"] for r in bulk["results"]] == single == ["stale", "stale", "stale", "granted", "none"]
+    assert [r["status"] for r in bulk["results"]] == single == ["stale", "denied", "withdrawn", "granted", "none"]
     assert bulk["allowed_count"] == 1
     sids = [t.check(email=e)["subject"] for e in emails[:4]]
     by_id = t.post("/v1/check", json={"purpose": "marketing_email",

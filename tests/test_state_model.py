@@ -3,9 +3,9 @@ decisions gives, for every (subject, purpose), the status a plain reference mode
 
 The model below is written from the rules of issue 2, not from the service's code:
 - the latest accepted decision counts;
-- it is ``stale`` when a material version covering the purpose, newer than the version the
-  decision was made under, is in effect (every version here takes effect at once: the tenant
-  has notice_days=0);
+- a grant or acknowledgement is ``stale`` when a material version covering the purpose, newer
+  than the version the decision was made under, is in effect (every version here takes effect
+  at once: the tenant has notice_days=0); a denial or withdrawal never is: a no stays a no;
 - a grant of a double-opt-in purpose is ``pending_confirmation`` until confirmed;
 - nothing recorded is ``none``; only ``granted`` allows.
 Every answer is compared over GET /v1/check, GET /v1/subjects/{s}/consents and POST /v1/check.
@@ -73,7 +73,7 @@ class Model:
         if (subject, purpose) not in self.latest:
             return "none"
         decision, version, confirmed = self.latest[(subject, purpose)]
-        if version is not None and any(
+        if decision in ("granted", "acknowledged") and version is not None and any(
             v.material and purpose in v.purposes for v in self.versions[version + 1:]
         ):
             return "stale"

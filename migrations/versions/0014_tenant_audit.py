@@ -17,7 +17,7 @@ from alembic import op
 import consent.models
 
 revision = "0014"
-down_revision = "0012"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
