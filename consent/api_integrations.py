@@ -22,8 +22,18 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 
 from . import catalog, email_links, events, notices, webhooks
 from .db import transaction
-from .errors import BadRequest, Conflict, ConsentError
-from .http import Ctx, JSONResponse, Q, authenticate, describe, dumps, endpoint, problem_response, read_limited
+from .errors import BadRequest, Conflict, ConsentError, ValidationFailed
+from .http import (
+    Ctx,
+    JSONResponse,
+    Q,
+    authenticate,
+    describe,
+    dumps,
+    endpoint,
+    problem_response,
+    read_limited,
+)
 from .schemas import Evidence, Key, Strict, SubjectRef
 
 MAX_LINK_BODY = 8 * 1024
@@ -394,11 +404,16 @@ async def list_events(request: Request) -> Response:
 
 
 @endpoint(auth="secret", summary="Register a webhook endpoint; the signing secret is returned once",
-          body=WebhookIn, status=201, response=WebhookCreated, write=True)
+          body=WebhookIn, status=201, response=WebhookCreated)
 def create_webhook(ctx: Ctx) -> Any:
     b = ctx.body
-    ep = webhooks.create_endpoint(ctx.db, ctx.tenant.id, url=b.url, event_types=b.event_types,
-                                  description=b.description)
+    try:  # before the write transaction: a slow DNS answer must not hold the write lock
+        webhooks.resolve_target(b.url, allow_private=ctx.services.settings.webhook_allow_private)
+    except webhooks.UnsafeTarget as exc:
+        raise ValidationFailed.field("url", str(exc)) from None
+    with transaction(ctx.services.engine, write=True) as db:
+        ep = webhooks.create_endpoint(db, ctx.tenant.id, url=b.url, event_types=b.event_types,
+                                      description=b.description)
     return {**webhooks.endpoint_out(ep), "secret": ep.secret}
 
 

@@ -45,6 +45,8 @@ class Settings:
     webhook_backoff_max_seconds: float = 3600.0
     webhook_retry_seconds: int = 86400
     webhook_disable_after: int = 30
+    # hostile callers (issue 22)
+    webhook_allow_private: bool = False  # http and internal addresses as webhook targets (dev/tests only)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -87,6 +89,7 @@ class Settings:
             webhook_backoff_max_seconds=config("CONSENT_WEBHOOK_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
             webhook_retry_seconds=config("CONSENT_WEBHOOK_RETRY_SECONDS", cast=int, default=86400),
             webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
+            webhook_allow_private=config("CONSENT_WEBHOOK_ALLOW_PRIVATE", cast=bool, default=False),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:
