@@ -25,6 +25,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from .demo import seed_demo
     from .logs import configure, log_config
+    from .protocol import GuardedH11Protocol
 
     configure(settings.log_level)
     if args.workers > 1:
@@ -55,11 +56,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         log_config=log_config(settings.log_level),
         access_log=False,  # ours (consent.access) logs route templates, never paths or queries
         # Slow or greedy clients: bounded header size (431/400 past 64 KiB), idle keep-alive
-        # connections closed after 5 s, at most limit_concurrency connections+tasks (503 beyond),
-        # in-flight requests get 10 s to finish on SIGTERM. A slowloris that trickles headers is
-        # bounded only by limit_concurrency: put a reverse proxy in front (docs/reliability.md).
-        # h11, not httptools: only h11 enforces a header-size limit in uvicorn.
-        http="h11", timeout_graceful_shutdown=10, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
+        # connections closed after 5 s, headers and bodies within their deadlines (protocol.py),
+        # at most limit_concurrency connections+tasks (503 beyond), in-flight requests get 10 s
+        # to finish on SIGTERM. h11, not httptools: only h11 enforces a header-size limit.
+        http=GuardedH11Protocol, timeout_graceful_shutdown=10, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
         limit_concurrency=settings.limit_concurrency, backlog=2048,
     )
     return 0

@@ -218,6 +218,12 @@ async def read_body(request: Request, meta: Meta, limit: int) -> Any:
 
 async def read_raw(request: Request, meta: Meta, limit: int) -> bytes:
     """The raw body, after the content type (415) and size (413) checks."""
+    check_body_headers(request, meta, limit)
+    return await read_limited(request, limit)
+
+
+def check_body_headers(request: Request, meta: Meta, limit: int) -> None:
+    """415 for a content type the route does not take, 413 for a declared length over ``limit``."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     allowed = JSON_TYPES + (("text/plain",) if meta.text_body else ())
     if ctype not in allowed and not ctype.endswith("+json"):
@@ -225,7 +231,6 @@ async def read_raw(request: Request, meta: Meta, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"the body may be at most {limit} bytes")
-    return await read_limited(request, limit)
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -253,6 +258,20 @@ def parse_body(raw: bytes, meta: Meta) -> Any:
         return meta.body.model_validate(data)
     except ValidationError as exc:
         raise ValidationFailed(validation_errors(exc)) from None
+
+
+PREAUTH_BYTES = 64 * 1024  # bodies declared this small are read before the key check (one transaction)
+
+
+def small_body(request: Request) -> bool:
+    """Whether the request declares a body of at most ``PREAUTH_BYTES`` (chunked: unknown)."""
+    length = request.headers.get("content-length")
+    return bool(length) and length.isdigit() and int(length) <= PREAUTH_BYTES  # type: ignore[union-attr]
+
+
+def pre_authenticate(services: Any, request: Request, auth: str) -> Principal | None:
+    with transaction(services.engine, read_only=True) as db:
+        return authenticate(db, services, request, auth)
 
 
 def require_credentials(request: Request, auth: str) -> None:
@@ -314,13 +333,20 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
             # key check (401/403) → JSON (400) → validation (422). An unauthenticated caller
             # learns nothing about the body rules and never makes us parse a large body.
             services = request.app.state.services
+            checked: list[Principal | None] = []
             if auth:
                 require_credentials(request, auth)
+                if meta.body and not small_body(request):
+                    # a body that may be large is read only for a caller whose key is valid,
+                    # so unauthenticated traffic never makes us hold megabytes
+                    check_body_headers(request, meta, services.settings.max_body_bytes)
+                    checked.append(await run_in_threadpool(pre_authenticate, services, request, auth))
             raw = await read_raw(request, meta, services.settings.max_body_bytes) if meta.body else None
 
             def work() -> Any:
                 with transaction(services.engine, write=meta.write, read_only=meta.inline) as db:
-                    principal = authenticate(db, services, request, auth) if auth else None
+                    principal = checked[0] if checked else (
+                        authenticate(db, services, request, auth) if auth else None)
                     for name, value in request.path_params.items():
                         if "\x00" in str(value):
                             raise ValidationFailed.field(name, "must not contain NUL characters")

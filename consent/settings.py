@@ -47,6 +47,8 @@ class Settings:
     webhook_disable_after: int = 30
     # hostile callers (issue 22)
     webhook_allow_private: bool = False  # http and internal addresses as webhook targets (dev/tests only)
+    header_timeout_seconds: float = 10.0  # consent serve: request headers complete within this
+    body_timeout_seconds: float = 30.0  # consent serve: a request body complete within this
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -90,6 +92,8 @@ class Settings:
             webhook_retry_seconds=config("CONSENT_WEBHOOK_RETRY_SECONDS", cast=int, default=86400),
             webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
             webhook_allow_private=config("CONSENT_WEBHOOK_ALLOW_PRIVATE", cast=bool, default=False),
+            header_timeout_seconds=config("CONSENT_HEADER_TIMEOUT_SECONDS", cast=float, default=10.0),
+            body_timeout_seconds=config("CONSENT_BODY_TIMEOUT_SECONDS", cast=float, default=30.0),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:
