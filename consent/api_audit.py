@@ -20,8 +20,8 @@ from .schemas_audit import AccessExport, ErasureOut, ManifestOut, RetentionIn, R
 EXPORT_QUERY = (
     Q("from", datetime, description="only records with recorded_at at or after this time"),
     Q("to", datetime, description="only records with recorded_at before this time"),
-    Q("purpose", max_length=64, description="only this purpose"),
-    Q("policy_version", max_length=64, description="only records made under this policy version"),
+    Q("purpose", max_length=64, empty_ok=False, description="only this purpose"),
+    Q("policy_version", max_length=64, empty_ok=False, description="only records made under this policy version"),
     Q("format", default="jsonl", choices=exports.FORMATS, description="jsonl (manifest as last line) or csv"),
 )
 MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}

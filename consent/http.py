@@ -15,7 +15,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .db import transaction
@@ -75,8 +75,11 @@ class Q:
     maximum: int | None = None
     max_length: int = 1000
     choices: tuple[str, ...] | None = None
+    empty_ok: bool = True  # False for filters: an empty one would silently match everything
 
     def parse(self, raw: str | None) -> Any:
+        if raw == "" and not self.empty_ok:
+            raise ValidationFailed.field(self.name, "must not be empty")
         if raw is None or (raw == "" and self.type is str):  # an empty number or time is invalid
             if self.required:
                 raise ValidationFailed.field(self.name, "is required")
@@ -107,9 +110,13 @@ def parse_query(request: Request, declared: tuple[Q, ...], extra: tuple[str, ...
     a mistyped filter (``purpse=``) must not silently widen an export or a list."""
     if declared:
         known = {q.name for q in declared} | set(extra)
-        for name in request.query_params:
+        seen: set[str] = set()
+        for name, _ in request.query_params.multi_items():
             if name not in known:
                 raise ValidationFailed.field(name, f"unknown query parameter (known: {', '.join(sorted(known))})")
+            if name in seen:  # one value would win silently: ``?purpose=a&purpose=`` must not widen
+                raise ValidationFailed.field(name, "given more than once")
+            seen.add(name)
     return {q.name: q.parse(request.query_params.get(q.name)) for q in declared}
 
 
@@ -237,11 +244,15 @@ async def read_limited(request: Request, limit: int) -> bytes:
     """The body, refusing (413) as soon as it passes ``limit`` bytes rather than after reading it all."""
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body may be at most {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body may be at most {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the caller left mid-body: nothing to do, nobody to answer
+        raise BadRequest("the connection closed before the whole body arrived",
+                         code="client_disconnected") from None
     return b"".join(chunks)
 
 

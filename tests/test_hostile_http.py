@@ -119,3 +119,19 @@ def test_unknown_methods_share_one_metrics_label(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert 'method="other"' in text
     assert "MMMMMMMM" not in text and len(text) < 500_000, len(text)
+
+
+def test_a_client_leaving_mid_body_is_no_error(server: LiveServer, client: TestClient) -> None:
+    from .helpers import make_tenant
+
+    key = make_tenant(client).secret_key  # the same database: a valid key, so the body is read
+    for path in ("/v1/consents", "/v1/consents/bulk", "/v1/purposes/x"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            method = "PUT" if path.startswith("/v1/purposes") else "POST"
+            s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Authorization: Bearer {key}\r\nContent-Length: 200000\r\n\r\n".encode() + b"{" * 1000)
+            time.sleep(0.3)
+    time.sleep(0.5)
+    log = server.log()
+    assert "Traceback" not in log and '"level": "ERROR"' not in log, log[-3000:]
+    assert httpx.get(server.base + "/healthz", timeout=5).status_code == 200
