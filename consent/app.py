@@ -23,7 +23,7 @@ from . import api, api_audit, api_snippet, db, fastcheck, fastrecord, ratelimit,
 from . import api_integrations as integ
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
-from .http import JSONResponse, describe, problem_response
+from .http import JSONResponse, db_work, describe, problem_response
 from .metrics import metrics_handler
 from .middleware import RequestContextMiddleware
 from .openapi import openapi_handler
@@ -64,10 +64,32 @@ async def readyz(request: Request) -> Response:
             return {"database": "unreachable", "error": type(exc).__name__}
         return {"database": "ok", "migration": current, "head": services.head}
 
-    checks = await run_in_threadpool(probe)
-    ready = checks.get("database") == "ok" and checks.get("migration") == checks.get("head")
+    try:  # a database that does not answer at all is "unreachable" within the deadline too
+        checks = await db_work(services, probe)
+    except TimeoutError:
+        checks = {"database": "unreachable", "error": "timeout"}
+    checks.update(disk_check(services.settings))
+    ready = (checks.get("database") == "ok" and checks.get("migration") == checks.get("head")
+             and checks.get("disk") != "full")
     return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks},
                         status_code=200 if ready else 503)
+
+
+def disk_check(settings: Settings) -> dict[str, Any]:
+    """Free space where this process writes (the SQLite database's directory, else the data
+    directory): below ``disk_min_free_mb`` the process is not ready (writes would fail)."""
+    import shutil
+    from pathlib import Path
+
+    where = Path(settings.database_url.split("///", 1)[-1]).parent if settings.is_sqlite else settings.data_dir
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return {"disk": "unknown"}
+    return {"disk": "ok" if free >= settings.disk_min_free_mb * 1024 * 1024 else "full",
+            "disk_free_mb": free // (1024 * 1024)}
 
 
 routes = [
@@ -221,7 +243,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = db.create_db_engine(settings.database_url)
+        engine = db.create_db_engine(settings.database_url, **db.service_engine_options(settings))
         worker = reader = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)
@@ -249,7 +271,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=ratelimit.guard(list(routes), settings.rate_limit_routes),
         middleware=[RequestContextMiddleware.as_middleware()],
         exception_handlers={ConsentError: on_consent_error, HTTPException: on_http_exception,
-                            sa_exc.OperationalError: on_database_error, Exception: on_unexpected},
+                            sa_exc.OperationalError: on_database_error, sa_exc.TimeoutError: on_database_error,
+                            Exception: on_unexpected},
         lifespan=lifespan,
     )
     return app

@@ -63,6 +63,29 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     return engine
 
 
+def service_engine_options(settings: Any) -> dict[str, Any]:
+    """The service's own engine on PostgreSQL: a connection budget and timeouts, so a database
+    that stops answering (or a black-holed network) costs seconds, not minutes. Connect within
+    ``db_connect_timeout_seconds``; the server ends any statement after
+    ``db_statement_timeout_seconds``; the kernel drops a connection whose sent data goes
+    unacknowledged for as long (``tcp_user_timeout``) and probes idle ones (keepalives); a
+    checkout waits at most the connect timeout for a free connection. SQLite: nothing to add."""
+    if settings.is_sqlite:
+        return {}
+    connect_ms = int(settings.db_connect_timeout_seconds * 1000)
+    statement_ms = int(settings.db_statement_timeout_seconds * 1000)
+    return {
+        "pool_size": settings.db_pool_size, "max_overflow": 0,
+        "pool_timeout": settings.db_connect_timeout_seconds,
+        "connect_args": {
+            "connect_timeout": max(1, round(settings.db_connect_timeout_seconds)),
+            "options": f"-c statement_timeout={statement_ms}",
+            "tcp_user_timeout": max(connect_ms, statement_ms),
+            "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
+        },
+    }
+
+
 def _ping_when_idle(engine: Engine) -> None:
     """Perf: ``pool_pre_ping`` costs a round trip on every checkout. Ping only connections
     that sat unused for IDLE_PING_SECONDS (where a database restart could have gone

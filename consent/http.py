@@ -5,6 +5,7 @@ and renders JSON. Its declarations (auth, body, query, responses) also drive /op
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,6 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -26,11 +26,19 @@ from .errors import (
     MalformedJSON,
     PayloadTooLarge,
     Unauthorized,
+    Unavailable,
     UnsupportedMediaType,
     ValidationFailed,
 )
 from .models import Tenant
-from .tenants import Principal, TenantRef, attach_tenant, authenticate_key, get_tenant, is_admin_token
+from .tenants import (
+    Principal,
+    TenantRef,
+    attach_tenant,
+    authenticate_key,
+    get_tenant,
+    is_admin_token,
+)
 
 JSON_TYPES = ("application/json",)
 
@@ -271,6 +279,16 @@ def parse_body(raw: bytes, meta: Meta) -> Any:
         raise ValidationFailed(validation_errors(exc)) from None
 
 
+async def db_work(services: Any, fn: Callable[[], Any]) -> Any:
+    """``fn`` (database work) in a worker thread, given up after ``db_request_timeout_seconds``
+    (TimeoutError): a database that stops answering costs the caller seconds, not minutes. The
+    abandoned thread ends when its connection fails (tcp_user_timeout, statement_timeout)."""
+    import anyio.to_thread
+
+    async with asyncio.timeout(services.settings.db_request_timeout_seconds):
+        return await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)
+
+
 PREAUTH_BYTES = 64 * 1024  # bodies declared this small are read before the key check (one transaction)
 
 
@@ -351,7 +369,11 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
                     # a body that may be large is read only for a caller whose key is valid,
                     # so unauthenticated traffic never makes us hold megabytes
                     check_body_headers(request, meta, services.settings.max_body_bytes)
-                    checked.append(await run_in_threadpool(pre_authenticate, services, request, auth))
+                    try:
+                        checked.append(await db_work(services, lambda: pre_authenticate(services, request, auth)))
+                    except TimeoutError:
+                        raise Unavailable("the database did not answer in time; retry shortly",
+                                          headers={"Retry-After": "1"}) from None
             raw = await read_raw(request, meta, services.settings.max_body_bytes) if meta.body else None
 
             def work() -> Any:
@@ -368,7 +390,11 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
             # Inline only on SQLite (in-process reads): on PostgreSQL the loop would sit blocked
             # through every round trip, so the threadpool overlaps them (measured: better p99).
             inline = meta.inline and services.engine.dialect.name == "sqlite"
-            return render(work() if inline else await run_in_threadpool(work), meta.status)
+            try:
+                return render(work() if inline else await db_work(services, work), meta.status)
+            except TimeoutError:
+                raise Unavailable("the database did not answer in time; retry shortly",
+                                  headers={"Retry-After": "1"}) from None
 
         handler.meta = meta  # type: ignore[attr-defined]
         handler.__name__ = fn.__name__
