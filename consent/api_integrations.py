@@ -8,6 +8,7 @@ browsers and problem+json for callers that ask for JSON; never a 500 for a bad t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 
 from . import catalog, email_links, events, notices, webhooks
 from .db import transaction
-from .errors import BadRequest, Conflict, ConsentError, ValidationFailed
+from .errors import BadRequest, Conflict, ConsentError, RateLimited, ValidationFailed
 from .http import (
     Ctx,
     JSONResponse,
@@ -38,7 +39,7 @@ from .schemas import Evidence, Key, Strict, SubjectRef
 
 MAX_LINK_BODY = 8 * 1024
 MAX_WAIT = 30
-FEED_POLL = 0.2
+FEED_POLL = 5.0  # seconds between reads of an idle wait when no commit wakes it
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -391,9 +392,23 @@ async def list_events(request: Request) -> Response:
             return tenant_id, events.render(db, tenant_id, rows)
 
     tenant_id, items = await run_in_threadpool(read, None)
-    while not items and time.monotonic() < deadline and not await request.is_disconnected():
-        await asyncio.sleep(min(FEED_POLL, max(0.0, deadline - time.monotonic())))
-        _, items = await run_in_threadpool(read, tenant_id)
+    if not items and q["wait"]:
+        try:
+            with events.feed_waiter(tenant_id, services.settings.feed_max_waits_per_tenant) as changed:
+                while not items and time.monotonic() < deadline:
+                    # woken by a commit of this tenant; the slow poll only covers a lost listener
+                    # (and notices a client that went away)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), min(FEED_POLL, max(0.0, deadline - time.monotonic())))
+                    if await request.is_disconnected():
+                        break
+                    changed.clear()
+                    _, items = await run_in_threadpool(read, tenant_id)
+        except events.TooManyWaits:
+            exc = RateLimited(1, f"at most {services.settings.feed_max_waits_per_tenant} change-feed waits "
+                                 "of one tenant at a time (per process): read without wait=, or retry")
+            exc.code = "too_many_waits"
+            raise exc from None
     more = len(items) > q["limit"]
     items = items[:q["limit"]]
     cursor = str(items[-1]["position"]) if items else str(q["after"])

@@ -19,7 +19,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from . import api, api_audit, api_snippet, db, fastcheck, fastrecord, ratelimit, receipts, webhooks
+from . import (
+    api,
+    api_audit,
+    api_snippet,
+    db,
+    events,
+    fastcheck,
+    fastrecord,
+    ratelimit,
+    receipts,
+    webhooks,
+)
 from . import api_integrations as integ
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
@@ -244,7 +255,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = db.create_db_engine(settings.database_url, **db.service_engine_options(settings))
-        worker = reader = None
+        worker = reader = listener = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)
             # A rate-limited check must pass the limiter: then the route answers every check.
@@ -256,8 +267,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 services.record_writer = fastrecord.open_writer(engine, services)
             app.state.services = services
             worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery (issue 4)
+            if engine.dialect.name == "postgresql":  # other processes' commits wake our feed waits
+                listener = events.FeedListener(fastcheck.pg_connect_args(engine)).start()
             yield
         finally:
+            if listener is not None:
+                await listener.stop()
             if worker is not None:
                 await worker.stop()
             if reader is not None:
