@@ -55,6 +55,7 @@ class Settings:
     db_pool_size: int = 20  # the service engine's connections per process (no overflow)
     disk_min_free_mb: int = 100  # /readyz is 503 below this much free disk
     feed_max_waits_per_tenant: int = 20  # concurrent change-feed long-polls per tenant and process
+    export_stall_seconds: float = 10.0  # an export chunk the client does not take in this long ends it
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -106,6 +107,7 @@ class Settings:
             db_pool_size=config("CONSENT_DB_POOL_SIZE", cast=int, default=20),
             disk_min_free_mb=config("CONSENT_DISK_MIN_FREE_MB", cast=int, default=100),
             feed_max_waits_per_tenant=config("CONSENT_FEED_MAX_WAITS_PER_TENANT", cast=int, default=20),
+            export_stall_seconds=config("CONSENT_EXPORT_STALL_SECONDS", cast=float, default=10.0),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:
