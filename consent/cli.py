@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,6 +19,16 @@ from .settings import Settings
 
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to a file only this user can read (0600 from creation, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an older file of wider mode is narrowed too
+        f.write(text)
+    return path.resolve()
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -41,9 +52,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             demo = seed_demo(session, origins)
             if not settings.admin_token:
                 demo["admin_token"] = tenants.create_admin_token(session)
-            print("Demo tenant created. These keys are shown once; store them now:")
-            _print(demo)
-            print(f"Try: curl -H 'Authorization: Bearer {demo['secret_key']}' "
+            if sys.stdout.isatty():
+                print("Demo tenant created. These keys are shown once; store them now:")
+                _print(demo)
+                sk = demo["secret_key"]
+            else:  # stdout is a log (systemd, docker, a file): no secret goes there
+                path = write_private(settings.data_dir / "demo-keys.json", json.dumps(demo, indent=2) + "\n")
+                print(f"Demo tenant created. Its keys are shown once, in {path} (readable by this user "
+                      "only): store them, then delete the file.")
+                sk = "$SK"
+            print(f"Try: curl -H 'Authorization: Bearer {sk}' "
                   f"'{base}/v1/check?email=ada@example.com&purpose=marketing_email'")
             print(f"Demo page: {base}/demo?key={demo['publishable_key']}")
         elif first:

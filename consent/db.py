@@ -27,9 +27,12 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with the per-backend settings this service relies on."""
     kwargs.setdefault("hide_parameters", True)  # driver errors (logged) never carry emails or keys
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = url.split("///", 1)[-1].split("?", 1)[0]
+        if path and path != ":memory:" and not path.startswith("file:"):
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # the ledger holds personal data and secrets: readable by this user only, from
+            # creation (SQLite gives its -wal and -shm files the database file's mode)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         engine = sa.create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
         )
@@ -74,12 +77,14 @@ def service_engine_options(settings: Any) -> dict[str, Any]:
         return {}
     connect_ms = int(settings.db_connect_timeout_seconds * 1000)
     statement_ms = int(settings.db_statement_timeout_seconds * 1000)
+    given = sa.engine.make_url(settings.database_url).query.get("options") or ""  # e.g. a search_path
+    options = " ".join([*(given if isinstance(given, tuple) else (given,)), f"-c statement_timeout={statement_ms}"])
     return {
         "pool_size": settings.db_pool_size, "max_overflow": 0,
         "pool_timeout": settings.db_connect_timeout_seconds,
         "connect_args": {
             "connect_timeout": max(1, round(settings.db_connect_timeout_seconds)),
-            "options": f"-c statement_timeout={statement_ms}",
+            "options": options.strip(),
             "tcp_user_timeout": max(connect_ms, statement_ms),
             "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
         },
