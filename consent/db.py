@@ -3,6 +3,7 @@ one transaction, committed or rolled back in ``transaction()`` only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -31,8 +32,12 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
         if path and path != ":memory:" and not path.startswith("file:"):
             Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # the ledger holds personal data and secrets: readable by this user only, from
-            # creation (SQLite gives its -wal and -shm files the database file's mode)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            # creation (SQLite gives its -wal and -shm files the database file's mode). Only a
+            # file that does not exist yet is touched: closing any descriptor of an open SQLite
+            # file would drop this process's locks on it.
+            if not os.path.exists(path):
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         engine = sa.create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
         )

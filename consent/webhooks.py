@@ -249,7 +249,7 @@ def claim_due(engine: Engine, settings: Settings, limit: int = BATCH,
     with transaction(engine) as db:  # cheap read first: no write lock when nothing is due
         probe = _due(now)
         if skip:
-            probe = probe.where(DELIVERY.c.endpoint_id.notin_(skip))
+            probe = probe.where(DELIVERY.c.endpoint_id.notin_(sorted(skip)))
         if db.execute(probe.limit(1)).first() is None:
             return []
     with transaction(engine, write=True) as db:
@@ -261,7 +261,7 @@ def claim_due(engine: Engine, settings: Settings, limit: int = BATCH,
                   .where(DELIVERY.c.status == "pending", DELIVERY.c.next_attempt_at <= now,
                          ENDPOINT.c.enabled.is_(True)))
         if skip:
-            ranked = ranked.where(DELIVERY.c.endpoint_id.notin_(skip))
+            ranked = ranked.where(DELIVERY.c.endpoint_id.notin_(sorted(skip)))
         sub = ranked.subquery()
         q = _due(now).where(DELIVERY.c.id.in_(sa.select(sub.c.id).where(sub.c.n <= PER_ENDPOINT)))
         q = q.limit(limit)
