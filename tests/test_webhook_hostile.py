@@ -151,3 +151,25 @@ def test_bombs_do_not_raise_the_server_rss(db_url: str, tmp_path: Path, hostile)
     print(f"server RSS before {before:.0f} MiB, after 3 gzip + 3 plain bombs {after:.0f} MiB")
     assert done == 6
     assert after - before < 40, (before, after)
+
+
+def test_two_processes_never_send_an_event_twice_to_a_trickling_receiver(db_url: str, backend: str,
+                                                                          tmp_path: Path, hostile) -> None:
+    """Two ``consent serve`` processes on one PostgreSQL: an attempt ends at its deadline, so the
+    claim lease (deadline + 30 s) never expires under an open attempt and no event goes out twice."""
+    if backend != "postgresql":
+        pytest.skip("two processes claiming deliveries: PostgreSQL's SKIP LOCKED")
+    trickle = hostile("trickle", pace=0.5)
+    env = {"CONSENT_WEBHOOK_WORKER": "true", "CONSENT_WEBHOOK_ALLOW_PRIVATE": "true",
+           "CONSENT_WEBHOOK_TIMEOUT_SECONDS": "1", "CONSENT_WEBHOOK_BACKOFF_SECONDS": "600",
+           "CONSENT_WEBHOOK_POLL_SECONDS": "0.5", "CONSENT_LOG_LEVEL": "warning"}
+    with LiveServer(db_url, tmp_path, **env) as a, LiveServer(db_url, tmp_path, **env), \
+            httpx.Client(base_url=a.base, timeout=30) as h:
+        t = make_tenant(h)  # type: ignore[arg-type]
+        register(t, trickle.url)
+        for i in range(2):
+            t.record(email=f"lease{i}@example.com")
+        time.sleep(webhooks.LEASE_EXTRA + 4)  # past the lease of the first attempts
+    ids = [r.headers["webhook-id"] for r in trickle.requests]
+    print(f"trickling receiver: {len(ids)} requests for {len(set(ids))} events")
+    assert len(ids) == len(set(ids)) == 2, ids
