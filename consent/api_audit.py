@@ -3,25 +3,82 @@ manifest, access export, erasure, retention settings. Routes are in app.py."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from . import exports, ledger, retention, rights
 from .catalog import get_purpose
 from .db import transaction
 from .errors import NotFound, ValidationFailed
 from .http import Ctx, Q, authenticate, describe, endpoint, parse_query, require_credentials
-from .schemas_audit import AccessExport, ErasureOut, ManifestOut, RetentionIn, RetentionOut, TenantClosed
+from .schemas_audit import (
+    AccessExport,
+    ErasureOut,
+    ManifestOut,
+    RetentionIn,
+    RetentionOut,
+    TenantClosed,
+)
+
+log = logging.getLogger("consent.exports")
+_END = object()
+
+
+class ExportStream(StreamingResponse):
+    """A streamed export that lets go of its database connection and snapshot within seconds
+    when the client goes away or stops reading: a chunk the client does not take within
+    ``stall_seconds`` ends the response, and either way the export generator is closed at once
+    (its ``finally`` rolls the snapshot back and returns the connection), not whenever the
+    garbage collector gets to it."""
+
+    def __init__(self, body: Iterator[bytes], stall_seconds: float, **kw: Any):
+        super().__init__(body, **kw)
+        self.source, self.stall_seconds = body, stall_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        complete = False
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            while not gone.is_set():
+                chunk = await run_in_threadpool(next, self.source, _END)
+                if chunk is _END:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    complete = True
+                    break
+                async with asyncio.timeout(self.stall_seconds):
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            watcher.cancel()
+            if not complete:
+                log.info("export ended early: the client went away or stopped reading")
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                await run_in_threadpool(close)
+
 
 EXPORT_QUERY = (
     Q("from", datetime, description="only records with recorded_at at or after this time"),
     Q("to", datetime, description="only records with recorded_at before this time"),
-    Q("purpose", max_length=64, description="only this purpose"),
-    Q("policy_version", max_length=64, description="only records made under this policy version"),
+    Q("purpose", max_length=64, empty_ok=False, description="only this purpose"),
+    Q("policy_version", max_length=64, empty_ok=False, description="only records made under this policy version"),
     Q("format", default="jsonl", choices=exports.FORMATS, description="jsonl (manifest as last line) or csv"),
 )
 MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
@@ -51,7 +108,7 @@ async def export_consents(request: Request) -> Response:
     export_id = exports.new_export_id()
     body = exports.stream_export(services.engine, flt, q["format"], signer=services.signer,
                                  issuer=services.settings.issuer, export_id=export_id)
-    return StreamingResponse(body, media_type=MEDIA[q["format"]], headers={
+    return ExportStream(body, services.settings.export_stall_seconds, media_type=MEDIA[q["format"]], headers={
         "Consent-Export-Id": export_id,
         "Link": f'</v1/exports/{export_id}/manifest>; rel="describedby"',
         "Content-Disposition": f'attachment; filename="consents-{export_id}.{q["format"]}"',

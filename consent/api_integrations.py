@@ -8,6 +8,7 @@ browsers and problem+json for callers that ask for JSON; never a 500 for a bad t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import time
 from collections.abc import Callable, Iterator
@@ -22,13 +23,23 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 
 from . import catalog, email_links, events, notices, webhooks
 from .db import transaction
-from .errors import BadRequest, Conflict, ConsentError
-from .http import Ctx, JSONResponse, Q, authenticate, describe, dumps, endpoint, problem_response, read_limited
+from .errors import BadRequest, Conflict, ConsentError, RateLimited, ValidationFailed
+from .http import (
+    Ctx,
+    JSONResponse,
+    Q,
+    authenticate,
+    describe,
+    dumps,
+    endpoint,
+    problem_response,
+    read_limited,
+)
 from .schemas import Evidence, Key, Strict, SubjectRef
 
 MAX_LINK_BODY = 8 * 1024
 MAX_WAIT = 30
-FEED_POLL = 0.2
+FEED_POLL = 5.0  # seconds between reads of an idle wait when no commit wakes it
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -381,9 +392,23 @@ async def list_events(request: Request) -> Response:
             return tenant_id, events.render(db, tenant_id, rows)
 
     tenant_id, items = await run_in_threadpool(read, None)
-    while not items and time.monotonic() < deadline and not await request.is_disconnected():
-        await asyncio.sleep(min(FEED_POLL, max(0.0, deadline - time.monotonic())))
-        _, items = await run_in_threadpool(read, tenant_id)
+    if not items and q["wait"]:
+        try:
+            with events.feed_waiter(tenant_id, services.settings.feed_max_waits_per_tenant) as changed:
+                while not items and time.monotonic() < deadline:
+                    # woken by a commit of this tenant; the slow poll only covers a lost listener
+                    # (and notices a client that went away)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), min(FEED_POLL, max(0.0, deadline - time.monotonic())))
+                    if await request.is_disconnected():
+                        break
+                    changed.clear()
+                    _, items = await run_in_threadpool(read, tenant_id)
+        except events.TooManyWaits:
+            exc = RateLimited(1, f"at most {services.settings.feed_max_waits_per_tenant} change-feed waits "
+                                 "of one tenant at a time (per process): read without wait=, or retry")
+            exc.code = "too_many_waits"
+            raise exc from None
     more = len(items) > q["limit"]
     items = items[:q["limit"]]
     cursor = str(items[-1]["position"]) if items else str(q["after"])
@@ -394,11 +419,16 @@ async def list_events(request: Request) -> Response:
 
 
 @endpoint(auth="secret", summary="Register a webhook endpoint; the signing secret is returned once",
-          body=WebhookIn, status=201, response=WebhookCreated, write=True)
+          body=WebhookIn, status=201, response=WebhookCreated)
 def create_webhook(ctx: Ctx) -> Any:
     b = ctx.body
-    ep = webhooks.create_endpoint(ctx.db, ctx.tenant.id, url=b.url, event_types=b.event_types,
-                                  description=b.description)
+    try:  # before the write transaction: a slow DNS answer must not hold the write lock
+        webhooks.resolve_target(b.url, allow_private=ctx.services.settings.webhook_allow_private)
+    except webhooks.UnsafeTarget as exc:
+        raise ValidationFailed.field("url", str(exc)) from None
+    with transaction(ctx.services.engine, write=True) as db:
+        ep = webhooks.create_endpoint(db, ctx.tenant.id, url=b.url, event_types=b.event_types,
+                                      description=b.description)
     return {**webhooks.endpoint_out(ep), "secret": ep.secret}
 
 

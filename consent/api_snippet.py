@@ -26,13 +26,14 @@ from starlette.responses import Response
 
 from . import crypto, snippet, subject_tokens, tenants
 from .db import READ_PG, transaction
-from .errors import ConsentError, NotFound, OriginNotAllowed, Unauthorized
+from .errors import ConsentError, NotFound, OriginNotAllowed, Unauthorized, Unavailable
 from .http import (
     Ctx,
     JSONResponse,
     Meta,
     Q,
     authenticate,
+    db_work,
     describe,
     dumps,
     endpoint,
@@ -123,7 +124,11 @@ def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: boo
                     return fn(Ctx(request, db, services, principal, body, query, tenant))
 
             try:
-                response = render(await run_in_threadpool(work), meta.status)
+                try:
+                    response = render(await db_work(services, work), meta.status)
+                except TimeoutError:
+                    raise Unavailable("the database did not answer in time; retry shortly",
+                                      headers={"Retry-After": "1"}) from None
             except ConsentError as exc:
                 response = problem_response(exc, request.url.path, _request_id(request))
             response.headers.update(cors)

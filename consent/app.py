@@ -20,13 +20,24 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from . import api, api_audit, api_snippet, db, fastcheck, fastrecord, ratelimit, receipts, webhooks
+from . import (
+    api,
+    api_audit,
+    api_snippet,
+    db,
+    events,
+    fastcheck,
+    fastrecord,
+    ratelimit,
+    receipts,
+    webhooks,
+)
 from . import api_integrations as integ
 from . import api_tlog as tl
 from . import dashboard as pages
 from .crypto import Signer
 from .errors import ConsentError, MethodNotAllowed, NotFound, Unavailable
-from .http import JSONResponse, describe, problem_response
+from .http import JSONResponse, db_work, describe, problem_response
 from .metrics import metrics_handler
 from .middleware import RequestContextMiddleware
 from .openapi import openapi_handler
@@ -68,10 +79,32 @@ async def readyz(request: Request) -> Response:
             return {"database": "unreachable", "error": type(exc).__name__}
         return {"database": "ok", "migration": current, "head": services.head}
 
-    checks = await run_in_threadpool(probe)
-    ready = checks.get("database") == "ok" and checks.get("migration") == checks.get("head")
+    try:  # a database that does not answer at all is "unreachable" within the deadline too
+        checks = await db_work(services, probe)
+    except TimeoutError:
+        checks = {"database": "unreachable", "error": "timeout"}
+    checks.update(disk_check(services.settings))
+    ready = (checks.get("database") == "ok" and checks.get("migration") == checks.get("head")
+             and checks.get("disk") != "full")
     return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks},
                         status_code=200 if ready else 503)
+
+
+def disk_check(settings: Settings) -> dict[str, Any]:
+    """Free space where this process writes (the SQLite database's directory, else the data
+    directory): below ``disk_min_free_mb`` the process is not ready (writes would fail)."""
+    import shutil
+    from pathlib import Path
+
+    where = Path(settings.database_url.split("///", 1)[-1]).parent if settings.is_sqlite else settings.data_dir
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return {"disk": "unknown"}
+    return {"disk": "ok" if free >= settings.disk_min_free_mb * 1024 * 1024 else "full",
+            "disk_free_mb": free // (1024 * 1024)}
 
 
 routes = [
@@ -276,8 +309,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = db.create_db_engine(settings.database_url)
-        worker = reader = sequencer = None
+        engine = db.create_db_engine(settings.database_url, **db.service_engine_options(settings))
+        worker = reader = sequencer = listener = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)
             # A rate-limited check must pass the limiter: then the route answers every check.
@@ -289,9 +322,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 services.record_writer = fastrecord.open_writer(engine, services)
             app.state.services = services
             worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery (issue 4)
-            sequencer = start_sequencer(engine, settings, signer)  # transparency log (issue 27)
+            sequencer = start_sequencer(engine, settings, signer)
+            if engine.dialect.name == "postgresql":  # other processes' commits wake our feed waits
+                listener = events.FeedListener(fastcheck.pg_connect_args(engine)).start()
             yield
         finally:
+            if listener is not None:
+                await listener.stop()
             if sequencer is not None:
                 await sequencer.stop()
             if worker is not None:
@@ -307,7 +344,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=ratelimit.guard(list(routes), settings.rate_limit_routes),
         middleware=[RequestContextMiddleware.as_middleware()],
         exception_handlers={ConsentError: on_consent_error, HTTPException: on_http_exception,
-                            sa_exc.OperationalError: on_database_error, Exception: on_unexpected},
+                            sa_exc.OperationalError: on_database_error, sa_exc.TimeoutError: on_database_error,
+                            Exception: on_unexpected},
         lifespan=lifespan,
     )
     if settings.trusted_proxies:

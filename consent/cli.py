@@ -27,11 +27,22 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to a file only this user can read (0600 from creation, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an older file of wider mode is narrowed too
+        f.write(text)
+    return path.resolve()
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from .demo import seed_demo
     from .logs import configure, log_config
+    from .protocol import GuardedH11Protocol
 
     configure(settings.log_level)
     announce_issuer(args.host, args.port)
@@ -51,9 +62,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             demo = seed_demo(session, origins)
             if not settings.admin_token:
                 demo["admin_token"] = tenants.create_admin_token(session)
-            print("Demo tenant created. These keys are shown once; store them now:")
-            _print(demo)
-            print(f"Try: curl -H 'Authorization: Bearer {demo['secret_key']}' "
+            if sys.stdout.isatty():
+                print("Demo tenant created. These keys are shown once; store them now:")
+                _print(demo)
+                sk = demo["secret_key"]
+            else:  # stdout is a log (systemd, docker, a file): no secret goes there
+                path = write_private(settings.data_dir / "demo-keys.json", json.dumps(demo, indent=2) + "\n")
+                print(f"Demo tenant created. Its keys are shown once, in {path} (readable by this user "
+                      "only): store them, then delete the file.")
+                sk = "$SK"
+            print(f"Try: curl -H 'Authorization: Bearer {sk}' "
                   f"'{base}/v1/check?email=ada@example.com&purpose=marketing_email'")
             print(f"Demo page: {base}/demo?key={demo['publishable_key']}")
         elif first:
@@ -67,11 +85,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         log_config=log_config(settings.log_level),
         access_log=False,  # ours (consent.access) logs route templates, never paths or queries
         # Slow or greedy clients: bounded header size (431/400 past 64 KiB), idle keep-alive
-        # connections closed after 5 s, at most limit_concurrency connections+tasks (503 beyond),
-        # in-flight requests get 10 s to finish on SIGTERM. A slowloris that trickles headers is
-        # bounded only by limit_concurrency: put a reverse proxy in front (docs/reliability.md).
-        # h11, not httptools: only h11 enforces a header-size limit in uvicorn.
-        http="h11", timeout_graceful_shutdown=10, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
+        # connections closed after 5 s, headers and bodies within their deadlines (protocol.py),
+        # at most limit_concurrency connections+tasks (503 beyond), in-flight requests get 10 s
+        # to finish on SIGTERM. h11, not httptools: only h11 enforces a header-size limit.
+        http=GuardedH11Protocol, timeout_graceful_shutdown=10, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
         limit_concurrency=settings.limit_concurrency, backlog=2048,
     )
     return 0

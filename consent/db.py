@@ -3,6 +3,7 @@ one transaction, committed or rolled back in ``transaction()`` only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -27,9 +28,16 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with the per-backend settings this service relies on."""
     kwargs.setdefault("hide_parameters", True)  # driver errors (logged) never carry emails or keys
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = url.split("///", 1)[-1].split("?", 1)[0]
+        if path and path != ":memory:" and not path.startswith("file:"):
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # the ledger holds personal data and secrets: readable by this user only, from
+            # creation (SQLite gives its -wal and -shm files the database file's mode). Only a
+            # file that does not exist yet is touched: closing any descriptor of an open SQLite
+            # file would drop this process's locks on it.
+            if not os.path.exists(path):
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         engine = sa.create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
         )
@@ -61,6 +69,31 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     if not kwargs.get("pool_pre_ping"):
         _ping_when_idle(engine)
     return engine
+
+
+def service_engine_options(settings: Any) -> dict[str, Any]:
+    """The service's own engine on PostgreSQL: a connection budget and timeouts, so a database
+    that stops answering (or a black-holed network) costs seconds, not minutes. Connect within
+    ``db_connect_timeout_seconds``; the server ends any statement after
+    ``db_statement_timeout_seconds``; the kernel drops a connection whose sent data goes
+    unacknowledged for as long (``tcp_user_timeout``) and probes idle ones (keepalives); a
+    checkout waits at most the connect timeout for a free connection. SQLite: nothing to add."""
+    if settings.is_sqlite:
+        return {}
+    connect_ms = int(settings.db_connect_timeout_seconds * 1000)
+    statement_ms = int(settings.db_statement_timeout_seconds * 1000)
+    given = sa.engine.make_url(settings.database_url).query.get("options") or ""  # e.g. a search_path
+    options = " ".join([*(given if isinstance(given, tuple) else (given,)), f"-c statement_timeout={statement_ms}"])
+    return {
+        "pool_size": settings.db_pool_size, "max_overflow": 0,
+        "pool_timeout": settings.db_connect_timeout_seconds,
+        "connect_args": {
+            "connect_timeout": max(1, round(settings.db_connect_timeout_seconds)),
+            "options": options.strip(),
+            "tcp_user_timeout": max(connect_ms, statement_ms),
+            "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
+        },
+    }
 
 
 def _ping_when_idle(engine: Engine) -> None:

@@ -20,9 +20,12 @@ held until that statement commits.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -100,6 +103,87 @@ def remove_waker(fn: Callable[[], None]) -> None:
 def _wake(db: Session) -> None:
     if db.info.pop(_ENQUEUED, False):
         wake_delivery_loops()
+    for tenant_id in db.info.pop(_FEED_TENANTS, ()):
+        feed_changed(tenant_id)
+
+
+# --- change-feed waits: woken by commits, not by polling -----------------------------------
+# A long-poll registers here and sleeps until a commit of its tenant wakes it: commits of this
+# process directly (``_wake``, fastrecord), commits of other processes through PostgreSQL
+# LISTEN/NOTIFY (``FeedListener``; every event write runs ``pg_notify(FEED_CHANNEL, tenant)``).
+
+FEED_CHANNEL = "consent_feed"
+_FEED_TENANTS = "consent.feed_tenants"
+_feed_waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+_feed_lock = threading.Lock()
+
+
+class TooManyWaits(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def feed_waiter(tenant_id: str, cap: int) -> Iterator[asyncio.Event]:
+    """An event set when the tenant's feed changes; at most ``cap`` at once per tenant and
+    process (``TooManyWaits`` beyond)."""
+    waiter = (asyncio.get_running_loop(), asyncio.Event())
+    with _feed_lock:
+        mine = _feed_waiters.setdefault(tenant_id, set())
+        if len(mine) >= cap:
+            raise TooManyWaits
+        mine.add(waiter)
+    try:
+        yield waiter[1]
+    finally:
+        with _feed_lock:
+            mine.discard(waiter)
+            if not mine:
+                _feed_waiters.pop(tenant_id, None)
+
+
+def feed_changed(tenant_id: str) -> None:
+    """Wake this process's waits on ``tenant_id`` (thread-safe, non-blocking)."""
+    with _feed_lock:
+        waiters = list(_feed_waiters.get(tenant_id, ()))
+    for loop, ev in waiters:
+        try:
+            loop.call_soon_threadsafe(ev.set)
+        except RuntimeError:  # that loop closed meanwhile
+            pass
+
+
+class FeedListener:
+    """One LISTEN connection per process (PostgreSQL): other processes' commits wake our waits."""
+
+    def __init__(self, connect_args: dict[str, Any]):
+        self.connect_args = connect_args
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> FeedListener:
+        self.task = asyncio.create_task(self._run(), name="feed-listener")
+        return self
+
+    async def _run(self) -> None:
+        import psycopg
+
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(**self.connect_args, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {FEED_CHANNEL}")
+                    async for note in conn.notifies():
+                        feed_changed(note.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - database restart: waits fall back to their slow poll
+                log.warning("change-feed listener lost its connection: %s", type(exc).__name__)
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
 
 
 def wake_delivery_loops() -> None:
@@ -157,6 +241,9 @@ def _allocate(db: Session) -> None:
             ev["created_at"] = now
         db.execute(sa.insert(EVENT), events)
         enqueue_deliveries(db, tenant_id, events, endpoints[tenant_id], now)
+        if db.get_bind().dialect.name == "postgresql":  # delivered to listeners at COMMIT
+            db.execute(sa.select(sa.func.pg_notify(FEED_CHANNEL, tenant_id)))
+    db.info[_FEED_TENANTS] = list(by_tenant)
 
 
 def type_matches(patterns: Iterable[str], event_type: str) -> bool:

@@ -172,6 +172,7 @@ WITH v AS MATERIALIZED (
   FROM w JOIN ev ON ev.id = w.event_id, json_array_elements_text(w.endpoints) AS e(id)
 )
 SELECT w.i, rec.seq FROM w JOIN rec ON rec.id = w.id JOIN ev ON ev.id = w.event_id
+  LEFT JOIN (SELECT pg_notify('consent_feed', %(t)s) FROM counter) AS feed_note ON true
 """
 
 
@@ -434,6 +435,8 @@ class Writer:
                 retry.append(job)  # another record of this subject moved the head: read again
         if hooks_any:
             events.wake_delivery_loops()
+        if written:
+            events.feed_changed(tenant_id)
         return conn, retry
 
     async def close(self) -> None:

@@ -5,6 +5,7 @@ and renders JSON. Its declarations (auth, body, query, responses) also drive /op
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,8 +15,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .db import transaction
@@ -26,11 +26,19 @@ from .errors import (
     MalformedJSON,
     PayloadTooLarge,
     Unauthorized,
+    Unavailable,
     UnsupportedMediaType,
     ValidationFailed,
 )
 from .models import Tenant
-from .tenants import Principal, TenantRef, attach_tenant, authenticate_key, get_tenant, is_admin_token
+from .tenants import (
+    Principal,
+    TenantRef,
+    attach_tenant,
+    authenticate_key,
+    get_tenant,
+    is_admin_token,
+)
 
 JSON_TYPES = ("application/json",)
 
@@ -75,8 +83,11 @@ class Q:
     maximum: int | None = None
     max_length: int = 1000
     choices: tuple[str, ...] | None = None
+    empty_ok: bool = True  # False for filters: an empty one would silently match everything
 
     def parse(self, raw: str | None) -> Any:
+        if raw == "" and not self.empty_ok:
+            raise ValidationFailed.field(self.name, "must not be empty")
         if raw is None or (raw == "" and self.type is str):  # an empty number or time is invalid
             if self.required:
                 raise ValidationFailed.field(self.name, "is required")
@@ -107,9 +118,13 @@ def parse_query(request: Request, declared: tuple[Q, ...], extra: tuple[str, ...
     a mistyped filter (``purpse=``) must not silently widen an export or a list."""
     if declared:
         known = {q.name for q in declared} | set(extra)
-        for name in request.query_params:
+        seen: set[str] = set()
+        for name, _ in request.query_params.multi_items():
             if name not in known:
                 raise ValidationFailed.field(name, f"unknown query parameter (known: {', '.join(sorted(known))})")
+            if name in seen:  # one value would win silently: ``?purpose=a&purpose=`` must not widen
+                raise ValidationFailed.field(name, "given more than once")
+            seen.add(name)
     return {q.name: q.parse(request.query_params.get(q.name)) for q in declared}
 
 
@@ -218,6 +233,12 @@ async def read_body(request: Request, meta: Meta, limit: int) -> Any:
 
 async def read_raw(request: Request, meta: Meta, limit: int) -> bytes:
     """The raw body, after the content type (415) and size (413) checks."""
+    check_body_headers(request, meta, limit)
+    return await read_limited(request, limit)
+
+
+def check_body_headers(request: Request, meta: Meta, limit: int) -> None:
+    """415 for a content type the route does not take, 413 for a declared length over ``limit``."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     allowed = JSON_TYPES + (("text/plain",) if meta.text_body else ())
     if ctype not in allowed and not ctype.endswith("+json"):
@@ -225,18 +246,21 @@ async def read_raw(request: Request, meta: Meta, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"the body may be at most {limit} bytes")
-    return await read_limited(request, limit)
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
     """The body, refusing (413) as soon as it passes ``limit`` bytes rather than after reading it all."""
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body may be at most {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body may be at most {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the caller left mid-body: nothing to do, nobody to answer
+        raise BadRequest("the connection closed before the whole body arrived",
+                         code="client_disconnected") from None
     return b"".join(chunks)
 
 
@@ -253,6 +277,30 @@ def parse_body(raw: bytes, meta: Meta) -> Any:
         return meta.body.model_validate(data)
     except ValidationError as exc:
         raise ValidationFailed(validation_errors(exc)) from None
+
+
+async def db_work(services: Any, fn: Callable[[], Any]) -> Any:
+    """``fn`` (database work) in a worker thread, given up after ``db_request_timeout_seconds``
+    (TimeoutError): a database that stops answering costs the caller seconds, not minutes. The
+    abandoned thread ends when its connection fails (tcp_user_timeout, statement_timeout)."""
+    import anyio.to_thread
+
+    async with asyncio.timeout(services.settings.db_request_timeout_seconds):
+        return await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)
+
+
+PREAUTH_BYTES = 64 * 1024  # bodies declared this small are read before the key check (one transaction)
+
+
+def small_body(request: Request) -> bool:
+    """Whether the request declares a body of at most ``PREAUTH_BYTES`` (chunked: unknown)."""
+    length = request.headers.get("content-length")
+    return bool(length) and length.isdigit() and int(length) <= PREAUTH_BYTES  # type: ignore[union-attr]
+
+
+def pre_authenticate(services: Any, request: Request, auth: str) -> Principal | None:
+    with transaction(services.engine, read_only=True) as db:
+        return authenticate(db, services, request, auth)
 
 
 def require_credentials(request: Request, auth: str) -> None:
@@ -314,13 +362,24 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
             # key check (401/403) → JSON (400) → validation (422). An unauthenticated caller
             # learns nothing about the body rules and never makes us parse a large body.
             services = request.app.state.services
+            checked: list[Principal | None] = []
             if auth:
                 require_credentials(request, auth)
+                if meta.body and not small_body(request):
+                    # a body that may be large is read only for a caller whose key is valid,
+                    # so unauthenticated traffic never makes us hold megabytes
+                    check_body_headers(request, meta, services.settings.max_body_bytes)
+                    try:
+                        checked.append(await db_work(services, lambda: pre_authenticate(services, request, auth)))
+                    except TimeoutError:
+                        raise Unavailable("the database did not answer in time; retry shortly",
+                                          headers={"Retry-After": "1"}) from None
             raw = await read_raw(request, meta, services.settings.max_body_bytes) if meta.body else None
 
             def work() -> Any:
                 with transaction(services.engine, write=meta.write, read_only=meta.inline) as db:
-                    principal = authenticate(db, services, request, auth) if auth else None
+                    principal = checked[0] if checked else (
+                        authenticate(db, services, request, auth) if auth else None)
                     for name, value in request.path_params.items():
                         if "\x00" in str(value):
                             raise ValidationFailed.field(name, "must not contain NUL characters")
@@ -331,7 +390,11 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
             # Inline only on SQLite (in-process reads): on PostgreSQL the loop would sit blocked
             # through every round trip, so the threadpool overlaps them (measured: better p99).
             inline = meta.inline and services.engine.dialect.name == "sqlite"
-            return render(work() if inline else await run_in_threadpool(work), meta.status)
+            try:
+                return render(work() if inline else await db_work(services, work), meta.status)
+            except TimeoutError:
+                raise Unavailable("the database did not answer in time; retry shortly",
+                                  headers={"Retry-After": "1"}) from None
 
         handler.meta = meta  # type: ignore[attr-defined]
         handler.__name__ = fn.__name__

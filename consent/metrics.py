@@ -28,12 +28,20 @@ LATENCY = Histogram("consent_http_request_duration_seconds", "HTTP request laten
 
 
 _CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str | None) -> str:
+    """The method as a label: any method we do not serve is ``other`` (a client may send any
+    token as a method; each distinct one would otherwise be a new series)."""
+    return method if method in METHODS else "other"  # type: ignore[return-value]
 
 
 def observe(method: str, route: str, status: int, seconds: float) -> None:
     # Perf: the labelled children are looked up once per (method, route, status), not per
     # request (``labels()`` takes a lock and builds the label tuple). Routes are templates,
     # so the dict stays small; unknown methods share one label.
+    method = method_label(method)
     children = _CHILDREN.get((method, route, status))
     if children is None:
         children = (REQUESTS.labels(method, route, str(status)), LATENCY.labels(method, route))

@@ -69,7 +69,8 @@ class RequestContextMiddleware:
 def finish_request(method: str | None, route: str, status: int, start: float, request_id: str) -> None:
     """Metrics and the access line of one request (shared with ``fastcheck``)."""
     duration = time.perf_counter() - start
-    metrics.observe(method or "", route, status, duration)
+    method = metrics.method_label(method)
+    metrics.observe(method, route, status, duration)
     if log.isEnabledFor(logging.INFO):
         # Perf: makeRecord + handle skips log.info's caller lookup (a stack walk); the line is
         # the same JSON object (logs.JSONFormatter). ~14 -> ~9 us per request.

@@ -1,5 +1,5 @@
-"""Abuse limits for the public routes: fixed-window counters per API key and per client IP,
-kept in the database every service process shares (a small ``rate_limit`` table, one upsert
+"""Abuse limits for the public routes: fixed-window counters per client IP and per API key
+from that IP, kept in the database every service process shares (a small ``rate_limit`` table, one upsert
 per bucket), so N processes behind a load balancer enforce one limit, not N. Each process
 counts locally and writes its increments in batches (``Limiter``): for limits of 40 or more
 per minute up to N x (batch_size - 1) requests may pass over the limit in one window.
@@ -40,6 +40,9 @@ WINDOW_SECONDS = 60
 PUBLIC_PREFIXES = ("/v1/snippet/", "/u/")
 PUBLIC_ROUTE_NAMES: frozenset[str] = frozenset({"dashboard_sign_in"})  # password guessing
 TABLE = RateLimitCounter.__table__  # type: ignore[attr-defined]
+# Routes limited per path token instead of per IP, and how many per token and window.
+BY_TOKEN = frozenset({"unsubscribe"})
+UNSUBSCRIBE_PER_TOKEN = 10
 
 
 def is_limited(route: BaseRoute, extra_names: Iterable[str] = ()) -> bool:
@@ -58,14 +61,21 @@ def presented_key(request: Request) -> str | None:
     return token or request.query_params.get("key") or None
 
 
-def buckets(request: Request, per_key: int, per_ip: int) -> list[tuple[str, int]]:
+def buckets(request: Request, per_key: int, per_ip: int, *, by_token: int = 0) -> list[tuple[str, int]]:
+    """The budgets one request spends: its client IP's, and its presented key's *from that IP*
+    (a flood from one address never spends another visitor's budget for the same publishable
+    key). ``by_token``: the route's path token alone, limited to that many per window (one-click
+    unsubscribes come from a mail provider's few addresses on behalf of many people)."""
+    if by_token:
+        token = str(request.path_params.get("token", ""))
+        return [("tok:" + hashlib.sha256(token.encode()).hexdigest()[:40], by_token)]
     out = []
     ip = request.client.host if request.client else "unknown"
     if per_ip > 0:
         out.append((f"ip:{ip}"[:100], per_ip))
     key = presented_key(request)
     if key and per_key > 0:
-        out.append(("key:" + hashlib.sha256(key.encode()).hexdigest()[:40], per_key))
+        out.append(("key:" + hashlib.sha256(f"{key}|{ip}".encode()).hexdigest()[:40], per_key))
     return out
 
 
@@ -131,21 +141,23 @@ class Limiter:
     def local(self, counted: list[tuple[str, int]], now: float) -> tuple[bool, int | None]:
         """Count one hit locally: (must flush now, seconds to wait if already over)."""
         window = int(now // WINDOW_SECONDS)
-        need = False
-        over = False
+        retry = math.ceil((window + 1) * WINDOW_SECONDS - now) or 1
+        mine = []
         for bucket, limit in counted:
             b = self.buckets.get(bucket)
             if b is None or b.window != window:
                 if len(self.buckets) > 10_000:  # drop finished windows
                     self.buckets = {k: v for k, v in self.buckets.items() if v.window == window}
                 b = self.buckets[bucket] = Bucket(window)
+            mine.append((b, limit))
+        if any(b.known + b.pending >= limit for b, limit in mine):
+            return False, retry  # refused: spends nothing, so a flood cannot spend the next window
+        need = False
+        for b, limit in mine:
             b.pending += 1
-            if b.known + b.pending > limit:
-                over = True
             if b.pending >= batch_size(limit) or now - b.flushed_at >= FLUSH_SECONDS:
                 need = True
-        retry = math.ceil((window + 1) * WINDOW_SECONDS - now) or 1
-        return need, retry if over else None
+        return need, None
 
     def take(self, counted: list[tuple[str, int]], now: float) -> list[tuple[str, int]]:
         """The pending increments to write (concurrent flushes are fine: the table adds)."""
@@ -173,14 +185,15 @@ class Limiter:
 
 
 def limit(endpoint: Callable[[Request], Awaitable[Response]], limiter: Limiter | None = None,
-          ) -> Callable[[Request], Awaitable[Response]]:
+          *, by_token: int = 0) -> Callable[[Request], Awaitable[Response]]:
     """Wrap one endpoint with the per-key and per-IP limits (keeps its OpenAPI ``meta``)."""
     limiter = limiter or Limiter()
+    cors = bool(getattr(endpoint, "cors_methods", None))
 
     async def limited(request: Request) -> Response:
         services: Any = request.app.state.services
         s = services.settings
-        counted = buckets(request, s.rate_limit_per_minute, s.rate_limit_ip_per_minute)
+        counted = buckets(request, s.rate_limit_per_minute, s.rate_limit_ip_per_minute, by_token=by_token)
         if counted:
             now = time.time()
             need, retry = limiter.local(counted, now)
@@ -196,7 +209,13 @@ def limit(endpoint: Callable[[Request], Awaitable[Response]], limiter: Limiter |
                     over = limiter.over(counted)
                     retry = (math.ceil((int(now // WINDOW_SECONDS) + 1) * WINDOW_SECONDS - now) or 1) if over else None
             if retry is not None:
-                raise RateLimited(retry, "too many requests; retry after the time in Retry-After")
+                exc = RateLimited(retry, "too many requests; retry after the time in Retry-After")
+                origin = request.headers.get("origin")
+                if cors and origin:  # the page's script must be able to read the 429 and wait;
+                    # the answer says nothing about the tenant, so any origin may read it
+                    exc.headers.update({"Access-Control-Allow-Origin": origin,
+                                        "Access-Control-Expose-Headers": "Retry-After", "Vary": "Origin"})
+                raise exc
         return await endpoint(request)
 
     limited.__name__ = getattr(endpoint, "__name__", "limited")
@@ -215,7 +234,9 @@ def guard(routes: list[BaseRoute], extra_names: Iterable[str] = ()) -> list[Base
     for route in routes:
         if is_limited(route, extra):
             assert isinstance(route, Route)
-            route = Route(route.path, limit(route.endpoint, limiter), methods=list(route.methods or []) or None,
+            by_token = UNSUBSCRIBE_PER_TOKEN if route.name in BY_TOKEN else 0
+            route = Route(route.path, limit(route.endpoint, limiter, by_token=by_token),
+                          methods=list(route.methods or []) or None,
                           name=route.name, include_in_schema=route.include_in_schema)
         out.append(route)
     return out

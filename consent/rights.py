@@ -65,12 +65,18 @@ def access_export(db: Session, tenant: Tenant, subject: Subject, *, signer: cryp
     }
 
 
+# What people typed (user agents, evidence, identifiers) reaches this document: as text,
+# never as Markdown or HTML (no links, images, tags or table breaks a renderer would act on).
+_MD_ESCAPE = str.maketrans({**{c: "\\" + c for c in "\\`*_[]()!|~>"},
+                            "<": "&lt;", "&": "&amp;", "\n": " ", "\r": " "})
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return ""
     if hasattr(v, "isoformat"):
         return crypto.iso(v)
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    return str(v).translate(_MD_ESCAPE)
 
 
 def access_markdown(data: dict[str, Any]) -> str:

@@ -296,10 +296,33 @@ class SubjectRef(Strict):
         return self
 
 
+EVIDENCE_MAX_DEPTH = 32  # nesting of evidence objects/arrays; receipts and exports serialize it
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests, counting no further than ``limit + 1`` (iterative: a hostile
+    document must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            if d > limit:
+                return d
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 class Evidence(BaseModel):
     model_config = ConfigDict(extra="allow")
     ip: str | None = Field(default=None, max_length=64)
     user_agent: str | None = Field(default=None, max_length=1000)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Evidence:
+        if _depth(self.model_extra or {}, EVIDENCE_MAX_DEPTH) > EVIDENCE_MAX_DEPTH:
+            raise ValueError(f"evidence may nest at most {EVIDENCE_MAX_DEPTH} levels deep")
+        return self
 
 
 class ConsentIn(Strict):

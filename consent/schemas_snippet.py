@@ -48,7 +48,7 @@ class SnippetRecord(BaseModel):
 
 class SnippetConsentsOut(BaseModel):
     subject: str
-    subject_token: Literal["none", "valid", "expired"]
+    subject_token: Literal["none", "valid"]
     records: list[SnippetRecord]
 
 

@@ -60,6 +60,17 @@ class Settings:
     dashboard_secrets: tuple[Secret, ...] = ()
     dashboard_idle_seconds: int = 1800
     dashboard_overview_seconds: int = 60
+    # hostile callers (issue 22)
+    webhook_allow_private: bool = False  # http and internal addresses as webhook targets (dev/tests only)
+    header_timeout_seconds: float = 10.0  # consent serve: request headers complete within this
+    body_timeout_seconds: float = 30.0  # consent serve: a request body complete within this
+    db_connect_timeout_seconds: float = 3.0
+    db_statement_timeout_seconds: float = 10.0
+    db_request_timeout_seconds: float = 10.0  # a request's database work, then 503
+    db_pool_size: int = 20  # the service engine's connections per process (no overflow)
+    disk_min_free_mb: int = 100  # /readyz is 503 below this much free disk
+    feed_max_waits_per_tenant: int = 20  # concurrent change-feed long-polls per tenant and process
+    export_stall_seconds: float = 10.0  # an export chunk the client does not take in this long ends it
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -114,6 +125,16 @@ class Settings:
                                     if s.strip()),
             dashboard_idle_seconds=config("CONSENT_DASHBOARD_IDLE_SECONDS", cast=int, default=1800),
             dashboard_overview_seconds=config("CONSENT_DASHBOARD_OVERVIEW_SECONDS", cast=int, default=60),
+            webhook_allow_private=config("CONSENT_WEBHOOK_ALLOW_PRIVATE", cast=bool, default=False),
+            header_timeout_seconds=config("CONSENT_HEADER_TIMEOUT_SECONDS", cast=float, default=10.0),
+            body_timeout_seconds=config("CONSENT_BODY_TIMEOUT_SECONDS", cast=float, default=30.0),
+            db_connect_timeout_seconds=config("CONSENT_DB_CONNECT_TIMEOUT_SECONDS", cast=float, default=3.0),
+            db_statement_timeout_seconds=config("CONSENT_DB_STATEMENT_TIMEOUT_SECONDS", cast=float, default=10.0),
+            db_request_timeout_seconds=config("CONSENT_DB_REQUEST_TIMEOUT_SECONDS", cast=float, default=10.0),
+            db_pool_size=config("CONSENT_DB_POOL_SIZE", cast=int, default=20),
+            disk_min_free_mb=config("CONSENT_DISK_MIN_FREE_MB", cast=int, default=100),
+            feed_max_waits_per_tenant=config("CONSENT_FEED_MAX_WAITS_PER_TENANT", cast=int, default=20),
+            export_stall_seconds=config("CONSENT_EXPORT_STALL_SECONDS", cast=float, default=10.0),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:

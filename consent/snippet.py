@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from . import crypto, subject_tokens
 from .catalog import current_version, get_purpose, get_version, list_purposes
 from .checks import subject_states
-from .errors import BadToken, Conflict, NotFound, Unauthorized, ValidationFailed
+from .errors import BadToken, Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
 from .ledger import SI, STATE, find_subject_id, lock_subject, record_decision, resolve_subject
 from .models import ConsentRecord, PolicyPurpose, PolicyVersion, Purpose, Tenant, utcnow
 from .schemas import ConsentIn, Evidence, Source, SubjectRef
@@ -179,22 +179,36 @@ class Visit:
 
 
 def subject_for(db: Session, tenant: Tenant, body: SnippetConsentsIn) -> tuple[SubjectRef, str]:
-    """The subject to record for, and the subject token's state (none, valid, expired).
+    """The subject to record for, and the subject token's state (none or valid).
 
-    A valid token records for its user id (the anonymous id is attached to that person if it
-    is new). An expired one falls back to the anonymous id, so a choice queued offline is not
-    lost; without an anonymous id it is refused. Any other bad token is refused."""
+    The publishable key and the anonymous id are both readable by any script on the page, so
+    together they prove nothing about who is choosing: they may write only for a subject that
+    is anonymous. A subject known by a user id (linked, or attached by a valid token) changes
+    only with a valid subject token; an expired token is refused, never downgraded to the
+    anonymous id. A valid token records for its user id (a new anonymous id joins that person)."""
     if not body.subject_token:
+        assert body.anonymous_id is not None  # the schema requires one of the two
+        _anonymous_only(db, tenant, body.anonymous_id)
         return SubjectRef(anonymous_id=body.anonymous_id), "none"
     try:
         user_id = subject_tokens.verify(db, tenant, body.subject_token)
     except BadToken as exc:
         if exc.code == "bad_token":
             raise
-        if exc.code == "subject_token_expired" and body.anonymous_id:
-            return SubjectRef(anonymous_id=body.anonymous_id), "expired"
         raise Unauthorized(exc.detail, code=exc.code) from None
     return SubjectRef(user_id=user_id, anonymous_id=body.anonymous_id), "valid"
+
+
+def _anonymous_only(db: Session, tenant: Tenant, anonymous_id: str) -> None:
+    """403 ``subject_token_required`` when the anonymous id belongs to an identified subject."""
+    sid = find_subject_id(db, tenant, "anon", anonymous_id)
+    if sid is None:
+        return
+    identified = db.execute(sa.select(SI.c.subject_id).where(
+        SI.c.tenant_id == tenant.id, SI.c.subject_id == sid, SI.c.kind != "anon").limit(1)).first()
+    if identified is not None:
+        raise Forbidden("this anonymous id belongs to a signed-in person: send a valid subject_token "
+                        "to change their choices", code="subject_token_required")
 
 
 def _gpc_opt_out_on_record(db: Session, tenant: Tenant, ref: SubjectRef, purpose: str,

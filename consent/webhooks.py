@@ -14,9 +14,12 @@ disabled.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
+import socket
 import time
+import urllib.parse
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -39,8 +42,10 @@ ENDPOINT = WebhookEndpoint.__table__  # type: ignore[attr-defined]
 DELIVERY = WebhookDelivery.__table__  # type: ignore[attr-defined]
 ATTEMPT = WebhookAttempt.__table__  # type: ignore[attr-defined]
 EVENT = Event.__table__  # type: ignore[attr-defined]
-BATCH = 50
-LEASE_EXTRA = 30.0  # seconds a claim outlives the HTTP timeout before another process may retry
+BATCH = 50  # deliveries in flight per process at most
+PER_ENDPOINT = 10  # deliveries of one endpoint per claim
+LEASE_EXTRA = 30.0  # seconds a claim outlives an attempt's total deadline
+RESPONSE_LIMIT = 64 * 1024  # bytes of a receiver's answer read at most (only its status matters)
 USER_AGENT = "consent-webhooks/1"
 
 
@@ -122,6 +127,83 @@ def list_deliveries(db: Session, tenant_id: str, endpoint_id: str, *, limit: int
     return items, (encode_cursor(rows[-1].id) if more and rows else None)
 
 
+# --- targets (SSRF) ----------------------------------------------------------------------------
+
+METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data"})
+
+
+class UnsafeTarget(ValueError):
+    """A webhook URL that must not be called: internal address, credentials, plain http."""
+
+
+def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Only public unicast addresses: no loopback, private, link-local (cloud metadata),
+    unique-local, multicast, unspecified, reserved or shared (CGNAT) ranges."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            return address_allowed(embedded)
+        if ip in NAT64:
+            return address_allowed(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return ip.is_global and not (ip.is_multicast or ip.is_unspecified or ip.is_loopback
+                                 or ip.is_link_local or ip.is_private or ip.is_reserved)
+
+
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def check_url(url: str, *, allow_private: bool) -> urllib.parse.SplitResult:
+    """The URL's own rules (no DNS): https (http only with allow_private), a host, no user:pass."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise UnsafeTarget("must be an absolute http(s) URL")
+    if parts.scheme != "https" and not allow_private:
+        raise UnsafeTarget("must use https")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise UnsafeTarget("must not carry credentials")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise UnsafeTarget("has an invalid port") from exc
+    if not allow_private and parts.hostname.rstrip(".").lower() in METADATA_HOSTS:
+        raise UnsafeTarget("must not name a cloud metadata service")
+    return parts
+
+
+def _checked(infos: list[Any], host: str, allow_private: bool) -> str:
+    addrs = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    if not addrs:
+        raise UnsafeTarget(f"host {host!r} does not resolve")
+    if not allow_private:
+        bad = [a for a in addrs if not address_allowed(a)]
+        if bad:  # every address is checked: a name with one internal address is refused
+            raise UnsafeTarget(f"host {host!r} resolves to a non-public address ({bad[0]})")
+    return str(addrs[0])
+
+
+def _port(parts: urllib.parse.SplitResult) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def resolve_target(url: str, *, allow_private: bool) -> str:
+    """Check ``url`` and resolve its host once; the checked address (registration)."""
+    parts = check_url(url, allow_private=allow_private)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, _port(parts), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UnsafeTarget(f"host {parts.hostname!r} does not resolve") from exc
+    return _checked(infos, str(parts.hostname), allow_private)
+
+
+async def _resolve_async(parts: urllib.parse.SplitResult, allow_private: bool) -> str:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, _port(parts),
+                                                              type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UnsafeTarget(f"host {parts.hostname!r} does not resolve") from exc
+    return _checked(infos, str(parts.hostname), allow_private)
+
+
 # --- delivery --------------------------------------------------------------------------------
 
 
@@ -154,20 +236,41 @@ def _due(now: Any) -> Any:
             .order_by(DELIVERY.c.next_attempt_at, DELIVERY.c.id))
 
 
-def claim_due(engine: Engine, settings: Settings, limit: int = BATCH) -> list[Job]:
-    """Claim up to ``limit`` due deliveries for this process and build their signed bodies."""
+def lease_seconds(settings: Settings) -> float:
+    """How long a claim is this process's: every attempt ends (its total deadline) well before."""
+    return settings.webhook_timeout_seconds + LEASE_EXTRA
+
+
+def claim_due(engine: Engine, settings: Settings, limit: int = BATCH,
+              skip: frozenset[str] = frozenset()) -> list[Job]:
+    """Claim up to ``limit`` due deliveries, at most ``PER_ENDPOINT`` per endpoint and none for
+    the endpoints in ``skip`` (still in flight here), and build their signed bodies."""
     now = utcnow()
     with transaction(engine) as db:  # cheap read first: no write lock when nothing is due
-        if db.execute(_due(now).limit(1)).first() is None:
+        probe = _due(now)
+        if skip:
+            probe = probe.where(DELIVERY.c.endpoint_id.notin_(sorted(skip)))
+        if db.execute(probe.limit(1)).first() is None:
             return []
     with transaction(engine, write=True) as db:
-        q = _due(now).limit(limit)
+        # a fair share: one endpoint's backlog never fills a claim that other endpoints wait on
+        ranked = (sa.select(DELIVERY.c.id, sa.func.row_number().over(
+                      partition_by=DELIVERY.c.endpoint_id,
+                      order_by=(DELIVERY.c.next_attempt_at, DELIVERY.c.id)).label("n"))
+                  .join(ENDPOINT, ENDPOINT.c.id == DELIVERY.c.endpoint_id)
+                  .where(DELIVERY.c.status == "pending", DELIVERY.c.next_attempt_at <= now,
+                         ENDPOINT.c.enabled.is_(True)))
+        if skip:
+            ranked = ranked.where(DELIVERY.c.endpoint_id.notin_(sorted(skip)))
+        sub = ranked.subquery()
+        q = _due(now).where(DELIVERY.c.id.in_(sa.select(sub.c.id).where(sub.c.n <= PER_ENDPOINT)))
+        q = q.limit(limit)
         if db.get_bind().dialect.name == "postgresql":
             q = q.with_for_update(skip_locked=True, of=DELIVERY)
         rows = db.execute(q).all()
         if not rows:
             return []
-        lease = now + timedelta(seconds=settings.webhook_timeout_seconds + LEASE_EXTRA)
+        lease = now + timedelta(seconds=lease_seconds(settings))
         db.execute(sa.update(DELIVERY).where(DELIVERY.c.id.in_([r.id for r in rows])).values(next_attempt_at=lease))
         jobs = []
         for tenant_id in {r.tenant_id for r in rows}:
@@ -194,21 +297,41 @@ def _failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
 
-def post_sync(client: httpx.Client, job: Job) -> Result:
-    start = time.perf_counter()
+async def _attempt(client: httpx.AsyncClient, job: Job, allow_private: bool) -> int:
+    """Resolve once, check the address, connect to that address (so a DNS answer that changes
+    after the check is never used), send, and read at most ``RESPONSE_LIMIT`` raw bytes."""
+    parts = check_url(job.url, allow_private=allow_private)
+    ip = await _resolve_async(parts, allow_private)
+    host = f"[{ip}]" if ":" in ip else ip
+    target = parts._replace(netloc=f"{host}:{_port(parts)}").geturl()
+    headers = {**headers_for(job), "host": parts.netloc}
+    request = client.build_request("POST", target, content=job.body, headers=headers,
+                                   extensions={"sni_hostname": parts.hostname})
+    response = await client.send(request, stream=True)
     try:
-        r = client.post(job.url, content=job.body, headers=headers_for(job))
-        return Result(r.status_code, None if r.is_success else f"HTTP {r.status_code}", _ms(start))
-    except httpx.HTTPError as exc:
-        return Result(None, _failure(exc), _ms(start))
+        seen = 0
+        async for chunk in response.aiter_raw():  # raw: a gzip body is never inflated
+            seen += len(chunk)
+            if seen >= RESPONSE_LIMIT:
+                break
+    finally:
+        await response.aclose()
+    return response.status_code
 
 
-async def post_async(client: httpx.AsyncClient, job: Job) -> Result:
+async def post_async(client: httpx.AsyncClient, job: Job, settings: Settings) -> Result:
+    """One attempt under one total deadline (resolve, connect, send, status, body)."""
     start = time.perf_counter()
     try:
-        r = await client.post(job.url, content=job.body, headers=headers_for(job))
-        return Result(r.status_code, None if r.is_success else f"HTTP {r.status_code}", _ms(start))
-    except httpx.HTTPError as exc:
+        async with asyncio.timeout(settings.webhook_timeout_seconds):
+            status = await _attempt(client, job, settings.webhook_allow_private)
+        return Result(status, None if 200 <= status < 300 else f"HTTP {status}", _ms(start))
+    except TimeoutError:
+        return Result(None, f"timeout: no complete answer within {settings.webhook_timeout_seconds:g} s",
+                      _ms(start))
+    except UnsafeTarget as exc:
+        return Result(None, f"refused target: {exc}"[:500], _ms(start))
+    except (httpx.HTTPError, OSError) as exc:
         return Result(None, _failure(exc), _ms(start))
 
 
@@ -263,23 +386,52 @@ def _count_failure(db: Session, settings: Settings, endpoint_id: str, now: Any) 
         log.warning("webhook endpoint %s disabled after %d failed attempts", endpoint_id, failures)
 
 
-def _timeout(settings: Settings) -> httpx.Timeout:
-    return httpx.Timeout(settings.webhook_timeout_seconds, connect=min(3.0, settings.webhook_timeout_seconds))
+def _client(settings: Settings) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(settings.webhook_timeout_seconds, connect=min(3.0, settings.webhook_timeout_seconds))
+    # no redirects (a 3xx is a failure: following one would bypass the address check), no
+    # proxies from the environment, a small pool
+    return httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False,
+                             limits=httpx.Limits(max_connections=BATCH, max_keepalive_connections=10))
+
+
+def by_endpoint(jobs: list[Job]) -> dict[str, list[Job]]:
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.endpoint_id, []).append(job)
+    return groups
+
+
+async def deliver_group(engine: Engine, settings: Settings, client: httpx.AsyncClient,
+                        jobs: list[Job]) -> None:
+    """One endpoint's claimed deliveries, concurrently, then their results in one transaction:
+    nothing here waits on another endpoint."""
+    from starlette.concurrency import run_in_threadpool
+
+    results = await asyncio.gather(*(post_async(client, j, settings) for j in jobs))
+    await run_in_threadpool(record_results, engine, settings, list(zip(jobs, results)))
 
 
 def deliver_once(engine: Engine, settings: Settings) -> int:
-    """One synchronous delivery pass (tests, CLI): claim what is due, send it, record it."""
+    """One delivery pass (tests, CLI): claim what is due, send it, record it per endpoint."""
     jobs = claim_due(engine, settings)
     if not jobs:
         return 0
-    with httpx.Client(timeout=_timeout(settings), follow_redirects=False, trust_env=False) as client:
-        done = [(job, post_sync(client, job)) for job in jobs]
-    record_results(engine, settings, done)
-    return len(done)
+
+    async def run() -> None:
+        async with _client(settings) as client:
+            await asyncio.gather(*(deliver_group(engine, settings, client, g)
+                                   for g in by_endpoint(jobs).values()))
+
+    asyncio.run(run())
+    return len(jobs)
 
 
 class DeliveryWorker:
-    """The delivery loop of one service process (started and stopped by the app's lifespan)."""
+    """The delivery loop of one service process (started and stopped by the app's lifespan).
+
+    Each endpoint's claimed deliveries run as their own task; the loop claims again whenever
+    a task ends or a commit wakes it, skipping endpoints still in flight, so a slow receiver
+    holds only its own deliveries."""
 
     def __init__(self, engine: Engine, settings: Settings):
         self.engine, self.settings = engine, settings
@@ -287,6 +439,7 @@ class DeliveryWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight: dict[str, tuple[asyncio.Task[None], int]] = {}
 
     def start(self) -> DeliveryWorker:
         self._loop = asyncio.get_running_loop()
@@ -312,29 +465,39 @@ class DeliveryWorker:
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
 
+    def _done(self, endpoint_id: str, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(endpoint_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook delivery to endpoint %s failed", endpoint_id, exc_info=task.exception())
+        self._wake.set()
+
     async def _run(self) -> None:
         from starlette.concurrency import run_in_threadpool
 
-        async with httpx.AsyncClient(timeout=_timeout(self.settings), follow_redirects=False,
-                                     trust_env=False) as client:
+        async with _client(self.settings) as client:
             while not self._stop.is_set():
-                busy = False
-                try:
-                    jobs = await run_in_threadpool(claim_due, self.engine, self.settings)
-                    if jobs:
-                        results = await asyncio.gather(*(post_async(client, j) for j in jobs))
-                        await run_in_threadpool(record_results, self.engine, self.settings,
-                                                list(zip(jobs, results)))
-                        busy = True
-                except Exception:  # a bad pass must not end the loop (DB restart, etc.)
-                    log.exception("webhook delivery pass failed")
-                if busy:
-                    continue
-                try:  # until the poll interval passes, or this process commits new outbox rows
+                self._wake.clear()
+                room = BATCH - sum(n for _, n in self._inflight.values())
+                jobs: list[Job] = []
+                if room > 0:
+                    try:
+                        jobs = await run_in_threadpool(claim_due, self.engine, self.settings, room,
+                                                       frozenset(self._inflight))
+                    except Exception:  # a bad pass must not end the loop (DB restart, etc.)
+                        log.exception("webhook delivery claim failed")
+                for endpoint_id, group in by_endpoint(jobs).items():
+                    task = asyncio.create_task(deliver_group(self.engine, self.settings, client, group))
+                    self._inflight[endpoint_id] = (task, len(group))
+                    task.add_done_callback(lambda t, e=endpoint_id: self._done(e, t))
+                if jobs and len(jobs) >= room:
+                    continue  # more may be due
+                try:  # until the poll interval passes, a task ends, or a commit here writes outbox rows
                     await asyncio.wait_for(self._wake.wait(), timeout=self.settings.webhook_poll_seconds)
                 except TimeoutError:
                     pass
-                self._wake.clear()
+            tasks = [t for t, _ in self._inflight.values()]
+            if tasks:  # each attempt has its own deadline: this ends within it
+                await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def start_worker(engine: Engine, settings: Settings) -> DeliveryWorker | None:

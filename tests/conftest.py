@@ -106,6 +106,8 @@ def settings_for(url: str, **overrides: Any) -> Settings:
     env = {"CONSENT_DATABASE_URL": url, "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN, "CONSENT_DEMO": "false",
            "CONSENT_ISSUER": "http://testserver", "CONSENT_WEBHOOK_WORKER": "false",
            "CONSENT_TLOG_SECONDS": "0",  # tests run the log's sequencer themselves (tlog.run_once)
+           # the test receivers listen on 127.0.0.1 over http; test_webhook_targets refuses both
+           "CONSENT_WEBHOOK_ALLOW_PRIVATE": "true",
            # the shared test client is one IP making thousands of calls; test_limits sets its own
            "CONSENT_RATE_LIMIT_PER_MINUTE": "1000000", "CONSENT_RATE_LIMIT_IP_PER_MINUTE": "1000000"}
     return Settings.from_env(env, **overrides)

@@ -26,6 +26,7 @@ RECORDS_PER_WRITER = 20
 def two_servers(db_url: str, tmp_path: Path) -> Iterator[list[str]]:
     """Two service processes on one database, each with its own webhook delivery loop."""
     env = {"CONSENT_WEBHOOK_WORKER": "true", "CONSENT_WEBHOOK_POLL_SECONDS": "10",
+           "CONSENT_WEBHOOK_ALLOW_PRIVATE": "true",
            "CONSENT_WEBHOOK_BACKOFF_SECONDS": "0.1", "CONSENT_RATE_LIMIT_PER_MINUTE": "1000000",
            "CONSENT_LOG_LEVEL": "warning"}
     servers = [LiveServer(db_url, tmp_path, **env) for _ in range(2)]

@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -67,14 +69,19 @@ class Server:
         raise AssertionError(f"consent serve did not listen within {timeout}s:\n{self.output}")
 
     def demo_keys(self, timeout: float = 5) -> dict[str, str]:
+        """stdout is a pipe here (a log): the keys are in a file only this user can read, and
+        stdout names the file but carries no secret."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = "".join(self.stdout)
-            if "Demo tenant created" in text and "}\n" in text:
-                start = text.index("{", text.index("Demo tenant created"))
-                return dict(json.loads(text[start:text.index("}\n", start) + 1]))
+            m = re.search(r"Demo tenant created\. Its keys are shown once, in (\S+) ", "".join(self.stdout))
+            if m:
+                path = Path(m.group(1))
+                assert stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
+                keys = dict(json.loads(path.read_text()))
+                assert keys["secret_key"] not in self.output and keys["admin_token"] not in self.output
+                return keys
             time.sleep(0.05)
-        raise AssertionError(f"no demo keys printed:\n{self.output}")
+        raise AssertionError(f"no demo keys file named:\n{self.output}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -160,6 +167,9 @@ def test_serve_sqlite_receipts_rotation_and_key_revocation(tmp_path: Path) -> No
     try:
         keys = server.demo_keys()
         assert keys["secret_key"].startswith("sk_") and keys["admin_token"].startswith("adm_")
+        for f in data.iterdir():  # the database (and its WAL files) readable by this user only
+            if f.name.startswith("consent.db"):
+                assert stat.S_IMODE(f.stat().st_mode) == 0o600, (f, oct(f.stat().st_mode))
         rec1, _ = record_and_verify(server, keys, seen)
         kid1 = jwt.get_unverified_header(rec1["receipt"])["kid"]
     finally:

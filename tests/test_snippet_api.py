@@ -329,14 +329,35 @@ def test_bad_subject_tokens(client: TestClient, tenant: Tenant) -> None:
     assert r.status_code == 400 and r.json()["code"] == "bad_token"
     assert tenant.check("analytics", anonymous_id="a_tok")["status"] == "none"
     assert tenant.check("analytics", subject="user-1")["status"] == "none"
-    # expired: without an anonymous id it is refused; with one, the choice is kept for it
+    # expired: refused, with or without an anonymous id (never downgraded to it)
     expired = offline_token(s, "user-1", iat=int(time.time()) - 700)
-    r = submit(tenant, [choice("analytics", "granted")], anon=None, subject_token=expired)
-    assert r.status_code == 401 and r.json()["code"] == "subject_token_expired"
-    r = submit(tenant, [choice("analytics", "granted")], anon="a_tok", subject_token=expired)
-    assert r.status_code == 201 and r.json()["subject_token"] == "expired"
-    assert tenant.check("analytics", anonymous_id="a_tok")["allowed"] is True
+    for anon in (None, "a_tok"):
+        r = submit(tenant, [choice("analytics", "granted")], anon=anon, subject_token=expired)
+        assert r.status_code == 401 and r.json()["code"] == "subject_token_expired", r.text
+        assert_cors(r)
+    assert tenant.check("analytics", anonymous_id="a_tok")["status"] == "none"
     assert tenant.check("analytics", subject="user-1")["status"] == "none"
+
+
+def test_publishable_key_and_anonymous_id_cannot_change_a_signed_in_person(tenant: Tenant) -> None:
+    """The key and the anonymous id are both readable by any script on the page: once the id
+    is linked to a user, writing through it needs a valid subject token."""
+    tenant.record("marketing_email", "denied", user_id="user-victim")
+    link(tenant, "a_victim", "user-victim")
+    for token in ({}, {"subject_token": offline_token(secret_of(tenant), "user-victim",
+                                                      iat=int(time.time()) - 700)}):
+        r = submit(tenant, [choice("marketing_email", "granted")], anon="a_victim", **token)
+        assert r.status_code in (401, 403), r.text
+        assert r.json()["code"] == ("subject_token_expired" if token else "subject_token_required")
+        assert_cors(r)
+    assert tenant.check("marketing_email", subject="user-victim")["status"] == "denied"
+    # with a valid token the person changes their own choice
+    r = submit(tenant, [choice("marketing_email", "granted")], anon="a_victim",
+               subject_token=offline_token(secret_of(tenant), "user-victim"))
+    assert r.status_code == 201, r.text
+    assert tenant.check("marketing_email", subject="user-victim")["status"] == "granted"
+    # an anonymous id nobody is signed in with still records anonymously
+    assert submit(tenant, [choice("analytics", "granted")], anon="a_stranger").status_code == 201
 
 
 def test_subject_token_secret_rotation(tenant: Tenant) -> None:
