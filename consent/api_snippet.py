@@ -48,6 +48,8 @@ from .schemas_snippet import (
     SnippetConfig,
     SnippetConsentsIn,
     SnippetConsentsOut,
+    SnippetSettingsIn,
+    SnippetSettingsOut,
     SubjectTokenIn,
     SubjectTokenOut,
     SubjectTokenSecretOut,
@@ -210,7 +212,7 @@ _CONFIGS_LOCK = threading.Lock()
 
 def built_config(db: Any, tenant: Tenant, policy_key: str, lang: str | None) -> tuple[bytes, str]:
     """The config's JSON body and ETag (from the body, so every process agrees)."""
-    key = (tenant.id, policy_key, snippet.pick_lang(lang, tenant.default_lang))
+    key = (tenant.id, policy_key, snippet.lang_key(lang, tenant.default_lang))
     stamp = snippet.config_stamp(db, tenant.id, policy_key, utcnow())
     cached = _CONFIGS.get(key)
     if cached is not None and cached[0] == stamp:
@@ -275,14 +277,14 @@ def fast_config(request: Request, services: Any) -> Response | None:
         row = conn.execute(_FAST_CONFIG, params).first()
     if row is None or row.kind != "publishable" or not crypto.tokens_equal(row.key_hash, digest):
         return None
-    kind, _, tenant_id, origins, default_lang, *stamp = row
+    _, _, tenant_id, origins, default_lang, *stamp = row
     cors: dict[str, str] = {}
     origin = request.headers.get("origin")
     if origin is not None:
         if not origin_allowed(origins, origin):
             return None
         cors = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": "ETag"}
-    cached = _CONFIGS.get((tenant_id, query["policy"], snippet.pick_lang(query["lang"], default_lang)))
+    cached = _CONFIGS.get((tenant_id, query["policy"], snippet.lang_key(query["lang"], default_lang)))
     if cached is None or cached[0] != tuple(stamp):
         return None
     global fast_answers
@@ -315,6 +317,21 @@ def snippet_consents(ctx: Ctx) -> Any:
     s = ctx.services
     out = snippet.record_choices(ctx.db, ctx.tenant, ctx.body, visit, signer=s.signer, issuer=s.settings.issuer)
     return (201 if any(r["created"] for r in out["records"]) else 200), out
+
+
+@endpoint(auth="secret", summary="The tenant's snippet texts, theme and refusal cooldown (current, or an "
+          "earlier ?version=)", response=SnippetSettingsOut,
+          query=(Q("version", int, minimum=0, description="an earlier settings version (0: the built-in "
+                   "defaults)"),), responses={404: "no such version"})
+def get_snippet_settings(ctx: Ctx) -> Any:
+    return snippet.get_settings(ctx.db, ctx.tenant.id, ctx.query["version"])
+
+
+@endpoint(auth="secret", summary="Replace the tenant's snippet texts, theme and refusal cooldown; stored as "
+          "the next version (earlier ones are kept); the config serves it at once",
+          body=SnippetSettingsIn, response=SnippetSettingsOut, write=True)
+def put_snippet_settings(ctx: Ctx) -> Any:
+    return snippet.put_settings(ctx.db, ctx.tenant.id, ctx.body)
 
 
 @endpoint(auth="secret", summary="Mint a subject token for a user id (backends may also mint offline "
@@ -375,17 +392,19 @@ def load_asset(path: Path) -> Asset:
     return Asset(body, gzip.compress(body, 9, mtime=0), etag_of(body), sri(body))
 
 
-async def asset(request: Request) -> Asset:
-    """The snippet file, read once per process (a deploy restarts the service)."""
+async def asset(request: Request, name: str = "snippet.js") -> Asset:
+    """A built snippet file (snippet.js, or snippet.css beside it), read once per process (a
+    deploy restarts the service)."""
     state = request.app.state
-    found: Asset | None = getattr(state, "snippet_asset", None)
+    found_all: dict[str, Asset] = getattr(state, "snippet_assets", None) or {}
+    found = found_all.get(name)
     if found is None:
         try:
-            found = await run_in_threadpool(load_asset, snippet_path())
+            found = await run_in_threadpool(load_asset, snippet_path().with_name(name))
         except OSError:
-            raise NotFound("the snippet is not built (client-snippet/dist/snippet.js)",
+            raise NotFound(f"the snippet is not built (client-snippet/dist/{name})",
                            code="snippet_missing") from None
-        state.snippet_asset = found
+        state.snippet_assets = {**found_all, name: found}
     return found
 
 
@@ -394,17 +413,26 @@ def sri(body: bytes) -> str:
     return "sha384-" + b64encode(hashlib.sha384(body).digest()).decode()
 
 
+def asset_response(request: Request, found: Asset, media_type: str) -> Response:
+    headers = {"ETag": found.etag, "Cache-Control": SNIPPET_CACHE, "Access-Control-Allow-Origin": "*",
+               "Cross-Origin-Resource-Policy": "cross-origin", "Vary": "Accept-Encoding"}
+    if etag_matches(request.headers.get("if-none-match"), found.etag):
+        return Response(status_code=304, headers=headers)
+    body = found.body
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        body, headers["Content-Encoding"] = found.gzipped, "gzip"
+    return Response(body, media_type=media_type, headers=headers)
+
+
 @describe(summary="The consent snippet (JavaScript); cacheable, ETag, CORS *", responses={304: "not modified"})
 async def snippet_js(request: Request) -> Response:
-    js = await asset(request)
-    headers = {"ETag": js.etag, "Cache-Control": SNIPPET_CACHE, "Access-Control-Allow-Origin": "*",
-               "Cross-Origin-Resource-Policy": "cross-origin", "Vary": "Accept-Encoding"}
-    if etag_matches(request.headers.get("if-none-match"), js.etag):
-        return Response(status_code=304, headers=headers)
-    body = js.body
-    if "gzip" in request.headers.get("accept-encoding", ""):
-        body, headers["Content-Encoding"] = js.gzipped, "gzip"
-    return Response(body, media_type="text/javascript; charset=utf-8", headers=headers)
+    return asset_response(request, await asset(request), "text/javascript; charset=utf-8")
+
+
+@describe(summary="The snippet's stylesheet, linked by the snippet (CSP style-src 'self' <service>, no "
+          "inline style); cacheable, ETag, CORS *", responses={304: "not modified"})
+async def snippet_css(request: Request) -> Response:
+    return asset_response(request, await asset(request, "snippet.css"), "text/css; charset=utf-8")
 
 
 # --- /demo -------------------------------------------------------------------------------

@@ -398,3 +398,15 @@ class WebhookAttempt(SQLModel, table=True):
     error: str | None = Field(default=None, max_length=500)
     duration_ms: int = 0
 
+
+
+class SnippetSettings(SQLModel, table=True):
+    """One version of a tenant's banner texts and theme; every change adds a row (history)."""
+
+    __tablename__ = "snippet_settings"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=40)
+    version: int = Field(primary_key=True)
+    texts: dict[str, Any] = jsoncol()  # {lang: {text key: text}}, overrides of the built-in texts
+    theme: dict[str, Any] = jsoncol()  # mode, layout, brand, radius, font
+    refusal_cooldown_days: int = 182
+    created_at: datetime = ts()

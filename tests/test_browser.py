@@ -213,7 +213,7 @@ def test_keyboard_preference_center_escape_and_reject(live: Live, context: Any) 
     tab_to(page, "[data-cns=prefs]")
     page.wait_for_selector("#cns-prefs", state="visible")
     assert page.evaluate("document.activeElement.closest('#cns-prefs') !== null")  # focus moved in
-    assert page.evaluate("[...document.querySelectorAll('#cns-prefs input')].every(i => !i.checked)")
+    assert page.evaluate("[...document.querySelectorAll('#cns-prefs input:not([disabled])')].every(i => !i.checked)")
     page.screenshot(path=str(ARTIFACTS / "preferences.png"))
     page.keyboard.press("Escape")  # closes, records nothing
     assert page.locator("#cns-prefs").count() == 0

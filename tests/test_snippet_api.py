@@ -105,7 +105,8 @@ def test_config_languages(client: TestClient) -> None:
     assert de["lang"] == "de" and de["texts"]["accept_all"] == "Alle akzeptieren"
     assert de["purposes"][1]["title"] == "Werbe-E-Mails"
     assert de["purposes"][2]["title"] == "Analytics"  # no translation: the base title
-    assert config(t, lang="fr").json()["lang"] == "de"  # unsupported: the tenant's default
+    assert config(t, lang="fr").json()["lang"] == "fr"  # built-in French texts
+    assert config(t, lang="tlh").json()["lang"] == "de"  # unsupported: the tenant's default
     assert config(t).json()["lang"] == "de"
     en = config(t, lang="en-GB").json()
     assert en["lang"] == "en" and en["purposes"][1]["title"] == "Marketing email"
