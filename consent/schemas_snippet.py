@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -87,6 +87,7 @@ class SnippetConfig(BaseModel):
 
 
 TextKey = Literal[TEXT_KEYS]  # type: ignore[valid-type]
+Text = Annotated[str, Field(min_length=1, max_length=2000)]
 
 
 def _luminance(hex_colour: str) -> float:
@@ -115,18 +116,10 @@ class SnippetTheme(Strict):
 
 
 class SnippetSettingsIn(Strict):
-    texts: dict[Lang, dict[TextKey, str]] = Field(default_factory=dict, max_length=50,
-                                                  description="per language, overrides of the built-in texts")
+    texts: dict[Lang, dict[TextKey, Text]] = Field(default_factory=dict, max_length=50,
+                                                   description="per language, overrides of the built-in texts")
     theme: SnippetTheme = Field(default_factory=SnippetTheme)
     refusal_cooldown_days: int = Field(default=182, ge=0, le=730)
-
-    @model_validator(mode="after")
-    def _lengths(self) -> SnippetSettingsIn:
-        for lang, texts in self.texts.items():
-            for key, text in texts.items():
-                if not text.strip() or len(text) > 2000:
-                    raise ValueError(f"texts.{lang}.{key}: 1 to 2000 characters")
-        return self
 
 
 class SnippetSettingsOut(BaseModel):

@@ -77,7 +77,7 @@ def get_settings(db: Session, tenant_id: str, version: int | None = None) -> dic
         return settings_out(None)
     row = db.get(SnippetSettings, (tenant_id, version))
     if row is None:
-        raise NotFound(f"no snippet settings version {version}", code="snippet_settings_version_not_found")
+        raise NotFound(f"no snippet settings version {version}")
     return settings_out(row)
 
 
