@@ -83,8 +83,8 @@
      granted; <iframe data-consent data-src> loads once granted, with a click-to-load button */
   const act = () =>
     cfg &&
-    d.querySelectorAll("[data-consent],[data-category]").forEach((o, k = o.dataset.consent || o.dataset.category) => {
-      const ok = get(k) == "granted";
+    d.querySelectorAll("[data-consent],[data-category]").forEach((o) => {
+      const k = o.dataset.consent || o.dataset.category, ok = get(k) == "granted";
       if (o.type == "text/plain" && ok) {
         const n = d.createElement("script");
         for (const a of o.attributes) a.name != "type" && n.setAttribute(a.name, a.value);
@@ -134,10 +134,11 @@
   const wipe = (k) =>
     cfg.cookies.forEach((c) =>
       c.purpose == k &&
-      d.cookie.split(/;\s*/).forEach((s, n = s.split("=")[0]) =>
+      d.cookie.split(/;\s*/).forEach((s) => {
+        s = s.split("=")[0];
         // a disclosed name may end in * (a prefix, e.g. _ga_*)
-        RegExp("^" + c.name.replace("*", ".*") + "$").test(n) && ck(n + "=;max-age=0")
-      )
+        RegExp("^" + c.name.replace("*", ".*") + "$").test(s) && ck(s + "=;max-age=0");
+      })
     );
   const rec = (m, ch = []) => {
     each((p) => {
