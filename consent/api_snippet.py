@@ -61,6 +61,7 @@ log = logging.getLogger("consent.snippet")
 SNIPPET_MAX_BODY = 64 * 1024  # a snippet submission is a few hundred bytes
 ALLOW_HEADERS = "Authorization, Content-Type, If-None-Match"
 PREFLIGHT_MAX_AGE = "600"
+CONFIG_VARY = "Origin, Accept-Encoding"
 CONFIG_CACHE = "no-cache"  # stored, but revalidated (cheap: ETag) so a new version shows at once
 SNIPPET_CACHE = "public, max-age=86400, stale-while-revalidate=604800"
 GPC_LAST_UPDATE = "2026-11-22"  # when this service started honouring GPC; bump on policy change
@@ -128,7 +129,7 @@ def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: boo
             except ConsentError as exc:
                 response = problem_response(exc, request.url.path, _request_id(request))
             response.headers.update(cors)
-            response.headers["Vary"] = "Origin"
+            response.headers.setdefault("Vary", "Origin")
             return response
 
         handler.meta = meta  # type: ignore[attr-defined]
@@ -205,37 +206,40 @@ def etag_matches(header: str | None, etag: str) -> bool:
 # (snippet.config_stamp). A request costs the stamp query; the body and its ETag are rebuilt
 # only when the stamp moved. The stamp is read BEFORE building, so a cached body is never
 # older than its stamp: no write leaves the cache stale. Per process, bounded.
-_CONFIGS: OrderedDict[tuple[str, str, str], tuple[tuple[Any, ...], bytes, str]] = OrderedDict()
+# The gzipped body is kept beside it: a config is a few kB of JSON, on the banner's critical path.
+_CONFIGS: OrderedDict[tuple[str, str, str], tuple[tuple[Any, ...], bytes, str, bytes]] = OrderedDict()
 _CONFIGS_MAX = 1024
 _CONFIGS_LOCK = threading.Lock()
 
 
-def built_config(db: Any, tenant: Tenant, policy_key: str, lang: str | None) -> tuple[bytes, str]:
-    """The config's JSON body and ETag (from the body, so every process agrees)."""
+def built_config(db: Any, tenant: Tenant, policy_key: str, lang: str | None) -> tuple[bytes, str, bytes]:
+    """The config's JSON body, ETag (from the body, so every process agrees) and gzipped body."""
     key = (tenant.id, policy_key, snippet.lang_key(lang, tenant.default_lang))
     stamp = snippet.config_stamp(db, tenant.id, policy_key, utcnow())
     cached = _CONFIGS.get(key)
     if cached is not None and cached[0] == stamp:
-        return cached[1], cached[2]
+        return cached[1], cached[2], cached[3]
     body = dumps(snippet.build_config(db, tenant, policy_key, lang))
-    etag = etag_of(body)
+    etag, gz = etag_of(body), gzip.compress(body, 6, mtime=0)
     with _CONFIGS_LOCK:
-        _CONFIGS[key] = (stamp, body, etag)
+        _CONFIGS[key] = (stamp, body, etag, gz)
         _CONFIGS.move_to_end(key)
         while len(_CONFIGS) > _CONFIGS_MAX:
             _CONFIGS.popitem(last=False)
-    return body, etag
+    return body, etag, gz
 
 
 CONFIG_QUERY = (Q("lang", max_length=35, description="page language, e.g. de or de-AT (default: tenant's)"),
                 Q("policy", default="privacy", max_length=64, description="policy key"))
 
 
-def config_response(request: Request, body: bytes, etag: str, headers: dict[str, str]) -> Response:
-    """200 with the config, or 304 when If-None-Match names its ETag."""
-    headers = {"ETag": etag, "Cache-Control": CONFIG_CACHE, **headers}
+def config_response(request: Request, body: bytes, etag: str, gz: bytes, headers: dict[str, str]) -> Response:
+    """200 with the config (gzipped when accepted), or 304 when If-None-Match names its ETag."""
+    headers = {"ETag": etag, "Cache-Control": CONFIG_CACHE, **headers, "Vary": CONFIG_VARY}
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        body, headers["Content-Encoding"] = gz, "gzip"
     return Response(body, media_type="application/json", headers=headers)
 
 
@@ -289,7 +293,7 @@ def fast_config(request: Request, services: Any) -> Response | None:
         return None
     global fast_answers
     fast_answers += 1
-    return config_response(request, cached[1], cached[2], {**cors, "Vary": "Origin"})
+    return config_response(request, cached[1], cached[2], cached[3], cors)
 
 
 @cors_endpoint(summary="What the snippet shows: policy version in effect, purposes (with the version "
@@ -298,8 +302,7 @@ def fast_config(request: Request, services: Any) -> Response | None:
                responses={304: "not modified", 403: "origin not allowed", 404: "no policy version in effect"},
                query=CONFIG_QUERY, headers=("If-None-Match",))
 def snippet_config(ctx: Ctx) -> Any:
-    body, etag = built_config(ctx.db, ctx.tenant, ctx.query["policy"], ctx.query["lang"])
-    return config_response(ctx.request, body, etag, {})
+    return config_response(ctx.request, *built_config(ctx.db, ctx.tenant, ctx.query["policy"], ctx.query["lang"]), {})
 
 
 @cors_endpoint(summary="Record the visitor's choices (text/plain or JSON; only from allowed origins). "

@@ -147,3 +147,13 @@ def test_lifetimes_in_words(tenant: Tenant) -> None:
     cookies = {c["name"]: c for c in config(tenant, lang="de").json()["cookies"]}
     assert cookies["_ga"]["lifetime_text"] == "2 Jahre" and cookies["_ga"]["lifetime"] == 63072000
     assert cookies["session"]["lifetime_text"] == "bis zur Abmeldung"
+
+
+def test_config_is_compressed_and_varies_on_encoding(tenant: Tenant) -> None:
+    for _ in range(2):  # the route, then the fast path
+        packed = config(tenant, headers={"Accept-Encoding": "gzip"})
+        plain = config(tenant, headers={"Accept-Encoding": "identity"})
+        assert packed.headers["content-encoding"] == "gzip" and "content-encoding" not in plain.headers
+        assert packed.json() == plain.json() and packed.headers["etag"] == plain.headers["etag"]
+        assert int(packed.headers["content-length"]) < len(plain.content) / 2
+        assert packed.headers["vary"] == plain.headers["vary"] == "Origin, Accept-Encoding"
