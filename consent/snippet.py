@@ -27,7 +27,7 @@ from .models import (
 )
 from .schemas import ConsentIn, Evidence, Source, SubjectRef
 from .schemas_snippet import SnippetConsentsIn, SnippetSettingsIn
-from .snippet_texts import RTL, TEXTS, human_lifetime
+from .snippet_texts import LIST_SEPARATOR, RTL, TEXTS, human_lifetime
 
 LANG_RE = re.compile(r"^[a-z]{2,3}$")
 
@@ -157,7 +157,7 @@ def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None)
     # built-in texts of the language (English for a language only the tenant wrote), then the
     # tenant's own words for it
     texts = {**TEXTS.get(chosen, TEXTS["en"]), **own.get(chosen, {})}
-    titles = ", ".join(p["title"] for p in out_purposes)
+    titles = LIST_SEPARATOR.get(chosen, ", ").join(p["title"] for p in out_purposes)
     texts = {k: v.replace("{purposes}", titles) for k, v in texts.items()}
     cookies = []
     for c in version.cookies:

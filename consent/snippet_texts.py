@@ -14,6 +14,7 @@ TEXT_KEYS = ("title", "body", "accept_all", "reject_all", "settings", "save", "c
              "cookies_heading", "gpc_notice", "policy", "session_lifetime", "always_on", "col_cookie",
              "col_provider", "col_lifetime", "later", "load")
 RTL = frozenset({"ar", "he", "fa", "ur"})
+LIST_SEPARATOR = {"ar": "، ", "ja": "、", "zh": "、"}  # joins the purpose titles in {purposes}
 
 TEXTS: dict[str, dict[str, str]] = {
     "en": {

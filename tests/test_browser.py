@@ -32,6 +32,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PAGE = """<!doctype html><html lang="{lang}"><head><meta charset="utf-8"><title>Shop</title>
+<meta name="viewport" content="width=device-width,initial-scale=1">
 <script src="{api}/snippet.js" data-key="{key}" {extra} async></script></head>
 <body><h1>A customer's site</h1><p>Content <a href="#top">link</a></p>
 <a href="#" data-consent-open>Privacy choices</a></body></html>"""
@@ -666,3 +667,33 @@ def test_returning_visitor_decided_before_any_network(live: Live, context: Any) 
     page.wait_for_function("window.Consent && Consent.get('analytics') === 'granted'")
     assert page.locator("#cns-banner").count() == 0
     assert not any(u.startswith("OPTIONS") for u in seen)  # no CORS preflight on a page view
+
+
+def test_screenshots(live: Live, browser: Any) -> None:
+    """Banner and centre on desktop and phone, light, dark and RTL, into screens/ (not committed),
+    for a person to look at; each must show the banner within the viewport."""
+    sqlite_only(live)
+    t = live.tenant()
+    t.put("/v1/cookies/_ga", json={"provider": "Google", "purpose": "analytics", "lifetime": 63072000,
+                                   "description": "Distinguishes visitors."})
+    t.publish("v2", purposes=["strictly_necessary", "marketing_email", "analytics", "product_updates"])
+    SCREENS.mkdir(exist_ok=True)
+    devices = {"desktop": {"viewport": {"width": 1280, "height": 800}},
+               "phone": {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True,
+                         "device_scale_factor": 2}}
+    for device, opts in devices.items():
+        for look, scheme, lang in (("light", "light", "en"), ("dark", "dark", "en"), ("rtl", "light", "ar")):
+            ctx = browser.new_context(color_scheme=scheme, **opts)
+            try:
+                page = ctx.new_page()
+                page.goto(live.page_url(t, lang=lang))
+                page.wait_for_selector("#cns-banner", state="visible")
+                box = page.evaluate("document.getElementById('cns-banner').getBoundingClientRect().toJSON()")
+                assert box["bottom"] <= opts["viewport"]["height"] and box["left"] >= 0  # type: ignore[index]
+                page.screenshot(path=str(SCREENS / f"{device}-{look}-banner.png"))
+                page.click("[data-cns=prefs]")
+                page.wait_for_selector("#cns-prefs", state="visible")
+                page.click("#cns-prefs details:not(:empty) summary >> nth=-1")
+                page.screenshot(path=str(SCREENS / f"{device}-{look}-centre.png"))
+            finally:
+                ctx.close()

@@ -127,6 +127,8 @@ def test_every_shipped_language_is_complete(tenant: Tenant, lang: str) -> None:
     c = config(tenant, lang=lang).json()
     assert c["lang"] == lang and c["dir"] == ("rtl" if lang == "ar" else "ltr")
     assert "Necessary" in c["texts"]["body"] and "{purposes}" not in c["texts"]["body"]
+    assert ("Necessary، Marketing email" if lang == "ar" else "Necessary、Marketing email" if lang == "ja"
+            else "Necessary, Marketing email") in c["texts"]["body"]
 
 
 def test_lifetimes_in_words(tenant: Tenant) -> None:

@@ -279,7 +279,7 @@
           h(
             "tr",
             0,
-            h("td", 0, x.name, h("br"), x.description),
+            h("td", 0, h("bdi", 0, x.name), h("br"), x.description),
             h("td", 0, x.provider),
             h("td", 0, x.lifetime_text)
           )
