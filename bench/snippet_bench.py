@@ -122,19 +122,19 @@ def pages(api: str, cdn: str, key: str) -> dict[str, tuple[str, str]]:
            'content="width=device-width,initial-scale=1"><title>Bench</title>'
     cfg = f"{api}/v1/snippet/config?key={key}&amp;lang=en"
     return {
-        "snippet": (f'{head}<link rel="preload" as="fetch" crossorigin href="{cfg}">'
+        "snippet": ((f'{head}<link rel="preload" as="fetch" crossorigin href="{cfg}">'
                     f'<script src="{api}/snippet.js" data-key="{key}" data-lang="en" async></script>'
-                    f"</head><body>{TEXT}</body></html>", "#cns-banner"),
-        "snippet, no preload": (f'{head}<script src="{api}/snippet.js" data-key="{key}" async></script>'
-                                f"</head><body>{TEXT}</body></html>", "#cns-banner"),
-        "vanilla-cookieconsent 3": (f'{head}<link rel="stylesheet" href="{cdn}/vanilla.css">'
+                    f"</head><body>{TEXT}</body></html>"), "#cns-banner"),
+        "snippet, no preload": ((f'{head}<script src="{api}/snippet.js" data-key="{key}" async></script>'
+                                f"</head><body>{TEXT}</body></html>"), "#cns-banner"),
+        "vanilla-cookieconsent 3": ((f'{head}<link rel="stylesheet" href="{cdn}/vanilla.css">'
                                     f'<script defer src="{cdn}/vanilla.js"></script>'
                                     f"<script>addEventListener('DOMContentLoaded', () => {{ {VANILLA_RUN} }});"
-                                    f"</script></head><body>{TEXT}</body></html>", "#cc-main .cm"),
-        "Osano cookieconsent": (f'{head}<link rel="stylesheet" href="{cdn}/osano.css">'
+                                    f"</script></head><body>{TEXT}</body></html>"), "#cc-main .cm"),
+        "Osano cookieconsent": ((f'{head}<link rel="stylesheet" href="{cdn}/osano.css">'
                                 f'<script defer src="{cdn}/osano.js"></script>'
                                 f"<script>addEventListener('DOMContentLoaded', () => {{ {OSANO_RUN} }});"
-                                f"</script></head><body>{TEXT}</body></html>", ".cc-window"),
+                                f"</script></head><body>{TEXT}</body></html>"), ".cc-window"),
     }
 
 
