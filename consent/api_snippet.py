@@ -456,12 +456,13 @@ DEMO_PAGE = """<!doctype html>
 <title>Consent snippet demo</title>
 <style nonce="{nonce}">body{{font:16px/1.5 system-ui,sans-serif;max-width:42rem;margin:2rem auto;padding:0 1rem;color:#1a1a1a}}
 pre{{background:#f3f3f3;padding:1rem}}a{{color:#0645ad}}</style>
-<script src="/snippet.js" data-key="{key}" data-nonce="{nonce}" integrity="{integrity}" crossorigin="anonymous" async></script>
+<script src="/snippet.js" data-key="{key}" integrity="{integrity}" crossorigin="anonymous" async></script>
 <script src="/demo/demo.js" defer></script>
 </head><body>
 <h1>Consent snippet demo</h1>
 <p>This page embeds the snippet with the demo tenant's publishable key, under a strict
-Content-Security-Policy (no inline script; styles by nonce). Choose in the banner, then reload:
+Content-Security-Policy (no inline script; this page's own styles by nonce, the banner's by
+a constructable stylesheet). Choose in the banner, then reload:
 it stays silent until a material policy version asks again.</p>
 <p><a href="#" data-consent-open>Privacy choices</a> &middot;
 <a href="?key={key}&amp;lang=de">Deutsch</a> &middot; <a href="?key={key}&amp;lang=en">English</a></p>

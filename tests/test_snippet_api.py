@@ -424,6 +424,14 @@ def test_snippet_size_budget_and_published_sri() -> None:
     assert sri in docs, f"docs/snippet.md must publish the current SRI hash {sri}"
 
 
+def test_docs_publish_the_stub_and_its_csp_hash() -> None:
+    stub = (ROOT / "client-snippet" / "src" / "stub.js").read_text()
+    docs = (ROOT / "docs" / "snippet.md").read_text()
+    assert f"<script>\n{stub}</script>" in docs
+    digest = "sha256-" + base64.b64encode(hashlib.sha256(stub.encode()).digest()).decode()
+    assert f"script-src '{digest}'" in docs
+
+
 def test_demo_page(db_url: str, client: TestClient, tenant: Tenant) -> None:
     assert client.get("/demo").status_code == 404  # the test app runs with the demo off
     with TestClient(create_app(settings_for(db_url, demo=True))) as demo:
@@ -433,7 +441,7 @@ def test_demo_page(db_url: str, client: TestClient, tenant: Tenant) -> None:
         assert "script-src 'self';" in csp and "connect-src 'self'" in csp and "unsafe-inline" not in csp
         nonce = re.search(r"'nonce-([^']+)'", csp).group(1)  # type: ignore[union-attr]
         page = r.text
-        assert f'data-key="{tenant.publishable_key}"' in page and f'data-nonce="{nonce}"' in page
+        assert f'data-key="{tenant.publishable_key}"' in page and f'<style nonce="{nonce}">' in page
         assert '<html lang="de">' in page and "<script>" not in page and r.headers["x-frame-options"] == "DENY"
         assert 'integrity="sha384-' in page
         help_page = demo.get("/demo", params={"key": '"><script>alert(1)</script>'})
