@@ -1,7 +1,8 @@
 """What the browser snippet needs: its config (policy version, purposes with the version label
-whose answer counts, cookie disclosures, the tenant's texts and theme over the built-in ones in snippet_texts.py), recording a visitor's
-choices (GPC opt-outs once per subject, purpose and version) and linking an anonymous id to a
-user id. No Starlette here; the HTTP side (CORS, ETag) is in api_snippet.py."""
+whose answer counts, cookie disclosures, the tenant's texts and theme over the built-in ones in
+snippet_texts.py), the tenant's versioned snippet settings, recording a visitor's choices (GPC
+opt-outs once per subject, purpose and version) and linking an anonymous id to a user id. No
+Starlette here; the HTTP side (CORS, ETag) is in api_snippet.py."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def put_settings(db: Session, tenant_id: str, spec: SnippetSettingsIn) -> dict[s
     latest = current_settings(db, tenant_id)
     row = SnippetSettings(
         tenant_id=tenant_id, version=(latest.version if latest else 0) + 1,
-        texts={lang.lower(): dict(t) for lang, t in spec.texts.items()},
+        # one language per primary subtag (de-AT -> de), as the config picks languages
+        texts={lang.lower().split("-")[0]: dict(t) for lang, t in spec.texts.items()},
         theme=spec.theme.model_dump(), refusal_cooldown_days=spec.refusal_cooldown_days, created_at=utcnow())
     db.add(row)
     db.flush()

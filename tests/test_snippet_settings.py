@@ -33,11 +33,11 @@ def test_defaults_then_versions_are_kept(tenant: Tenant) -> None:
     first = tenant.put("/v1/tenant/snippet", json={"texts": {"en": {"title": "Cookies at Acme"}}})
     assert first.status_code == 200 and first.json()["version"] == 1
     second = tenant.put("/v1/tenant/snippet", json={
-        "texts": {"en": {"title": "Your choices at Acme"}, "DA": {"title": "Dine valg"}},
+        "texts": {"en": {"title": "Your choices at Acme"}, "DA-dk": {"title": "Dine valg"}},
         "theme": {"mode": "dark", "layout": "bar", "brand": "#7a1fa2", "radius": 0, "font": "Georgia, serif"},
         "refusal_cooldown_days": 30})
     assert second.status_code == 200 and second.json()["version"] == 2
-    assert second.json()["texts"]["da"] == {"title": "Dine valg"}  # language tags stored lower-case
+    assert second.json()["texts"]["da"] == {"title": "Dine valg"}  # under the primary subtag, lower-case
     current = tenant.get("/v1/tenant/snippet").json()
     assert current["version"] == 2 and current["theme"]["layout"] == "bar"
     older = tenant.get("/v1/tenant/snippet", params={"version": 1}).json()
