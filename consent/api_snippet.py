@@ -324,7 +324,7 @@ def snippet_consents(ctx: Ctx) -> Any:
 
 @endpoint(auth="secret", summary="The tenant's snippet texts, theme and refusal cooldown (current, or an "
           "earlier ?version=)", response=SnippetSettingsOut,
-          query=(Q("version", int, minimum=0, description="an earlier settings version (0: the built-in "
+          query=(Q("version", int, minimum=0, maximum=2**31 - 1, description="an earlier settings version (0: the built-in "
                    "defaults)"),), responses={404: "no such version"})
 def get_snippet_settings(ctx: Ctx) -> Any:
     return snippet.get_settings(ctx.db, ctx.tenant.id, ctx.query["version"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, StrictInt, model_validator
 
 from .schemas import Key, Lang, Strict
 from .snippet_texts import TEXT_KEYS
@@ -103,7 +103,7 @@ class SnippetTheme(Strict):
     layout: Literal["box", "bar"] = "box"
     brand: str = Field(default="#0b57d0", pattern=r"^#[0-9a-fA-F]{6}$",
                        description="buttons and links; white text on it needs 4.5:1 contrast")
-    radius: int = Field(default=8, ge=0, le=24, description="corner radius in px")
+    radius: StrictInt = Field(default=8, ge=0, le=24, description="corner radius in px")
     font: str | None = Field(default=None, max_length=200, pattern=r"^[A-Za-z0-9 ,'\"-]+$",
                              description="CSS font-family list; default system-ui")
 
@@ -119,7 +119,7 @@ class SnippetSettingsIn(Strict):
     texts: dict[Lang, dict[TextKey, Text]] = Field(default_factory=dict, max_length=50,
                                                    description="per language, overrides of the built-in texts")
     theme: SnippetTheme = Field(default_factory=SnippetTheme)
-    refusal_cooldown_days: int = Field(default=182, ge=0, le=730)
+    refusal_cooldown_days: StrictInt = Field(default=182, ge=0, le=730)
 
 
 class SnippetSettingsOut(BaseModel):

@@ -45,8 +45,9 @@ def test_defaults_then_versions_are_kept(tenant: Tenant) -> None:
     assert tenant.get("/v1/tenant/snippet", params={"version": 0}).json()["texts"] == {}
     missing = tenant.get("/v1/tenant/snippet", params={"version": 9})
     assert missing.status_code == 404 and missing.json()["code"] == "not_found"
-    bad = tenant.get("/v1/tenant/snippet", params={"version": -1})
-    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "version"
+    for bad_version in (-1, 2**31, "x"):
+        bad = tenant.get("/v1/tenant/snippet", params={"version": bad_version})
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "version"
 
 
 def test_publishable_key_cannot_read_or_write(tenant: Tenant) -> None:
@@ -66,6 +67,8 @@ def test_publishable_key_cannot_read_or_write(tenant: Tenant) -> None:
     ({"theme": {"font": "x;}body{display:none"}}, "theme.font"),
     ({"theme": {"layout": "modal"}}, "theme.layout"),
     ({"refusal_cooldown_days": -1}, "refusal_cooldown_days"),
+    ({"refusal_cooldown_days": False}, "refusal_cooldown_days"),
+    ({"theme": {"radius": "8"}}, "theme.radius"),
     ({"extra": 1}, "extra"),
 ])
 def test_bad_settings_are_422_and_store_nothing(tenant: Tenant, body: dict[str, Any], field: str) -> None:
