@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 TEXT_KEYS = ("title", "body", "accept_all", "reject_all", "settings", "save", "close", "acknowledge",
              "cookies_heading", "gpc_notice", "policy", "session_lifetime", "always_on", "col_cookie",
-             "col_provider", "col_lifetime", "later", "load")
+             "col_provider", "col_lifetime", "load")
 RTL = frozenset({"ar", "he", "fa", "ur"})
 LIST_SEPARATOR = {"ar": "، ", "ja": "、", "zh": "、"}  # joins the purpose titles in {purposes}
 
@@ -25,7 +25,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "Save choices", "close": "Close", "acknowledge": "OK", "cookies_heading": "Cookies",
         "gpc_notice": "Opt-Out Preference Signal Honored", "policy": "Privacy policy",
         "session_lifetime": "until sign-out", "always_on": "Always on", "col_cookie": "Cookie",
-        "col_provider": "Provider", "col_lifetime": "Lifetime", "later": "Decide later",
+        "col_provider": "Provider", "col_lifetime": "Lifetime",
         "load": "Load content",
     },
     "de": {
@@ -36,7 +36,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "Auswahl speichern", "close": "Schließen", "acknowledge": "OK", "cookies_heading": "Cookies",
         "gpc_notice": "Opt-out-Präferenzsignal berücksichtigt", "policy": "Datenschutzerklärung",
         "session_lifetime": "bis zur Abmeldung", "always_on": "Immer aktiv", "col_cookie": "Cookie",
-        "col_provider": "Anbieter", "col_lifetime": "Laufzeit", "later": "Später entscheiden",
+        "col_provider": "Anbieter", "col_lifetime": "Laufzeit",
         "load": "Inhalt laden",
     },
     "fr": {
@@ -48,7 +48,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "Enregistrer", "close": "Fermer", "acknowledge": "OK", "cookies_heading": "Cookies",
         "gpc_notice": "Signal de préférence de refus respecté", "policy": "Politique de confidentialité",
         "session_lifetime": "jusqu'à la déconnexion", "always_on": "Toujours actif", "col_cookie": "Cookie",
-        "col_provider": "Fournisseur", "col_lifetime": "Durée", "later": "Décider plus tard",
+        "col_provider": "Fournisseur", "col_lifetime": "Durée",
         "load": "Charger le contenu",
     },
     "es": {
@@ -59,7 +59,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "Guardar", "close": "Cerrar", "acknowledge": "De acuerdo", "cookies_heading": "Cookies",
         "gpc_notice": "Señal de preferencia de exclusión respetada", "policy": "Política de privacidad",
         "session_lifetime": "hasta cerrar sesión", "always_on": "Siempre activas", "col_cookie": "Cookie",
-        "col_provider": "Proveedor", "col_lifetime": "Duración", "later": "Decidir más tarde",
+        "col_provider": "Proveedor", "col_lifetime": "Duración",
         "load": "Cargar contenido",
     },
     "it": {
@@ -70,7 +70,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "Salva scelte", "close": "Chiudi", "acknowledge": "OK", "cookies_heading": "Cookie",
         "gpc_notice": "Segnale di preferenza di opt-out rispettato", "policy": "Informativa sulla privacy",
         "session_lifetime": "fino alla disconnessione", "always_on": "Sempre attivi", "col_cookie": "Cookie",
-        "col_provider": "Fornitore", "col_lifetime": "Durata", "later": "Decidi più tardi",
+        "col_provider": "Fornitore", "col_lifetime": "Durata",
         "load": "Carica contenuto",
     },
     "nl": {
@@ -81,7 +81,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "Keuzes opslaan", "close": "Sluiten", "acknowledge": "OK", "cookies_heading": "Cookies",
         "gpc_notice": "Opt-outvoorkeurssignaal gerespecteerd", "policy": "Privacybeleid",
         "session_lifetime": "tot afmelden", "always_on": "Altijd aan", "col_cookie": "Cookie",
-        "col_provider": "Aanbieder", "col_lifetime": "Looptijd", "later": "Later beslissen",
+        "col_provider": "Aanbieder", "col_lifetime": "Looptijd",
         "load": "Inhoud laden",
     },
     "pt": {
@@ -92,7 +92,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "Guardar escolhas", "close": "Fechar", "acknowledge": "OK", "cookies_heading": "Cookies",
         "gpc_notice": "Sinal de preferência de exclusão respeitado", "policy": "Política de privacidade",
         "session_lifetime": "até terminar a sessão", "always_on": "Sempre ativos", "col_cookie": "Cookie",
-        "col_provider": "Fornecedor", "col_lifetime": "Duração", "later": "Decidir mais tarde",
+        "col_provider": "Fornecedor", "col_lifetime": "Duração",
         "load": "Carregar conteúdo",
     },
     "pl": {
@@ -103,7 +103,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "Zapisz wybór", "close": "Zamknij", "acknowledge": "OK", "cookies_heading": "Pliki cookie",
         "gpc_notice": "Sygnał preferencji rezygnacji uwzględniony", "policy": "Polityka prywatności",
         "session_lifetime": "do wylogowania", "always_on": "Zawsze włączone", "col_cookie": "Plik cookie",
-        "col_provider": "Dostawca", "col_lifetime": "Okres ważności", "later": "Zdecyduj później",
+        "col_provider": "Dostawca", "col_lifetime": "Okres ważności",
         "load": "Wczytaj treść",
     },
     "sv": {
@@ -114,7 +114,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "Spara val", "close": "Stäng", "acknowledge": "OK", "cookies_heading": "Kakor",
         "gpc_notice": "Signal för avböjande respekteras", "policy": "Integritetspolicy",
         "session_lifetime": "tills du loggar ut", "always_on": "Alltid på", "col_cookie": "Kaka",
-        "col_provider": "Leverantör", "col_lifetime": "Livslängd", "later": "Bestäm senare",
+        "col_provider": "Leverantör", "col_lifetime": "Livslängd",
         "load": "Läs in innehåll",
     },
     "ja": {
@@ -125,7 +125,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "選択を保存", "close": "閉じる", "acknowledge": "OK", "cookies_heading": "Cookie",
         "gpc_notice": "オプトアウト設定シグナルを尊重しています", "policy": "プライバシーポリシー",
         "session_lifetime": "サインアウトまで", "always_on": "常に有効", "col_cookie": "Cookie",
-        "col_provider": "提供元", "col_lifetime": "有効期間", "later": "後で決める",
+        "col_provider": "提供元", "col_lifetime": "有効期間",
         "load": "コンテンツを読み込む",
     },
     "hi": {
@@ -136,7 +136,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "save": "विकल्प सहेजें", "close": "बंद करें", "acknowledge": "ठीक है", "cookies_heading": "कुकीज़",
         "gpc_notice": "ऑप्ट-आउट प्राथमिकता संकेत का सम्मान किया गया", "policy": "गोपनीयता नीति",
         "session_lifetime": "साइन-आउट तक", "always_on": "हमेशा चालू", "col_cookie": "कुकी",
-        "col_provider": "प्रदाता", "col_lifetime": "अवधि", "later": "बाद में तय करें",
+        "col_provider": "प्रदाता", "col_lifetime": "अवधि",
         "load": "सामग्री लोड करें",
     },
     "ar": {
@@ -148,7 +148,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "cookies_heading": "ملفات تعريف الارتباط",
         "gpc_notice": "تم احترام إشارة تفضيل إلغاء الاشتراك", "policy": "سياسة الخصوصية",
         "session_lifetime": "حتى تسجيل الخروج", "always_on": "مفعّلة دائمًا", "col_cookie": "الملف",
-        "col_provider": "المزوّد", "col_lifetime": "المدة", "later": "القرار لاحقًا",
+        "col_provider": "المزوّد", "col_lifetime": "المدة",
         "load": "تحميل المحتوى",
     },
 }
