@@ -403,7 +403,8 @@ async def asset(request: Request, name: str = "snippet.js") -> Asset:
     found = found_all.get(name)
     if found is None:
         try:
-            found = await run_in_threadpool(load_asset, snippet_path().with_name(name))
+            path = snippet_path()  # CONSENT_SNIPPET_PATH may name the script anything
+            found = await run_in_threadpool(load_asset, path if name == "snippet.js" else path.with_name(name))
         except OSError:
             raise NotFound(f"the snippet is not built (client-snippet/dist/{name})",
                            code="snippet_missing") from None

@@ -530,3 +530,21 @@ def test_fast_config_answers_exactly_as_the_route(tenant: Tenant) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql(f"UPDATE api_key SET revoked_at = '2026-01-01 00:00:00' WHERE tenant_id = '{tenant.id}'")
     assert config(tenant, origin="https://new.example").status_code == 401
+
+
+def test_snippet_path_setting_serves_the_script_and_its_stylesheet(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONSENT_SNIPPET_PATH may name the script anything; /snippet.css is the file beside it."""
+    (tmp_path / "custom-build.js").write_text("/* custom */")
+    (tmp_path / "snippet.css").write_text(".cns-ui{color:red}")
+    monkeypatch.setenv("CONSENT_SNIPPET_PATH", str(tmp_path / "custom-build.js"))
+    with TestClient(create_app(settings_for(db_url))) as c:
+        js, css = c.get("/snippet.js"), c.get("/snippet.css")
+        assert js.status_code == 200 and js.text == "/* custom */"
+        assert css.status_code == 200 and css.text == ".cns-ui{color:red}"
+        assert css.headers["content-type"].startswith("text/css") and css.headers["etag"]
+        assert c.get("/snippet.css", headers={"If-None-Match": css.headers["etag"]}).status_code == 304
+    (tmp_path / "snippet.css").unlink()
+    with TestClient(create_app(settings_for(db_url))) as c:
+        missing = c.get("/snippet.css")
+        assert missing.status_code == 404 and missing.json()["code"] == "snippet_missing"
