@@ -50,6 +50,8 @@ from .schemas_snippet import (
     SnippetConsentsIn,
     SnippetConsentsOut,
     SnippetGpcOut,
+    SnippetSettingsIn,
+    SnippetSettingsOut,
     SubjectTokenIn,
     SubjectTokenOut,
     SubjectTokenSecretOut,
@@ -61,6 +63,7 @@ log = logging.getLogger("consent.snippet")
 SNIPPET_MAX_BODY = 64 * 1024  # a snippet submission is a few hundred bytes
 ALLOW_HEADERS = "Authorization, Content-Type, If-None-Match"
 PREFLIGHT_MAX_AGE = "600"
+CONFIG_VARY = "Origin, Accept-Encoding"
 CONFIG_CACHE = "no-cache"  # stored, but revalidated (cheap: ETag) so a new version shows at once
 SNIPPET_CACHE = "public, max-age=86400, stale-while-revalidate=604800"
 GPC_LAST_UPDATE = "2026-11-22"  # when this service started honouring GPC; bump on policy change
@@ -132,7 +135,7 @@ def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: boo
             except ConsentError as exc:
                 response = problem_response(exc, request.url.path, _request_id(request))
             response.headers.update(cors)
-            response.headers["Vary"] = "Origin"
+            response.headers.setdefault("Vary", "Origin")
             return response
 
         handler.meta = meta  # type: ignore[attr-defined]
@@ -209,37 +212,40 @@ def etag_matches(header: str | None, etag: str) -> bool:
 # (snippet.config_stamp). A request costs the stamp query; the body and its ETag are rebuilt
 # only when the stamp moved. The stamp is read BEFORE building, so a cached body is never
 # older than its stamp: no write leaves the cache stale. Per process, bounded.
-_CONFIGS: OrderedDict[tuple[str, str, str], tuple[tuple[Any, ...], bytes, str]] = OrderedDict()
+# The gzipped body is kept beside it: a config is a few kB of JSON, on the banner's critical path.
+_CONFIGS: OrderedDict[tuple[str, str, str], tuple[tuple[Any, ...], bytes, str, bytes]] = OrderedDict()
 _CONFIGS_MAX = 1024
 _CONFIGS_LOCK = threading.Lock()
 
 
-def built_config(db: Any, tenant: Tenant, policy_key: str, lang: str | None) -> tuple[bytes, str]:
-    """The config's JSON body and ETag (from the body, so every process agrees)."""
-    key = (tenant.id, policy_key, snippet.pick_lang(lang, tenant.default_lang))
+def built_config(db: Any, tenant: Tenant, policy_key: str, lang: str | None) -> tuple[bytes, str, bytes]:
+    """The config's JSON body, ETag (from the body, so every process agrees) and gzipped body."""
+    key = (tenant.id, policy_key, snippet.lang_key(lang, tenant.default_lang))
     stamp = snippet.config_stamp(db, tenant.id, policy_key, utcnow())
     cached = _CONFIGS.get(key)
     if cached is not None and cached[0] == stamp:
-        return cached[1], cached[2]
+        return cached[1], cached[2], cached[3]
     body = dumps(snippet.build_config(db, tenant, policy_key, lang))
-    etag = etag_of(body)
+    etag, gz = etag_of(body), gzip.compress(body, 6, mtime=0)
     with _CONFIGS_LOCK:
-        _CONFIGS[key] = (stamp, body, etag)
+        _CONFIGS[key] = (stamp, body, etag, gz)
         _CONFIGS.move_to_end(key)
         while len(_CONFIGS) > _CONFIGS_MAX:
             _CONFIGS.popitem(last=False)
-    return body, etag
+    return body, etag, gz
 
 
 CONFIG_QUERY = (Q("lang", max_length=35, description="page language, e.g. de or de-AT (default: tenant's)"),
                 Q("policy", default="privacy", max_length=64, description="policy key"))
 
 
-def config_response(request: Request, body: bytes, etag: str, headers: dict[str, str]) -> Response:
-    """200 with the config, or 304 when If-None-Match names its ETag."""
-    headers = {"ETag": etag, "Cache-Control": CONFIG_CACHE, **headers}
+def config_response(request: Request, body: bytes, etag: str, gz: bytes, headers: dict[str, str]) -> Response:
+    """200 with the config (gzipped when accepted), or 304 when If-None-Match names its ETag."""
+    headers = {"ETag": etag, "Cache-Control": CONFIG_CACHE, **headers, "Vary": CONFIG_VARY}
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        body, headers["Content-Encoding"] = gz, "gzip"
     return Response(body, media_type="application/json", headers=headers)
 
 
@@ -281,19 +287,19 @@ def fast_config(request: Request, services: Any) -> Response | None:
         row = conn.execute(_FAST_CONFIG, params).first()
     if row is None or row.kind != "publishable" or not crypto.tokens_equal(row.key_hash, digest):
         return None
-    kind, _, tenant_id, origins, default_lang, *stamp = row
+    _, _, tenant_id, origins, default_lang, *stamp = row
     cors: dict[str, str] = {}
     origin = request.headers.get("origin")
     if origin is not None:
         if not origin_allowed(origins, origin):
             return None
         cors = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": "ETag"}
-    cached = _CONFIGS.get((tenant_id, query["policy"], snippet.pick_lang(query["lang"], default_lang)))
+    cached = _CONFIGS.get((tenant_id, query["policy"], snippet.lang_key(query["lang"], default_lang)))
     if cached is None or cached[0] != tuple(stamp):
         return None
     global fast_answers
     fast_answers += 1
-    return config_response(request, cached[1], cached[2], {**cors, "Vary": "Origin"})
+    return config_response(request, cached[1], cached[2], cached[3], cors)
 
 
 @cors_endpoint(summary="What the snippet shows: policy version in effect, purposes (with the version "
@@ -302,8 +308,7 @@ def fast_config(request: Request, services: Any) -> Response | None:
                responses={304: "not modified", 403: "origin not allowed", 404: "no policy version in effect"},
                query=CONFIG_QUERY, headers=("If-None-Match",))
 def snippet_config(ctx: Ctx) -> Any:
-    body, etag = built_config(ctx.db, ctx.tenant, ctx.query["policy"], ctx.query["lang"])
-    return config_response(ctx.request, body, etag, {})
+    return config_response(ctx.request, *built_config(ctx.db, ctx.tenant, ctx.query["policy"], ctx.query["lang"]), {})
 
 
 @cors_endpoint(summary="Record the visitor's choices (text/plain or JSON; only from allowed origins). "
@@ -333,6 +338,21 @@ def snippet_consents(ctx: Ctx) -> Any:
 def snippet_gpc(ctx: Ctx) -> Any:
     signal = ctx.query["gpc"] == "true" or ctx.request.headers.get("sec-gpc", "").strip() == "1"
     return snippet.gpc_status(ctx.db, ctx.tenant, anonymous_id=ctx.query["anonymous_id"], signal=signal)
+
+
+@endpoint(auth="secret", summary="The tenant's snippet texts, theme and refusal cooldown (current, or an "
+          "earlier ?version=)", response=SnippetSettingsOut,
+          query=(Q("version", int, minimum=0, maximum=2**31 - 1, description="an earlier settings version (0: the built-in "
+                   "defaults)"),), responses={404: "no such version"})
+def get_snippet_settings(ctx: Ctx) -> Any:
+    return snippet.get_settings(ctx.db, ctx.tenant.id, ctx.query["version"])
+
+
+@endpoint(auth="secret", summary="Replace the tenant's snippet texts, theme and refusal cooldown; stored as "
+          "the next version (earlier ones are kept); the config serves it at once",
+          body=SnippetSettingsIn, response=SnippetSettingsOut, write=True)
+def put_snippet_settings(ctx: Ctx) -> Any:
+    return snippet.put_settings(ctx.db, ctx.tenant.id, ctx.body)
 
 
 @endpoint(auth="secret", summary="Mint a subject token for a user id (backends may also mint offline "
@@ -394,17 +414,20 @@ def load_asset(path: Path) -> Asset:
     return Asset(body, gzip.compress(body, 9, mtime=0), etag_of(body), sri(body))
 
 
-async def asset(request: Request) -> Asset:
-    """The snippet file, read once per process (a deploy restarts the service)."""
+async def asset(request: Request, name: str = "snippet.js") -> Asset:
+    """A built snippet file (snippet.js, or snippet.css beside it), read once per process (a
+    deploy restarts the service)."""
     state = request.app.state
-    found: Asset | None = getattr(state, "snippet_asset", None)
+    found_all: dict[str, Asset] = getattr(state, "snippet_assets", None) or {}
+    found = found_all.get(name)
     if found is None:
         try:
-            found = await run_in_threadpool(load_asset, snippet_path())
+            path = snippet_path()  # CONSENT_SNIPPET_PATH may name the script anything
+            found = await run_in_threadpool(load_asset, path if name == "snippet.js" else path.with_name(name))
         except OSError:
-            raise NotFound("the snippet is not built (client-snippet/dist/snippet.js)",
+            raise NotFound(f"the snippet is not built (client-snippet/dist/{name})",
                            code="snippet_missing") from None
-        state.snippet_asset = found
+        state.snippet_assets = {**found_all, name: found}
     return found
 
 
@@ -413,17 +436,26 @@ def sri(body: bytes) -> str:
     return "sha384-" + b64encode(hashlib.sha384(body).digest()).decode()
 
 
+def asset_response(request: Request, found: Asset, media_type: str) -> Response:
+    headers = {"ETag": found.etag, "Cache-Control": SNIPPET_CACHE, "Access-Control-Allow-Origin": "*",
+               "Cross-Origin-Resource-Policy": "cross-origin", "Vary": "Accept-Encoding"}
+    if etag_matches(request.headers.get("if-none-match"), found.etag):
+        return Response(status_code=304, headers=headers)
+    body = found.body
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        body, headers["Content-Encoding"] = found.gzipped, "gzip"
+    return Response(body, media_type=media_type, headers=headers)
+
+
 @describe(summary="The consent snippet (JavaScript); cacheable, ETag, CORS *", responses={304: "not modified"})
 async def snippet_js(request: Request) -> Response:
-    js = await asset(request)
-    headers = {"ETag": js.etag, "Cache-Control": SNIPPET_CACHE, "Access-Control-Allow-Origin": "*",
-               "Cross-Origin-Resource-Policy": "cross-origin", "Vary": "Accept-Encoding"}
-    if etag_matches(request.headers.get("if-none-match"), js.etag):
-        return Response(status_code=304, headers=headers)
-    body = js.body
-    if "gzip" in request.headers.get("accept-encoding", ""):
-        body, headers["Content-Encoding"] = js.gzipped, "gzip"
-    return Response(body, media_type="text/javascript; charset=utf-8", headers=headers)
+    return asset_response(request, await asset(request), "text/javascript; charset=utf-8")
+
+
+@describe(summary="The snippet's stylesheet, linked by the snippet (CSP style-src 'self' <service>, no "
+          "inline style); cacheable, ETag, CORS *", responses={304: "not modified"})
+async def snippet_css(request: Request) -> Response:
+    return asset_response(request, await asset(request, "snippet.css"), "text/css; charset=utf-8")
 
 
 # --- /demo -------------------------------------------------------------------------------
@@ -444,12 +476,13 @@ DEMO_PAGE = """<!doctype html>
 <title>Consent snippet demo</title>
 <style nonce="{nonce}">body{{font:16px/1.5 system-ui,sans-serif;max-width:42rem;margin:2rem auto;padding:0 1rem;color:#1a1a1a}}
 pre{{background:#f3f3f3;padding:1rem}}a{{color:#0645ad}}</style>
-<script src="/snippet.js" data-key="{key}" data-nonce="{nonce}" integrity="{integrity}" crossorigin="anonymous" async></script>
+<script src="/snippet.js" data-key="{key}" integrity="{integrity}" crossorigin="anonymous" async></script>
 <script src="/demo/demo.js" defer></script>
 </head><body>
 <h1>Consent snippet demo</h1>
 <p>This page embeds the snippet with the demo tenant's publishable key, under a strict
-Content-Security-Policy (no inline script; styles by nonce). Choose in the banner, then reload:
+Content-Security-Policy (no inline script; this page's own styles by nonce, the banner's by
+a constructable stylesheet). Choose in the banner, then reload:
 it stays silent until a material policy version asks again.</p>
 <p><a href="#" data-consent-open>Privacy choices</a> &middot;
 <a href="?key={key}&amp;lang=de">Deutsch</a> &middot; <a href="?key={key}&amp;lang=en">English</a></p>

@@ -152,6 +152,9 @@ routes = [
     Route("/v1/subject-links", api_snippet.link_subject, methods=["POST"], name="link_subject"),
     Route("/.well-known/gpc.json", api_snippet.gpc_json, methods=["GET"], name="gpc_json"),
     Route("/snippet.js", api_snippet.snippet_js, methods=["GET"], name="snippet_js"),
+    Route("/snippet.css", api_snippet.snippet_css, methods=["GET"], name="snippet_css"),
+    Route("/v1/tenant/snippet", api_snippet.get_snippet_settings, methods=["GET"], name="get_snippet_settings"),
+    Route("/v1/tenant/snippet", api_snippet.put_snippet_settings, methods=["PUT"], name="put_snippet_settings"),
     Route("/demo", api_snippet.demo_page, methods=["GET"], name="demo"),
     Route("/demo/demo.js", api_snippet.demo_js, methods=["GET"], name="demo_js"),
     # --- end snippet ---

@@ -526,3 +526,15 @@ class DashboardEvent(SQLModel, table=True):
     action: str = Field(max_length=40)
     target: str | None = Field(default=None, max_length=400)
     detail: dict[str, Any] | None = jsoncol(nullable=True)
+
+
+class SnippetSettings(SQLModel, table=True):
+    """One version of a tenant's banner texts and theme; every change adds a row (history)."""
+
+    __tablename__ = "snippet_settings"
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=40)
+    version: int = Field(primary_key=True)
+    texts: dict[str, Any] = jsoncol()  # {lang: {text key: text}}, overrides of the built-in texts
+    theme: dict[str, Any] = jsoncol()  # mode, layout, brand, radius, font
+    refusal_cooldown_days: int = 182
+    created_at: datetime = ts()

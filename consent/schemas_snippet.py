@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, StrictInt, model_validator
 
-from .schemas import Key, Strict
+from .schemas import Key, Lang, Strict
+from .snippet_texts import TEXT_KEYS
 
 ANON_PATTERN = r"^[A-Za-z0-9_-]+$"
 
@@ -74,10 +75,60 @@ class SnippetPolicy(BaseModel):
 class SnippetConfig(BaseModel):
     tenant: str
     lang: str
+    dir: Literal["ltr", "rtl"]
     policy: SnippetPolicy
     purposes: list[SnippetPurpose]
-    cookies: list[dict[str, Any]]
+    cookies: list[dict[str, Any]] = Field(description="disclosures; lifetime_text is the lifetime in words")
     texts: dict[str, str]
+    theme: dict[str, Any]
+    cooldown_days: int = Field(description="after a refusal, no new question for this many days "
+                                           "unless a material version asks again")
+    settings_version: int = Field(description="version of the tenant's snippet settings (0: built-in)")
+
+
+TextKey = Literal[TEXT_KEYS]  # type: ignore[valid-type]
+Text = Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+def _luminance(hex_colour: str) -> float:
+    def channel(c: int) -> float:
+        v = c / 255
+        return v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+
+
+class SnippetTheme(Strict):
+    mode: Literal["auto", "light", "dark"] = Field(default="auto", description="auto follows prefers-color-scheme")
+    layout: Literal["box", "bar"] = "box"
+    brand: str = Field(default="#0b57d0", pattern=r"^#[0-9a-fA-F]{6}$",
+                       description="buttons and links; white text on it needs 4.5:1 contrast")
+    radius: StrictInt = Field(default=8, ge=0, le=24, description="corner radius in px")
+    font: str | None = Field(default=None, max_length=200, pattern=r"^[A-Za-z0-9 ,'\"-]+$",
+                             description="CSS font-family list; default system-ui")
+
+    @model_validator(mode="after")
+    def _contrast(self) -> SnippetTheme:
+        # white button text on the brand colour must stay readable (WCAG AA, 4.5:1)
+        if 1.05 / (_luminance(self.brand) + 0.05) < 4.5:
+            raise ValueError(f"brand {self.brand} is too light: white text on it is under 4.5:1 contrast")
+        return self
+
+
+class SnippetSettingsIn(Strict):
+    texts: dict[Lang, dict[TextKey, Text]] = Field(default_factory=dict, max_length=50,
+                                                   description="per language, overrides of the built-in texts")
+    theme: SnippetTheme = Field(default_factory=SnippetTheme)
+    refusal_cooldown_days: StrictInt = Field(default=182, ge=0, le=730)
+
+
+class SnippetSettingsOut(BaseModel):
+    version: int = Field(description="0 while the built-in defaults apply; every PUT adds one")
+    texts: dict[str, dict[str, str]]
+    theme: dict[str, Any]
+    refusal_cooldown_days: int
+    created_at: datetime | None
+    languages: list[str] = Field(description="languages with built-in texts")
 
 
 class SubjectTokenIn(Strict):

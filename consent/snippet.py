@@ -1,10 +1,12 @@
 """What the browser snippet needs: its config (policy version, purposes with the version label
-whose answer counts, cookie disclosures, texts in English and German), recording a visitor's
-choices (GPC opt-outs once per subject, purpose and version) and linking an anonymous id to a
-user id. No Starlette here; the HTTP side (CORS, ETag) is in api_snippet.py."""
+whose answer counts, cookie disclosures, the tenant's texts and theme over the built-in ones in
+snippet_texts.py), the tenant's versioned snippet settings, recording a visitor's choices (GPC
+opt-outs once per subject, purpose and version) and linking an anonymous id to a user id. No
+Starlette here; the HTTP side (CORS, ETag) is in api_snippet.py."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -16,55 +18,89 @@ from .catalog import current_version, get_purpose, get_version, list_purposes
 from .checks import subject_states
 from .errors import BadToken, Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
 from .ledger import SI, STATE, find_subject_id, lock_subject, record_decision, resolve_subject
-from .models import ConsentRecord, PolicyPurpose, PolicyVersion, Purpose, Tenant, utcnow
+from .models import (
+    ConsentRecord,
+    PolicyPurpose,
+    PolicyVersion,
+    Purpose,
+    SnippetSettings,
+    Tenant,
+    utcnow,
+)
 from .schemas import ConsentIn, Evidence, Source, SubjectRef
-from .schemas_snippet import SnippetConsentsIn
+from .schemas_snippet import SnippetConsentsIn, SnippetSettingsIn
+from .snippet_texts import LIST_SEPARATOR, RTL, TEXTS, human_lifetime
 
-TEXTS: dict[str, dict[str, str]] = {
-    "en": {
-        "title": "Your privacy choices",
-        "body": "We use one cookie that is strictly necessary to run this site. Everything else "
-                "is off unless you opt in; you can change your mind at any time.",
-        "accept_all": "Accept all",
-        "reject_all": "Reject all",
-        "settings": "Preferences",
-        "save": "Save choices",
-        "close": "Close",
-        "acknowledge": "OK",
-        "cookies_heading": "Cookies we use",
-        "gpc_notice": "Your browser sends a Global Privacy Control signal. We treat it as an opt-out "
-                      "for the purposes it covers; you can still opt in here.",
-        "policy": "Privacy policy",
-        "session_lifetime": "ends at sign-out",
-    },
-    "de": {
-        "title": "Ihre Datenschutz-Einstellungen",
-        "body": "Wir verwenden ein Cookie, das für den Betrieb dieser Website unbedingt erforderlich "
-                "ist. Alles andere bleibt aus, bis Sie zustimmen; Sie können Ihre Wahl jederzeit ändern.",
-        "accept_all": "Alle akzeptieren",
-        "reject_all": "Alle ablehnen",
-        "settings": "Einstellungen",
-        "save": "Auswahl speichern",
-        "close": "Schließen",
-        "acknowledge": "OK",
-        "cookies_heading": "Verwendete Cookies",
-        "gpc_notice": "Ihr Browser sendet ein Global-Privacy-Control-Signal. Wir werten es als "
-                      "Widerspruch für die betroffenen Zwecke; Sie können hier trotzdem zustimmen.",
-        "policy": "Datenschutzerklärung",
-        "session_lifetime": "endet bei der Abmeldung",
-    },
-}
+LANG_RE = re.compile(r"^[a-z]{2,3}$")
 
 
-def pick_lang(requested: str | None, default: str) -> str:
-    """The first supported language among ``requested`` (e.g. ``de-AT`` -> ``de``), the
-    tenant's default and English."""
+def lang_key(requested: str | None, default: str) -> str:
+    """The primary language subtag asked for (``de-AT`` -> ``de``), else the tenant's default:
+    what a built config is cached under (``build_config`` then picks among the languages it
+    has texts for)."""
+    for tag in (requested, default):
+        primary = (tag or "").strip().lower().split("-")[0]
+        if LANG_RE.match(primary):
+            return primary
+    return "en"
+
+
+def pick_lang(requested: str | None, default: str, extra: Any = ()) -> str:
+    """The first language with texts (built-in, or the tenant's own in ``extra``) among
+    ``requested`` (e.g. ``de-AT`` -> ``de``), the tenant's default and English."""
     for tag in (requested, default):
         if tag:
             primary = tag.strip().lower().split("-")[0]
-            if primary in TEXTS:
+            if primary in TEXTS or primary in extra:
                 return primary
     return "en"
+
+
+def current_settings(db: Session, tenant_id: str) -> SnippetSettings | None:
+    """The tenant's newest snippet settings row, or None while the built-in defaults apply."""
+    return db.execute(sa.select(SnippetSettings).where(SnippetSettings.tenant_id == tenant_id)  # type: ignore[arg-type]
+                      .order_by(SnippetSettings.version.desc()).limit(1)).scalars().first()  # type: ignore[attr-defined]
+
+
+def settings_out(row: SnippetSettings | None) -> dict[str, Any]:
+    """The API shape of a settings row (the defaults when there is none)."""
+    defaults = SnippetSettingsIn()
+    return {"version": row.version if row else 0, "texts": row.texts if row else {},
+            "theme": row.theme if row else defaults.theme.model_dump(),
+            "refusal_cooldown_days": row.refusal_cooldown_days if row else defaults.refusal_cooldown_days,
+            "created_at": row.created_at if row else None, "languages": sorted(TEXTS)}
+
+
+def get_settings(db: Session, tenant_id: str, version: int | None = None) -> dict[str, Any]:
+    """The current settings, or one earlier ``version`` (404 if there is none)."""
+    if version is None:
+        return settings_out(current_settings(db, tenant_id))
+    if version == 0:
+        return settings_out(None)
+    row = db.get(SnippetSettings, (tenant_id, version))
+    if row is None:
+        raise NotFound(f"no snippet settings version {version}")
+    return settings_out(row)
+
+
+def put_settings(db: Session, tenant_id: str, spec: SnippetSettingsIn) -> dict[str, Any]:
+    """Store ``spec`` as the tenant's next settings version (earlier ones are kept)."""
+    lock_tenant(db, tenant_id)  # two concurrent PUTs must not both take the same version number
+    latest = current_settings(db, tenant_id)
+    row = SnippetSettings(
+        tenant_id=tenant_id, version=(latest.version if latest else 0) + 1,
+        # one language per primary subtag (de-AT -> de), as the config picks languages
+        texts={lang.lower().split("-")[0]: dict(t) for lang, t in spec.texts.items()},
+        theme=spec.theme.model_dump(), refusal_cooldown_days=spec.refusal_cooldown_days, created_at=utcnow())
+    db.add(row)
+    db.flush()
+    return settings_out(row)
+
+
+def lock_tenant(db: Session, tenant_id: str) -> None:
+    """Serialise writers of one tenant's settings (PostgreSQL row lock; SQLite has one writer)."""
+    t = Tenant.__table__  # type: ignore[attr-defined]
+    db.execute(sa.select(t.c.id).where(t.c.id == tenant_id).with_for_update())
 
 
 def translated(translations: dict[str, Any] | None, lang: str) -> dict[str, Any]:
@@ -102,7 +138,9 @@ def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None)
     version = current_version(db, tenant.id, policy_key, at=now)
     if version is None:
         raise NotFound(f"policy {policy_key!r} has no version in effect", code="no_policy_version")
-    chosen = pick_lang(lang, tenant.default_lang)
+    settings = current_settings(db, tenant.id)
+    own: dict[str, dict[str, str]] = settings.texts if settings else {}
+    chosen = pick_lang(lang, tenant.default_lang, own)
     pt = Purpose.__table__  # type: ignore[attr-defined]
     purposes = {p.key: p for p in db.execute(
         sa.select(Purpose).where(pt.c.tenant_id == tenant.id, pt.c.key.in_(version.purposes))
@@ -119,19 +157,31 @@ def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None)
             "gpc": p.gpc, "ask": asks[key], "title": tr.get("title") or p.title or p.key,
             "description": tr.get("description") or p.description,
         })
+    # built-in texts of the language (English for a language only the tenant wrote), then the
+    # tenant's own words for it
+    texts = {**TEXTS.get(chosen, TEXTS["en"]), **own.get(chosen, {})}
+    titles = LIST_SEPARATOR.get(chosen, ", ").join(p["title"] for p in out_purposes)
+    texts = {k: v.replace("{purposes}", titles) for k, v in texts.items()}
     cookies = []
     for c in version.cookies:
         tr = translated(c.get("translations"), chosen)
         cookies.append({k: v for k, v in c.items() if k != "translations"}
-                       | {"description": tr.get("description") or c.get("description", "")})
+                       | {"description": tr.get("description") or c.get("description", ""),
+                          "lifetime_text": human_lifetime(c.get("lifetime", "session"), chosen,
+                                                          texts["session_lifetime"])})
+    defaults = SnippetSettingsIn()
     return {
         "tenant": tenant.id,
         "lang": chosen,
+        "dir": "rtl" if chosen in RTL else "ltr",
         "policy": {"key": version.policy_key, "version": version.version, "url": version.document_url,
                    "sha256": version.document_sha256, "effective_at": version.effective_at},
         "purposes": out_purposes,
         "cookies": cookies,
-        "texts": dict(TEXTS[chosen]),
+        "texts": texts,
+        "theme": settings.theme if settings else defaults.theme.model_dump(),
+        "cooldown_days": settings.refusal_cooldown_days if settings else defaults.refusal_cooldown_days,
+        "settings_version": settings.version if settings else 0,
     }
 
 
@@ -142,6 +192,7 @@ def stamp_columns(tenant_id: Any) -> list[Any]:
     pv = PolicyVersion.__table__  # type: ignore[attr-defined]
     pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
     pt = Purpose.__table__  # type: ignore[attr-defined]
+    ss = SnippetSettings.__table__  # type: ignore[attr-defined]
     policy_key, now = sa.bindparam("k"), sa.bindparam("now", type_=pv.c.effective_at.type)
     of_policy = (pv.c.tenant_id == tenant_id, pv.c.policy_key == policy_key)
     return [
@@ -151,6 +202,7 @@ def stamp_columns(tenant_id: Any) -> list[Any]:
             pp.c.tenant_id == tenant_id, pp.c.policy_key == policy_key, pp.c.effective_at <= now).scalar_subquery(),
         sa.select(sa.func.count()).select_from(pt).where(pt.c.tenant_id == tenant_id).scalar_subquery(),
         sa.select(sa.func.max(pt.c.updated_at)).where(pt.c.tenant_id == tenant_id).scalar_subquery(),
+        sa.select(sa.func.max(ss.c.version)).where(ss.c.tenant_id == tenant_id).scalar_subquery(),
     ]
 
 
@@ -163,8 +215,8 @@ def config_stamp(db: Session, tenant_id: str, policy_key: str, now: Any) -> tupl
     """One cheap query whose answer changes whenever ``build_config``'s answer can: the newest
     version of the policy (versions and their policy_purpose rows are immutable), the newest
     ``effective_at`` reached by ``now`` (a scheduled version taking effect, a purpose's ask
-    label moving), and the tenant's purposes (count and newest ``updated_at``: every edit
-    stamps it). The tenant's language is part of the cache key, not of the stamp."""
+    label moving), the tenant's purposes (count and newest ``updated_at``: every edit
+    stamps it) and the newest version of its snippet settings (texts, theme). The tenant's language is part of the cache key, not of the stamp."""
     return tuple(db.connection().execute(_STAMP, {"t": tenant_id, "k": policy_key, "now": now}).one())
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlparse
 
 import httpx
@@ -32,21 +32,35 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PAGE = """<!doctype html><html lang="{lang}"><head><meta charset="utf-8"><title>Shop</title>
+<meta name="viewport" content="width=device-width,initial-scale=1">
 <script src="{api}/snippet.js" data-key="{key}" {extra} async></script></head>
 <body><h1>A customer's site</h1><p>Content <a href="#top">link</a></p>
 <a href="#" data-consent-open>Privacy choices</a></body></html>"""
 
 
 class PageHandler(BaseHTTPRequestHandler):
-    """Serves /page?key=&lang=&token= : a page of the tenant's site embedding the snippet."""
+    """Serves /page?key=&lang=&token= : a page of the tenant's site embedding the snippet, and
+    any page a test registers in ``pages`` (path -> (html, headers))."""
 
     api = ""
+    pages: ClassVar[dict[str, tuple[str, dict[str, str]]]] = {}
 
     def log_message(self, *args: Any) -> None:
         pass
 
     def do_GET(self) -> None:
         url = urlparse(self.path)
+        if url.path in self.pages:
+            text, headers = self.pages[url.path]
+            data = text.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if url.path != "/page":
             self.send_error(404)
             return
@@ -213,7 +227,7 @@ def test_keyboard_preference_center_escape_and_reject(live: Live, context: Any) 
     tab_to(page, "[data-cns=prefs]")
     page.wait_for_selector("#cns-prefs", state="visible")
     assert page.evaluate("document.activeElement.closest('#cns-prefs') !== null")  # focus moved in
-    assert page.evaluate("[...document.querySelectorAll('#cns-prefs input')].every(i => !i.checked)")
+    assert page.evaluate("[...document.querySelectorAll('#cns-prefs input:not([disabled])')].every(i => !i.checked)")
     page.screenshot(path=str(ARTIFACTS / "preferences.png"))
     page.keyboard.press("Escape")  # closes, records nothing
     assert page.locator("#cns-prefs").count() == 0
@@ -339,3 +353,347 @@ def test_demo_page_works_under_its_csp(live: Live, context: Any) -> None:
     settled(page, t)
     assert state(t, anon_id(page), "analytics")["status"] == "granted"
     assert problems == []
+
+
+# --- the banner a site owner would choose ----------------------------------------------------
+
+STUB = (ROOT / "client-snippet" / "src" / "stub.js").read_text()
+SCREENS = ROOT / "screens"
+BODY = "<h1>A customer's site</h1><p>Content <a href='#top'>link</a></p>"
+
+
+def serve(live: Live, path: str, head: str, body: str = BODY, csp: str | None = None, lang: str = "en") -> str:
+    """Register a page of the tenant's site; returns its URL."""
+    page = (f'<!doctype html><html lang="{lang}"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>Shop</title>{head}</head>'
+            f"<body>{body}</body></html>")
+    PageHandler.pages[path] = (page, {"Content-Security-Policy": csp} if csp else {})
+    return live.page_origin + path
+
+
+def tag(live: Live, t: Tenant, extra: str = "") -> str:
+    return f'<script src="{live.api}/snippet.js" data-key="{t.publishable_key}" {extra} async></script>'
+
+
+def watch(page: Any) -> list[str]:
+    """Console errors, page errors and CSP violations seen by the page."""
+    problems: list[str] = []
+    page.on("console", lambda m: m.type == "error" and "favicon" not in m.text and problems.append(m.text))
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    return problems
+
+
+def styled(page: Any) -> dict[str, str]:
+    return dict(page.evaluate("""() => { const b = document.querySelector('[data-cns=accept]'),
+        s = getComputedStyle(b), r = getComputedStyle(document.getElementById('cns-banner'));
+        return {bg: s.backgroundColor, pos: r.position, minh: s.minHeight, panel: r.backgroundColor}; }"""))
+
+
+def test_static_csp_page_without_nonce_is_styled(live: Live, context: Any) -> None:
+    """`script-src 'self' <svc>; style-src 'self' <svc>`, no nonce: the banner is fully styled."""
+    sqlite_only(live)
+    t = live.tenant()
+    csp = (f"default-src 'self'; script-src 'self' {live.api}; style-src 'self' {live.api}; "
+           f"connect-src 'self' {live.api}; img-src 'self'")
+    url = serve(live, "/csp-static", tag(live, t, integrity_attr(live)), csp=csp)
+    page = context.new_page()
+    problems = watch(page)
+    page.goto(url)
+    page.wait_for_selector("#cns-banner", state="visible")
+    s = styled(page)
+    assert s == {"bg": "rgb(11, 87, 208)", "pos": "fixed", "minh": "44px", "panel": "rgb(255, 255, 255)"}
+    assert page.evaluate("document.querySelectorAll('style').length") == 0  # nothing injected
+    tab_to(page, "[data-cns=reject]")
+    settled(page, t)
+    assert state(t, anon_id(page), "analytics")["status"] == "denied"
+    assert problems == []
+
+
+def integrity_attr(live: Live) -> str:
+    sri = httpx.get(live.api + "/snippet.js", headers={"Accept-Encoding": "identity"}).content
+    import base64
+    import hashlib
+    return f'integrity="sha384-{base64.b64encode(hashlib.sha384(sri).digest()).decode()}" crossorigin="anonymous"'
+
+
+def test_nonce_csp_page_with_the_inline_stub(live: Live, context: Any) -> None:
+    """A nonce-based strict CSP: the documented stub runs inline with the nonce, sets Google
+    Consent Mode defaults before anything else, queues a call made before the snippet loads,
+    and the snippet (by nonce) replays it."""
+    sqlite_only(live)
+    t = live.tenant()
+    nonce = "n0nce-for-this-test"
+    csp = (f"default-src 'self'; script-src 'nonce-{nonce}' 'strict-dynamic'; style-src 'nonce-{nonce}'; "
+           f"connect-src {live.api}")
+    head = (f'<script nonce="{nonce}">{STUB}\nConsent.on("change", function (m) {{ window.seen = m; }});\n'
+            f'window.early = Consent.get("analytics");\ngtag("config", "G-TEST");</script>'
+            f'<script nonce="{nonce}" src="{live.api}/snippet.js" data-key="{t.publishable_key}" data-gcm="1" '
+            'async></script>')
+    url = serve(live, "/csp-nonce", head, csp=csp)
+    page = context.new_page()
+    problems = watch(page)
+    page.goto(url)
+    page.wait_for_selector("#cns-banner", state="visible")
+    assert page.evaluate("window.early") == "unknown"
+    layer = page.evaluate("dataLayer.map(a => Array.from(a))")
+    assert layer[0][:2] == ["consent", "default"] and layer[0][2]["analytics_storage"] == "denied"
+    assert layer[0][2]["wait_for_update"] == 500 and layer[0][2]["security_storage"] == "granted"
+    assert layer[1][:2] == ["config", "G-TEST"]  # the defaults came first
+    assert styled(page)["bg"] == "rgb(11, 87, 208)"
+    tab_to(page, "[data-cns=accept]")
+    settled(page, t)
+    assert page.evaluate("window.seen.analytics") == "granted"  # the queued listener was replayed
+    update = page.evaluate("dataLayer.map(a => Array.from(a)).filter(a => a[1] == 'update').pop()")
+    assert update[2]["analytics_storage"] == "granted"
+    assert problems == []
+
+
+def test_stub_resolves_unknown_when_the_service_is_down(live: Live, context: Any) -> None:
+    sqlite_only(live)
+    head = (f"<script>{STUB}\nwindow.got = []; Consent.ready.then(function (v) {{ window.got.push(v, "
+            'Consent.get("analytics")); });</script>'
+            '<script src="http://127.0.0.1:9/snippet.js" data-key="pk_down_down_down" async></script>')
+    page = context.new_page()
+    page.goto(serve(live, "/down", head))
+    page.wait_for_function("window.got.length == 2", timeout=8000)
+    assert page.evaluate("window.got") == ["unknown", "unknown"]
+
+
+def test_focus_moves_in_one_tab_to_accept_escape_keeps_the_question(live: Live, context: Any) -> None:
+    sqlite_only(live)
+    t = live.tenant()
+    page = context.new_page()
+    page.goto(live.page_url(t))
+    page.wait_for_selector("#cns-banner", state="visible")
+    assert page.evaluate("document.activeElement.id") == "cns-banner"  # focus moved in
+    assert page.get_attribute("#cns-banner", "role") == "dialog"
+    assert page.evaluate("document.getElementById(document.getElementById('cns-banner')"
+                         ".getAttribute('aria-labelledby')).textContent") == "Your privacy choices"
+    page.keyboard.press("Escape")
+    assert page.locator("#cns-banner").is_visible()  # Escape does not dismiss an unanswered question
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.dataset.cns") == "accept"  # one Tab
+    page.keyboard.press("Enter")
+    settled(page, t)
+    assert state(t, anon_id(page), "analytics")["status"] == "granted"
+
+
+def test_preference_centre_switches_table_and_trap(live: Live, context: Any) -> None:
+    sqlite_only(live)
+    t = live.tenant()
+    t.put("/v1/cookies/_ga", json={"provider": "Google", "purpose": "analytics", "lifetime": 63072000})
+    t.publish("v2", purposes=["strictly_necessary", "marketing_email", "analytics", "product_updates"])
+    page = context.new_page()
+    page.goto(live.page_url(t))
+    page.wait_for_selector("#cns-banner", state="visible")
+    page.click("[data-cns=prefs]")
+    page.wait_for_selector("#cns-prefs", state="visible")
+    assert page.evaluate("document.activeElement.id") == "cns-prefs"
+    assert page.get_attribute("#cns-prefs", "aria-modal") == "true"
+    switches = page.evaluate("""[...document.querySelectorAll('#cns-prefs [role=switch]')].map(i =>
+        [i.dataset.cnsPurpose, i.checked, i.disabled, i.closest('label').textContent])""")
+    assert switches[0] == ["strictly_necessary", True, True, "NecessaryAlways on"]  # shown and announced
+    assert all(not on and not off for _, on, off, _ in switches[1:])
+    rows = page.evaluate("""[...document.querySelectorAll('#cns-prefs .cns-i')].map(i =>
+        [...i.querySelectorAll('tr')].map(r => [...r.cells].map(c => c.textContent).join(' ')))""")
+    assert rows[0][1] == "sessionKeeps you signed in acme.test until sign-out"
+    assert rows[2] == ["Cookie Provider Lifetime", "_ga Google 2 years"]  # per purpose, in words
+    assert [page.inner_text(f"#cns-prefs [data-cns={k}]") for k in ("accept", "reject", "save")] == [
+        "Accept all", "Reject all", "Save choices"]
+    assert page.get_attribute("#cns-prefs [data-cns=close]", "aria-label") == "Close"
+    for _ in range(25):  # focus stays inside the centre
+        page.keyboard.press("Tab")
+        assert page.evaluate("!!document.activeElement.closest('#cns-prefs')")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("!!document.activeElement.closest('#cns-prefs')")
+    page.click("#cns-prefs [data-cns=close]")  # closing records nothing, the banner is back
+    assert page.locator("#cns-prefs").count() == 0 and page.locator("#cns-banner").is_visible()
+    page.click("[data-cns=prefs]")
+    page.click("input[data-cns-purpose=analytics]")
+    page.click("#cns-prefs [data-cns=save]")
+    settled(page, t)
+    aid = anon_id(page)
+    assert state(t, aid, "analytics")["status"] == "granted"
+    assert state(t, aid, "marketing_email")["status"] == "denied"
+    page.evaluate("Consent.open()")
+    page.click("#cns-prefs [data-cns=reject]")  # Reject all inside the centre
+    settled(page, t)
+    assert state(t, aid, "analytics")["status"] == "denied"
+
+
+def test_gpc_notice_shown_and_accept_all_keeps_gpc_denials(live: Live, browser: Any) -> None:
+    sqlite_only(live)
+    t = live.tenant()
+    ctx = browser.new_context(extra_http_headers={"Sec-GPC": "1"})
+    ctx.add_init_script(GPC_ON)
+    try:
+        page = ctx.new_page()
+        page.goto(live.page_url(t, lang="fr"))
+        page.wait_for_selector("#cns-banner", state="visible")
+        assert page.inner_text("#cns-banner .cns-g") == "Signal de préférence de refus respecté"
+        page.click("[data-cns=accept]")
+        settled(page, t)
+        aid = anon_id(page)
+        assert state(t, aid, "analytics")["status"] == "denied"  # GPC keeps it denied
+        assert state(t, aid, "product_updates")["status"] == "pending_confirmation"
+    finally:
+        ctx.close()
+
+
+def test_rtl_language_from_data_lang_and_browser(live: Live, browser: Any) -> None:
+    sqlite_only(live)
+    t = live.tenant()
+    ctx = browser.new_context(locale="ja-JP")
+    try:
+        page = ctx.new_page()
+        page.goto(serve(live, "/ar", tag(live, t, 'data-lang="ar"'), lang=""))
+        page.wait_for_selector("#cns-banner", state="visible")
+        assert page.get_attribute("#cns-banner", "dir") == "rtl"
+        assert page.inner_text("[data-cns=accept]") == "قبول الكل"
+        box = page.evaluate("""(() => { const r = document.querySelector('[data-cns=accept]').getBoundingClientRect(),
+            j = document.querySelector('[data-cns=reject]').getBoundingClientRect(); return [r.left, j.left]; })()""")
+        assert box[0] > box[1]  # mirrored: the first action sits on the right
+        page = ctx.new_page()  # no data-lang, no <html lang>: the browser's language
+        page.goto(serve(live, "/nolang", tag(live, t), lang=""))
+        page.wait_for_selector("#cns-banner", state="visible")
+        assert page.inner_text("[data-cns=reject]") == "すべて拒否"
+    finally:
+        ctx.close()
+
+
+def test_theme_brand_dark_and_bar_from_the_tenant(live: Live, browser: Any) -> None:
+    sqlite_only(live)
+    t = live.tenant()
+    r = t.put("/v1/tenant/snippet", json={"theme": {"brand": "#1a7f37", "layout": "bar", "radius": 0},
+                                          "texts": {"en": {"title": "Acme and your data"}}})
+    assert r.status_code == 200
+    ctx = browser.new_context(color_scheme="dark")
+    try:
+        page = ctx.new_page()
+        page.goto(live.page_url(t))
+        page.wait_for_selector("#cns-banner", state="visible")
+        s = styled(page)
+        assert s["bg"] == "rgb(26, 127, 55)" and s["panel"] == "rgb(34, 34, 34)"  # brand; dark by the OS
+        assert page.inner_text("#cns-bt") == "Acme and your data"
+        width = page.evaluate("document.getElementById('cns-banner').getBoundingClientRect().width")
+        assert width == page.viewport_size["width"]  # bar layout: full width
+        t.put("/v1/tenant/snippet", json={"theme": {"mode": "light"}})
+        page.evaluate("localStorage.clear()")
+        page.reload()
+        page.wait_for_selector("#cns-banner", state="visible")
+        assert styled(page)["panel"] == "rgb(255, 255, 255)"  # explicit light wins over the OS
+    finally:
+        ctx.close()
+
+
+def test_blocking_category_iframes_spa_and_cookie_wipe(live: Live, context: Any) -> None:
+    sqlite_only(live)
+    t = live.tenant()
+    t.put("/v1/cookies/_ga", json={"provider": "Google", "purpose": "analytics", "lifetime": 63072000})
+    t.put("/v1/cookies/_ga_*", json={"provider": "Google", "purpose": "analytics", "lifetime": 63072000})
+    t.publish("v2", purposes=["strictly_necessary", "marketing_email", "analytics", "product_updates"])
+    body = (BODY + '<script type="text/plain" data-category="analytics">window.ran = (window.ran || 0) + 1;'
+            'document.cookie = "_ga=1;path=/"; document.cookie = "_ga_ABC=2;path=/";</script>'
+            '<iframe data-consent="marketing_email" data-src="/frame" title="video"></iframe>')
+    PageHandler.pages["/frame"] = ("<p>framed</p>", {})
+    page = context.new_page()
+    page.goto(serve(live, "/blocking", tag(live, t), body))
+    page.wait_for_selector("#cns-banner", state="visible")
+    assert page.evaluate("window.ran") is None
+    assert page.evaluate("document.querySelector('iframe').hidden && !document.querySelector('iframe').src")
+    assert page.locator("[data-cns=load]").count() == 1
+    # a single-page app adds a blocked script later: held back too
+    page.evaluate("""() => { const s = document.createElement('script'); s.type = 'text/plain';
+        s.dataset.consent = 'analytics'; s.text = 'window.late = 1'; document.body.append(s); }""")
+    page.click("[data-cns=load]")  # click-to-load grants that purpose only
+    settled(page, t)
+    aid = anon_id(page)
+    assert state(t, aid, "marketing_email")["status"] == "granted"
+    page.wait_for_function("document.querySelector('iframe').src.endsWith('/frame')")
+    assert page.locator("[data-cns=load]").count() == 0
+    assert page.evaluate("window.ran") is None
+    page.click("[data-cns=accept]")
+    settled(page, t)
+    page.wait_for_function("window.ran === 1 && window.late === 1")
+    assert "_ga=1" in page.evaluate("document.cookie")
+    page.evaluate("Consent.open()")
+    page.click("input[data-cns-purpose=analytics]")  # withdraw analytics
+    page.click("#cns-prefs [data-cns=save]")
+    settled(page, t)
+    assert state(t, aid, "analytics")["status"] == "denied"
+    jar = page.evaluate("document.cookie")
+    assert "_ga=" not in jar and "_ga_ABC" not in jar and "consent_aid" in jar
+
+
+def test_refusal_cooldown_unless_material(live: Live, context: Any) -> None:
+    sqlite_only(live)
+    t = live.tenant()
+    page = context.new_page()
+    page.goto(live.page_url(t))
+    page.wait_for_selector("#cns-banner", state="visible")
+    page.click("[data-cns=reject]")
+    settled(page, t)
+    purposes = ["strictly_necessary", "marketing_email", "analytics", "product_updates"]
+    t.put("/v1/purposes/chat", json={"kind": "consent", "title": "Chat"})
+    t.publish("v2", purposes=[*purposes, "chat"])  # not material: a new purpose only
+    page.reload()
+    page.evaluate("Consent.ready")
+    assert page.locator("#cns-banner").count() == 0  # refused recently: not asked again
+    assert page.evaluate("Consent.get('chat')") is None
+    page.evaluate("(k) => localStorage.setItem(k, Date.now() - 183 * 864e5)",
+                  "cns_r_" + t.id)  # the default 6 months have passed
+    page.reload()
+    page.wait_for_selector("#cns-banner", state="visible")
+    page.click("[data-cns=reject]")
+    settled(page, t)
+    t.put("/v1/tenant/snippet", json={"refusal_cooldown_days": 365})
+    t.publish("v3", material=True, purposes=[*purposes, "chat"])
+    page.reload()
+    page.wait_for_selector("#cns-banner", state="visible")  # a material version asks again at once
+
+
+def test_returning_visitor_decided_before_any_network(live: Live, context: Any) -> None:
+    sqlite_only(live)
+    t = live.tenant()
+    page = context.new_page()
+    page.goto(live.page_url(t))
+    page.wait_for_selector("#cns-banner", state="visible")
+    page.click("[data-cns=accept]")
+    settled(page, t)
+    seen: list[str] = []
+    page.on("request", lambda r: seen.append(r.method + " " + r.url))
+    page.route("**/v1/snippet/config*", lambda route: None)  # the config never answers
+    page.reload()
+    page.wait_for_function("window.Consent && Consent.get('analytics') === 'granted'")
+    assert page.locator("#cns-banner").count() == 0
+    assert not any(u.startswith("OPTIONS") for u in seen)  # no CORS preflight on a page view
+
+
+def test_screenshots(live: Live, browser: Any) -> None:
+    """Banner and centre on desktop and phone, light, dark and RTL, into screens/ (not committed),
+    for a person to look at; each must show the banner within the viewport."""
+    sqlite_only(live)
+    t = live.tenant()
+    t.put("/v1/cookies/_ga", json={"provider": "Google", "purpose": "analytics", "lifetime": 63072000,
+                                   "description": "Distinguishes visitors."})
+    t.publish("v2", purposes=["strictly_necessary", "marketing_email", "analytics", "product_updates"])
+    SCREENS.mkdir(exist_ok=True)
+    devices = {"desktop": {"viewport": {"width": 1280, "height": 800}},
+               "phone": {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True,
+                         "device_scale_factor": 2}}
+    for device, opts in devices.items():
+        for look, scheme, lang in (("light", "light", "en"), ("dark", "dark", "en"), ("rtl", "light", "ar")):
+            ctx = browser.new_context(color_scheme=scheme, **opts)
+            try:
+                page = ctx.new_page()
+                page.goto(live.page_url(t, lang=lang))
+                page.wait_for_selector("#cns-banner", state="visible")
+                box = page.evaluate("document.getElementById('cns-banner').getBoundingClientRect().toJSON()")
+                assert box["bottom"] <= opts["viewport"]["height"] and box["left"] >= 0  # type: ignore[index]
+                page.screenshot(path=str(SCREENS / f"{device}-{look}-banner.png"))
+                page.click("[data-cns=prefs]")
+                page.wait_for_selector("#cns-prefs", state="visible")
+                page.click("#cns-prefs details:not(:empty) summary >> nth=-1")
+                page.screenshot(path=str(SCREENS / f"{device}-{look}-centre.png"))
+            finally:
+                ctx.close()

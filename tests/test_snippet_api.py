@@ -105,7 +105,8 @@ def test_config_languages(client: TestClient) -> None:
     assert de["lang"] == "de" and de["texts"]["accept_all"] == "Alle akzeptieren"
     assert de["purposes"][1]["title"] == "Werbe-E-Mails"
     assert de["purposes"][2]["title"] == "Analytics"  # no translation: the base title
-    assert config(t, lang="fr").json()["lang"] == "de"  # unsupported: the tenant's default
+    assert config(t, lang="fr").json()["lang"] == "fr"  # built-in French texts
+    assert config(t, lang="tlh").json()["lang"] == "de"  # unsupported: the tenant's default
     assert config(t).json()["lang"] == "de"
     en = config(t, lang="en-GB").json()
     assert en["lang"] == "en" and en["purposes"][1]["title"] == "Marketing email"
@@ -444,6 +445,14 @@ def test_snippet_size_budget_and_published_sri() -> None:
     assert sri in docs, f"docs/snippet.md must publish the current SRI hash {sri}"
 
 
+def test_docs_publish_the_stub_and_its_csp_hash() -> None:
+    stub = (ROOT / "client-snippet" / "src" / "stub.js").read_text()
+    docs = (ROOT / "docs" / "snippet.md").read_text()
+    assert f"<script>\n{stub}</script>" in docs
+    digest = "sha256-" + base64.b64encode(hashlib.sha256(stub.encode()).digest()).decode()
+    assert f"script-src '{digest}'" in docs
+
+
 def test_demo_page(db_url: str, client: TestClient, tenant: Tenant) -> None:
     assert client.get("/demo").status_code == 404  # the test app runs with the demo off
     with TestClient(create_app(settings_for(db_url, demo=True))) as demo:
@@ -453,7 +462,7 @@ def test_demo_page(db_url: str, client: TestClient, tenant: Tenant) -> None:
         assert "script-src 'self';" in csp and "connect-src 'self'" in csp and "unsafe-inline" not in csp
         nonce = re.search(r"'nonce-([^']+)'", csp).group(1)  # type: ignore[union-attr]
         page = r.text
-        assert f'data-key="{tenant.publishable_key}"' in page and f'data-nonce="{nonce}"' in page
+        assert f'data-key="{tenant.publishable_key}"' in page and f'<style nonce="{nonce}">' in page
         assert '<html lang="de">' in page and "<script>" not in page and r.headers["x-frame-options"] == "DENY"
         assert 'integrity="sha384-' in page
         help_page = demo.get("/demo", params={"key": '"><script>alert(1)</script>'})
@@ -542,3 +551,21 @@ def test_fast_config_answers_exactly_as_the_route(tenant: Tenant) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql(f"UPDATE api_key SET revoked_at = '2026-01-01 00:00:00' WHERE tenant_id = '{tenant.id}'")
     assert config(tenant, origin="https://new.example").status_code == 401
+
+
+def test_snippet_path_setting_serves_the_script_and_its_stylesheet(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONSENT_SNIPPET_PATH may name the script anything; /snippet.css is the file beside it."""
+    (tmp_path / "custom-build.js").write_text("/* custom */")
+    (tmp_path / "snippet.css").write_text(".cns-ui{color:red}")
+    monkeypatch.setenv("CONSENT_SNIPPET_PATH", str(tmp_path / "custom-build.js"))
+    with TestClient(create_app(settings_for(db_url))) as c:
+        js, css = c.get("/snippet.js"), c.get("/snippet.css")
+        assert js.status_code == 200 and js.text == "/* custom */"
+        assert css.status_code == 200 and css.text == ".cns-ui{color:red}"
+        assert css.headers["content-type"].startswith("text/css") and css.headers["etag"]
+        assert c.get("/snippet.css", headers={"If-None-Match": css.headers["etag"]}).status_code == 304
+    (tmp_path / "snippet.css").unlink()
+    with TestClient(create_app(settings_for(db_url))) as c:
+        missing = c.get("/snippet.css")
+        assert missing.status_code == 404 and missing.json()["code"] == "snippet_missing"

@@ -1,25 +1,28 @@
-/* Consent banner + preference center. No runtime dependencies; see build.mjs.
- * __CSS__ is replaced at build time by the minified src/snippet.css.
- * Server strings never reach innerHTML: the DOM is built with createElement,
- * setAttribute and text nodes only. Short internal names keep the size budget. */
+/* Consent banner + preference centre. No runtime dependencies; see build.mjs.
+ * The stylesheet (src/snippet.css, inlined by the build) is adopted as a constructable
+ * stylesheet: no <style> element, so a strict `style-src` does not block it, and the script's
+ * SRI hash covers it. Every word comes from the
+ * config (the tenant's texts). Server strings never reach innerHTML: the DOM is built with
+ * createElement, setAttribute and text nodes only. Short internal names keep the size budget. */
 ((w, d) => {
   const S = d.currentScript || d.querySelector("script[data-key]");
-  if (!S || w.Consent) return;
+  const stub = w.Consent;
+  if (!S || (stub && !stub.q)) return;
   const A = (k) => S.getAttribute("data-" + k);
   const K = A("key");
   const API = (A("api") || new URL(S.src).origin).replace(/\/+$/, "");
   const TOK = A("subject-token");
   const DOM = A("cookie-domain");
   const GCM = A("gcm") == "1";
-  const NONCE = A("nonce") || S.nonce;
   const G = navigator.globalPrivacyControl === true;
   const enc = encodeURIComponent;
   const Q = "cns_q_" + K; // outbox (JSON bodies as strings)
-  const LANG = d.documentElement.lang;
-  const CK = "cns_cfg_" + K + "_" + LANG; // {e: etag, b: config body}
+  const LANG = A("lang") || d.documentElement.lang || navigator.language;
+  const CK = "cns_cfg_" + K + "_" + LANG; // the last config, for a decision before any network
   const inf = new Set();
   const on = (t, e, f) => t.addEventListener(e, f);
-  let cfg, T, st = {}, ban, pc, po, opener, css;
+  const now = Date.now();
+  let cfg, T, st = {}, ban, pc, opener, po, css;
 
   /* storage: localStorage; when unusable, state lives only in memory (st) and
      choices are still sent once */
@@ -35,29 +38,25 @@
   };
   const rid = () =>
     Array.from(crypto.getRandomValues(new Uint32Array(4)), (n) => n.toString(36)).join("");
-  const gtag = (x, a, n = a) =>
-    GCM && typeof w.gtag == "function" &&
-    w.gtag("consent", x, { ad_storage: a, ad_user_data: a, ad_personalization: a, analytics_storage: n });
   const each = (f) => cfg.purposes.forEach(f);
   const isC = (p) => p.kind == "consent";
   const rd = (f) => (d.body ? f() : on(d, "DOMContentLoaded", f));
+  const ck = (s) =>
+    (d.cookie =
+      s + ";path=/;SameSite=Lax" + (location.protocol == "https:" ? ";Secure" : "") + (DOM ? ";domain=" + DOM : ""));
 
   /* identity: the first-party cookie wins (it may be shared via data-cookie-domain) */
   const aid =
     (d.cookie.match(/(?:^|;\s*)consent_aid=([\w-]+)/) || [])[1] || sg("cns_aid") || "a_" + rid();
   sp("cns_aid", aid);
-  d.cookie =
-    "consent_aid=" + aid + ";path=/;max-age=31536000;SameSite=Lax" +
-    (location.protocol == "https:" ? ";Secure" : "") +
-    (DOM ? ";domain=" + DOM : "");
+  ck("consent_aid=" + aid + ";max-age=31536000");
 
-  /* stored answers: st = {purpose: {decision, ask}} per tenant */
-  const stale = (p) => {
-    const x = st[p.key];
-    return !x || x.ask != p.ask;
-  };
-  // an answer given for an older ask label no longer counts; under GPC a grant counts
-  // only if it was given while the signal was on (the signal wins over an earlier opt-in)
+  /* stored answers: st = {purpose: {decision, ask, g}} per tenant; R = time of the last refusal */
+  const cool = () => now - sg("cns_r_" + cfg.tenant) < cfg.cooldown_days * 864e5;
+  // a purpose needs a question when its answer was given for an older ask label (a material
+  // version), or is missing, except during a refusal's cooldown
+  const need = (p, x = st[p.key]) => (x ? x.ask != p.ask : !cool());
+  // under GPC a grant counts only if it was given while the signal was on
   const get = (k) => {
     const x = st[k], p = cfg && cfg.purposes.find((p) => p.key == k);
     return x && (!p || (p.ask == x.ask && !(G && p.gpc && !x.g && x.decision == "granted")))
@@ -80,42 +79,72 @@
   };
   const flush = () => (sg(Q) || []).forEach(send);
 
-  /* <script type="text/plain" data-consent="purpose"> runs once granted */
+  /* blocked content: <script type="text/plain" data-consent|data-category="purpose"> runs once
+     granted; <iframe data-consent data-src> loads once granted, with a click-to-load button */
   const act = () =>
-    d.querySelectorAll('script[type="text/plain"][data-consent]').forEach((o) => {
-      if (get(o.dataset.consent) == "granted") {
+    cfg &&
+    d.querySelectorAll("[data-consent],[data-category]").forEach((o) => {
+      const k = o.dataset.consent || o.dataset.category, ok = get(k) == "granted";
+      if (o.type == "text/plain" && ok) {
         const n = d.createElement("script");
         for (const a of o.attributes) a.name != "type" && n.setAttribute(a.name, a.value);
         n.nonce = o.nonce;
         n.async = o.hasAttribute("async");
         n.text = o.text;
         o.replaceWith(n);
+      } else if (o.dataset.src) {
+        o.hidden = !ok;
+        if (ok) {
+          o.src = o.dataset.src;
+          delete o.dataset.src;
+          o.cnsP && o.cnsP.remove();
+        } else if (!o.cnsP) {
+          o.cnsP = btn("load", T.load, () => rec({ [k]: "granted" }));
+          o.before(o.cnsP);
+        }
       }
     });
 
-  // Consent Mode: granted only if every matching purpose is granted
-  const gu = (f) =>
-    gtag(
-      "update",
-      (f = (r, ps = cfg.purposes.filter((p) => r.test(p.key))) =>
-        ps[0] && ps.every((p) => get(p.key) == "granted") ? "granted" : "denied")(
-        /(^|_)ads?(_|$)|advert|market/i
-      ),
-      f(/analytic|statistic|measure/i)
-    );
+  // Consent Mode: granted only if every matching purpose is granted (Microsoft UET and Clarity
+  // follow Consent.on("change"), see docs/snippet.md)
+  const sig = () => {
+    const f = (r, ps = cfg.purposes.filter((p) => r.test(p.key))) =>
+        ps[0] && ps.every((p) => get(p.key) == "granted") ? "granted" : "denied",
+      a = f(/(^|_)ads?(_|$)|advert|market/i),
+      n = f(/analytic|statistic|measure/i);
+    GCM &&
+      w.gtag &&
+      gtag("consent", "update", {
+        ad_storage: a,
+        ad_user_data: a,
+        ad_personalization: a,
+        analytics_storage: n,
+      });
+  };
 
   const emit = (m = {}) => {
     each((p) => (m[p.key] = get(p.key)));
     d.dispatchEvent(new CustomEvent("consent:change", { detail: m }));
     act();
-    gu();
+    sig();
   };
 
-  /* record {purpose: decision}: only new, changed or re-asked answers are sent */
+  /* record {purpose: decision}: only new, changed or re-asked answers are sent; a purpose
+     leaving "granted" loses the cookies its disclosures name */
+  const wipe = (k) =>
+    cfg.cookies.forEach((c) =>
+      c.purpose == k &&
+      d.cookie.split(/;\s*/).forEach((s) => {
+        s = s.split("=")[0];
+        // a disclosed name may end in * (a prefix, e.g. _ga_*)
+        RegExp("^" + c.name.replace("*", ".*") + "$").test(s) && ck(s + "=;max-age=0");
+      })
+    );
   const rec = (m, ch = []) => {
     each((p) => {
-      const v = m[p.key];
-      if (v && (stale(p) || st[p.key].decision != v)) {
+      const v = m[p.key], x = st[p.key];
+      if (v && (!x || x.ask != p.ask || x.decision != v)) {
+        get(p.key) == "granted" && v != "granted" && wipe(p.key);
         st[p.key] = { decision: v, ask: p.ask, g: G };
         ch.push({ purpose: p.key, decision: v, idempotency_key: rid() });
       }
@@ -148,45 +177,37 @@
     b.onclick = f;
     return b;
   };
+  // theme: brand colour, radius and font as custom properties (CSSOM, allowed by CSP)
   const ui = (id, a, ...k) => {
     if (!css) {
-      css = h("style", { id: "cns-css" }, __CSS__);
-      NONCE && css.setAttribute("nonce", NONCE);
-      (d.head || d.documentElement).append(css);
+      css = new CSSStyleSheet();
+      css.replaceSync(__CSS__);
+      d.adoptedStyleSheets = [...d.adoptedStyleSheets, css];
     }
-    return h("div", { id: "cns-" + id, class: "cns-ui", role: "dialog", ...a }, ...k);
+    const t = cfg.theme,
+      e = h(
+        "div",
+        {
+          id: "cns-" + id,
+          class: "cns-ui cns-" + t.layout + " cns-" + t.mode,
+          role: "dialog",
+          lang: cfg.lang,
+          dir: cfg.dir,
+          tabindex: -1,
+          ...a,
+        },
+        ...k
+      );
+    e.style.cssText = "--cns-b:" + t.brand + ";--cns-r:" + t.radius + "px" + (t.font ? ";--cns-f:" + t.font : "");
+    return e;
   };
-  const cookies = (c = cfg.cookies || []) =>
-    c[0] &&
-    h(
-      "details",
-      0,
-      h("summary", 0, T.cookies_heading),
-      h(
-        "ul",
-        0,
-        ...c.map((x) =>
-          h(
-            "li",
-            0,
-            h("b", 0, x.name),
-            ": " +
-              [
-                x.provider,
-                x.http_only && "HttpOnly",
-                x.secure && "Secure",
-                x.same_site && "SameSite=" + x.same_site,
-                x.lifetime == "session" ? T.session_lifetime || "ends at sign-out" : x.lifetime,
-                x.description,
-              ]
-                .filter((v) => v)
-                .join(", ")
-          )
-        )
-      )
-    );
+  const gpcN = () => G && cfg.purposes.some((p) => p.gpc) && h("p", { class: "cns-g" }, T.gpc_notice);
+  // only http(s) policy links; target=_blank implies noopener
+  const policy = (u = cfg.policy.url) =>
+    /^https?:\/\//i.test(u) && h("a", { href: u, target: "_blank" }, T.policy);
 
-  const done = (m) => {
+  const done = (m, r) => {
+    r && sp("cns_r_" + cfg.tenant, Date.now());
     rec(m);
     ban && ban.remove();
     ban = 0;
@@ -196,53 +217,75 @@
   const all = (v) => () => {
     const m = {};
     each((p) => (m[p.key] = isC(p) ? (v < "e" || !(G && p.gpc)) && v : "acknowledged"));
-    done(m);
+    done(m, v < "e");
   };
+  // nothing left to ask (every consent purpose GPC-denied): only an acknowledgement
+  const btns = (x, c = cfg.purposes.some((p) => isC(p) && !(G && p.gpc))) =>
+    h(
+      "div",
+      { class: "cns-r" },
+      btn("accept", c ? T.accept_all : T.acknowledge, all("granted")),
+      c && btn("reject", T.reject_all, all("denied")),
+      x
+    );
 
   const banner = () => {
-    const u = cfg.policy.url, c = cfg.purposes.some((p) => isC(p) && !(G && p.gpc));
     ban = ui(
       "banner",
       { "aria-labelledby": "cns-bt", "aria-describedby": "cns-bd" },
       h("h2", { id: "cns-bt" }, T.title),
-      h(
-        "p",
-        { id: "cns-bd" },
-        T.body,
-        " ",
-        // only http(s) policy links; link text from optional texts.policy
-        /^https?:\/\//i.test(u) && h("a", { href: u, target: "_blank", rel: "noopener" }, T.policy || "Privacy policy")
-      ),
-      cookies(),
-      h(
-        "div",
-        { class: "cns-r" },
-        // nothing left to ask (e.g. all consent purposes GPC-denied): acknowledge
-        btn("accept", c ? T.accept_all : T.acknowledge, all("granted")),
-        c && btn("reject", T.reject_all, all("denied")),
-        btn("prefs", T.settings, open, 1)
-      )
+      h("p", { id: "cns-bd" }, T.body),
+      gpcN(),
+      btns(btn("prefs", T.settings, open, 1)),
+      policy()
     );
-    on(ban, "keydown", (e) => e.key == "Escape" && (ban.hidden = true));
-    // first in <body> so keyboard users reach it first; fixed, so no layout shift
-    rd(() => d.body.prepend(ban));
+    // Escape does not dismiss: the question stays until it is answered
+    rd(() => {
+      // first in <body> so keyboard users reach it first; fixed, so no layout shift
+      d.body.prepend(ban);
+      ban.focus();
+    });
   };
 
-  const focusables = () => pc.querySelectorAll("input,button,summary,a[href]");
+  const focusables = () => pc.querySelectorAll("input:not([disabled]),button,summary,a[href]");
   const close = (c) => {
     if (pc) {
       pc.remove();
       pc = 0;
       if (ban && !c) ban.hidden = false;
-      opener && opener.isConnected && opener.focus();
+      opener?.focus();
     }
   };
   const save = () => {
     const m = {};
+    let r;
     each((p) => (m[p.key] = "acknowledged"));
-    pc.querySelectorAll("input").forEach((i) => (m[i.dataset.cnsPurpose] = i.checked ? "granted" : "denied"));
-    done(m);
+    pc.querySelectorAll("input:not([disabled])").forEach(
+      (i) => (m[i.dataset.cnsPurpose] = i.checked ? "granted" : ((r = 1), "denied"))
+    );
+    done(m, r);
   };
+  const table = (c) =>
+    c[0] &&
+    h(
+      "details",
+      0,
+      h("summary", 0, T.cookies_heading),
+      h(
+        "table",
+        0,
+        h("tr", 0, ...[T.col_cookie, T.col_provider, T.col_lifetime].map((x) => h("th", 0, x))),
+        ...c.map((x) =>
+          h(
+            "tr",
+            0,
+            h("td", 0, h("bdi", 0, x.name), h("br"), x.description),
+            h("td", 0, x.provider),
+            h("td", 0, x.lifetime_text)
+          )
+        )
+      )
+    );
 
   function open() {
     if (!cfg) return (po = 1);
@@ -251,26 +294,44 @@
     if (ban) ban.hidden = true;
     pc = ui(
       "prefs",
-      { "aria-modal": "true", "aria-labelledby": "cns-pt", tabindex: "-1" },
+      { "aria-modal": "true", "aria-labelledby": "cns-pt" },
       h(
         "div",
         { class: "cns-pn" },
-        h("h2", { id: "cns-pt" }, T.settings),
-        G && h("p", 0, T.gpc_notice),
+        h(
+          "div",
+          { class: "cns-hd" },
+          h("h2", { id: "cns-pt" }, T.settings),
+          btn("close", "\u00d7", () => close(), 1)
+        ),
+        gpcN(),
         ...cfg.purposes.map((p) => {
-          const id = "cns-p-" + p.key;
-          const i = isC(p) && h("input", { type: "checkbox", "data-cns-purpose": p.key, "aria-describedby": id });
-          // ticked only to show the visitor's own earlier grant, never by default
-          if (i) i.checked = get(p.key) == "granted";
-          return h("div", { class: "cns-i" }, h(i ? "label" : "b", 0, i, p.title), h("p", { id }, p.description));
+          const id = "cns-p-" + p.key,
+            i = h("input", {
+              type: "checkbox",
+              role: "switch",
+              "data-cns-purpose": p.key,
+              "aria-describedby": id,
+            });
+          // on only to show the visitor's own earlier grant, never by default; notice purposes
+          // are shown, and announced, as always on
+          isC(p) ? (i.checked = get(p.key) == "granted") : (i.checked = i.disabled = true);
+          return h(
+            "div",
+            { class: "cns-i" },
+            h("label", 0, h("span", 0, p.title, !isC(p) && h("small", 0, T.always_on)), i),
+            h("p", { id }, p.description),
+            table((cfg.cookies || []).filter((c) => c.purpose == p.key))
+          );
         }),
-        cookies(),
-        h("div", { class: "cns-r" }, btn("save", T.save, save), btn("close", T.close, () => close(), 1))
+        btns(btn("save", T.save, save, 1)),
+        policy()
       )
     );
+    pc.querySelector("[data-cns=close]").setAttribute("aria-label", T.close);
     on(pc, "keydown", (e) => {
       if (e.key == "Escape") {
-        e.stopPropagation();
+        // back to the banner (still unanswered) or to the page (already answered)
         close();
       } else if (e.key == "Tab") {
         const f = focusables(), a = f[0], z = f[f.length - 1], x = d.activeElement;
@@ -282,54 +343,53 @@
     });
     rd(() => {
       d.body.append(pc);
-      focusables()[0].focus();
+      pc.focus();
     });
   }
 
   const use = (b) => {
     cfg = b;
-    T = b.texts || {};
+    T = b.texts;
     st = sg("cns_st_" + b.tenant) || {};
     act();
-    gu();
+    sig();
   };
 
-  gtag("default", "denied");
   const C = sg(CK);
-  C && use(C.b); // apply stored answers before the network answers
+  C && use(C); // apply stored answers before the network answers
   flush();
   on(w, "online", flush);
   on(w, "pagehide", flush);
-  on(d, "DOMContentLoaded", act);
   on(d, "click", (e) => {
-    e.target.closest && e.target.closest("[data-consent-open]") && (e.preventDefault(), open());
+    e.target.closest?.("[data-consent-open]") && (e.preventDefault(), open());
   });
+  // content that a single-page app adds later is held back too
+  new MutationObserver(act).observe(d.documentElement, { childList: true, subtree: true });
 
+  const ready = fetch(API + "/v1/snippet/config?key=" + enc(K) + "&lang=" + enc(LANG))
+    .then((r) => (r.ok ? r.json() : C))
+    .catch(() => C)
+    .then((b, m = {}) => {
+      if (b) {
+        sp(CK, b);
+        use(b);
+        // GPC: a denial once per purpose + ask label (also over an earlier opt-in), never asked
+        G && each((p) => isC(p) && p.gpc && !get(p.key) && (m[p.key] = "denied"));
+        rec(m);
+        cfg.purposes.some((p) => need(p)) && banner();
+        po && open();
+      }
+    });
   w.Consent = {
     get,
     // listeners ride on the DOM event, so one that throws cannot break others
     on: (e, f) => on(d, "consent:" + e, (x) => f(x.detail)),
     open,
-    ready: fetch(API + "/v1/snippet/config?key=" + enc(K) + "&lang=" + enc(LANG), {
-      headers: C && C.e ? { "If-None-Match": C.e } : {},
-    })
-      .then((r) =>
-        r.status == 304 && C
-          ? C.b
-          : r.ok
-          ? r.json().then((b) => (sp(CK, { e: r.headers.get("ETag"), b }), b))
-          : C && C.b
-      )
-      .catch(() => C && C.b)
-      .then((b, m = {}) => {
-        if (b) {
-          use(b);
-          // GPC: a denial once per purpose + ask label (also over an earlier opt-in), never asked
-          G && each((p) => isC(p) && p.gpc && !get(p.key) && (m[p.key] = "denied"));
-          rec(m);
-          cfg.purposes.some(stale) && banner();
-          po && open();
-        }
-      }),
+    ready,
   };
+  // calls made to the inline stub before the snippet arrived
+  if (stub) {
+    stub.q.forEach(([c, ...a]) => w.Consent[c](...a));
+    stub.r(ready);
+  }
 })(window, document);

@@ -18,7 +18,7 @@ from sqlmodel.sql.sqltypes import AutoString
 from consent.models import UTCDateTime
 
 revision = "0018"
-down_revision = "0016"
+down_revision = "0017"
 branch_labels = None
 depends_on = None
 
