@@ -32,6 +32,7 @@ from .http import (
     describe,
     dumps,
     endpoint,
+    parse_query,
     problem_response,
     read_limited,
 )
@@ -376,7 +377,7 @@ FEED_QUERY = (
           responses={400: "after is beyond the end of the feed (bad_cursor)"})
 async def list_events(request: Request) -> Response:
     services = request.app.state.services
-    q = {p.name: p.parse(request.query_params.get(p.name)) for p in FEED_QUERY}
+    q = parse_query(request, FEED_QUERY)
     deadline = time.monotonic() + q["wait"]
 
     def read(tenant_id: str | None) -> tuple[str, list[dict[str, Any]]]:
@@ -474,7 +475,7 @@ NOTICE_QUERY = (Q("pending", default="false", choices=("true", "false"),
           responses={200: "application/x-ndjson, one subject per line"})
 async def list_notices(request: Request) -> Response:
     services = request.app.state.services
-    q = {p.name: p.parse(request.query_params.get(p.name)) for p in NOTICE_QUERY}
+    q = parse_query(request, NOTICE_QUERY)
 
     def lookup() -> tuple[str, int]:
         with transaction(services.engine) as db:

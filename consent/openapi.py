@@ -40,7 +40,7 @@ TAGS: tuple[tuple[str, str], ...] = (
     ("/v1/tenant", "tenants and keys"), ("/v1/keys", "tenants and keys"),
     ("/v1/purposes", "catalog"), ("/v1/cookies", "catalog"), ("/v1/policies", "catalog"),
     ("/v1/consents", "ledger and checks"), ("/v1/check", "ledger and checks"),
-    ("/v1/snippet", "snippet"), ("/v1/subject-", "snippet"), ("/snippet.js", "snippet"), ("/demo", "snippet"),
+    ("/v1/snippet", "snippet"), ("/v1/subject-", "snippet"), ("/snippet.js", "snippet"), ("/snippet.css", "snippet"), ("/demo", "snippet"),
     ("/.well-known/gpc.json", "snippet"),
     ("/v1/email-links", "integrations"), ("/u/", "integrations"), ("/c/", "integrations"),
     ("/v1/events", "integrations"), ("/v1/webhooks", "integrations"),
@@ -249,6 +249,12 @@ def _plain_examples(path: str, method: str) -> dict[str, Any]:
         return {"text/plain": 'consent_requests_total{route="/v1/check",status="200"} 1.0\n'}
     if path.endswith(".js"):
         return {"text/javascript": "/* the script */"}
+    if path.endswith(".css"):
+        return {"text/css": "/* the banner's styles */"}
+    if path == "/v1/tlog/key":
+        return {"text/plain": "consent.example+58dc9563+AYDBDL7I…\n"}
+    if path.startswith("/v1/tlog/") and "/checkpoint" in path:
+        return {"text/plain": "consent.example/tenants/ten_…\n42\nq1d…=\n\n\u2014 consent.example 58dc9563…\n"}
     if path == "/demo" or (method == "GET" and path.startswith(("/u/", "/c/"))):
         return {"text/html": "<!doctype html><html lang=en>…</html>"}
     line = '{"n":1,"id":"rec_3f2a9c0d1e4b5a67a8b9","record_hash":"9f86…"}\n{"manifest":"eyJ…"}\n'

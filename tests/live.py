@@ -26,7 +26,9 @@ class LiveServer:
         self.log_path = tmp / f"server-{self.port}.log"
         self.env = {**os.environ, "CONSENT_DATABASE_URL": url, "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN,
                     "CONSENT_DEMO": "false", "CONSENT_DATA_DIR": str(tmp / f"data-{self.port}"),
-                    "CONSENT_ISSUER": "http://testserver", **env}
+                    "CONSENT_ISSUER": "http://testserver",
+                    # the test receivers listen on 127.0.0.1 over http
+                    "CONSENT_WEBHOOK_ALLOW_PRIVATE": "true", **env}
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0

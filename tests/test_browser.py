@@ -97,7 +97,8 @@ class Live:
 def live(backend: str, db_url: str) -> Iterator[Live]:
     port, page_port = free_port(), free_port()
     env = {**os.environ, "CONSENT_DATABASE_URL": db_url, "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN,
-           "CONSENT_DEMO": "true", "CONSENT_MIGRATE_ON_START": "false", "CONSENT_ISSUER": f"http://127.0.0.1:{port}"}
+           "CONSENT_DEMO": "true", "CONSENT_MIGRATE_ON_START": "false", "CONSENT_ISSUER": f"http://127.0.0.1:{port}",
+           "CONSENT_WEBHOOK_ALLOW_PRIVATE": "true"}  # the dashboard's webhook page registers a local receiver
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "consent.app:create_app", "--factory", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT)
@@ -650,6 +651,9 @@ def test_refusal_cooldown_unless_material(live: Live, context: Any) -> None:
     t.publish("v3", material=True, purposes=[*purposes, "chat"])
     page.reload()
     page.wait_for_selector("#cns-banner", state="visible")  # a material version asks again at once
+    # ... for the acknowledged notice; the refusals stay refusals, in the page as on the server
+    assert page.evaluate("Consent.get('marketing_email')") == "denied"
+    assert state(t, anon_id(page), "marketing_email")["status"] == "denied"
 
 
 def test_returning_visitor_decided_before_any_network(live: Live, context: Any) -> None:

@@ -53,13 +53,14 @@
 
   /* stored answers: st = {purpose: {decision, ask, g}} per tenant; R = time of the last refusal */
   const cool = () => now - sg("cns_r_" + cfg.tenant) < cfg.cooldown_days * 864e5;
-  // a purpose needs a question when its answer was given for an older ask label (a material
-  // version), or is missing, except during a refusal's cooldown
-  const need = (p, x = st[p.key]) => (x ? x.ask != p.ask : !cool());
+  // a material version (a new ask label) re-asks a yes, never a no (the server keeps a denial
+  // or withdrawal as it is); a missing answer is asked, except during a refusal's cooldown
+  const yes = (x) => /^[ga]/.test(x.decision);
+  const need = (p, x = st[p.key]) => (x ? x.ask != p.ask && yes(x) : !cool());
   // under GPC a grant counts only if it was given while the signal was on
   const get = (k) => {
     const x = st[k], p = cfg && cfg.purposes.find((p) => p.key == k);
-    return x && (!p || (p.ask == x.ask && !(G && p.gpc && !x.g && x.decision == "granted")))
+    return x && (!p || ((p.ask == x.ask || !yes(x)) && !(G && p.gpc && !x.g && x.decision == "granted")))
       ? x.decision
       : null;
   };
