@@ -741,7 +741,7 @@ def settings_post(p: Page) -> Response:
     except ValidationFailed as exc:
         errors: dict[str, str] = {}
         for e in exc.errors:
-            errors.setdefault(e["field"].split(".")[0], e["message"])
+            errors.setdefault(e["field"].split(".")[0], e["message"].removeprefix("Value error, "))
         return with_problem(_settings_page(p, status=exc.status, form=form, errors=errors), exc)
     return RedirectResponse(f"/dashboard/settings?saved={len(changed)}#settings-h", status_code=303)
 
