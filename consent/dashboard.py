@@ -49,7 +49,7 @@ from .errors import (
 )
 from .http import parse_time, problem_response, validation_errors
 from .models import SigningKey, Tenant, utcnow
-from .schemas import PolicyVersionIn
+from .schemas import PolicyVersionIn, TenantPatch
 from .tenants import authenticate_key, get_tenant
 from .verify import VerifyError
 
@@ -69,6 +69,8 @@ STATUS_COLORS = {  # chart colours, each at least 4.5:1 against white
 }
 EXPORT_MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 STATUS_LABELS = {"pending_confirmation": "pending"}
+# policy versions in the per-version chart, in order of appearance; each at least 4.5:1 on white
+VERSION_COLORS = ("#0969da", "#1a7f37", "#8250df", "#9a6700", "#cf222e", "#0a6b74", "#bf3989", "#57606a")
 
 
 def csrf_failed(detail: str) -> Forbidden:
@@ -83,8 +85,9 @@ def templates() -> jinja2.Environment:
     env.filters["when"] = lambda dt: dt.strftime("%Y-%m-%d %H:%M:%S UTC") if dt else ""
     env.filters["pct"] = lambda x: "–" if x is None else f"{x * 100:.1f} %"
     env.filters["label"] = lambda s: STATUS_LABELS.get(s, s)
+    env.filters["val"] = lambda v: ", ".join(map(str, v)) or "(none)" if isinstance(v, list) else v
     env.globals.update(colors=STATUS_COLORS, version=__version__, bar_segments=bar_segments,
-                       day_bars=day_bars)
+                       day_bars=day_bars, version_color=version_color)
     return env
 
 
@@ -108,8 +111,15 @@ def bar_segments(counts: dict[str, int], width: float = 600) -> list[dict[str, A
     return out
 
 
-def day_bars(per_day: list[tuple[str, dict[str, int]]], height: float = 120, width: float = 600) -> list[dict[str, Any]]:
-    """Stacked columns, one per day: rectangles with their status and count."""
+def version_color(versions: list[str], version: str) -> str:
+    return VERSION_COLORS[versions.index(version) % len(VERSION_COLORS)]
+
+
+def day_bars(per_day: list[tuple[str, dict[str, int]]], height: float = 120, width: float = 600,
+             keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """Stacked columns, one per day: rectangles with their key (a decision, or with ``keys`` a
+    policy version) and count."""
+    order = keys if keys is not None else ["granted", "acknowledged", "denied", "withdrawn"]
     peak = max((sum(d.values()) for _, d in per_day), default=0)
     if not peak:
         return []
@@ -117,14 +127,15 @@ def day_bars(per_day: list[tuple[str, dict[str, int]]], height: float = 120, wid
     out = []
     for i, (day, counts) in enumerate(per_day):
         y = height
-        for status in ("granted", "acknowledged", "denied", "withdrawn"):
+        for status in order:
             n = counts.get(status, 0)
             if n:
                 h = height * n / peak
                 y -= h
+                color = version_color(order, status) if keys is not None else STATUS_COLORS[status]
                 out.append({"day": day, "status": status, "n": n, "x": round(i * step + 1, 2),
                             "y": round(y, 2), "w": round(max(step - 2, 1), 2), "h": round(h, 2),
-                            "color": STATUS_COLORS[status]})
+                            "color": color})
     return out
 
 
@@ -659,7 +670,7 @@ def export_manifest(p: Page) -> Response:
 @page()
 def webhooks_page(p: Page) -> Response:
     return p.render("webhooks.html", nav="webhooks", endpoints=data.webhook_overview(p.db, p.tenant.id),
-                    done=p.field("done", 40))
+                    done=p.field("done", 40), retried=p.field("retried", 20))
 
 
 @page(write=True)
@@ -670,16 +681,69 @@ def webhook_enable(p: Page) -> Response:
     return RedirectResponse(f"/dashboard/webhooks?done={quote(ep.id)}#{ep.id}", status_code=303)
 
 
+@page(write=True)
+def webhook_retry(p: Page) -> Response:
+    p.require_admin()
+    raw = str(p.request.path_params["delivery_id"])
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound("delivery not found")
+    d = webhooks.retry_delivery(p.db, p.tenant.id, int(raw))
+    p.audit("retry_delivery", str(d["id"]), {"endpoint": d["endpoint_id"]})
+    return RedirectResponse(f"/dashboard/webhooks?retried={d['id']}#{d['endpoint_id']}", status_code=303)
+
+
 # --- settings --------------------------------------------------------------------------------
 
-def _settings_page(p: Page, new_keys: dict[str, str] | None = None) -> Response:
-    return p.render("settings.html", nav="settings", keys=data.api_keys(p.db, p.tenant.id), new_keys=new_keys or {},
-                    jwks=receipts.jwks(p.db)["keys"], now=utcnow())
+SETTINGS_LIMITS = {"name": 400, "allowed_origins": 50 * 300, "notice_days": 40, "default_lang": 40}
+
+
+def _settings_form(t: Tenant) -> dict[str, Any]:
+    return {"name": t.name, "allowed_origins": "\n".join(t.allowed_origins), "notice_days": str(t.notice_days),
+            "default_lang": t.default_lang, "store_full_ip": t.store_full_ip, "store_user_agent": t.store_user_agent}
+
+
+def _settings_page(p: Page, new_keys: dict[str, str] | None = None, *, status: int = 200, leaked: bool = False,
+                   form: dict[str, Any] | None = None, errors: dict[str, str] | None = None) -> Response:
+    return p.render("settings.html", status, nav="settings", keys=data.api_keys(p.db, p.tenant.id),
+                    new_keys=new_keys or {}, leaked=leaked, jwks=receipts.jwks(p.db)["keys"], now=utcnow(),
+                    form=form or _settings_form(p.tenant), errors=errors or {}, saved=p.field("saved", 8))
 
 
 @page()
 def settings_page(p: Page) -> Response:
     return _settings_page(p)
+
+
+@page(write=True)
+def settings_post(p: Page) -> Response:
+    """The tenant's settings through ``tenants.update_settings``, the function PATCH /v1/tenant
+    uses: the same rules, and the change lands in the tenant audit trail (once) by this user."""
+    p.require_admin()
+    assert p.user is not None
+    form: dict[str, Any] = {k: p.field(k, 64 * 1024) for k in SETTINGS_LIMITS}  # the whole form's bound
+    form["store_full_ip"] = p.field("store_full_ip", 4) == "on"
+    form["store_user_agent"] = p.field("store_user_agent", 4) == "on"
+    body: dict[str, Any] = {**form, "name": form["name"].strip(), "default_lang": form["default_lang"].strip(),
+                            "allowed_origins": [o.strip() for o in form["allowed_origins"].splitlines() if o.strip()]}
+    try:
+        for name, limit in SETTINGS_LIMITS.items():
+            if len(form[name]) > limit:
+                raise ValidationFailed.field(name, f"longer than {limit} characters")
+        days = form["notice_days"].strip()
+        if not days.isdigit():
+            raise ValidationFailed.field("notice_days", "a whole number of days, 0 to 365")
+        body["notice_days"] = int(days)
+        try:
+            patch = TenantPatch.model_validate(body)
+        except PydanticError as exc:
+            raise ValidationFailed(validation_errors(exc)) from None
+        changed = tenants.update_settings(p.db, p.tenant, patch, actor=data.tenant_actor(p.user))
+    except ValidationFailed as exc:
+        errors: dict[str, str] = {}
+        for e in exc.errors:
+            errors.setdefault(e["field"].split(".")[0], e["message"].removeprefix("Value error, "))
+        return with_problem(_settings_page(p, status=exc.status, form=form, errors=errors), exc)
+    return RedirectResponse(f"/dashboard/settings?saved={len(changed)}#settings-h", status_code=303)
 
 
 @page(write=True)
@@ -693,19 +757,18 @@ def rotate_keys(p: Page) -> Response:
     kinds = ["secret", "publishable"] if kind == "both" else [kind]
     leaked = p.field("leaked", 4) == "1"
     assert p.user is not None
-    new = tenants.rotate_keys(p.db, p.tenant.id, kinds, actor=f"dashboard {p.user.actor}"[:64],
-                              leaked=leaked)
+    # the rotation's tenant audit entry is its record in the trail (no dashboard event beside it)
+    new = tenants.rotate_keys(p.db, p.tenant.id, kinds, actor=data.tenant_actor(p.user), leaked=leaked)
     if "secret" in new and p.user.actor.startswith("key:"):
         principal = authenticate_key(p.db, new["secret"])
         assert principal is not None
         data.rebind_session(p.db, p.user.session_hash, principal.key_id)
-    p.audit("rotate_keys", None, {"kinds": kinds, "leaked": leaked})
-    return _settings_page(p, new)
+    return _settings_page(p, new, leaked=leaked)
 
 
 @page()
 def audit_trail(p: Page) -> Response:
-    return p.render("audit.html", events=data.recent_events(p.db, p.tenant.id, 100), nav="audit")
+    return p.render("audit.html", entries=data.audit_trail(p.db, p.tenant.id, 100), nav="audit")
 
 
 @page()

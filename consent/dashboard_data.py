@@ -26,9 +26,11 @@ from .models import (
     PolicyVersion,
     Subject,
     Tenant,
+    TenantAudit,
     utcnow,
 )
 from .state import STATUSES, derive_status
+from .tenants import key_live
 
 ROLES = ("admin", "read_only")
 SEARCH_KINDS = ("email", "user", "anon", "subject")
@@ -113,10 +115,12 @@ def load_session(db: Session, raw: str, *, idle_seconds: int) -> SignedIn | None
     its user not disabled. Reads only (``touch_session`` moves its last-seen time)."""
     row = db.get(DashboardSession, crypto.hash_token(raw))
     now = utcnow()
+    key = ApiKey.__table__  # type: ignore[attr-defined]
     if row is None or row.ended_at is not None or now - row.last_seen_at > timedelta(seconds=idle_seconds):
         return None
-    if row.key_id is not None and db.execute(sa.select(ApiKey.id).where(
-            ApiKey.id == row.key_id, ApiKey.revoked_at.is_(None))).first() is None:  # type: ignore[union-attr]
+    # a key in its grace period after a rotation still works here as on the API
+    if row.key_id is not None and db.execute(sa.select(key.c.id).where(
+            key.c.id == row.key_id, key_live(key, now))).first() is None:
         return None
     if row.user_id is not None and db.execute(sa.select(DashboardUser.id).where(
             DashboardUser.id == row.user_id, DashboardUser.disabled_at.is_(None))).first() is None:  # type: ignore[union-attr]
@@ -136,6 +140,12 @@ def rebind_session(db: Session, session_hash: str, key_id: str) -> None:
     row = db.get(DashboardSession, session_hash)
     if row is not None:
         row.key_id, row.actor = key_id, f"key:{key_id}"
+
+
+def tenant_actor(user: SignedIn) -> str:
+    """Who a change made in the dashboard is by, as the tenant audit trail names it (the API
+    names the key id alone); cut to the trail's 64-character column."""
+    return f"dashboard {user.actor}"[:64]
 
 
 def api_keys(db: Session, tenant_id: str) -> list[ApiKey]:
@@ -163,6 +173,50 @@ def log_event(db: Session, tenant_id: str, actor: str, action: str, target: str 
 def recent_events(db: Session, tenant_id: str, limit: int = 50) -> list[DashboardEvent]:
     return list(db.execute(sa.select(DashboardEvent).where(DashboardEvent.tenant_id == tenant_id)
                            .order_by(DashboardEvent.id.desc()).limit(limit)).scalars())  # type: ignore[union-attr]
+
+
+@dataclass
+class TrailEntry:
+    """One line of the audit page: a dashboard event, or a tenant audit entry (settings, keys,
+    retention, closing: whatever wrote it, the API, the CLI or the dashboard)."""
+
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    detail: dict[str, Any] | None
+    changes: list[tuple[str, Any, Any]]  # (field, before, after) of a tenant audit entry
+    source: str  # "dashboard" | "tenant"
+
+
+def audit_trail(db: Session, tenant_id: str, limit: int = 100) -> list[TrailEntry]:
+    """Both trails, newest first: the newest ``limit`` of each by their (tenant, id) indexes,
+    merged by time. A change made in the dashboard through a domain function is written once,
+    to the tenant audit trail, so it shows once."""
+    audit = TenantAudit.__table__  # type: ignore[attr-defined]
+    out = [TrailEntry(e.at, e.actor, e.action, e.target, e.detail, [], "dashboard")
+           for e in recent_events(db, tenant_id, limit)]
+    for a in db.execute(sa.select(TenantAudit).where(audit.c.tenant_id == tenant_id)
+                        .order_by(audit.c.id.desc()).limit(limit)).scalars():
+        before, after = a.before or {}, a.after or {}
+        if a.action in ("settings.update", "retention.update"):  # field by field, before and after
+            out.append(TrailEntry(a.changed_at, a.actor, a.action, None, None,
+                                  [(k, before.get(k), v) for k, v in after.items()], "tenant"))
+        else:
+            out.append(TrailEntry(a.changed_at, a.actor, a.action, None, _trail_detail(a.action, before, after),
+                                  [], "tenant"))
+    out.sort(key=lambda e: e.at, reverse=True)
+    return out[:limit]
+
+
+def _trail_detail(action: str, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """A short summary of a non-settings entry: a rotation's issued keys (prefixes) and until
+    when the old ones work; anything else as written."""
+    if action == "keys.rotate":
+        return {"issued": ", ".join(f"{k['kind']} {k['prefix']}…" for k in after.get("issued", [])),
+                "old keys work until": ", ".join(f"{k['prefix']}… {k['expires_at']}" for k in after.get("keys", []))
+                or "none were live", "leaked": after.get("leaked", False)}
+    return {**{f"before {k}": v for k, v in before.items()}, **after}
 
 
 # --- overview ------------------------------------------------------------------------------
@@ -206,12 +260,24 @@ class Overview:
     per_day: list[tuple[str, dict[str, int]]]  # (date, decision -> count), oldest first
     withdrawals: list[dict[str, Any]]
     computed_at: datetime
+    # (date, policy version -> records), oldest first; "" for records made under no version
+    per_day_versions: list[tuple[str, dict[str, int]]] = field(default_factory=list)
+
+    @property
+    def versions_seen(self) -> list[str]:
+        """The policy versions in the activity window by the day they first appear, then name
+        (a stored rollup's JSON may not keep key order)."""
+        seen: dict[str, None] = {}
+        for _, counts in self.per_day_versions:
+            seen.update(dict.fromkeys(sorted(counts)))
+        return list(seen)
 
     def to_json(self) -> dict[str, Any]:
         return {"purposes": [{"key": p.key, "title": p.title, "kind": p.kind, "totals": p.totals,
                               "versions": [{"version": v.version, "counts": v.counts} for v in p.versions]}
                              for p in self.purposes],
                 "window": self.window, "gpc": self.gpc, "per_day": self.per_day,
+                "per_day_versions": self.per_day_versions,
                 "withdrawals": [{**w, "recorded_at": w["recorded_at"].isoformat()} for w in self.withdrawals]}
 
     @classmethod
@@ -220,7 +286,10 @@ class Overview:
                                     [VersionCounts(v["version"], v["counts"]) for v in p["versions"]], p["totals"])
                     for p in d["purposes"]]
         withdrawals = [{**w, "recorded_at": datetime.fromisoformat(w["recorded_at"])} for w in d["withdrawals"]]
-        return cls(purposes, d["window"], d["gpc"], [(day, c) for day, c in d["per_day"]], withdrawals, computed_at)
+        # a rollup stored before the per-version series existed has none until it is recomputed
+        per_version = [(day, c) for day, c in d.get("per_day_versions", [])]
+        return cls(purposes, d["window"], d["gpc"], [(day, c) for day, c in d["per_day"]], withdrawals,
+                   computed_at, per_version)
 
 
 def _state_counts(db: Session, tenant_id: str, now: datetime) -> list[Any]:
@@ -263,12 +332,16 @@ def overview(db: Session, tenant_id: str, *, now: datetime | None = None) -> Ove
         .order_by(ConsentRecord.recorded_at.desc()).limit(RECENT_WINDOW)  # type: ignore[attr-defined]
     ).all()
     days: dict[str, dict[str, int]] = {}
+    by_version: dict[str, dict[str, int]] = {}
     for r in recent:
-        day = days.setdefault(r.recorded_at.date().isoformat(), {})
+        date = r.recorded_at.date().isoformat()
+        day = days.setdefault(date, {})
         day[r.decision] = day.get(r.decision, 0) + 1
+        vday = by_version.setdefault(date, {})
+        vday[r.policy_version or ""] = vday.get(r.policy_version or "", 0) + 1
     withdrawals = [r._asdict() for r in recent if r.decision == "withdrawn"][:10]
     return Overview(purposes, len(recent), sum(1 for r in recent if r.source == "gpc"),
-                    sorted(days.items())[-30:], withdrawals, now)
+                    sorted(days.items())[-30:], withdrawals, now, sorted(by_version.items())[-30:])
 
 
 def stored_overview(db: Session, tenant_id: str) -> Overview | None:

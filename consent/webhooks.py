@@ -503,3 +503,23 @@ class DeliveryWorker:
 def start_worker(engine: Engine, settings: Settings) -> DeliveryWorker | None:
     """Start this process's delivery loop unless ``CONSENT_WEBHOOK_WORKER=false``."""
     return DeliveryWorker(engine, settings).start() if settings.webhook_worker else None
+
+
+def retry_delivery(db: Session, tenant_id: str, delivery_id: int) -> dict[str, Any]:
+    """One failed delivery of this tenant, due again now: the worker makes one more attempt,
+    and a failure marks it failed again (its retry window is over). 409 unless it failed or
+    while its endpoint is disabled (enabling retries what is pending)."""
+    from .errors import Conflict
+
+    row = db.execute(sa.select(DELIVERY.c.id, DELIVERY.c.endpoint_id, DELIVERY.c.status).where(
+        DELIVERY.c.id == delivery_id, DELIVERY.c.tenant_id == tenant_id)).first()
+    if row is None:
+        raise NotFound("delivery not found")
+    if row.status != "failed":
+        raise Conflict(f"only a failed delivery can be retried; this one is {row.status}", code="delivery_not_failed")
+    if not get_endpoint(db, tenant_id, row.endpoint_id).enabled:
+        raise Conflict("the endpoint is disabled: enable it first", code="endpoint_disabled")
+    db.execute(sa.update(DELIVERY).where(DELIVERY.c.id == delivery_id, DELIVERY.c.status == "failed")
+               .values(status="pending", next_attempt_at=utcnow()))
+    db.flush()
+    return {"id": row.id, "endpoint_id": row.endpoint_id, "status": "pending"}

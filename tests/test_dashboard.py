@@ -139,9 +139,14 @@ def test_idle_timeout_and_revoked_key_end_sessions(tenant: Tenant, db_url: str) 
         assert b.get("/dashboard").status_code == 303
     b = signed_in(tenant)
     assert b.get("/dashboard").status_code == 200
+    # an ordinary rotation: the old key works for its grace period, here as on the API
     r = tenant.post("/v1/keys/rotate", json={"kind": "secret"})
     assert r.status_code == 200
-    assert b.get("/dashboard").status_code == 303
+    assert b.get("/dashboard").status_code == 200 and tenant.get("/v1/tenant").status_code == 200
+    b = signed_in(tenant)
+    r = tenant.post("/v1/keys/rotate", json={"kind": "secret", "leaked": True})
+    assert r.status_code == 200
+    assert b.get("/dashboard").status_code == 303  # a leaked key stops at once, its sessions too
 
 
 def test_person_page_history_verification_and_downloads(tenant: Tenant) -> None:
@@ -455,7 +460,12 @@ def test_settings_rotate_keys_keeps_the_session(tenant: Tenant) -> None:
     assert tenant.get("/v1/tenant").status_code == 401  # a leaked key stops at once
     assert tenant.client.get("/v1/tenant", headers={"Authorization": f"Bearer {new}"}).status_code == 200
     assert b.get("/dashboard").status_code == 200  # still signed in, now under the new key
-    assert "rotate_keys" in b.get("/dashboard/audit").text
+    # each rotation is one entry of the tenant audit trail, by this dashboard session's key
+    trail = b.get("/dashboard/audit").text
+    assert trail.count('data-action="keys.rotate"') == 3 and "rotate_keys" not in trail
+    api = tenant.client.get("/v1/tenant/audit", headers={"Authorization": f"Bearer {new}"}).json()["items"]
+    assert [e["action"] for e in api[:3]] == ["keys.rotate"] * 3
+    assert api[0]["actor"].startswith("dashboard key:key_") and api[0]["after"]["leaked"] is True
     assert b.post("/dashboard/settings/keys/rotate", {"kind": "all"}, form_page="/dashboard/settings").status_code == 422
 
 
@@ -506,3 +516,198 @@ def test_cookie_secrets_rotate_newest_last(tenant: Tenant, db_url: str) -> None:
             b = Browser(c)
             b.c.cookies.set("consent_dashboard", cookie, domain="testserver.local", path="/dashboard")
             assert b.get("/dashboard").status_code == expect, secrets
+
+
+SETTINGS_FORM = {"name": "Acme GmbH", "allowed_origins": "HTTPS://WWW.Acme.test:443\r\n\r\nhttp://localhost:8080\r\n",
+                 "notice_days": "14", "default_lang": "de", "store_full_ip": "on"}  # user agent: unchecked
+SETTINGS_API = {"name": "Acme GmbH", "allowed_origins": ["HTTPS://WWW.Acme.test:443", "http://localhost:8080"],
+                "notice_days": 14, "default_lang": "de", "store_full_ip": True, "store_user_agent": False}
+
+
+def _tenant_audit(t: Tenant) -> list[dict[str, Any]]:
+    r = t.get("/v1/tenant/audit")
+    assert r.status_code == 200
+    return r.json()["items"]  # type: ignore[no-any-return]
+
+
+def test_settings_form_changes_settings_as_patch_does(client: TestClient) -> None:
+    t, twin = make_tenant(client), make_tenant(client)
+    b = signed_in(t)
+    r = b.post("/dashboard/settings", SETTINGS_FORM, form_page="/dashboard/settings")
+    assert r.status_code == 303 and r.headers["location"].startswith("/dashboard/settings?saved=")
+    assert twin.client.patch("/v1/tenant", json=SETTINGS_API, headers=twin.h).status_code == 200
+    got, want = t.get("/v1/tenant").json(), twin.get("/v1/tenant").json()
+    for name in ("name", "allowed_origins", "notice_days", "default_lang", "store_full_ip", "store_user_agent"):
+        assert got[name] == want[name], name
+    assert got["allowed_origins"] == ["https://www.acme.test", "http://localhost:8080"]
+    # the same audit entry as the API writes, the actor naming the dashboard session's key
+    mine, theirs = _tenant_audit(t)[0], _tenant_audit(twin)[0]
+    assert (mine["action"], mine["before"], mine["after"]) == (theirs["action"], theirs["before"], theirs["after"])
+    key_id = next(k["id"] for k in got["keys"] if k["kind"] == "secret")
+    assert mine["actor"] == f"dashboard key:{key_id}" and theirs["actor"] != mine["actor"]
+    page = b.get(r.headers["location"]).text
+    assert "6 settings changed" in page and 'value="Acme GmbH"' in page
+    assert "https://www.acme.test\nhttp://localhost:8080</textarea>" in page
+    # the same values again: nothing changes, nothing is audited
+    assert b.post("/dashboard/settings", SETTINGS_FORM, form_page="/dashboard/settings").headers[
+        "location"].startswith("/dashboard/settings?saved=0")
+    assert len(_tenant_audit(t)) == 1
+    # a dashboard user is named by email
+    b.post("/dashboard/users", {"email": "ops@example.com", "password": PASSWORD, "role": "admin"})
+    ops = Browser(t.client)
+    ops.sign_in(tenant=t.id, email="ops@example.com", password=PASSWORD)
+    assert ops.post("/dashboard/settings", {**SETTINGS_FORM, "notice_days": "30"},
+                    form_page="/dashboard/settings").status_code == 303
+    entry = _tenant_audit(t)[0]
+    assert entry["actor"] == "dashboard user:ops@example.com"
+    assert (entry["before"], entry["after"]) == ({"notice_days": 14}, {"notice_days": 30})
+
+
+@pytest.mark.parametrize(("fields", "field", "says"), [
+    ({"notice_days": "400"}, "notice_days", "less than or equal to 365"),
+    ({"notice_days": "two weeks"}, "notice_days", "whole number of days"),
+    ({"allowed_origins": "https://ok.example\nhttps://shop.example/"}, "allowed_origins", "trailing"),
+    ({"allowed_origins": "shop.example"}, "allowed_origins", "origin"),
+    ({"default_lang": "english!"}, "default_lang", "pattern"),
+    ({"name": "  "}, "name", "at least 1 character"),
+])
+def test_settings_form_errors_show_next_to_the_field(tenant: Tenant, fields: dict[str, str], field: str,
+                                                     says: str) -> None:
+    before = tenant.get("/v1/tenant").json()
+    b = signed_in(tenant)
+    r = b.post("/dashboard/settings", {**SETTINGS_FORM, **fields}, form_page="/dashboard/settings")
+    assert r.status_code == 422 and r.headers["content-type"].startswith("text/html")
+    error = re.search(rf'<p class="problem" id="{field}-error">([^<]+)</p>', r.text)
+    assert error and says.lower() in error.group(1).lower(), r.text
+    assert re.search(rf'id="{field}"[^>]*aria-invalid="true"[^>]*aria-describedby="{field}-error', r.text)
+    assert len(re.findall(r'class="problem" id="[a-z_]+-error"', r.text)) == 1  # only that field
+    # what was typed is kept in the form; nothing was saved, nothing audited
+    assert f'value="{SETTINGS_FORM["name"]}"' in r.text or field == "name"
+    assert tenant.get("/v1/tenant").json() == before and _tenant_audit(tenant) == []
+    # any other client gets the API's problem+json with the 422 details
+    api = TestClient(tenant.client.app)
+    api.cookies = b.c.cookies
+    r = api.post("/dashboard/settings", data={"csrf": b.csrf("/dashboard/settings"), **SETTINGS_FORM, **fields})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "validation_failed" and r.json()["errors"][0]["field"].split(".")[0] == field
+
+
+def test_settings_form_needs_admin_and_the_csrf_token(tenant: Tenant) -> None:
+    admin = signed_in(tenant)
+    r = admin.c.post("/dashboard/settings", data={"csrf": "forged", **SETTINGS_FORM}, follow_redirects=False)
+    assert r.status_code == 403 and "csrf_failed" in r.text
+    admin.post("/dashboard/users", {"email": "viewer@example.com", "password": PASSWORD, "role": "read_only"})
+    viewer = Browser(tenant.client)
+    viewer.sign_in(tenant=tenant.id, email="viewer@example.com", password=PASSWORD)
+    page = viewer.get("/dashboard/settings").text
+    assert 'action="/dashboard/settings"' not in page and "needs the admin role" in page
+    r = viewer.post("/dashboard/settings", SETTINGS_FORM, form_page="/dashboard")
+    assert r.status_code == 403 and "read_only_role" in r.text
+    assert tenant.get("/v1/tenant").json()["name"] == "Acme" and _tenant_audit(tenant) == []
+
+
+def test_audit_page_is_one_trail_newest_first_without_duplicates(client: TestClient) -> None:
+    t, other = make_tenant(client), make_tenant(client)
+    b = signed_in(t)  # sign_in (dashboard)
+    assert t.client.patch("/v1/tenant", json={"notice_days": 3}, headers=t.h).status_code == 200
+    b.get("/dashboard/people", params={"kind": "email", "q": "nobody@example.com"})  # search (dashboard)
+    assert b.post("/dashboard/settings", {**SETTINGS_FORM, "name": "Renamed"},
+                  form_page="/dashboard/settings").status_code == 303
+    assert t.put("/v1/tenant/retention", json={"evidence_retention_days": 30}).status_code == 200
+    b.post("/dashboard/settings/keys/rotate", {"kind": "publishable"}, form_page="/dashboard/settings")
+    signed_in(other).post("/dashboard/settings", {**SETTINGS_FORM, "name": "Other Co"},
+                          form_page="/dashboard/settings")
+    html = b.get("/dashboard/audit").text
+    rows = re.findall(r'<tr data-trail="(\w+)" data-action="([\w.]+)"><td>[^<]+</td><td>([^<]+)</td>', html)
+    actions = [(src, action) for src, action, _ in rows]
+    assert actions == [("tenant", "keys.rotate"), ("tenant", "retention.update"), ("tenant", "settings.update"),
+                       ("dashboard", "search"), ("tenant", "settings.update"), ("dashboard", "sign_in")], actions
+    key_id = next(k["id"] for k in t.get("/v1/tenant").json()["keys"] if k["kind"] == "secret")
+    assert [who for _, a, who in rows if a == "settings.update"] == [f"dashboard key:{key_id}", key_id]
+    assert "name: <del>Acme</del> → <ins>Renamed</ins>" in html
+    assert "notice_days: <del>0</del> → <ins>3</ins>" in html
+    assert "evidence_retention_days: <del>None</del> → <ins>30</ins>" in html
+    assert "Other Co" not in html and other.id not in html
+
+
+def test_overview_chart_over_time_by_policy_version(tenant: Tenant) -> None:
+    import sqlalchemy as sa
+
+    from consent.models import DashboardRollup
+
+    for i in range(3):
+        tenant.record(email=f"v1-{i}@example.com")
+    tenant.publish("v2", material=False, purposes=["strictly_necessary", "marketing_email", "analytics"])
+    tenant.record(email="v2-a@example.com")
+    tenant.record(decision="denied", email="v2-b@example.com")
+    b = signed_in(tenant)
+    html = b.get("/dashboard").text
+    bars = re.findall(r'<rect [^>]*data-version="([^"]*)" data-n="(\d+)"', html)
+    assert bars == [("v1", "3"), ("v2", "2")], bars  # one day, stacked oldest version first
+    assert re.search(r'data-version-key="v1">.*?</li>\s*<li data-version-key="v2">', html, re.DOTALL)
+    assert "Records per day, by policy version" in html and 'aria-labelledby="versions-title"' in html
+    # read from the stored rollup: a page view does not count the ledger again
+    tenant.record(email="v2-c@example.com")
+    assert re.findall(r'data-version="v2" data-n="(\d+)"', b.get("/dashboard").text) == ["2"]
+    assert b.post("/dashboard/refresh", form_page="/dashboard").status_code == 303
+    assert re.findall(r'data-version="v2" data-n="(\d+)"', b.get("/dashboard").text) == ["3"]
+    # a rollup stored before this series existed still renders (without it) until recomputed
+    engine = tenant.client.app.state.services.engine  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        data = conn.execute(sa.select(DashboardRollup.data).where(DashboardRollup.tenant_id == tenant.id)).scalar_one()
+        del data["per_day_versions"]
+        conn.execute(sa.update(DashboardRollup).where(DashboardRollup.tenant_id == tenant.id).values(data=data))
+    r = b.get("/dashboard")
+    assert r.status_code == 200 and "data-version=" not in r.text and 'data-opt-in="marketing_email"' in r.text
+
+
+def test_webhooks_retry_one_failed_delivery(client: TestClient) -> None:
+    import sqlalchemy as sa
+
+    from consent import webhooks
+    from consent.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+
+    t, other = make_tenant(client), make_tenant(client)
+    ep = t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}).json()
+    t.record(email="one@example.com")
+    t.record(email="two@example.com")
+    engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    settings = client.app.state.services.settings  # type: ignore[attr-defined]
+    items = t.get(f"/v1/webhooks/{ep['id']}/deliveries").json()["items"]
+    failed, pending = items[0]["id"], items[1]["id"]
+    with engine.begin() as conn:  # what the worker does when a delivery's retry window is over
+        conn.execute(sa.update(WebhookDelivery).where(WebhookDelivery.id == failed).values(
+            status="failed", attempts=12, last_error="connection refused",
+            created_at=datetime.now(UTC) - timedelta(seconds=settings.webhook_retry_seconds + 60)))
+    b = signed_in(t)
+    page = b.get("/dashboard/webhooks").text
+    assert f'data-retry="{failed}"' in page and f'data-retry="{pending}"' not in page
+    path = f"/dashboard/webhooks/deliveries/{failed}/retry"
+    assert signed_in(other).post(path, form_page="/dashboard/webhooks").status_code == 404
+    r = b.post(path, form_page="/dashboard/webhooks")
+    assert r.status_code == 303 and f"retried={failed}" in r.headers["location"]
+    assert f"Delivery {failed} is due again" in b.get(r.headers["location"]).text
+    api = TestClient(client.app)
+    api.cookies = b.c.cookies
+    r = api.post(path, data={"csrf": b.csrf("/dashboard/webhooks")})
+    assert r.status_code == 409 and r.json()["code"] == "delivery_not_failed"
+    assert b.post(f"/dashboard/webhooks/deliveries/{pending}/retry", form_page="/dashboard/webhooks").status_code == 409
+    assert b.post("/dashboard/webhooks/deliveries/99999999/retry", form_page="/dashboard/webhooks").status_code == 404
+    assert b.post("/dashboard/webhooks/deliveries/x1/retry", form_page="/dashboard/webhooks").status_code == 404
+    # the worker makes exactly one more attempt: refused again, the delivery is failed again
+    with engine.begin() as conn:
+        conn.execute(sa.update(WebhookDelivery).where(WebhookDelivery.endpoint_id == ep["id"],
+                                                      WebhookDelivery.id != failed).values(status="delivered"))
+    assert webhooks.deliver_once(engine, settings) >= 1  # other tests' deliveries may be due too
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(WebhookDelivery.status, WebhookDelivery.attempts)
+                           .where(WebhookDelivery.id == failed)).one()
+        tries = conn.execute(sa.select(sa.func.count()).select_from(WebhookAttempt)
+                             .where(WebhookAttempt.delivery_id == failed)).scalar_one()
+    assert (row.status, row.attempts, tries) == ("failed", 13, 1)
+    # a disabled endpoint: enable it first (that retries what is pending)
+    with engine.begin() as conn:
+        conn.execute(sa.update(WebhookEndpoint).where(WebhookEndpoint.id == ep["id"]).values(enabled=False))
+    r = api.post(path, data={"csrf": b.csrf("/dashboard/webhooks")})
+    assert r.status_code == 409 and r.json()["code"] == "endpoint_disabled"
+    assert "retry_delivery" in b.get("/dashboard/audit").text

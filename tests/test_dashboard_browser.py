@@ -203,3 +203,79 @@ def test_read_only_pages_work_without_javascript(live: Live, browser: Any) -> No
         shot(page, live, "not-found")
     finally:
         ctx.close()
+
+
+def test_settings_one_audit_trail_versions_chart_and_retry(live: Live, context: Any, db_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy as sa
+
+    from consent.db import create_db_engine
+    from consent.models import WebhookDelivery
+
+    t, _ = populated(live)
+    t.publish("v2")
+    t.record(email="later@example.com")
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    sign_in(page, live, t)
+
+    # the overview's records per day, split by policy version
+    assert page.locator("svg.versions rect[data-version=v1]").count() == 1
+    assert page.locator("svg.versions rect[data-version=v2]").get_attribute("data-n") == "1"
+    assert [s.strip() for s in page.locator("[data-version-key]").all_inner_texts()] == ["v1", "v2"]
+    shot(page, live, "overview-versions")
+
+    # settings: an error shows next to its field and saves nothing; fixed, it saves
+    page.get_by_role("link", name="Settings").click()
+    page.get_by_label("Name").fill("Acme Shop")
+    origins = page.get_by_label("Allowed origins")
+    origins.fill(origins.input_value() + "\nhttps://shop.example/")
+    page.get_by_label("Notice period (days)").fill("21")
+    page.get_by_role("button", name="Save settings").click()
+    assert "trailing" in page.locator("#allowed_origins-error").inner_text()
+    assert origins.get_attribute("aria-invalid") == "true"
+    assert page.get_by_label("Name").input_value() == "Acme Shop"  # what was typed stays
+    assert t.get("/v1/tenant").json()["name"] == "Acme"
+    shot(page, live, "settings-error")
+    origins.fill(origins.input_value().replace("https://shop.example/", "https://shop.example"))
+    page.get_by_label("Keep the browser's user agent in the evidence").uncheck()
+    page.get_by_role("button", name="Save settings").click()
+    assert "4 settings changed" in page.get_by_role("status").inner_text()
+    got = t.get("/v1/tenant").json()
+    assert (got["name"], got["notice_days"], got["store_user_agent"]) == ("Acme Shop", 21, False)
+    assert got["allowed_origins"][-1] == "https://shop.example"
+    shot(page, live, "settings-saved")
+    # rotating: the old publishable key works until the end of its grace period
+    page.get_by_label("Rotate").select_option("publishable")
+    page.get_by_role("button", name="Rotate").click()
+    assert page.locator(f"tr[data-key-prefix='{t.publishable_key[:7]}']").inner_text().count("works until") == 1
+    shot(page, live, "settings-rotated")
+
+    # webhooks: one failed delivery retried
+    endpoints = t.get("/v1/webhooks").json()
+    ep = (endpoints["items"] if isinstance(endpoints, dict) else endpoints)[0]
+    delivery = t.get(f"/v1/webhooks/{ep['id']}/deliveries").json()["items"][0]
+    engine = create_db_engine(db_url)
+    try:
+        with engine.begin() as conn:  # what the worker does when a delivery's retry window is over
+            conn.execute(sa.update(WebhookDelivery).where(WebhookDelivery.id == delivery["id"]).values(
+                status="failed", last_error="connection refused",
+                created_at=datetime.now(UTC) - timedelta(days=2)))
+    finally:
+        engine.dispose()
+    page.get_by_role("link", name="Webhooks").click()
+    page.get_by_role("button", name=re.compile(rf"Retry delivery {delivery['id']} ")).click()
+    assert f"Delivery {delivery['id']} is due again" in page.get_by_role("status").inner_text()
+    shot(page, live, "webhooks-retry")
+
+    # one audit trail: the dashboard's events and the tenant's changes, each change once
+    page.get_by_role("link", name="Audit trail").click()
+    actions = page.locator("tr[data-action]").evaluate_all("rows => rows.map(r => r.dataset.action)")
+    assert actions[:3] == ["retry_delivery", "keys.rotate", "settings.update"], actions
+    assert actions.count("settings.update") == 1 and actions[-1] == "sign_in"
+    row = page.locator("tr[data-action='settings.update']").inner_text()
+    assert "dashboard key:" in row and "Acme Shop" in row
+    shot(page, live, "audit-merged")
+    assert [e for e in errors if "status of 422" not in e] == []  # only the refused settings form
