@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from . import asof, catalog, checks, crypto, ledger, tenants
@@ -108,13 +108,9 @@ def admin_tenant_audit(ctx: Ctx) -> Any:
 
 def rotation(ctx: Ctx, tenant_id: str, actor: str) -> dict[str, Any]:
     b = ctx.body
-    kinds = ["secret", "publishable"] if b.kind == "both" else [b.kind]
-    grace = {}
-    if b.publishable_grace_days is not None:
-        grace["publishable"] = timedelta(days=b.publishable_grace_days)
-    if b.secret_grace_hours is not None:
-        grace["secret"] = timedelta(hours=b.secret_grace_hours)
-    keys = tenants.rotate_keys(ctx.db, tenant_id, kinds, actor=actor, leaked=b.leaked, grace=grace)
+    grace = tenants.grace_periods(b.publishable_grace_days, b.secret_grace_hours)
+    keys = tenants.rotate_keys(ctx.db, tenant_id, tenants.rotation_kinds(b.kind), actor=actor, leaked=b.leaked,
+                               grace=grace)
     return {"secret_key": keys.get("secret"), "publishable_key": keys.get("publishable"),
             "keys": tenants.live_keys(ctx.db, tenant_id)}
 

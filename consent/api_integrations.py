@@ -377,8 +377,7 @@ FEED_QUERY = (
           responses={400: "after is beyond the end of the feed (bad_cursor)"})
 async def list_events(request: Request) -> Response:
     services = request.app.state.services
-    q = parse_query(request, FEED_QUERY)
-    deadline = time.monotonic() + q["wait"]
+    q: dict[str, Any] = {}
 
     def read(tenant_id: str | None) -> tuple[str, list[dict[str, Any]]]:
         with transaction(services.engine) as db:
@@ -386,6 +385,7 @@ async def list_events(request: Request) -> Response:
                 principal = authenticate(db, services, request, "secret")
                 assert principal is not None
                 tenant_id = principal.tenant_id
+                q.update(parse_query(request, FEED_QUERY))  # after the key: a stranger learns no rules
                 if q["after"] > events.last_position(db, tenant_id):
                     raise BadRequest("after is beyond the end of the feed: pass a position you have seen "
                                      "(next_cursor), or 0", code="bad_cursor")
@@ -393,6 +393,7 @@ async def list_events(request: Request) -> Response:
             return tenant_id, events.render(db, tenant_id, rows)
 
     tenant_id, items = await run_in_threadpool(read, None)
+    deadline = time.monotonic() + q["wait"]
     if not items and q["wait"]:
         try:
             with events.feed_waiter(tenant_id, services.settings.feed_max_waits_per_tenant) as changed:
@@ -475,12 +476,13 @@ NOTICE_QUERY = (Q("pending", default="false", choices=("true", "false"),
           responses={200: "application/x-ndjson, one subject per line"})
 async def list_notices(request: Request) -> Response:
     services = request.app.state.services
-    q = parse_query(request, NOTICE_QUERY)
+    q: dict[str, Any] = {}
 
     def lookup() -> tuple[str, int]:
         with transaction(services.engine) as db:
             principal = authenticate(db, services, request, "secret")
             assert principal is not None
+            q.update(parse_query(request, NOTICE_QUERY))  # after the key: a stranger learns no rules
             v = catalog.require_version(db, principal.tenant_id, _policy(request), request.path_params["version"])
             return principal.tenant_id, int(v.id)  # type: ignore[arg-type]
 

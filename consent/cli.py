@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -261,12 +260,8 @@ def cmd_tenants(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
-    kinds = ["secret", "publishable"] if args.kind == "both" else [args.kind]
-    grace = {}
-    if args.publishable_grace_days is not None:
-        grace["publishable"] = timedelta(days=args.publishable_grace_days)
-    if args.secret_grace_hours is not None:
-        grace["secret"] = timedelta(hours=args.secret_grace_hours)
+    kinds = tenants.rotation_kinds(args.kind)
+    grace = tenants.grace_periods(args.publishable_grace_days, args.secret_grace_hours)
     with _session(settings) as session:
         keys = tenants.rotate_keys(session, args.tenant, kinds, actor="cli", leaked=args.leaked, grace=grace)
         live = tenants.live_keys(session, args.tenant)

@@ -90,6 +90,21 @@ def issue_key(db: Session, tenant_id: str, kind: str) -> str:
     return raw
 
 
+def rotation_kinds(kind: str) -> list[str]:
+    """The key kinds a rotation request names: ``secret``, ``publishable`` or ``both``."""
+    return ["secret", "publishable"] if kind == "both" else [kind]
+
+
+def grace_periods(publishable_days: int | None, secret_hours: int | None) -> dict[str, timedelta]:
+    """Per-call grace periods for ``rotate_keys``; a kind left out keeps its default."""
+    grace = {}
+    if publishable_days is not None:
+        grace["publishable"] = timedelta(days=publishable_days)
+    if secret_hours is not None:
+        grace["secret"] = timedelta(hours=secret_hours)
+    return grace
+
+
 def rotate_keys(db: Session, tenant_id: str, kinds: list[str], *, actor: str = "cli", leaked: bool = False,
                 grace: dict[str, timedelta] | None = None) -> dict[str, str]:
     """Issue a fresh key of each kind. The keys it replaces keep working for their grace period

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 from starlette.testclient import TestClient
 
@@ -23,6 +22,7 @@ from consent.models import utcnow
 
 from .conftest import BACKENDS, PG_URL, settings_for
 from .helpers import make_tenant, pg_schema_url
+from .test_migrations import revision, tables
 
 AUDIT_REVISION = "0014"  # migrations/versions/0014_tenant_audit.py: creates tenant_audit
 
@@ -48,20 +48,6 @@ def run(url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
     return call
 
 
-def tables(url: str) -> set[str]:
-    engine = db.create_db_engine(url)
-    try:
-        return set(sa.inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
-
-
-def revision(url: str) -> str | None:
-    engine = db.create_db_engine(url)
-    try:
-        return db.current_revision(engine)
-    finally:
-        engine.dispose()
 
 
 def test_downgrade_needs_a_target_and_a_flag_to_destroy(url: str, run: Any) -> None:
