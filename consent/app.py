@@ -272,7 +272,7 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 def prepare(settings: Settings, engine: Engine) -> Signer:
     """Migrate (if configured) and load the active signing key, creating one on first start."""
     if settings.migrate_on_start:
-        db.migrate(settings.database_url)
+        db.migrate(settings.database_url, secret_keys=settings.secret_keys or None)
     with db.transaction(engine, write=True) as session:
         key = receipts.ensure_signing_key(session)
         return Signer(key.kid, key.private_pem)
@@ -306,10 +306,13 @@ class ConsentApp(Starlette):
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the ASGI app. Nothing happens at import time; uvicorn calls this with --factory."""
     settings = settings or Settings.from_env()
+    if not settings.is_sqlite and not settings.secret_keys:
+        raise ConsentError(db.NO_KEK)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = db.create_db_engine(settings.database_url, **db.service_engine_options(settings))
+        engine = db.create_db_engine(settings.database_url, secret_keys=settings.secret_keys or None,
+                                     **db.service_engine_options(settings))
         worker = reader = sequencer = listener = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)

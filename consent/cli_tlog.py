@@ -101,12 +101,12 @@ def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
 def add_commands(sub: Any) -> None:
     """Register the transparency-log commands on the ``consent`` parser."""
     t = sub.add_parser("tlog", help="transparency log: build the tree of records not in it yet")
-    t.add_argument("action", choices=["build"])
+    t.add_argument("action", choices=["build"], help="add every record not in the tree yet")
     t.add_argument("--tenant", help="one tenant (default: every tenant)")
     t.set_defaults(func=cmd_build)
     c = sub.add_parser("checkpoint", help="fetch a tenant's newest checkpoint, check it against the ones kept, keep it")
-    c.add_argument("action", choices=["fetch"])
-    c.add_argument("--tenant", required=True)
+    c.add_argument("action", choices=["fetch"], help="fetch, check and keep the newest checkpoint")
+    c.add_argument("--tenant", required=True, help="tenant id")
     c.add_argument("--url", help="the service's base URL (default CONSENT_ISSUER)")
     c.add_argument("--dir", default="checkpoints", help="where checkpoints are kept (DIR/<tenant>/<size>.note)")
     c.add_argument("--key", action="append", help="pin a note verifier key (default: fetched from /v1/tlog/key)")

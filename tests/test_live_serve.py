@@ -23,6 +23,8 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 
+from consent import crypto, db
+
 from .conftest import BACKENDS, PG_URL, free_port
 from .helpers import pg_schema_url
 
@@ -118,10 +120,11 @@ def record(http: httpx.Client, sk: str, **subject: str) -> dict[str, Any]:
 
 def private_material(url: str) -> list[str]:
     """Every private signing key in the database, as PEM body and as the raw JWK ``d``."""
-    engine = sa.create_engine(url)
+    engine = db.create_db_engine(url)
     try:
         with engine.connect() as conn:
-            pems = list(conn.execute(sa.text("SELECT private_pem FROM signing_key")).scalars())
+            pems = [crypto.open_secret(conn, p, "signing_key.private_pem")
+                    for p in conn.execute(sa.text("SELECT private_pem FROM signing_key")).scalars()]
     finally:
         engine.dispose()
     out = []
