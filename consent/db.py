@@ -282,6 +282,7 @@ SEALED_COLUMNS = (
     ("subject_token_key", "kid", "secret"),
     ("email_link_secret", "id", "secret"),
     ("webhook_endpoint", "id", "secret"),
+    ("webhook_endpoint", "id", "previous_secret"),
 )
 
 

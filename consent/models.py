@@ -73,8 +73,8 @@ class Sealed(TypeDecorator[str]):
         return keyring_of(dialect).open(value, self.where)
 
 
-def sealed(where: str, length: int | None = None) -> Any:
-    return Field(sa_column=sa.Column(where.partition(".")[2], Sealed(where, length), nullable=False))
+def sealed(where: str, length: int | None = None, nullable: bool = False) -> Any:
+    return Field(sa_column=sa.Column(where.partition(".")[2], Sealed(where, length), nullable=nullable))
 
 
 def utcnow() -> datetime:
@@ -398,6 +398,9 @@ class WebhookEndpoint(SQLModel, table=True):
     event_types: list[str] = jsoncol()
     description: str = Field(default="", max_length=200)
     secret: str = sealed("webhook_endpoint.secret", 128)  # whsec_..., needed to sign; returned once at creation
+    # the secret before the last rotation: deliveries carry its signature too until then
+    previous_secret: str | None = sealed("webhook_endpoint.previous_secret", 128, nullable=True)
+    previous_secret_until: datetime | None = ts(nullable=True)
     enabled: bool = True
     consecutive_failures: int = 0
     disabled_reason: str | None = Field(default=None, max_length=200)

@@ -2,8 +2,9 @@
 
 Receipt signing keys, tenant hash keys and link secrets, subject-token and webhook secrets are
 rewritten in place as AES-256-GCM ciphertext (consent.crypto.Keyring); no column changes, as a
-sealed 64-character secret fits its 128-character column. Downgrade writes them back in plain
-text (it needs the same keys).
+sealed 64-character secret fits its 128-character column. Webhook endpoints get the columns
+of a secret rotation (the previous secret, signing too until a time). Downgrade writes the
+secrets back in plain text (it needs the same keys).
 
 Revision ID: 0015
 Revises: 0014
@@ -15,6 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+import consent.models
 from consent import crypto, db
 
 revision = "0015"
@@ -34,6 +36,9 @@ COLUMNS = (
 
 
 def upgrade() -> None:
+    op.add_column("webhook_endpoint", sa.Column("previous_secret", sa.String(length=128), nullable=True))
+    op.add_column("webhook_endpoint", sa.Column("previous_secret_until", consent.models.UTCDateTime(timezone=True),
+                                                nullable=True))
     db.reseal(op.get_bind(), COLUMNS)
 
 
@@ -45,3 +50,6 @@ def downgrade() -> None:
             if value is not None and value.startswith(crypto.SEALED_PREFIX):
                 plain = crypto.open_secret(conn, value, f"{table}.{column}")
                 conn.execute(sa.update(t).where(t.c[pk] == key).values({column: plain}))
+    with op.batch_alter_table("webhook_endpoint") as batch_op:
+        batch_op.drop_column("previous_secret_until")
+        batch_op.drop_column("previous_secret")
