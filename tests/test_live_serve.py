@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from consent import crypto, db
 
-from .conftest import BACKENDS, PG_URL, free_port
+from .conftest import BACKENDS, PG_URL, SECRET_KEYS, free_port
 from .helpers import pg_schema_url
 
 CONSENT = Path(sys.executable).parent / "consent"
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_")}
+    env["CONSENT_SECRET_KEYS"] = SECRET_KEYS  # what private_material() opens the keys with
     env.update(extra)
     return env
 
