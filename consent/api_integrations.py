@@ -12,7 +12,7 @@ import contextlib
 import html
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -196,6 +196,12 @@ def create_email_links(ctx: Ctx) -> Any:
           response=LinkSecretsOut, write=True)
 def rotate_link_secret(ctx: Ctx) -> Any:
     return {"secrets": email_links.rotate_secret(ctx.db, ctx.tenant)}
+
+
+@endpoint(auth="secret", summary="Retire every email-link secret but the newest; links signed with the "
+          "others stop working", response=LinkSecretsOut, write=True)
+def retire_link_secrets(ctx: Ctx) -> Any:
+    return {"secrets": email_links.retire_secrets(ctx.db, ctx.tenant)}
 
 
 def wants_json(request: Request) -> bool:
@@ -455,6 +461,15 @@ def delete_webhook(ctx: Ctx) -> Any:
           response=WebhookOut, write=True)
 def enable_webhook(ctx: Ctx) -> Any:
     return webhooks.endpoint_out(webhooks.enable_endpoint(ctx.db, ctx.tenant.id, ctx.path("webhook_id")))
+
+
+@endpoint(auth="secret", summary="Rotate a webhook endpoint's signing secret (returned once); deliveries "
+          "carry the old secret's signature too for `grace_hours`",
+          query=(Q("grace_hours", int, default=24, minimum=0, maximum=720),), response=WebhookCreated, write=True)
+def rotate_webhook_secret(ctx: Ctx) -> Any:
+    ep = webhooks.rotate_secret(ctx.db, ctx.tenant.id, ctx.path("webhook_id"),
+                                timedelta(hours=ctx.query["grace_hours"]))
+    return {**webhooks.endpoint_out(ep), "secret": ep.secret}
 
 
 @endpoint(auth="secret", summary="Delivery log of a webhook endpoint, newest first",

@@ -181,6 +181,10 @@ routes = [
     Route("/v1/webhooks/{webhook_id}", integ.delete_webhook, methods=["DELETE"], name="delete_webhook"),
     Route("/v1/webhooks/{webhook_id}/enable", integ.enable_webhook, methods=["POST"], name="enable_webhook"),
     Route("/v1/webhooks/{webhook_id}/deliveries", integ.list_deliveries, methods=["GET"], name="list_deliveries"),
+    Route("/v1/webhooks/{webhook_id}/secret/rotate", integ.rotate_webhook_secret, methods=["POST"],
+          name="rotate_webhook_secret"),
+    Route("/v1/email-links/secrets/retire", integ.retire_link_secrets, methods=["POST"],
+          name="retire_link_secrets"),
     Route("/v1/policies/{policy}/versions/{version}/notices", integ.list_notices, methods=["GET"], name="list_notices"),
     Route("/v1/policies/{policy}/versions/{version}/notices", integ.record_notices, methods=["POST"],
           name="record_notices"),
@@ -278,7 +282,7 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 def prepare(settings: Settings, engine: Engine) -> Signer:
     """Migrate (if configured) and load the active signing key, creating one on first start."""
     if settings.migrate_on_start:
-        db.migrate(settings.database_url)
+        db.migrate(settings.database_url, secret_keys=settings.secret_keys or None)
     with db.transaction(engine, write=True) as session:
         key = receipts.ensure_signing_key(session)
         return Signer(key.kid, key.private_pem)
@@ -312,10 +316,13 @@ class ConsentApp(Starlette):
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the ASGI app. Nothing happens at import time; uvicorn calls this with --factory."""
     settings = settings or Settings.from_env()
+    if not settings.is_sqlite and not settings.secret_keys:
+        raise ConsentError(db.NO_KEK)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = db.create_db_engine(settings.database_url, **db.service_engine_options(settings))
+        engine = db.create_db_engine(settings.database_url, secret_keys=settings.secret_keys or None,
+                                     **db.service_engine_options(settings))
         worker = reader = sequencer = listener = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)

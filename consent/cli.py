@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from . import cli_audit, cli_tlog, db, receipts, tenants
+from . import cli_audit, cli_tlog, crypto, db, receipts, tenants
 from .models import Tenant
 from .schemas import TenantIn, TenantOut, TenantPatch
 from .settings import Settings
@@ -275,6 +275,18 @@ def cmd_admin_token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_secrets(args: argparse.Namespace, settings: Settings) -> int:
+    """Seal every stored secret under the newest key of CONSENT_SECRET_KEYS (one transaction)."""
+    engine = db.create_db_engine(settings.database_url, secret_keys=settings.secret_keys or None)
+    try:
+        with engine.begin() as conn:
+            changed = db.reseal(conn)
+    finally:
+        engine.dispose()
+    print(f"{changed} secrets sealed under the newest key; older keys may now leave CONSENT_SECRET_KEYS")
+    return 0
+
+
 def cmd_signing_key(args: argparse.Namespace, settings: Settings) -> int:
     with _session(settings) as session:
         key = receipts.rotate_signing_key(session)
@@ -330,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     sk = sub.add_parser("signing-key", help="rotate the receipt signing key")
     sk.add_argument("action", choices=["rotate"], help="retire the active key and make a new one")
     sk.set_defaults(func=cmd_signing_key)
+    se = sub.add_parser("secrets", help="re-seal every stored secret under the newest key-encryption key")
+    se.add_argument("action", choices=["rotate"], help="after putting a new key first in CONSENT_SECRET_KEYS")
+    se.set_defaults(func=cmd_secrets)
     cli_audit.add_commands(sub)  # export, verify, retention (issue 5)
     c = sub.add_parser("completion", help="print a shell completion script: "
                        "eval \"$(consent completion bash)\" (bash or zsh)")
@@ -393,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = args.workers or settings.workers
     try:
         needs = DATABASE_NEEDS.get(args.command, "existing")
+        if needs is not None and not settings.is_sqlite and not settings.secret_keys:
+            raise CliError(db.NO_KEK)
         if needs is not None:
             check_database(settings, creating=needs == "create", serving=needs == "serve")
         return int(args.func(args, settings))
@@ -402,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, ConsentError):
             print(f"error: {exc.detail}", file=sys.stderr)
             return 2
-        if isinstance(exc, CliError):
+        if isinstance(exc, (CliError, crypto.SecretKeyError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if isinstance(exc, ValidationError):

@@ -528,3 +528,122 @@ def dummy_password_check(password: str) -> None:
 @functools.lru_cache(maxsize=1)
 def _dummy_hash() -> str:
     return hash_password(new_secret_hex(8))
+
+
+# --- secrets at rest: sealed under a key-encryption key (KEK) ------------------------------
+# Every stored secret (receipt signing keys, link, subject-token and webhook secrets, tenant
+# hash keys) is AES-256-GCM ciphertext, "enc1:" + base64url(nonce | ciphertext), with its
+# "table.column" as associated data, so a ciphertext copied into another column does not open.
+# No key id is stored (a 64-character secret then fits its 128-character column): opening tries
+# the newest key first, and a wrong key fails its tag check in about a microsecond. Text
+# without the prefix is a row written before secrets were sealed: it reads as is until the
+# migration (or `consent secrets rotate`) seals it.
+
+SEALED_PREFIX = "enc1:"
+KEK_BYTES = 32
+
+
+class SecretKeyError(Exception):
+    """A sealed secret cannot be opened (wrong or missing key-encryption key, or moved)."""
+
+
+def parse_kek(text: str) -> bytes:
+    """One KEK from its base64 text (standard or URL-safe, padding optional): 32 bytes."""
+    raw = text.strip()
+    try:
+        key = base64.urlsafe_b64decode(raw.replace("+", "-").replace("/", "_") + "=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != KEK_BYTES:
+        raise ValueError("CONSENT_SECRET_KEYS: each key must be 32 bytes in base64 "
+                         "(make one with: openssl rand -base64 32)")
+    return key
+
+
+def new_kek_text() -> str:
+    return base64.b64encode(secrets.token_bytes(KEK_BYTES)).decode()
+
+
+class Keyring:
+    """The KEKs of one database, newest first: the first seals, every one opens. Opened
+    values are cached (bounded), so a path that reads a sealed column often pays a dict lookup."""
+
+    CACHE_MAX = 10_000
+
+    def __init__(self, keys: list[bytes]):
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        if not keys:
+            raise ValueError("a keyring needs at least one key")
+        self._aeads = [AESGCM(k) for k in keys]
+        self._opened: dict[tuple[str, str], tuple[str, bool]] = {}  # -> (plaintext, under newest)
+
+    def seal(self, plaintext: str, where: str) -> str:
+        nonce = secrets.token_bytes(12)
+        ct = self._aeads[0].encrypt(nonce, plaintext.encode(), where.encode())
+        return SEALED_PREFIX + base64.urlsafe_b64encode(nonce + ct).rstrip(b"=").decode()
+
+    def _open(self, value: str, where: str) -> tuple[str, bool]:
+        cached = self._opened.get((value, where))
+        if cached is not None:
+            return cached
+        from cryptography.exceptions import InvalidTag
+
+        body = value[len(SEALED_PREFIX):]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (binascii.Error, ValueError):
+            raw = b""
+        for i, aead in enumerate(self._aeads):
+            try:
+                found = (aead.decrypt(raw[:12], raw[12:], where.encode()).decode(), i == 0)
+            except (InvalidTag, ValueError):
+                continue
+            if len(self._opened) >= self.CACHE_MAX:
+                self._opened.clear()
+            self._opened[(value, where)] = found
+            return found
+        raise SecretKeyError(f"{where}: a sealed secret does not open under any key of CONSENT_SECRET_KEYS "
+                             "(a key missing, or the value altered or copied from another column)")
+
+    def open(self, value: str, where: str) -> str:
+        if not value.startswith(SEALED_PREFIX):
+            return value  # written before sealing (the migration seals it)
+        return self._open(value, where)[0]
+
+    def is_current(self, value: str, where: str) -> bool:
+        """Sealed under the newest key (nothing for a rotation to do)."""
+        return value.startswith(SEALED_PREFIX) and self._open(value, where)[1]
+
+
+class NoKeyring:
+    """The keyring of a database that has none configured: any use says what to set."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def seal(self, plaintext: str, where: str) -> str:
+        raise SecretKeyError(self.reason)
+
+    def open(self, value: str, where: str) -> str:
+        if not value.startswith(SEALED_PREFIX):
+            return value
+        raise SecretKeyError(self.reason)
+
+    def is_current(self, value: str, where: str) -> bool:
+        raise SecretKeyError(self.reason)
+
+
+def keyring_of(bind: Any) -> Keyring:
+    """The keyring of an engine or connection (``db.create_db_engine`` puts it on the dialect)."""
+    dialect = getattr(bind, "dialect", bind)
+    ring = getattr(dialect, "consent_keyring", None)
+    if ring is None:
+        raise SecretKeyError("this engine has no key-encryption key (make it with db.create_db_engine)")
+    return ring  # type: ignore[no-any-return]
+
+
+def open_secret(bind: Any, value: str, where: str) -> str:
+    """A secret read from ``where`` ("table.column") with SQL text, opened (statements built on
+    the models open it themselves: models.Sealed)."""
+    return keyring_of(bind).open(value, where)

@@ -24,9 +24,63 @@ READ_PG = {"isolation_level": "AUTOCOMMIT"}
 IDLE_PING_SECONDS = 2.0
 
 
-def create_db_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine with the per-backend settings this service relies on."""
+NO_KEK = ("CONSENT_SECRET_KEYS is not set: a PostgreSQL database needs a key-encryption key to seal "
+          "the secrets it stores (make one with: openssl rand -base64 32; see docs/reliability.md)")
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite URL (None: in memory, a URI, or not SQLite)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1].split("?", 1)[0]
+    return path if path and path != ":memory:" and not path.startswith("file:") else None
+
+
+def kek_file(url: str) -> Path | None:
+    """Where the embedded default keeps its generated key-encryption key: beside the database."""
+    path = sqlite_path(url)
+    return Path(path + ".kek") if path else None
+
+
+def keyring_for(url: str, secret_keys: Any = None) -> Any:
+    """The key-encryption keys of the database at ``url``: ``secret_keys`` (the setting), else
+    CONSENT_SECRET_KEYS from the environment, else (SQLite) the key file beside the database,
+    generated 0600 on first use. PostgreSQL without one gets a keyring that refuses to seal or
+    open (create_app and the CLI refuse to start before that)."""
+    from . import crypto
+
+    if secret_keys is None:
+        secret_keys = [k for k in os.environ.get("CONSENT_SECRET_KEYS", "").split(",") if k.strip()]
+    if secret_keys:
+        return crypto.Keyring([crypto.parse_kek(str(k)) for k in secret_keys])
+    if not url.startswith("sqlite"):
+        return crypto.NoKeyring(NO_KEK)
+    path = kek_file(url)
+    if path is None:  # an in-memory database lives as long as this key
+        return crypto.Keyring([crypto.parse_kek(crypto.new_kek_text())])
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(crypto.new_kek_text() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not lines:
+        raise crypto.SecretKeyError(f"{path} holds no key-encryption key")
+    return crypto.Keyring([crypto.parse_kek(line) for line in lines])  # newest first, like the setting
+
+
+def create_db_engine(url: str, *, secret_keys: Any = None, **kwargs: Any) -> Engine:
+    """An engine with the per-backend settings this service relies on, and the database's
+    key-encryption keys on its dialect (models.Sealed columns use them)."""
     kwargs.setdefault("hide_parameters", True)  # driver errors (logged) never carry emails or keys
+    engine = _create_engine(url, **kwargs)
+    engine.dialect.consent_keyring = keyring_for(url, secret_keys)  # type: ignore[attr-defined]
+    return engine
+
+
+def _create_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:" and not path.startswith("file:"):
@@ -149,23 +203,24 @@ def migrations_dir() -> Path:
     return path
 
 
-def alembic_config(url: str) -> Any:
+def alembic_config(url: str, secret_keys: Any = None) -> Any:
     from alembic.config import Config
 
     cfg = Config()
+    cfg.attributes["secret_keys"] = secret_keys
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["configure_logger"] = False
     return cfg
 
 
-def migrate(url: str, revision: str = "head") -> None:
+def migrate(url: str, revision: str = "head", *, secret_keys: Any = None) -> None:
     """Bring the database at ``url`` to ``revision`` (upgrade)."""
     from alembic import command
 
     if url.startswith("sqlite"):
-        create_db_engine(url).dispose()  # makes the data directory
-    command.upgrade(alembic_config(url), revision)
+        create_db_engine(url, secret_keys=secret_keys).dispose()  # makes the data directory
+    command.upgrade(alembic_config(url, secret_keys), revision)
 
 
 def downgrade(url: str, revision: str) -> None:
@@ -216,3 +271,37 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+# Every sealed column (models.Sealed) as (table, primary key column, column). The migration that
+# sealed them carries its own copy: it must keep meaning what it did when it ran.
+SEALED_COLUMNS = (
+    ("tenant", "id", "hash_key"),
+    ("tenant", "id", "token_secret"),
+    ("signing_key", "kid", "private_pem"),
+    ("subject_token_key", "kid", "secret"),
+    ("email_link_secret", "id", "secret"),
+    ("webhook_endpoint", "id", "secret"),
+    ("webhook_endpoint", "id", "previous_secret"),
+)
+
+
+def reseal(conn: sa.Connection, columns: Any = SEALED_COLUMNS) -> int:
+    """Seal every stored secret under the newest key-encryption key of ``conn``'s engine: rows
+    still in plain text (written before sealing) and rows sealed under an older key. Returns
+    how many values changed. Any value that opens under no key fails the whole run (nothing is
+    written: the caller's transaction rolls back)."""
+    from . import crypto
+
+    ring = crypto.keyring_of(conn)
+    changed = 0
+    for table, pk, column in columns:
+        where = f"{table}.{column}"
+        t = sa.table(table, sa.column(pk), sa.column(column))
+        for key, value in conn.execute(sa.select(t.c[pk], t.c[column])).all():
+            if value is None or ring.is_current(value, where):
+                continue
+            conn.execute(sa.update(t).where(t.c[pk] == key)
+                         .values({column: ring.seal(ring.open(value, where), where)}))
+            changed += 1
+    return changed

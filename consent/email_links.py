@@ -56,6 +56,19 @@ def rotate_secret(db: Session, tenant: Tenant) -> int:
     return len(link_secrets(db, tenant))
 
 
+def retire_secrets(db: Session, tenant: Tenant) -> int:
+    """Keep only the newest link secret: links signed with any older one stop working (after a
+    leak, or once the links sent before a rotation have expired). Returns the count (1)."""
+    newest = link_secrets(db, tenant)[-1]
+    t = EmailLinkSecret.__table__  # type: ignore[attr-defined]
+    db.execute(sa.update(Tenant.__table__).where(Tenant.__table__.c.id == tenant.id)  # type: ignore[attr-defined]
+               .values(token_secret=newest))
+    db.execute(sa.delete(t).where(t.c.tenant_id == tenant.id))
+    tenant.token_secret = newest
+    db.flush()
+    return len(link_secrets(db, tenant))
+
+
 def make_links(db: Session, tenant: Tenant, ref: SubjectRef, purpose_key: str, *, issuer: str,
                confirm_days: int) -> dict[str, Any]:
     """Unsubscribe URL and List-Unsubscribe headers, plus a confirm URL for double-opt-in purposes."""

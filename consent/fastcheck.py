@@ -251,15 +251,19 @@ class KeyCache:
     """API key digest -> (tenant id, kind, tenant hash key): what never changes for a key.
     Validity is never cached; the statements that use a key check it. Bounded (cleared when full)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ring: Any) -> None:
         self._keys: dict[str, Key] = {}
+        self._ring = ring  # the database's crypto.Keyring: the hash key is read sealed
+
 
     def get(self, digest: str) -> Key | None:
         return self._keys.get(digest)
 
     def put(self, digest: str, key: Key) -> Key:
+        """Cache a key row as read by _KEY_SQL (its hash key opened once, here)."""
         if len(self._keys) >= KEY_CACHE_MAX:
             self._keys.clear()
+        key = (key[0], key[1], self._ring.open(key[2], "tenant.hash_key"))
         self._keys[digest] = key
         return key
 
@@ -286,8 +290,8 @@ async def pg_connect(connect_args: dict[str, Any]) -> Any:
 class Reader:
     """Runs checks against one database; ``key`` and ``check`` raise Declined when in doubt."""
 
-    def __init__(self) -> None:
-        self._keys = KeyCache()
+    def __init__(self, ring: Any) -> None:
+        self._keys = KeyCache(ring)
         self.answered = 0  # checks answered here rather than by the route (tests, debugging)
 
     async def key(self, digest: str) -> Key:
@@ -296,7 +300,7 @@ class Reader:
             found = await self._lookup_key(digest)
             if found is None:
                 raise Declined  # unknown or revoked: the route says 401
-            self._keys.put(digest, found)
+            found = self._keys.put(digest, found)
         return found
 
     async def _lookup_key(self, digest: str) -> Key | None:
@@ -331,8 +335,8 @@ class SqliteReader(Reader):
     have no core to spare, ``sqlite_threaded``).
     """
 
-    def __init__(self, path: str, now_param: Callable[[], str], threaded: bool = True) -> None:
-        super().__init__()
+    def __init__(self, path: str, now_param: Callable[[], str], threaded: bool = True, *, ring: Any) -> None:
+        super().__init__(ring)
         self._path = path
         self._now = now_param
         self._sql = {k: _SQLITE_HIT.format(subject=v) for k, v in _SQLITE_SUBJECT.items()}
@@ -497,8 +501,8 @@ class PostgresReader(Reader):
     ``_pending``; an idle connection takes *everything* pending as one statement, and keeps
     draining until nothing waits (group lookups, like group commit)."""
 
-    def __init__(self, connect_args: dict[str, Any], connections: int = PG_CONNECTIONS) -> None:
-        super().__init__()
+    def __init__(self, connect_args: dict[str, Any], connections: int = PG_CONNECTIONS, *, ring: Any) -> None:
+        super().__init__(ring)
         self._connect_args = connect_args
         self._pending: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self._idle: list[Any] = [None] * connections  # connection slots (None: not yet open)
@@ -617,9 +621,9 @@ def open_reader(engine: Engine, threaded: bool = True) -> Reader | None:
     if engine.dialect.name == "sqlite":
         if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
             return None
-        return SqliteReader(url.database, sqlite_now, threaded=threaded)
+        return SqliteReader(url.database, sqlite_now, threaded=threaded, ring=crypto.keyring_of(engine))
     if engine.dialect.name == "postgresql":
-        return PostgresReader(pg_connect_args(engine))
+        return PostgresReader(pg_connect_args(engine), ring=crypto.keyring_of(engine))
     return None
 
 

@@ -203,7 +203,7 @@ class Writer:
         self._writing: set[tuple[str, str]] = set()  # identifiers in a batch under way
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._keys = KeyCache()
+        self._keys = KeyCache(crypto.keyring_of(services.engine))
         self._lookups: dict[str, asyncio.Future[Any]] = {}  # key digest -> its lookup under way
         self.recorded = 0  # records written here rather than by the route (tests, debugging)
         self.batches = 0  # write statements sent (each writes a whole batch)

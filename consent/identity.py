@@ -63,7 +63,8 @@ def rekey_emails(conn: sa.Connection, *, issuer: str | None = None) -> Report:
     """Re-key every stored email identifier and merge the subjects that now collide."""
     issuer = (issuer or os.environ.get("CONSENT_ISSUER") or "http://127.0.0.1:8000").rstrip("/")
     report = Report()
-    keys: dict[str, str] = {r.id: r.hash_key for r in conn.execute(sa.text("SELECT id, hash_key FROM tenant"))}
+    keys: dict[str, str] = {r.id: crypto.open_secret(conn, r.hash_key, "tenant.hash_key")
+                            for r in conn.execute(sa.text("SELECT id, hash_key FROM tenant"))}
     rows = conn.execute(sa.select(IDENT.c.tenant_id, IDENT.c.value_hash, IDENT.c.value, IDENT.c.subject_id,
                                   IDENT.c.created_at)
                         .where(IDENT.c.kind == "email", IDENT.c.value.is_not(None))).all()

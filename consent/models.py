@@ -41,6 +41,42 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class Sealed(TypeDecorator[str]):
+    """A secret stored sealed under the database's key-encryption key (crypto.Keyring, put on
+    the engine's dialect by db.create_db_engine): sealed on write, opened on read, with
+    ``where`` ("table.column") as associated data. Statements written as SQL text read the
+    sealed text: they open it with crypto.open_secret."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def __init__(self, where: str, length: int | None = None):
+        super().__init__(length=length)
+        self.where = where
+        self.length = length
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        if value is None:
+            return None
+        from .crypto import keyring_of
+
+        sealed = keyring_of(dialect).seal(value, self.where)
+        if self.length is not None and len(sealed) > self.length:
+            raise ValueError(f"{self.where}: the sealed secret is longer than its column")
+        return sealed
+
+    def process_result_value(self, value: str | None, dialect: Any) -> str | None:
+        if value is None:
+            return None
+        from .crypto import keyring_of
+
+        return keyring_of(dialect).open(value, self.where)
+
+
+def sealed(where: str, length: int | None = None, nullable: bool = False) -> Any:
+    return Field(sa_column=sa.Column(where.partition(".")[2], Sealed(where, length), nullable=nullable))
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -69,8 +105,8 @@ class Tenant(SQLModel, table=True):
     store_full_ip: bool = False
     store_user_agent: bool = True
     default_lang: str = Field(default="en", max_length=16)
-    hash_key: str = Field(max_length=128)  # HMAC key for identifier hashes, never returned
-    token_secret: str = Field(max_length=128)  # signs subject tokens and email links
+    hash_key: str = sealed("tenant.hash_key", 128)  # HMAC key for identifier hashes, never returned
+    token_secret: str = sealed("tenant.token_secret", 128)  # signs subject tokens and email links
     evidence_retention_days: int | None = None
     record_retention_years: int | None = None
     created_at: datetime = ts()
@@ -100,7 +136,7 @@ class SigningKey(SQLModel, table=True):
     __tablename__ = "signing_key"
     kid: str = Field(primary_key=True, max_length=64)
     algorithm: str = Field(default="EdDSA", max_length=16)
-    private_pem: str  # never leaves the service
+    private_pem: str = sealed("signing_key.private_pem")  # never leaves the service
     public_jwk: dict[str, Any] = jsoncol()
     created_at: datetime = ts()
     retired_at: datetime | None = ts(nullable=True)
@@ -296,7 +332,7 @@ class SubjectTokenKey(SQLModel, table=True):
     __tablename__ = "subject_token_key"
     kid: str = Field(primary_key=True, max_length=40)
     tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
-    secret: str = Field(max_length=128)  # returned to the tenant's secret-key holder, never logged
+    secret: str = sealed("subject_token_key.secret", 128)  # returned to the tenant's secret-key holder, never logged
     created_at: datetime = ts()
     retired_at: datetime | None = ts(nullable=True)
 # --- audit exports (issue 5) ---------------------------------------------------------------
@@ -328,7 +364,7 @@ class EmailLinkSecret(SQLModel, table=True):
     __tablename__ = "email_link_secret"
     id: str = Field(primary_key=True, max_length=40)
     tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
-    secret: str = Field(max_length=128)
+    secret: str = sealed("email_link_secret.secret", 128)
     created_at: datetime = ts()
 
 
@@ -361,7 +397,10 @@ class WebhookEndpoint(SQLModel, table=True):
     url: str = Field(max_length=2000)
     event_types: list[str] = jsoncol()
     description: str = Field(default="", max_length=200)
-    secret: str = Field(max_length=128)  # whsec_..., needed to sign; returned once at creation
+    secret: str = sealed("webhook_endpoint.secret", 128)  # whsec_..., needed to sign; returned once at creation
+    # the secret before the last rotation: deliveries carry its signature too until then
+    previous_secret: str | None = sealed("webhook_endpoint.previous_secret", 128, nullable=True)
+    previous_secret_until: datetime | None = ts(nullable=True)
     enabled: bool = True
     consecutive_failures: int = 0
     disabled_reason: str | None = Field(default=None, max_length=200)

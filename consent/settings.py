@@ -71,6 +71,9 @@ class Settings:
     disk_min_free_mb: int = 100  # /readyz is 503 below this much free disk
     feed_max_waits_per_tenant: int = 20  # concurrent change-feed long-polls per tenant and process
     export_stall_seconds: float = 10.0  # an export chunk the client does not take in this long ends it
+    # key-encryption keys of the stored secrets, newest first (empty: SQLite's key file beside
+    # the database; PostgreSQL refuses to start)
+    secret_keys: tuple[Secret, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -135,11 +138,17 @@ class Settings:
             disk_min_free_mb=config("CONSENT_DISK_MIN_FREE_MB", cast=int, default=100),
             feed_max_waits_per_tenant=config("CONSENT_FEED_MAX_WAITS_PER_TENANT", cast=int, default=20),
             export_stall_seconds=config("CONSENT_EXPORT_STALL_SECONDS", cast=float, default=10.0),
+            secret_keys=tuple(Secret(k.strip()) for k in
+                              str(config("CONSENT_SECRET_KEYS", cast=Secret, default="")).split(",") if k.strip()),
         )
         values.update(overrides)
         if values["sqlite_reader"] not in SQLITE_READERS:
             raise ValueError(f"CONSENT_SQLITE_READER must be one of {', '.join(SQLITE_READERS)}, "
                              f"not {values['sqlite_reader']!r}")
+        from .crypto import parse_kek
+
+        for k in values["secret_keys"]:  # type: ignore[attr-defined]
+            parse_kek(str(k))  # ValueError naming the setting
         for proxy in values["trusted_proxies"]:  # type: ignore[attr-defined]
             try:
                 if proxy != "*":

@@ -96,6 +96,18 @@ def enable_endpoint(db: Session, tenant_id: str, endpoint_id: str) -> WebhookEnd
     return ep
 
 
+def rotate_secret(db: Session, tenant_id: str, endpoint_id: str, grace: timedelta) -> WebhookEndpoint:
+    """A new signing secret; the one it replaces signs deliveries too for ``grace`` (0: stops now)."""
+    ep = get_endpoint(db, tenant_id, endpoint_id)
+    if grace > timedelta(0):
+        ep.previous_secret, ep.previous_secret_until = ep.secret, utcnow() + grace
+    else:
+        ep.previous_secret, ep.previous_secret_until = None, None
+    ep.secret = crypto.new_webhook_secret()
+    db.flush()
+    return ep
+
+
 def endpoint_out(ep: WebhookEndpoint) -> dict[str, Any]:
     return {"id": ep.id, "url": ep.url, "event_types": ep.event_types, "description": ep.description,
             "enabled": ep.enabled, "consecutive_failures": ep.consecutive_failures,
@@ -215,6 +227,7 @@ class Job:
     secret: str
     msg_id: str
     body: bytes
+    previous_secret: str | None = None  # rotated out, still signing until its time is up
 
 
 @dataclass
@@ -230,7 +243,8 @@ class Result:
 
 def _due(now: Any) -> Any:
     return (sa.select(DELIVERY.c.id, DELIVERY.c.tenant_id, DELIVERY.c.endpoint_id, DELIVERY.c.event_position,
-                      ENDPOINT.c.url, ENDPOINT.c.secret)
+                      ENDPOINT.c.url, ENDPOINT.c.secret, ENDPOINT.c.previous_secret,
+                      ENDPOINT.c.previous_secret_until)
             .join(ENDPOINT, ENDPOINT.c.id == DELIVERY.c.endpoint_id)
             .where(DELIVERY.c.status == "pending", DELIVERY.c.next_attempt_at <= now, ENDPOINT.c.enabled.is_(True))
             .order_by(DELIVERY.c.next_attempt_at, DELIVERY.c.id))
@@ -283,14 +297,20 @@ def claim_due(engine: Engine, settings: Settings, limit: int = BATCH,
                 ev = rendered[r.event_position]
                 body = {"type": ev["type"], "timestamp": crypto.iso(by_pos[r.event_position].created_at),
                         "data": {**ev["data"], "event_id": ev["id"], "position": ev["position"]}}
-                jobs.append(Job(r.id, r.endpoint_id, r.url, r.secret, ev["id"], crypto.canonical_json(body)))
+                previous = r.previous_secret if r.previous_secret_until and r.previous_secret_until > now else None
+                jobs.append(Job(r.id, r.endpoint_id, r.url, r.secret, ev["id"], crypto.canonical_json(body),
+                                previous))
         return jobs
 
 
 def headers_for(job: Job, now: float | None = None) -> dict[str, str]:
     ts = int(now if now is not None else time.time())
+    # Standard Webhooks: space-separated signatures; a receiver still on the previous secret
+    # verifies the second until the rotation's grace period ends.
+    signature = " ".join(crypto.webhook_signature(s, job.msg_id, ts, job.body)
+                         for s in (job.secret, job.previous_secret) if s)
     return {"content-type": "application/json", "user-agent": USER_AGENT, "webhook-id": job.msg_id,
-            "webhook-timestamp": str(ts), "webhook-signature": crypto.webhook_signature(job.secret, job.msg_id, ts, job.body)}
+            "webhook-timestamp": str(ts), "webhook-signature": signature}
 
 
 def _failure(exc: Exception) -> str:

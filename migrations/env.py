@@ -18,7 +18,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_db_engine(config.get_main_option("sqlalchemy.url"))
+    engine = create_db_engine(config.get_main_option("sqlalchemy.url"), secret_keys=config.attributes.get("secret_keys"))
     try:
         with engine.connect() as connection:
             context.configure(

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import db
+from consent import crypto, db
 from consent.app import create_app
 from consent.settings import Settings
 
@@ -26,6 +26,9 @@ from .helpers import ADMIN_TOKEN, Tenant, make_tenant
 PG_SERVER = os.environ.get("CONSENT_TEST_PG_SERVER", "postgresql+psycopg://postgres@127.0.0.1:5432")
 RUN_DB_PREFIX = f"consent_test_{os.getpid()}_{secrets.token_hex(3)}"
 PG_URL = f"{PG_SERVER}/{RUN_DB_PREFIX}"
+# The key-encryption key of this run's databases: in the environment, so every engine a test
+# makes (and every `consent` process it starts) opens the secrets the service sealed.
+SECRET_KEYS = os.environ.setdefault("CONSENT_SECRET_KEYS", crypto.new_kek_text())
 BACKENDS = [b.strip() for b in os.environ.get("CONSENT_TEST_BACKENDS", "sqlite,postgresql").split(",") if b.strip()]
 
 
@@ -104,7 +107,7 @@ def db_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def settings_for(url: str, **overrides: Any) -> Settings:
     env = {"CONSENT_DATABASE_URL": url, "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN, "CONSENT_DEMO": "false",
-           "CONSENT_ISSUER": "http://testserver", "CONSENT_WEBHOOK_WORKER": "false",
+           "CONSENT_ISSUER": "http://testserver", "CONSENT_SECRET_KEYS": SECRET_KEYS, "CONSENT_WEBHOOK_WORKER": "false",
            "CONSENT_TLOG_SECONDS": "0",  # tests run the log's sequencer themselves (tlog.run_once)
            # the test receivers listen on 127.0.0.1 over http; test_webhook_targets refuses both
            "CONSENT_WEBHOOK_ALLOW_PRIVATE": "true",

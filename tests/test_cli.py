@@ -30,14 +30,18 @@ class Terminal(io.StringIO):
 
 @pytest.fixture
 def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Any:
-    """``consent ARGS...`` with exactly the environment given: (status, stdout, stderr)."""
+    """``consent ARGS...`` with exactly the environment given, plus the run's key-encryption key
+    (``CONSENT_SECRET_KEYS=""``: none): (status, stdout, stderr)."""
     def call(*args: str, **env: str) -> tuple[int, str, str]:
         for name in list(os.environ):
-            if name.startswith("CONSENT_") or name == "XDG_DATA_HOME":
+            if (name.startswith("CONSENT_") and name != "CONSENT_SECRET_KEYS") or name == "XDG_DATA_HOME":
                 monkeypatch.delenv(name)
         monkeypatch.setenv("HOME", str(tmp_path / "home"))
         for name, value in env.items():
-            monkeypatch.setenv(name, value)
+            if value == "" and name == "CONSENT_SECRET_KEYS":
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
         code = cli.main(list(args))
         out, err = capsys.readouterr()
         return code, out, err

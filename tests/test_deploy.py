@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import BACKENDS, create_run_database, free_port
+from .conftest import BACKENDS, SECRET_KEYS, create_run_database, free_port
 from .helpers import ADMIN, ADMIN_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,8 @@ def test_wheel_installs_and_serves_from_anywhere(tmp_path: Path) -> None:
     run(venv / "bin" / "pip", "install", "-q", "-c", ROOT / "constraints.txt", wheel, cwd=elsewhere, env=env)
 
     url = create_run_database("_deploy")
-    env = {**env, "CONSENT_DATABASE_URL": url, "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN, "CONSENT_DEMO": "false"}
+    env = {**env, "CONSENT_DATABASE_URL": url, "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN, "CONSENT_DEMO": "false",
+           "CONSENT_SECRET_KEYS": SECRET_KEYS}
     out = run(venv / "bin" / "consent", "migrate", cwd=elsewhere, env=env)
     assert "database at revision" in out
     port = free_port()

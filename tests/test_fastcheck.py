@@ -207,8 +207,8 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str, thre
     try:
         with engine.connect() as conn:
             for t in tenants:
-                hash_keys[t.id] = conn.exec_driver_sql(
-                    f"SELECT hash_key FROM tenant WHERE id = '{t.id}'").scalar_one()
+                hash_keys[t.id] = crypto.open_secret(conn, conn.exec_driver_sql(
+                    f"SELECT hash_key FROM tenant WHERE id = '{t.id}'").scalar_one(), "tenant.hash_key")
         items = []
         for t, kind, value in subjects * 3:
             digest = hashlib.sha256(t.secret_key.encode()).hexdigest()
@@ -258,7 +258,8 @@ def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path, threade
     """A database error declines that check (the route answers it); the next one reconnects."""
     path = tmp_path / "ledger.db"
     path.write_bytes(b"this is not a database" * 300)
-    reader = fastcheck.SqliteReader(str(path), fastcheck.sqlite_now, threaded=threaded)
+    reader = fastcheck.SqliteReader(str(path), fastcheck.sqlite_now, threaded=threaded,
+                                    ring=db.keyring_for(f"sqlite:///{path}"))
     item = ("0" * 64, "ten_x", "id", "sub_x", "marketing_email")
 
     async def run() -> None:

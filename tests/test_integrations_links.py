@@ -8,7 +8,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from consent import crypto
+from consent import crypto, db
 from consent.errors import BadToken
 
 from .helpers import Tenant, make_tenant
@@ -36,12 +36,14 @@ def events_of(t: Tenant) -> list[dict]:
 
 
 def token_secrets(db_url: str, tenant_id: str) -> list[str]:
-    engine = sa.create_engine(db_url)
+    engine = db.create_db_engine(db_url)
     try:
         with engine.connect() as conn:
             first = conn.execute(sa.text("SELECT token_secret FROM tenant WHERE id = :t"), {"t": tenant_id}).scalar_one()
             more = conn.execute(sa.text("SELECT secret FROM email_link_secret WHERE tenant_id = :t ORDER BY created_at"),
                                 {"t": tenant_id}).scalars().all()
+            first = crypto.open_secret(conn, first, "tenant.token_secret")
+            more = [crypto.open_secret(conn, m, "email_link_secret.secret") for m in more]
     finally:
         engine.dispose()
     return [first, *more]

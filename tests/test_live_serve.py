@@ -23,7 +23,9 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 
-from .conftest import BACKENDS, PG_URL, free_port
+from consent import crypto, db
+
+from .conftest import BACKENDS, PG_URL, SECRET_KEYS, free_port
 from .helpers import pg_schema_url
 
 CONSENT = Path(sys.executable).parent / "consent"
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.slow
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_")}
+    env["CONSENT_SECRET_KEYS"] = SECRET_KEYS  # what private_material() opens the keys with
     env.update(extra)
     return env
 
@@ -118,10 +121,11 @@ def record(http: httpx.Client, sk: str, **subject: str) -> dict[str, Any]:
 
 def private_material(url: str) -> list[str]:
     """Every private signing key in the database, as PEM body and as the raw JWK ``d``."""
-    engine = sa.create_engine(url)
+    engine = db.create_db_engine(url)
     try:
         with engine.connect() as conn:
-            pems = list(conn.execute(sa.text("SELECT private_pem FROM signing_key")).scalars())
+            pems = [crypto.open_secret(conn, p, "signing_key.private_pem")
+                    for p in conn.execute(sa.text("SELECT private_pem FROM signing_key")).scalars()]
     finally:
         engine.dispose()
     out = []

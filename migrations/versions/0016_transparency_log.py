@@ -18,7 +18,7 @@ from alembic import op
 import consent.models
 
 revision = "0016"
-down_revision = "0014"
+down_revision = "0015"
 branch_labels = None
 depends_on = None
 
