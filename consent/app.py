@@ -116,13 +116,13 @@ routes = [
     Route("/v1/tenants/{tenant_id}/keys/rotate", api.admin_rotate_keys, methods=["POST"], name="admin_rotate_keys"),
     Route("/v1/tenant", api.get_own_tenant, methods=["GET"], name="get_own_tenant"),
     Route("/v1/keys/rotate", api.rotate_keys, methods=["POST"], name="rotate_keys"),
-    # --- tenant settings and audit trail (issue 23) ---
+    # --- tenant settings and audit trail ---
     Route("/v1/tenant", api.patch_own_tenant, methods=["PATCH"], name="patch_own_tenant"),
     Route("/v1/tenant/audit", api.own_tenant_audit, methods=["GET"], name="own_tenant_audit"),
     Route("/v1/tenants/{tenant_id}", api.admin_get_tenant, methods=["GET"], name="admin_get_tenant"),
     Route("/v1/tenants/{tenant_id}", api.admin_patch_tenant, methods=["PATCH"], name="admin_patch_tenant"),
     Route("/v1/tenants/{tenant_id}/audit", api.admin_tenant_audit, methods=["GET"], name="admin_tenant_audit"),
-    # --- end issue 23 ---
+    # --- end tenant settings ---
     Route("/v1/purposes", api.list_purposes, methods=["GET"], name="list_purposes"),
     Route("/v1/purposes/{key}", api.put_purpose, methods=["PUT"], name="put_purpose"),
     Route("/v1/cookies", api.list_cookies, methods=["GET"], name="list_cookies"),
@@ -133,9 +133,9 @@ routes = [
     Route("/v1/subjects/{subject}/consents", api.subject_consents, methods=["GET"], name="subject_consents"),
     Route("/v1/check", api.check_one, methods=["GET"], name="check_one"),
     Route("/v1/check", api.check_bulk, methods=["POST"], name="check_bulk"),
-    # --- reliability (issue 7) ---
+    # --- reliability ---
     Route("/metrics", metrics_handler, methods=["GET"], name="metrics"),
-    # --- snippet (issue 3): publishable-key routes with CORS, subject tokens, linking, assets ---
+    # --- snippet: publishable-key routes with CORS, subject tokens, linking, assets ---
     Route("/v1/snippet/config", api_snippet.snippet_config, methods=["GET"], name="snippet_config"),
     Route("/v1/snippet/config", api_snippet.preflight_for(("GET",)), methods=["OPTIONS"],
           name="snippet_config_preflight"),
@@ -158,7 +158,7 @@ routes = [
     Route("/demo", api_snippet.demo_page, methods=["GET"], name="demo"),
     Route("/demo/demo.js", api_snippet.demo_js, methods=["GET"], name="demo_js"),
     # --- end snippet ---
-    # --- audit exports and data-subject rights (issue 5, consent/api_audit.py) ---
+    # --- audit exports and data-subject rights (consent/api_audit.py) ---
     Route("/v1/exports/consents", api_audit.export_consents, methods=["GET"], name="export_consents"),
     Route("/v1/exports/{export_id}/manifest", api_audit.export_manifest, methods=["GET"], name="export_manifest"),
     Route("/v1/subjects/{subject}/export", api_audit.subject_export, methods=["GET"], name="subject_export"),
@@ -166,8 +166,8 @@ routes = [
     Route("/v1/tenant/retention", api_audit.get_retention, methods=["GET"], name="get_retention"),
     Route("/v1/tenant/retention", api_audit.put_retention, methods=["PUT"], name="put_retention"),
     Route("/v1/tenants/{tenant_id}/close", api_audit.close_tenant, methods=["POST"], name="close_tenant"),
-    # --- end issue 5 ---
-    # --- integrations (issue 4): email links, change feed, webhooks, policy-change notices ---
+    # --- end audit ---
+    # --- integrations: email links, change feed, webhooks, policy-change notices ---
     Route("/v1/email-links", integ.create_email_links, methods=["POST"], name="create_email_links"),
     Route("/v1/email-links/secrets/rotate", integ.rotate_link_secret, methods=["POST"], name="rotate_link_secret"),
     Route("/u/{token}", integ.unsubscribe_page, methods=["GET"], name="unsubscribe_page"),
@@ -188,13 +188,13 @@ routes = [
     Route("/v1/policies/{policy}/versions/{version}/notices", integ.list_notices, methods=["GET"], name="list_notices"),
     Route("/v1/policies/{policy}/versions/{version}/notices", integ.record_notices, methods=["POST"],
           name="record_notices"),
-    # --- transparency log (issue 27, consent/api_tlog.py): public, no key ---
+    # --- transparency log (consent/api_tlog.py): public, no key ---
     Route("/v1/tlog/key", tl.tlog_keys, methods=["GET"], name="tlog_keys"),
     Route("/v1/tlog/{tenant_id}/checkpoint", tl.latest_checkpoint, methods=["GET"], name="latest_checkpoint"),
     Route("/v1/tlog/{tenant_id}/checkpoints/{size}", tl.checkpoint_at, methods=["GET"], name="checkpoint_at"),
     Route("/v1/tlog/{tenant_id}/proof/inclusion", tl.inclusion_proof, methods=["GET"], name="inclusion_proof"),
     Route("/v1/tlog/{tenant_id}/proof/consistency", tl.consistency_proof, methods=["GET"], name="consistency_proof"),
-    # --- dashboard (issue 26, consent/dashboard.py): HTML pages, session cookie, assets ---
+    # --- dashboard (consent/dashboard.py): HTML pages, session cookie, assets ---
     Route("/", pages.landing, methods=["GET"], name="landing"),
     Route("/docs", pages.api_docs, methods=["GET"], name="api_docs"),
     Route("/static/{path:path}", pages.static_asset, methods=["GET"], name="static"),
@@ -334,7 +334,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             if settings.fast_record and "record_consent" not in settings.rate_limit_routes:
                 services.record_writer = fastrecord.open_writer(engine, services)
             app.state.services = services
-            worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery (issue 4)
+            worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery
             sequencer = start_sequencer(engine, settings, signer)
             if engine.dialect.name == "postgresql":  # other processes' commits wake our feed waits
                 listener = events.FeedListener(fastcheck.pg_connect_args(engine)).start()

@@ -176,9 +176,9 @@ _BULK_NEWEST = ("LEFT JOIN (SELECT policy_key, max(policy_version_id) AS newest 
                 "GROUP BY policy_key) n ON n.policy_key = s.policy_key ")
 # SQLite has no ordered aggregate before 3.44, and needs none here: it runs joins as nested loops
 # and never reorders outer joins (its query planner documentation), so json_each, left of every
-# LEFT JOIN, is the outermost loop and group_concat sees one row per key in array order. (An
-# ORDER BY j.key in a subquery cost a temporary B-tree sort: 100,000 keys 0.74-0.82 -> 0.72-0.75 s
-# without; docs/bench.md tenth pass.) The tests compare every answer with single checks, and
+# LEFT JOIN, is the outermost loop and group_concat sees one row per key in array order (an
+# ORDER BY in a subquery would cost a temporary B-tree sort). The tests compare every answer
+# with single checks, and
 # ``bulk_codes`` checks the count.
 _BULK_SQLITE = ("SELECT group_concat(coalesce(s.decision || s.confirmed || coalesce(n.newest > s.policy_version_id, 0), "
                 "''), ',') FROM json_each(:keys) j {joins}" + _BULK_NEWEST.format(true=1))

@@ -345,12 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("secrets", help="re-seal every stored secret under the newest key-encryption key")
     se.add_argument("action", choices=["rotate"], help="after putting a new key first in CONSENT_SECRET_KEYS")
     se.set_defaults(func=cmd_secrets)
-    cli_audit.add_commands(sub)  # export, verify, retention (issue 5)
+    cli_audit.add_commands(sub)  # export, verify, retention
     c = sub.add_parser("completion", help="print a shell completion script: "
                        "eval \"$(consent completion bash)\" (bash or zsh)")
     c.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
     c.set_defaults(func=cmd_completion)
-    cli_tlog.add_commands(sub)  # tlog build, checkpoint fetch (issue 27)
+    cli_tlog.add_commands(sub)  # tlog build, checkpoint fetch
     return p
 
 

@@ -491,7 +491,7 @@ def open_note(note: str, vkeys: list[str]) -> str:
         return text
     raise BadToken("note is not signed by a known key")
 
-# --- dashboard (issue 26): session cookies and user passwords -----------------------------------
+# --- dashboard: session cookies and user passwords -----------------------------------
 
 def derived_secret(master: str, label: str) -> str:
     """A secret for one use (``label``) derived from a master secret, so one stored secret can

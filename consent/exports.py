@@ -67,7 +67,7 @@ CSV_COLUMNS = (*CSV_COLUMNS_V1, "gpc", "policy_url", "policy_sha256", "disclosed
 # records point to (``References``), before the manifest (so inside ``body_sha256``).
 POLICY_LINE, DISCLOSURE_LINE = "policy_document", "disclosure"
 PV = PolicyVersion.__table__  # type: ignore[attr-defined]
-CHUNK = 1024  # records per yielded chunk (~1.6 MiB of JSONL; docs/bench.md, tenth pass)
+CHUNK = 1024  # records per yielded chunk (~1.6 MiB of JSONL): fewer thread hand-offs and writes
 HEADS_WORK_MEM = "64MB"  # PostgreSQL, for the chain-heads query of an export
 
 
@@ -156,7 +156,7 @@ def _stored_lines_query(flt: ExportFilter, dialect: str, max_seq: int | None) ->
     """For ``Lines.stored_jsonl``: each record's stored line pieces, receipt and ``linked``.
 
     The receipt comes as its UTF-8 bytes (perf: no text decoding by the driver, no JSON
-    encoding per line; ~2 us of the export thread's ~8 us per record, docs/bench.md tenth pass).
+    encoding per line).
     ``convert_to`` on PostgreSQL: a ``text::bytea`` cast would read backslashes as escapes."""
     linked = _linked(flt) if flt.partial else REC.c.prev_hash.is_not(None)
     if dialect == "postgresql":
@@ -198,8 +198,8 @@ def _unfiltered_heads_query(flt: ExportFilter, dialect: str, max_seq: int | None
     transaction that appends the record. Only the counts come from the records, read from the
     (tenant, subject, seq) index alone.
 
-    Perf: no lookup of each subject's first and last record rows (PostgreSQL: ~2.2 s of CPU in
-    two processes -> ~0.7 s in one; SQLite: 1.26 -> 0.65 s; docs/bench.md thirteenth pass)."""
+    Perf: no lookup of each subject's first and last record rows, which cost most of an
+    export's time on a large ledger."""
     assert not flt.partial
     g = (sa.select(REC.c.subject_id, sa.func.count().label("n"))
          .where(*flt.where(REC), *_upto(max_seq)).group_by(REC.c.subject_id).subquery())

@@ -117,8 +117,7 @@ SELECT EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = :kh AND k.tenant_id = 
 # json_group_array sees the inputs in order; ``i`` is checked anyway), then subject_identifier by
 # its covering index, consent_state by its keys, api_key by key_hash, policy_purpose by its
 # index. Per check in a tight loop it costs what _SQLITE_HIT does from ~4-6 inputs on, a little
-# more below (2: 20-21 against 18-19 us); under load what it saves is the waits (docs/bench.md,
-# eleventh pass).
+# more below; under load what it saves is the waits.
 _SQLITE_BATCH = f"""
 WITH q AS MATERIALIZED (
   SELECT j.key AS i, j.value ->> 0 AS kh, j.value ->> 1 AS t, j.value ->> 2 AS kind, j.value ->> 3 AS h,
@@ -327,8 +326,7 @@ class SqliteReader(Reader):
     Why at most half: under load every client waited in the same batch, so the loop sat idle
     while the thread read and the thread while the loop answered (27-28 of 32 clients per batch).
     Taking half splits them into two groups that take turns, one read while the other is
-    answered: with the batch statement, 9,011-9,906 -> 11,902-14,601 checks/s at 32 clients,
-    1 worker (docs/bench.md, eleventh pass).
+    answered: with the batch statement, about a quarter more checks/s at 32 clients, 1 worker.
 
     Not ``threaded``: the checks submitted in one turn of the event loop wait for its next turn
     and are answered there with one statement, on the loop (no hand-offs; for processes that

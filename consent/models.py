@@ -225,7 +225,7 @@ class SubjectIdentifier(SQLModel, table=True):
 
     __tablename__ = "subject_identifier"
     # Key and subject id in one index: a check finds its subject without reading the table
-    # (the fast check's SQLite statements name it; migration 0012, docs/bench.md eleventh pass).
+    # (the fast check's SQLite statements name it; migration 0012).
     __table_args__ = (sa.Index(IDENTIFIER_COVER_INDEX, "tenant_id", "kind", "value_hash", "subject_id"),)
     tenant_id: str = Field(primary_key=True, max_length=40)
     kind: str = Field(primary_key=True, max_length=8)  # user | email | anon
@@ -316,7 +316,7 @@ class ConsentState(SQLModel, table=True):
 TABLES = SQLModel.metadata
 
 
-# --- reliability (issue 7) -------------------------------------------------------------
+# --- reliability -------------------------------------------------------------
 
 class RateLimitCounter(SQLModel, table=True):
     """Fixed-window request counters shared by every service process (see ratelimit.py)."""
@@ -335,7 +335,7 @@ class SubjectTokenKey(SQLModel, table=True):
     secret: str = sealed("subject_token_key.secret", 128)  # returned to the tenant's secret-key holder, never logged
     created_at: datetime = ts()
     retired_at: datetime | None = ts(nullable=True)
-# --- audit exports (issue 5) ---------------------------------------------------------------
+# --- audit exports ---------------------------------------------------------------
 
 # Keyset pagination of a tenant's ledger by seq (streaming exports): one index range scan.
 sa.Index("ix_consent_record_tenant_id_seq", ConsentRecord.__table__.c.tenant_id,  # type: ignore[attr-defined]
@@ -355,7 +355,7 @@ class ExportManifest(SQLModel, table=True):
     created_at: datetime = ts()
 
 
-# --- integrations (issue 4): email-link secrets, change feed, webhook outbox ---------------------
+# --- integrations: email-link secrets, change feed, webhook outbox ---------------------
 
 
 class EmailLinkSecret(SQLModel, table=True):
@@ -446,7 +446,7 @@ class WebhookAttempt(SQLModel, table=True):
 
 
 
-# --- tenant settings and key rotation (issue 23) ---------------------------------------
+# --- tenant settings and key rotation ---------------------------------------
 
 class TenantAudit(SQLModel, table=True):
     """One change to a tenant's settings or keys: who (which key, or the admin / CLI), when,
@@ -463,7 +463,7 @@ class TenantAudit(SQLModel, table=True):
     after: dict[str, Any] = jsoncol()
 
 
-# --- transparency log (issue 27): a per-tenant RFC 9162 Merkle tree over the records ----------
+# --- transparency log: a per-tenant RFC 9162 Merkle tree over the records ----------
 
 
 class TlogLeaf(SQLModel, table=True):
@@ -510,7 +510,7 @@ class TlogCheckpoint(SQLModel, table=True):
     note: str
     created_at: datetime = ts()
 
-# --- dashboard (issue 26) ------------------------------------------------------------------
+# --- dashboard ------------------------------------------------------------------
 
 class DashboardUser(SQLModel, table=True):
     """A person who signs in to the dashboard with an email and a password (argon2 hash)."""

@@ -44,7 +44,7 @@ class Settings:
     fast_check: bool = True  # GET /v1/check answered by consent/fastcheck.py (False: by the route)
     sqlite_reader: str = "auto"  # the fast check's SQLite reads: auto | thread | loop (fastcheck.sqlite_threaded)
     fast_record: bool = True  # common POST /v1/consents by consent/fastrecord.py (PostgreSQL)
-    # integrations (issue 4): email links and the webhook delivery worker
+    # integrations: email links and the webhook delivery worker
     email_confirm_days: int = 7
     webhook_worker: bool = True
     webhook_poll_seconds: float = 1.0
@@ -56,11 +56,11 @@ class Settings:
     # proxies whose X-Forwarded-For / -Proto are believed (IPs or networks; "*": any; (): none)
     trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
     tlog_seconds: float = 2.0  # transparency log: sequencer and checkpoint interval (0: no sequencer)
-    # dashboard (issue 26): cookie signing secrets (newest last; empty: derived) and idle timeout
+    # dashboard: cookie signing secrets (newest last; empty: derived) and idle timeout
     dashboard_secrets: tuple[Secret, ...] = ()
     dashboard_idle_seconds: int = 1800
     dashboard_overview_seconds: int = 60
-    # hostile callers (issue 22)
+    # hostile callers: timeouts, pools and caps
     webhook_allow_private: bool = False  # http and internal addresses as webhook targets (dev/tests only)
     header_timeout_seconds: float = 10.0  # consent serve: request headers complete within this
     body_timeout_seconds: float = 30.0  # consent serve: a request body complete within this

@@ -1,7 +1,7 @@
 """Property test of state derivation: any sequence of policy versions, purpose changes and
 decisions gives, for every (subject, purpose), the status a plain reference model computes.
 
-The model below is written from the rules of issue 2, not from the service's code:
+The model below is written from the documented status rules, not from the service's code:
 - the latest accepted decision counts;
 - a grant or acknowledgement is ``stale`` when a material version covering the purpose, newer
   than the version the decision was made under, is in effect (every version here takes effect

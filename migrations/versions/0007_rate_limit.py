@@ -1,4 +1,4 @@
-"""rate limit counters (reliability, issue 7)
+"""rate limit counters (reliability)
 
 Revision ID: 0007
 Revises: 0001
