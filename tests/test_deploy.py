@@ -76,6 +76,13 @@ def test_wheel_installs_and_serves_from_anywhere(tmp_path: Path) -> None:
             js = http.get("/snippet.js")
             assert js.status_code == 200
             assert js.content == (ROOT / "client-snippet" / "dist" / "snippet.js").read_bytes()
+            css = http.get("/snippet.css")
+            assert css.status_code == 200
+            assert css.content == (ROOT / "client-snippet" / "dist" / "snippet.css").read_bytes()
+            # the pages' templates and assets ship in the wheel too
+            assert http.get("/", headers={"Accept": "text/html"}).status_code == 200
+            assert http.get("/dashboard/sign-in").status_code == 200
+            assert http.get("/static/dashboard.css").status_code == 200
             r = http.post("/v1/tenants", headers=ADMIN, json={"name": "Deployed"})
             assert r.status_code == 201, r.text
             sk = {"Authorization": f"Bearer {r.json()['keys']['secret_key']}"}

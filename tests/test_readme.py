@@ -34,7 +34,9 @@ def test_readme_walk_through_runs_verbatim(tmp_path: Path, backend: str) -> None
         pytest.skip("the walk-through is the embedded default (SQLite)")
     assert (ROOT / ".venv" / "bin" / "python").exists(), "the README's first command makes .venv"
     url = f"sqlite:///{tmp_path / 'data' / 'consent.db'}"
-    with LiveServer(url, tmp_path, CONSENT_ISSUER="") as server:
+    # as a user runs it: no key-encryption key set, so the server and the commands share the
+    # key file the embedded default generates beside the database
+    with LiveServer(url, tmp_path, CONSENT_ISSUER="", CONSENT_SECRET_KEYS="") as server:
         port = str(server.port)
         script = "\n".join([block_after("## Walk-through (curl)"), block_after("## Tenant settings and key rotation"),
                             block_after("## Audit exports")])
