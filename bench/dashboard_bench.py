@@ -103,6 +103,8 @@ def measure(url: str, meta: dict, runs: int) -> dict[str, list[float]]:
             "exports": lambda: c.get("/dashboard/exports"),
             "webhooks": lambda: c.get("/dashboard/webhooks"),
             "settings": lambda: c.get("/dashboard/settings"),
+            "banner": lambda: c.get("/dashboard/banner"),
+            "banner preview config": lambda: c.get("/dashboard/banner/preview/v1/snippet/config"),
             "search": lambda: c.get("/dashboard/people", params={"kind": "email", "q": email}, follow_redirects=False),
             "person": lambda: c.get(person),
             "export.json": lambda: c.get(person + "/export.json"),

@@ -227,6 +227,11 @@ routes = [
     Route("/dashboard/audit", pages.audit_trail, methods=["GET"], name="dashboard_audit"),
     Route("/dashboard/users", pages.users, methods=["GET"], name="dashboard_users"),
     Route("/dashboard/users", pages.users_post, methods=["POST"], name="dashboard_users_create"),
+    Route("/dashboard/banner", pages.banner, methods=["GET"], name="dashboard_banner"),
+    Route("/dashboard/banner", pages.banner_post, methods=["POST"], name="dashboard_banner_save"),
+    Route("/dashboard/banner/preview", pages.banner_preview, methods=["GET"], name="dashboard_banner_preview"),
+    Route("/dashboard/banner/preview/v1/snippet/config", pages.banner_preview_config, methods=["GET"],
+          name="dashboard_banner_preview_config"),
     # --- end dashboard ---
 ]
 

@@ -33,7 +33,18 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
-from . import __version__, catalog, crypto, exports, receipts, rights, tenants, webhooks
+from . import (
+    __version__,
+    catalog,
+    crypto,
+    exports,
+    receipts,
+    rights,
+    snippet,
+    snippet_texts,
+    tenants,
+    webhooks,
+)
 from . import dashboard_data as data
 from .api import KEY_RE
 from .db import transaction
@@ -47,9 +58,10 @@ from .errors import (
     Unauthorized,
     ValidationFailed,
 )
-from .http import parse_time, problem_response, validation_errors
+from .http import dumps, parse_time, problem_response, validation_errors
 from .models import SigningKey, Tenant, utcnow
 from .schemas import PolicyVersionIn, TenantPatch
+from .schemas_snippet import SnippetSettingsIn
 from .tenants import authenticate_key, get_tenant
 from .verify import VerifyError
 
@@ -517,8 +529,6 @@ def person_export(p: Page) -> Response:
     headers = {"Content-Disposition": disposition, "Cache-Control": "no-store"}
     if fmt == "md":
         return Response(rights.access_markdown(export), media_type="text/markdown; charset=utf-8", headers=headers)
-    from .http import dumps
-
     return Response(dumps(export), media_type="application/json", headers=headers)
 
 
@@ -789,3 +799,123 @@ def users_post(p: Page) -> Response:
         return with_problem(page_, exc)
     p.audit("create_user", user.email, {"role": user.role})
     return RedirectResponse(f"/dashboard/users?created={quote(user.email)}", status_code=303)
+
+
+# --- banner (the snippet's texts and theme, with a live preview) -------------------------------
+
+PREVIEW_KEY = "pk_preview"  # the snippet needs a key attribute; the preview's config route ignores it
+PREVIEW_API = "/dashboard/banner/preview"  # the snippet's data-api: its config comes from here
+BANNER_CSP = ("default-src 'none'; style-src 'self' 'unsafe-inline'; script-src 'self'; img-src 'self' data:; "
+              "frame-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+PREVIEW_CSP = ("default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self' data:; "
+               "form-action 'none'; frame-ancestors 'self'; base-uri 'none'")
+THEME_FIELDS = ("mode", "layout", "brand", "radius", "font")
+
+
+def _banner_lang(p: Page, own: dict[str, Any]) -> str:
+    raw = p.field("lang", 35).strip().lower()
+    if not raw:
+        return snippet.lang_key(None, p.tenant.default_lang)
+    if raw not in snippet_texts.TEXTS and raw not in own:
+        raise ValidationFailed.field("lang", f"no texts for language {raw!r}: pick one of the list")
+    return raw
+
+
+def _banner_form(stored: dict[str, Any], lang: str) -> dict[str, Any]:
+    """The form's values: the tenant's words for ``lang`` over the built-in ones, theme, cooldown."""
+    built_in = snippet_texts.TEXTS.get(lang, snippet_texts.TEXTS["en"])
+    own = stored["texts"].get(lang, {})
+    form: dict[str, Any] = {f"text_{k}": own.get(k, built_in.get(k, "")) for k in snippet_texts.TEXT_KEYS}
+    form.update({k: "" if stored["theme"].get(k) is None else str(stored["theme"][k]) for k in THEME_FIELDS})
+    form["refusal_cooldown_days"] = str(stored["refusal_cooldown_days"])
+    return form
+
+
+def _banner_page(p: Page, stored: dict[str, Any], lang: str, *, status: int = 200,
+                 form: dict[str, Any] | None = None, errors: dict[str, str] | None = None) -> Response:
+    languages = sorted(set(snippet_texts.TEXTS) | set(stored["texts"]))
+    policy = catalog.current_version(p.db, p.tenant.id, "privacy", at=utcnow())
+    response = p.render("banner.html", status, nav="banner", lang=lang, languages=languages, stored=stored,
+                        form=form or _banner_form(stored, lang), errors=errors or {}, keys=snippet_texts.TEXT_KEYS,
+                        saved=p.field("saved", 12), has_policy=policy is not None)
+    response.headers["Content-Security-Policy"] = BANNER_CSP
+    return response
+
+
+@page()
+def banner(p: Page) -> Response:
+    stored = snippet.get_settings(p.db, p.tenant.id)
+    return _banner_page(p, stored, _banner_lang(p, stored["texts"]))
+
+
+@page(write=True)
+def banner_post(p: Page) -> Response:
+    """One language's texts and the theme through ``snippet.put_settings``, the function PUT
+    /v1/tenant/snippet uses (the same schema, so the same 422s); other languages are kept. A
+    text equal to the built-in one is not stored, so it follows the built-in texts; an empty
+    field means the built-in text."""
+    p.require_admin()
+    stored = snippet.get_settings(p.db, p.tenant.id)
+    lang = _banner_lang(p, stored["texts"])
+    names = [f"text_{k}" for k in snippet_texts.TEXT_KEYS] + list(THEME_FIELDS) + ["refusal_cooldown_days"]
+    form: dict[str, Any] = {k: p.field(k, 4000) for k in names}
+    built_in = snippet_texts.TEXTS.get(lang)
+    mine = {}
+    for k in snippet_texts.TEXT_KEYS:
+        value = form[f"text_{k}"].strip()
+        if value and (built_in is None or value != built_in.get(k)):
+            mine[k] = value
+    texts = {code: t for code, t in stored["texts"].items() if code != lang}
+    if mine:
+        texts[lang] = mine
+    theme: dict[str, Any] = {k: form[k].strip() for k in ("mode", "layout", "brand")}
+    theme["font"] = form["font"].strip() or None
+    try:
+        numbers = {}
+        for name in ("radius", "refusal_cooldown_days"):
+            raw = form[name].strip()
+            if not raw.isdigit() or len(raw) > 6:
+                raise ValidationFailed.field(name, "a whole number")
+            numbers[name] = int(raw)
+        theme["radius"] = numbers["radius"]
+        try:
+            spec = SnippetSettingsIn.model_validate({"texts": texts, "theme": theme,
+                                                     "refusal_cooldown_days": numbers["refusal_cooldown_days"]})
+        except PydanticError as exc:
+            raise ValidationFailed(validation_errors(exc)) from None
+        out = snippet.put_settings(p.db, p.tenant.id, spec)
+    except ValidationFailed as exc:
+        errors: dict[str, str] = {}
+        for e in exc.errors:
+            parts = e["field"].split(".")
+            if parts[0] == "texts" and len(parts) > 2:
+                name = f"text_{parts[2]}"
+            elif parts[0] == "theme":  # the contrast rule is about the whole theme: the brand colour
+                name = parts[1] if len(parts) > 1 and parts[1] in THEME_FIELDS else "brand"
+            else:
+                name = parts[0]
+            errors.setdefault(name, e["message"].removeprefix("Value error, "))
+        return with_problem(_banner_page(p, stored, lang, status=exc.status, form=form, errors=errors), exc)
+    p.audit("save_banner", f"version {out['version']}", {"lang": lang, "texts": sorted(mine),
+                                                         "theme": spec.theme.model_dump(),
+                                                         "refusal_cooldown_days": spec.refusal_cooldown_days})
+    return RedirectResponse(f"/dashboard/banner?lang={lang}&saved={out['version']}", status_code=303)
+
+
+@page()
+def banner_preview(p: Page) -> Response:
+    """A page holding only the real /snippet.js, its config read from ``PREVIEW_API`` (this
+    session's tenant, never a publishable key or an allowed origin); framed by the banner page."""
+    lang = _banner_lang(p, snippet.get_settings(p.db, p.tenant.id)["texts"])
+    response = render(p.request, "banner_preview.html", lang=lang, tenant_id=p.tenant.id, key=PREVIEW_KEY,
+                      api=PREVIEW_API)
+    response.headers["Content-Security-Policy"] = PREVIEW_CSP
+    response.headers["X-Frame-Options"] = "SAMEORIGIN"
+    return response
+
+
+@page()
+def banner_preview_config(p: Page) -> Response:
+    """The snippet config the preview shows: built as /v1/snippet/config builds it."""
+    config = snippet.build_config(p.db, p.tenant, "privacy", p.field("lang", 35) or None)
+    return Response(dumps(config), media_type="application/json", headers={"Cache-Control": "no-store"})

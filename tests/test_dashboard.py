@@ -711,3 +711,116 @@ def test_webhooks_retry_one_failed_delivery(client: TestClient) -> None:
     r = api.post(path, data={"csrf": b.csrf("/dashboard/webhooks")})
     assert r.status_code == 409 and r.json()["code"] == "endpoint_disabled"
     assert "retry_delivery" in b.get("/dashboard/audit").text
+
+
+def _banner_form(b: Browser, lang: str = "en") -> dict[str, str]:
+    """The banner form's fields as the page fills them (inputs, textareas, selected options)."""
+    html = b.get(f"/dashboard/banner?lang={lang}").text
+    form = html[html.index('method="post" action="/dashboard/banner"'):]
+    form = form[:form.index("</form>")]
+    fields = {m.group(1): m.group(2) for m in re.finditer(r'<input[^>]* name="(\w+)" value="([^"]*)"', form)}
+    fields |= {m.group(1): m.group(2) for m in re.finditer(r'<textarea[^>]* name="(\w+)"[^>]*>([^<]*)</textarea>', form)}
+    for name, options in re.findall(r'<select[^>]* name="(\w+)"[^>]*>(.*?)</select>', form):
+        fields[name] = re.search(r"<option selected>(\w+)</option>", options).group(1)  # type: ignore[union-attr]
+    fields.pop("csrf")
+    return {k: v.replace("&#39;", "'").replace("&amp;", "&") for k, v in fields.items()}
+
+
+def test_banner_form_saves_one_language_through_the_snippet_settings(client: TestClient) -> None:
+    t, other = make_tenant(client), make_tenant(client)
+    b = signed_in(t)
+    fields = _banner_form(b, "de")
+    assert fields["text_title"] == "Ihre Datenschutz-Einstellungen" and fields["lang"] == "de"
+    assert (fields["brand"], fields["layout"], fields["refusal_cooldown_days"]) == ("#0b57d0", "box", "182")
+    r = b.post("/dashboard/banner", {**fields, "text_title": "Ihre Wahl bei Acme", "brand": "#7a1f5c",
+                                     "layout": "bar", "refusal_cooldown_days": "30"}, form_page="/dashboard/banner")
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard/banner?lang=de&saved=1"
+    # stored as PUT /v1/tenant/snippet stores it: only what differs from the built-in texts
+    got = t.get("/v1/tenant/snippet").json()
+    assert got["version"] == 1 and got["texts"] == {"de": {"title": "Ihre Wahl bei Acme"}}
+    assert got["theme"]["brand"] == "#7a1f5c" and got["theme"]["layout"] == "bar"
+    assert got["refusal_cooldown_days"] == 30
+    page = b.get(r.headers["location"]).text
+    assert "Saved as settings version 1" in page and 'value="Ihre Wahl bei Acme"' in page
+    assert 'src="/dashboard/banner/preview?lang=de"' in page and "frame-src 'self'" in b.get(
+        "/dashboard/banner").headers["content-security-policy"]
+    # English keeps the built-in texts; saving it keeps the German ones
+    en = _banner_form(b, "en")
+    assert en["text_title"] == "Your privacy choices"
+    assert b.post("/dashboard/banner", {**en, "text_accept_all": "Yes please"},
+                  form_page="/dashboard/banner").status_code == 303
+    got = t.get("/v1/tenant/snippet").json()
+    assert got["version"] == 2
+    assert got["texts"] == {"de": {"title": "Ihre Wahl bei Acme"}, "en": {"accept_all": "Yes please"}}
+    # the preview's config is the snippet's config for this tenant, in the language asked for
+    cfg = b.get("/dashboard/banner/preview/v1/snippet/config?lang=de").json()
+    assert cfg == t.client.get(f"/v1/snippet/config?key={t.publishable_key}&lang=de").json()
+    assert cfg["texts"]["title"] == "Ihre Wahl bei Acme" and cfg["theme"]["layout"] == "bar"
+    preview = b.get("/dashboard/banner/preview?lang=de")
+    assert preview.status_code == 200 and 'data-api="/dashboard/banner/preview"' in preview.text
+    assert "frame-ancestors 'self'" in preview.headers["content-security-policy"]
+    assert preview.headers["x-frame-options"] == "SAMEORIGIN"
+    assert t.publishable_key not in preview.text and t.secret_key not in preview.text
+    # each save is in the dashboard audit trail, by this session
+    html = b.get("/dashboard/audit").text
+    assert html.count('data-action="save_banner"') == 2 and "version 2" in html
+    # another tenant sees its own (built-in) settings and preview, never these
+    o = signed_in(other)
+    assert "Ihre Wahl bei Acme" not in o.get("/dashboard/banner?lang=de").text
+    assert o.get("/dashboard/banner/preview/v1/snippet/config?lang=de").json()["texts"]["title"] == (
+        "Ihre Datenschutz-Einstellungen")
+    assert other.get("/v1/tenant/snippet").json()["version"] == 0
+    o.post("/dashboard/banner", {**_banner_form(o, "de"), "text_title": "Other"}, form_page="/dashboard/banner")
+    assert t.get("/v1/tenant/snippet").json()["texts"]["de"]["title"] == "Ihre Wahl bei Acme"
+    # the page needs a session, like every dashboard page
+    for path in ("/dashboard/banner", "/dashboard/banner/preview", "/dashboard/banner/preview/v1/snippet/config"):
+        assert Browser(client).get(path).status_code == 303, path
+
+
+@pytest.mark.parametrize(("fields", "field", "says"), [
+    ({"brand": "#dddddd"}, "brand", "too light"),
+    ({"brand": "blue"}, "brand", "pattern"),
+    ({"radius": "30"}, "radius", "less than or equal to 24"),
+    ({"radius": "round"}, "radius", "whole number"),
+    ({"refusal_cooldown_days": "999"}, "refusal_cooldown_days", "less than or equal to 730"),
+    ({"font": "x;y{}"}, "font", "pattern"),
+    ({"layout": "modal"}, "layout", "input should be"),
+    ({"text_title": "x" * 2001}, "text_title", "at most 2000"),
+])
+def test_banner_form_errors_show_next_to_the_field(tenant: Tenant, fields: dict[str, str], field: str,
+                                                   says: str) -> None:
+    b = signed_in(tenant)
+    form = _banner_form(b)
+    r = b.post("/dashboard/banner", {**form, "text_title": "Changed", **fields}, form_page="/dashboard/banner")
+    assert r.status_code == 422 and r.headers["content-type"].startswith("text/html")
+    error = re.search(rf'<p class="problem" id="{field}-error">([^<]+)</p>', r.text)
+    assert error and says.lower() in error.group(1).lower(), r.text
+    assert re.search(rf'id="{field}"[^>]*aria-invalid="true"[^>]*aria-describedby="{field}-error', r.text)
+    assert len(re.findall(r'class="problem" id="[a-z_]+-error"', r.text)) == 1
+    # nothing saved, nothing audited
+    assert tenant.get("/v1/tenant/snippet").json()["version"] == 0
+    assert 'data-action="save_banner"' not in b.get("/dashboard/audit").text
+    api = TestClient(tenant.client.app)
+    api.cookies = b.c.cookies
+    r = api.post("/dashboard/banner", data={"csrf": b.csrf("/dashboard/banner"), **form, **fields})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "validation_failed"
+
+
+def test_banner_form_needs_admin_and_the_csrf_token(tenant: Tenant) -> None:
+    admin = signed_in(tenant)
+    form = _banner_form(admin)
+    r = admin.c.post("/dashboard/banner", data={**form, "csrf": "forged", "text_title": "Forged"},
+                     follow_redirects=False)
+    assert r.status_code == 403 and "csrf_failed" in r.text
+    admin.post("/dashboard/users", {"email": "viewer@example.com", "password": PASSWORD, "role": "read_only"})
+    viewer = Browser(tenant.client)
+    viewer.sign_in(tenant=tenant.id, email="viewer@example.com", password=PASSWORD)
+    page = viewer.get("/dashboard/banner?lang=fr").text
+    assert 'action="/dashboard/banner"' in page  # the language picker (a GET form)
+    assert 'method="post" action="/dashboard/banner"' not in page and "needs the admin role" in page
+    assert '<dd data-text="title">Vos choix de confidentialité</dd>' in page and "<iframe" in page
+    r = viewer.post("/dashboard/banner", {**form, "text_title": "Viewer"}, form_page="/dashboard")
+    assert r.status_code == 403 and "read_only_role" in r.text
+    assert tenant.get("/v1/tenant/snippet").json()["version"] == 0
+    assert viewer.get("/dashboard/banner?lang=xx").status_code == 422

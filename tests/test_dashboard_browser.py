@@ -279,3 +279,45 @@ def test_settings_one_audit_trail_versions_chart_and_retry(live: Live, context: 
     assert "dashboard key:" in row and "Acme Shop" in row
     shot(page, live, "audit-merged")
     assert [e for e in errors if "status of 422" not in e] == []  # only the refused settings form
+
+
+def test_banner_save_shows_in_the_live_preview(live: Live, context: Any) -> None:
+    t = live.tenant()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    sign_in(page, live, t)
+    page.get_by_role("link", name="Banner", exact=True).click()
+    page.wait_for_url(re.compile(r"/dashboard/banner$"))
+    preview = page.frame_locator("#banner-preview")
+    # the real snippet in the frame, with the built-in English texts
+    assert preview.get_by_role("dialog").get_by_text("Your privacy choices").first.is_visible()
+    page.get_by_label("Language").select_option("de")
+    page.get_by_role("button", name="Show").click()
+    page.wait_for_url(re.compile(r"lang=de"))
+    assert preview.get_by_text("Ihre Datenschutz-Einstellungen").first.is_visible()
+    page.get_by_label("Brand colour").fill("#eeeeee")
+    page.get_by_role("button", name="Save banner").click()
+    assert page.locator("#brand-error").inner_text().startswith("brand #eeeeee is too light")
+    shot(page, live, "banner-error")
+    page.get_by_label("title", exact=True).fill("Ihre Wahl bei Acme")
+    page.get_by_label("Brand colour").fill("#7a1f5c")
+    page.get_by_label("Layout").select_option("bar")
+    page.get_by_role("button", name="Save banner").click()
+    page.wait_for_url(re.compile(r"saved=1"))
+    assert page.get_by_role("status").first.inner_text().startswith("Saved as settings version 1")
+    title = preview.get_by_text("Ihre Wahl bei Acme").first
+    title.wait_for()
+    assert title.is_visible()
+    brand = preview.get_by_role("button", name="Alle akzeptieren").evaluate("b => getComputedStyle(b).backgroundColor")
+    assert brand == "rgb(122, 31, 92)"
+    shot(page, live, "banner")
+    # a choice in the preview goes nowhere (the preview has no consents route: a 404, which the
+    # snippet drops), and the next load asks again
+    page.locator("#banner-preview").scroll_into_view_if_needed()
+    with page.expect_response(lambda r: "/dashboard/banner/preview/v1/snippet/consents" in r.url) as sent:
+        preview.get_by_role("button", name="Alle akzeptieren").click()
+    assert sent.value.status == 404
+    page.reload()
+    preview.get_by_text("Ihre Wahl bei Acme").first.wait_for()
+    assert [e for e in errors if "status of 422" not in e and "status of 404" not in e] == [], errors
