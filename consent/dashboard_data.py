@@ -18,7 +18,6 @@ from .errors import BadToken, Conflict, NotFound, ValidationFailed
 from .models import (
     ApiKey,
     ConsentRecord,
-    DashboardEvent,
     DashboardRollup,
     DashboardSession,
     DashboardUser,
@@ -30,7 +29,7 @@ from .models import (
     utcnow,
 )
 from .state import STATUSES, derive_status
-from .tenants import key_live
+from .tenants import key_live, record_change
 
 ROLES = ("admin", "read_only")
 SEARCH_KINDS = ("email", "user", "anon", "subject")
@@ -40,7 +39,6 @@ RECENT_WINDOW = 5000
 TOUCH_EVERY = timedelta(seconds=60)  # last_seen_at is written at most this often per session
 
 STATE = ledger.STATE
-EVENT = DashboardEvent.__table__  # type: ignore[attr-defined]
 
 
 # --- users ---------------------------------------------------------------------------------
@@ -145,7 +143,12 @@ def rebind_session(db: Session, session_hash: str, key_id: str) -> None:
 def tenant_actor(user: SignedIn) -> str:
     """Who a change made in the dashboard is by, as the tenant audit trail names it (the API
     names the key id alone); cut to the trail's 64-character column."""
-    return f"dashboard {user.actor}"[:64]
+    return trail_actor(user.actor)
+
+
+def trail_actor(actor: str) -> str:
+    """``key:<key id>`` or ``user:<email>`` as the tenant audit trail names a dashboard actor."""
+    return f"dashboard {actor}"[:64]
 
 
 def api_keys(db: Session, tenant_id: str) -> list[ApiKey]:
@@ -162,23 +165,27 @@ def end_session(db: Session, session_hash: str) -> None:
 
 # --- audit trail ---------------------------------------------------------------------------
 
+DASHBOARD_ACTION = "dashboard."  # the prefix of the trail's actions taken in the dashboard
+
+
 def log_event(db: Session, tenant_id: str, actor: str, action: str, target: str | None = None,
               detail: dict[str, Any] | None = None) -> None:
-    """Append one entry to the tenant's dashboard audit trail (in the caller's transaction)."""
-    db.add(DashboardEvent(tenant_id=tenant_id, at=utcnow(), actor=actor, action=action,
-                          target=target[:400] if target else None, detail=detail))
-    db.flush()
-
-
-def recent_events(db: Session, tenant_id: str, limit: int = 50) -> list[DashboardEvent]:
-    return list(db.execute(sa.select(DashboardEvent).where(DashboardEvent.tenant_id == tenant_id)
-                           .order_by(DashboardEvent.id.desc()).limit(limit)).scalars())  # type: ignore[union-attr]
+    """Append one dashboard action (a sign-in, a search, an erasure...) to the tenant audit
+    trail, the one ``GET /v1/tenant/audit`` serves, in the caller's transaction: the action
+    ``dashboard.<action>``, what it was on in ``after`` (``target``, ``detail``)."""
+    after: dict[str, Any] = {}
+    if target:
+        after["target"] = target[:400]
+    if detail is not None:
+        after["detail"] = detail
+    record_change(db, tenant_id, trail_actor(actor), DASHBOARD_ACTION + action, {}, after)
 
 
 @dataclass
 class TrailEntry:
-    """One line of the audit page: a dashboard event, or a tenant audit entry (settings, keys,
-    retention, closing: whatever wrote it, the API, the CLI or the dashboard)."""
+    """One line of the audit page: a tenant audit entry, a dashboard action (source
+    "dashboard") or a change to the settings, keys, retention or closing (source "tenant",
+    whatever wrote it: the API, the CLI or the dashboard)."""
 
     at: datetime
     actor: str
@@ -190,23 +197,27 @@ class TrailEntry:
 
 
 def audit_trail(db: Session, tenant_id: str, limit: int = 100) -> list[TrailEntry]:
-    """Both trails, newest first: the newest ``limit`` of each by their (tenant, id) indexes,
-    merged by time. A change made in the dashboard through a domain function is written once,
-    to the tenant audit trail, so it shows once."""
+    """The tenant audit trail, its newest ``limit`` entries by the (tenant, id) index, newest
+    first. A change made in the dashboard through a domain function is written once, by that
+    function, so it shows once."""
     audit = TenantAudit.__table__  # type: ignore[attr-defined]
-    out = [TrailEntry(e.at, e.actor, e.action, e.target, e.detail, [], "dashboard")
-           for e in recent_events(db, tenant_id, limit)]
+    out = []
     for a in db.execute(sa.select(TenantAudit).where(audit.c.tenant_id == tenant_id)
                         .order_by(audit.c.id.desc()).limit(limit)).scalars():
         before, after = a.before or {}, a.after or {}
-        if a.action in ("settings.update", "retention.update"):  # field by field, before and after
+        if a.action.startswith(DASHBOARD_ACTION):
+            out.append(TrailEntry(a.changed_at, a.actor, a.action, after.get("target"), after.get("detail"),
+                                  [], "dashboard"))
+        elif a.action in ("settings.update", "retention.update"):  # field by field, before and after
             out.append(TrailEntry(a.changed_at, a.actor, a.action, None, None,
                                   [(k, before.get(k), v) for k, v in after.items()], "tenant"))
         else:
             out.append(TrailEntry(a.changed_at, a.actor, a.action, None, _trail_detail(a.action, before, after),
                                   [], "tenant"))
+    # by time (stable, so ties keep the id order): rows moved from the former dashboard table
+    # got ids after the entries that were already there
     out.sort(key=lambda e: e.at, reverse=True)
-    return out[:limit]
+    return out
 
 
 def _trail_detail(action: str, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

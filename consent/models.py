@@ -449,15 +449,17 @@ class WebhookAttempt(SQLModel, table=True):
 # --- tenant settings and key rotation ---------------------------------------
 
 class TenantAudit(SQLModel, table=True):
-    """One change to a tenant's settings or keys: who (which key, or the admin / CLI), when,
-    and the changed fields before and after. Append-only; never holds a raw key."""
+    """One entry of the tenant's audit trail: a change to its settings or keys (who: which key,
+    the admin, the CLI or a dashboard session; when; the changed fields before and after), or
+    a dashboard sign-in or action (``dashboard.*``, its target and detail in ``after``).
+    Append-only; never holds a raw key."""
 
     __tablename__ = "tenant_audit"
     __table_args__ = (sa.Index(None, "tenant_id", "id"),)
     id: int | None = Field(default=None, sa_column=sa.Column(BigInt, primary_key=True, autoincrement=True))
     tenant_id: str = Field(foreign_key="tenant.id", max_length=40)
-    actor: str = Field(max_length=64)  # key id, "admin" or "cli"
-    action: str = Field(max_length=32)  # settings.update | keys.rotate | tenant.close
+    actor: str = Field(max_length=64)  # key id, "admin", "cli" or "dashboard key:/user:..."
+    action: str = Field(max_length=32)  # settings.update | keys.rotate | tenant.close | dashboard.*
     changed_at: datetime = ts()
     before: dict[str, Any] = jsoncol()
     after: dict[str, Any] = jsoncol()
@@ -551,20 +553,6 @@ class DashboardRollup(SQLModel, table=True):
     tenant_id: str = Field(sa_column=sa.Column(sa.String(40), sa.ForeignKey("tenant.id"), primary_key=True))
     computed_at: datetime = ts()
     data: dict[str, Any] = jsoncol()
-
-
-class DashboardEvent(SQLModel, table=True):
-    """The dashboard's audit trail: every sign-in (failed ones too) and every action."""
-
-    __tablename__ = "dashboard_event"
-    __table_args__ = (sa.Index(None, "tenant_id", "id"),)
-    id: int | None = Field(default=None, sa_column=sa.Column(BigInt, primary_key=True, autoincrement=True))
-    tenant_id: str = Field(foreign_key="tenant.id", max_length=40)
-    at: datetime = ts()
-    actor: str = Field(max_length=400)
-    action: str = Field(max_length=40)
-    target: str | None = Field(default=None, max_length=400)
-    detail: dict[str, Any] | None = jsoncol(nullable=True)
 
 
 class SnippetSettings(SQLModel, table=True):

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from consent.app import create_app
 
 from .conftest import settings_for
-from .helpers import DOC_SHA, Tenant, make_tenant
+from .helpers import ADMIN, DOC_SHA, Tenant, make_tenant
 
 PASSWORD = "correct horse battery staple"
 
@@ -524,10 +524,41 @@ SETTINGS_API = {"name": "Acme GmbH", "allowed_origins": ["HTTPS://WWW.Acme.test:
                 "notice_days": 14, "default_lang": "de", "store_full_ip": True, "store_user_agent": False}
 
 
-def _tenant_audit(t: Tenant) -> list[dict[str, Any]]:
+def _tenant_audit(t: Tenant, *, dashboard: bool = False) -> list[dict[str, Any]]:
+    """The tenant audit trail over the API: its changes to settings and keys, or with
+    ``dashboard`` only its dashboard sign-ins and actions."""
     r = t.get("/v1/tenant/audit")
     assert r.status_code == 200
-    return r.json()["items"]  # type: ignore[no-any-return]
+    return [e for e in r.json()["items"] if e["action"].startswith("dashboard.") == dashboard]
+
+
+def test_dashboard_sign_ins_and_actions_are_in_the_api_audit_trail(client: TestClient) -> None:
+    t, other = make_tenant(client), make_tenant(client)
+    rec = t.record(email="gone@example.com")
+    sub = rec["subject"]
+    b = signed_in(t)
+    long_email = "a" * 80 + "@example.com"
+    Browser(t.client).sign_in(expect=401, tenant=t.id, email=long_email, password="wrong" * 4)
+    assert b.post(f"/dashboard/people/{sub}/erase", {"confirm": sub}, form_page=f"/dashboard/people/{sub}"
+                  ).status_code == 303
+    signed_in(other)
+    key_id = next(k["id"] for k in t.get("/v1/tenant").json()["keys"] if k["kind"] == "secret")
+    entries = _tenant_audit(t, dashboard=True)
+    by_action = {e["action"]: e for e in entries}
+    assert {"dashboard.sign_in", "dashboard.sign_in_failed", "dashboard.erase_subject"} <= set(by_action), entries
+    sign_in, erase = by_action["dashboard.sign_in"], by_action["dashboard.erase_subject"]
+    assert sign_in["actor"] == erase["actor"] == f"dashboard key:{key_id}"
+    assert sign_in["after"] == {"detail": {"role": "admin"}} and sign_in["before"] == {}
+    assert erase["after"]["target"] == sub and erase["after"]["detail"]["erased_now"] is True
+    # the actor is cut to the column's 64 characters, never refused
+    failed = by_action["dashboard.sign_in_failed"]
+    assert failed["actor"] == f"dashboard user:{long_email}"[:64] and len(failed["actor"]) == 64
+    assert [e["action"] for e in entries].index("dashboard.erase_subject") < [
+        e["action"] for e in entries].index("dashboard.sign_in")  # newest first
+    # the admin route serves the same entries; the other tenant's sign-in is in its trail only
+    admin = client.get(f"/v1/tenants/{t.id}/audit", headers=ADMIN).json()["items"]
+    assert [e for e in admin if e["action"].startswith("dashboard.")] == entries
+    assert [e["action"] for e in _tenant_audit(other, dashboard=True)] == ["dashboard.sign_in"]
 
 
 def test_settings_form_changes_settings_as_patch_does(client: TestClient) -> None:
@@ -621,7 +652,8 @@ def test_audit_page_is_one_trail_newest_first_without_duplicates(client: TestCli
     rows = re.findall(r'<tr data-trail="(\w+)" data-action="([\w.]+)"><td>[^<]+</td><td>([^<]+)</td>', html)
     actions = [(src, action) for src, action, _ in rows]
     assert actions == [("tenant", "keys.rotate"), ("tenant", "retention.update"), ("tenant", "settings.update"),
-                       ("dashboard", "search"), ("tenant", "settings.update"), ("dashboard", "sign_in")], actions
+                       ("dashboard", "dashboard.search"), ("tenant", "settings.update"),
+                       ("dashboard", "dashboard.sign_in")], actions
     key_id = next(k["id"] for k in t.get("/v1/tenant").json()["keys"] if k["kind"] == "secret")
     assert [who for _, a, who in rows if a == "settings.update"] == [f"dashboard key:{key_id}", key_id]
     assert "name: <del>Acme</del> → <ins>Renamed</ins>" in html
@@ -763,7 +795,7 @@ def test_banner_form_saves_one_language_through_the_snippet_settings(client: Tes
     assert t.publishable_key not in preview.text and t.secret_key not in preview.text
     # each save is in the dashboard audit trail, by this session
     html = b.get("/dashboard/audit").text
-    assert html.count('data-action="save_banner"') == 2 and "version 2" in html
+    assert html.count('data-action="dashboard.save_banner"') == 2 and "version 2" in html
     # another tenant sees its own (built-in) settings and preview, never these
     o = signed_in(other)
     assert "Ihre Wahl bei Acme" not in o.get("/dashboard/banner?lang=de").text
@@ -799,7 +831,7 @@ def test_banner_form_errors_show_next_to_the_field(tenant: Tenant, fields: dict[
     assert len(re.findall(r'class="problem" id="[a-z_]+-error"', r.text)) == 1
     # nothing saved, nothing audited
     assert tenant.get("/v1/tenant/snippet").json()["version"] == 0
-    assert 'data-action="save_banner"' not in b.get("/dashboard/audit").text
+    assert 'data-action="dashboard.save_banner"' not in b.get("/dashboard/audit").text
     api = TestClient(tenant.client.app)
     api.cookies = b.c.cookies
     r = api.post("/dashboard/banner", data={"csrf": b.csrf("/dashboard/banner"), **form, **fields})

@@ -273,8 +273,8 @@ def test_settings_one_audit_trail_versions_chart_and_retry(live: Live, context: 
     # one audit trail: the dashboard's events and the tenant's changes, each change once
     page.get_by_role("link", name="Audit trail").click()
     actions = page.locator("tr[data-action]").evaluate_all("rows => rows.map(r => r.dataset.action)")
-    assert actions[:3] == ["retry_delivery", "keys.rotate", "settings.update"], actions
-    assert actions.count("settings.update") == 1 and actions[-1] == "sign_in"
+    assert actions[:3] == ["dashboard.retry_delivery", "keys.rotate", "settings.update"], actions
+    assert actions.count("settings.update") == 1 and actions[-1] == "dashboard.sign_in"
     row = page.locator("tr[data-action='settings.update']").inner_text()
     assert "dashboard key:" in row and "Acme Shop" in row
     shot(page, live, "audit-merged")

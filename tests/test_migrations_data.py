@@ -4,6 +4,7 @@ record and chain; downgrade/upgrade round-trips keep them too."""
 
 from __future__ import annotations
 
+import json
 import re
 from types import SimpleNamespace
 from typing import Any
@@ -149,3 +150,54 @@ def test_upgrade_with_data_from_every_revision(backend) -> None:
     db.migrate(url)
     assert snapshot(url) == {}
     assert re.match(r"^\w+$", revisions[-1])
+
+
+def test_0019_moves_dashboard_events_into_the_tenant_audit_trail(backend: str, tmp_path) -> None:
+    """Filled at 0018 (a tenant with a settings change and dashboard events, one actor longer
+    than the trail's 64 characters), 0019 keeps every event in ``tenant_audit`` with its time,
+    and drops ``dashboard_event``; downgrade brings back the table, empty."""
+    from datetime import UTC, datetime
+
+    if backend == "postgresql":
+        url = create_run_database("_audit0019")
+        reset_postgres(url)
+    else:
+        url = f"sqlite:///{tmp_path / 'audit.db'}"
+    db.migrate(url, "0018")
+    engine = db.create_db_engine(url)
+    t1, t2 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC), datetime(2026, 2, 3, 4, 5, 6, tzinfo=UTC)
+    long_actor = "user:" + "x" * 90 + "@example.com"
+    try:
+        with Session(engine) as s, s.begin():
+            tenant_id = tenants.create_tenant(s, TenantIn(name="Acme"))[0].id
+            tenants.record_change(s, tenant_id, "cli", "settings.update", {"notice_days": 0}, {"notice_days": 3})
+            s.execute(sa.text(
+                "INSERT INTO dashboard_event (tenant_id, at, actor, action, target, detail) VALUES "
+                "(:t, :at1, 'key:key_1', 'sign_in', NULL, :d1), (:t, :at2, :long, 'erase_subject', 'sub_1', :d2),"
+                " (:t, :at2, 'key:key_1', 'sign_out', NULL, NULL)"),
+                {"t": tenant_id, "at1": t1, "at2": t2, "long": long_actor,
+                 "d1": '{"role": "admin"}', "d2": '{"erased_now": true}'})
+        db.migrate(url, "0019")
+        assert "dashboard_event" not in sa.inspect(engine).get_table_names()
+        with Session(engine) as s:
+            rows = s.execute(sa.text("SELECT actor, action, changed_at, before, after FROM tenant_audit "
+                                     "WHERE tenant_id = :t ORDER BY id"), {"t": tenant_id}).all()
+        got = [(r.actor, r.action, r.before if isinstance(r.before, dict) else json.loads(r.before),
+                r.after if isinstance(r.after, dict) else json.loads(r.after)) for r in rows]
+        assert got == [
+            ("cli", "settings.update", {"notice_days": 0}, {"notice_days": 3}),
+            ("dashboard key:key_1", "dashboard.sign_in", {}, {"detail": {"role": "admin"}}),
+            (f"dashboard {long_actor}"[:64], "dashboard.erase_subject", {},
+             {"target": "sub_1", "detail": {"erased_now": True}}),
+            ("dashboard key:key_1", "dashboard.sign_out", {}, {}),
+        ]
+        times = [r.changed_at if isinstance(r.changed_at, datetime) else datetime.fromisoformat(r.changed_at)
+                 for r in rows[1:]]
+        assert [t.replace(tzinfo=UTC) if t.tzinfo is None else t for t in times] == [t1, t2, t2]
+        db.downgrade(url, "0018")
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM dashboard_event")).scalar() == 0
+            assert conn.execute(sa.text("SELECT count(*) FROM tenant_audit")).scalar() == 4
+        db.migrate(url)
+    finally:
+        engine.dispose()
