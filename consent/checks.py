@@ -127,7 +127,7 @@ def _sqlite_email_statuses(conn: sa.Connection, tenant: Tenant | TenantRef, purp
     """Many emails on SQLite, a chunk at a time, hashing the next chunk in a thread while SQLite
     looks up this one (sqlite3 lets go of the GIL while a statement runs; hashing needs it).
 
-    Perf: 100,000 emails ~1.0 -> ~0.85 s (docs/bench.md). Still one snapshot: every statement
+    Still one snapshot: every statement
     runs in this unit of work's one SQLite read transaction, which pins the snapshot that its
     first statement (the purpose lookup) took.
     """
@@ -186,8 +186,8 @@ _BULK_POSTGRES = ("SELECT string_agg(coalesce(s.decision || CASE WHEN s.confirme
                   "CASE WHEN n.newest > s.policy_version_id THEN '1' ELSE '0' END, ''), ',' ORDER BY j.i) "
                   "FROM {keys} WITH ORDINALITY AS j(value, i) {joins}" + _BULK_NEWEST.format(true="true"))
 # PostgreSQL: identifier hashes (hex digits, never a comma) travel as one comma-joined text, split in
-# C by string_to_array (perf: 100,000 keys 0.40 -> 0.37 s, no JSON parsing; docs/bench.md tenth
-# pass); subject ids, which may hold any character, as a JSON array.
+# C by string_to_array (no JSON parsing of 100,000 keys); subject ids, which may hold any
+# character, as a JSON array.
 _PG_KEYS = {True: "jsonb_array_elements_text(CAST(:keys AS jsonb))", False: "unnest(string_to_array(:keys, ','))"}
 _BULK_SQL = {(postgres, by_id): sa.text(
     _BULK_POSTGRES.format(keys=_PG_KEYS[by_id], joins=_BULK_FROM["id" if by_id else "ident"]) if postgres

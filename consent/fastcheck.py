@@ -23,8 +23,8 @@ seen by the very next check in every process.
   and the event loop never blocks on the network. (Threads were tried first: handing work
   to a thread and back cost more than the query, ~1 ms at one client.)
 
-Measured (bench/profile_app.py, docs/bench.md): the in-process cost per check fell from about
-500 us (SQLite) / 1,000 us (PostgreSQL) to well under 100 us.
+In process (bench/profile_app.py) a check costs well under 100 us, several times less than the
+framework's route.
 """
 
 from __future__ import annotations
@@ -320,8 +320,8 @@ class SqliteReader(Reader):
     inline on the loop it made the loop wait). The thread starts on a check as soon as it is
     queued, takes the checks waiting (at most half of those in flight), answers them with one
     statement (_SQLITE_BATCH; one check alone: _SQLITE_HIT), and hands the answers back to the
-    loop with one wake-up. At one client the hand-off costs ~30 us of latency; at 32 it gave
-    ~+20 % checks/s (docs/bench.md, sixth pass).
+    loop with one wake-up. The hand-off costs some latency at one client and buys throughput
+    under load, when SQLite works while the loop answers other requests.
 
     Why at most half: under load every client waited in the same batch, so the loop sat idle
     while the thread read and the thread while the loop answered (27-28 of 32 clients per batch).
@@ -599,9 +599,8 @@ def sqlite_threaded(mode: str, workers: int) -> bool:
     """Whether the SQLite reader runs in a thread (``CONSENT_SQLITE_READER``): ``thread``,
     ``loop``, or ``auto``: a thread where it has a core to itself, i.e. where this process may
     use more cores than there are worker processes. Where every core already runs a worker, the
-    thread's hand-offs cost CPU and buy no parallelism: 2 workers on 2 cores served 9 % more
-    checks on the loop (mean of 9 alternating pairs, ahead in 7), 1 worker far fewer
-    (docs/bench.md, twelfth pass)."""
+    thread's hand-offs cost CPU and buy no parallelism (with 2 workers on 2 cores the loop
+    served about 9 % more checks; with 1 worker, far fewer)."""
     if mode == "auto":
         try:
             cores = len(os.sched_getaffinity(0))

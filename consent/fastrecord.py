@@ -23,7 +23,7 @@ identifier, under the newest policy version in effect. The request waits in the 
 
 At one client a batch is one record (the latency of two round trips, as before batching);
 under load one round trip, one commit and one WAL flush serve many records, which halved the
-CPU per record in both the workers and PostgreSQL (docs/bench.md, seventh pass). A batch
+CPU per record in both the workers and PostgreSQL. A batch
 holds distinct identifiers and Idempotency-Keys, and no identifier of a batch under way: a
 second record of the same subject waits for the next batch instead of racing the first for the
 chain head. Rows are written in subject order, so concurrent batches lock subjects in one order.
@@ -77,7 +77,7 @@ log = logging.getLogger("consent.fastrecord")
 
 ROUTE = "/v1/consents"
 BODY_MAX = 16 * 1024  # larger bodies go to the route (which allows up to max_body_bytes)
-CONNECTIONS = 1  # per process: one batch at a time makes the biggest batches (docs/bench.md, ninth pass)
+CONNECTIONS = 1  # per process: one batch at a time makes the biggest batches
 BATCH_MAX = 32  # records per batch
 RETRIES = 3  # reads of a subject whose chain head moved under us before the route takes over
 # What the write takes of a NewRecord (its tenant is the batch's).

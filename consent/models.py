@@ -290,7 +290,7 @@ class ConsentState(SQLModel, table=True):
     __tablename__ = "consent_state"
     # The bulk check reads one purpose's states of a tenant from this index alone (an index-only
     # scan on PostgreSQL, a covering index on SQLite), not from the table, whose rows carry ~1 KB
-    # receipts (migration 0010; docs/bench.md, ninth pass).
+    # receipts (migration 0010).
     __table_args__ = (sa.Index(BULK_INDEX, *BULK_INDEX_COLUMNS),)
     tenant_id: str = Field(primary_key=True, max_length=40)
     subject_id: str = Field(primary_key=True, max_length=40)
@@ -303,7 +303,7 @@ class ConsentState(SQLModel, table=True):
     policy_version: str | None = Field(default=None, max_length=64)
     recorded_at: datetime = ts()
     # A copy of the current record's id and receipt, so a check reads one row instead of also
-    # probing consent_record (docs/bench.md, eighth pass). Valid only while ``receipt_seq`` equals
+    # probing consent_record. Valid only while ``receipt_seq`` equals
     # ``record_seq``: every writer sets the three with ``record_seq`` in the same statement, and a
     # reader falls back to consent_record otherwise (a row written before migration 0009, or by
     # code that predates it).

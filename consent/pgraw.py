@@ -3,7 +3,7 @@
 The fast paths send one statement per batch of requests. psycopg's ``AsyncConnection.execute``
 wraps each statement in a cursor, a query converter, a generator per wait, and a future plus a
 timer per wait; measured here, about 170 us of Python per statement on a slow core against
-~20 us for the libpq calls themselves (docs/bench.md, seventh and ninth passes). ``RawStatement``
+~20 us for the libpq calls themselves. ``RawStatement``
 keeps only those calls: ``send_query_prepared``, then ``consume_input`` / ``get_result`` from a
 reader callback, with one future per statement. Parameters and results are text, as libpq
 gives them; the callers turn the few columns they read into Python values.

@@ -38,10 +38,9 @@ from . import merkle
 from .crypto import Signer
 from .db import transaction
 from .errors import NotFound, ValidationFailed
+from .events import COUNTER, EVENT
 from .models import (
     ConsentRecord,
-    Event,
-    EventCounter,
     SigningKey,
     TlogCheckpoint,
     TlogLeaf,
@@ -56,8 +55,6 @@ NODE = TlogNode.__table__  # type: ignore[attr-defined]
 STATE = TlogState.__table__  # type: ignore[attr-defined]
 CHECKPOINT = TlogCheckpoint.__table__  # type: ignore[attr-defined]
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
-EVENT = Event.__table__  # type: ignore[attr-defined]
-COUNTER = EventCounter.__table__  # type: ignore[attr-defined]
 NODE_LEVEL = 4  # complete subtrees of 16 leaves or more are stored; smaller ones are hashed from leaves
 CHUNK = 20_000  # leaves appended per transaction
 log = logging.getLogger("consent.tlog")
