@@ -7,8 +7,9 @@ No server needed: ``from consent.consumer import verify_receipt, verify_webhook`
     event = verify_webhook(WHSEC, request.headers, raw_body)
 
 Receipts: only EdDSA (Ed25519) is accepted, whatever the token's header says, so ``alg: none``
-and the HS256-with-the-public-key confusion are refused. JWKS are cached per source for
-``JWKS_TTL`` seconds and re-read once (at most every ``JWKS_MIN_REFRESH`` s) for an unknown kid.
+and the HS256-with-the-public-key confusion are refused. A JWKS URL is read through PyJWT's
+``PyJWKClient``, one per URL: the set is cached for ``JWKS_TTL`` seconds and re-read for an
+unknown kid at most every ``JWKS_MIN_REFRESH`` s. A JWKS file is read at each call.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import crypto
 from .errors import BadToken
@@ -30,7 +31,8 @@ __all__ = ["ReceiptError", "WebhookError", "clear_jwks_cache", "verify_receipt",
 
 JWKS_TTL = 300.0
 JWKS_MIN_REFRESH = 30.0
-_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+JWKS_TIMEOUT = 5.0
+_clients: dict[str, jwt.PyJWKClient] = {}
 _lock = threading.Lock()
 
 
@@ -44,41 +46,43 @@ class WebhookError(ValueError):
 
 def clear_jwks_cache() -> None:
     with _lock:
-        _cache.clear()
+        _clients.clear()
 
 
-def _load_jwks(source: str | Path) -> dict[str, Any]:
+def _client(url: str) -> jwt.PyJWKClient:
+    with _lock:
+        client = _clients.get(url)
+        if client is None:
+            client = _clients[url] = jwt.PyJWKClient(
+                url, cache_jwk_set=True, lifespan=JWKS_TTL, cooldown_duration=JWKS_MIN_REFRESH,
+                timeout=JWKS_TIMEOUT)
+        return client
+
+
+def _signing_key(source: str | Path, kid: Any) -> jwt.PyJWK:
+    """The key named ``kid`` in the JWKS at ``source`` (a URL or a file)."""
+    if not isinstance(kid, str) or not kid:
+        raise ReceiptError("unknown key id: the receipt header names none")
     text = str(source)
     if text.startswith(("http://", "https://")):
-        r = httpx.get(text, timeout=5.0, follow_redirects=False)
-        r.raise_for_status()
-        data = r.json()
-    else:
-        data = json.loads(Path(source).read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-        raise ReceiptError("not a JWKS document (no 'keys' list)")
-    return data
-
-
-def _jwks(source: str | Path, *, kid: str | None) -> dict[str, Any]:
-    key = str(source)
-    now = time.monotonic()
-    with _lock:
-        cached = _cache.get(key)
-    if cached is not None:
-        fetched_at, jwks = cached
-        known = any(k.get("kid") == kid for k in jwks["keys"])
-        if now - fetched_at < JWKS_TTL and (known or now - fetched_at < JWKS_MIN_REFRESH):
-            return jwks
+        client = _client(text)
+        try:
+            client.get_signing_keys()  # the cached set, or a first read that must succeed
+        except jwt.PyJWTError as exc:
+            raise ReceiptError(f"cannot load JWKS from {text}: {exc}") from exc
+        try:
+            return client.get_signing_key(kid)  # re-reads the set once for an unknown kid
+        except jwt.PyJWTError as exc:
+            raise ReceiptError(f"unknown key id {kid!r}: {exc}") from exc
     try:
-        jwks = _load_jwks(source)
-    except (OSError, ValueError, httpx.HTTPError) as exc:
-        if cached is not None:  # keep verifying with what we had when the source is down
-            return cached[1]
-        raise ReceiptError(f"cannot load JWKS from {key}: {exc}") from exc
-    with _lock:
-        _cache[key] = (now, jwks)
-    return jwks
+        data = json.loads(Path(source).read_text())
+        keys = jwt.PyJWKSet.from_dict(data if isinstance(data, dict) else {}).keys
+    except (OSError, ValueError, jwt.PyJWTError) as exc:
+        raise ReceiptError(f"cannot load JWKS from {text}: {exc}") from exc
+    for key in keys:
+        if key.key_id == kid:
+            return key
+    raise ReceiptError(f"unknown key id {kid!r}")
 
 
 def verify_receipt(token: str, jwks_url_or_path: str | Path, *, issuer: str, audience: str,
@@ -95,14 +99,15 @@ def verify_receipt(token: str, jwks_url_or_path: str | Path, *, issuer: str, aud
         raise ReceiptError(f"not a JWT: {exc}") from exc
     if header.get("alg") != crypto.ALGORITHM:
         raise ReceiptError(f"algorithm {header.get('alg')!r} is not accepted; receipts are EdDSA")
-    jwks = _jwks(jwks_url_or_path, kid=header.get("kid"))
-    # Only Ed25519 public keys may verify: an 'oct' (HMAC) or private key in the set is ignored.
-    usable = {"keys": [k for k in jwks["keys"] if k.get("kty") == "OKP" and k.get("crv") == "Ed25519"
-                       and "d" not in k]}
+    key = _signing_key(jwks_url_or_path, header.get("kid"))
+    # Only an Ed25519 public key may verify: an 'oct' (HMAC) or private key under the kid is refused.
+    if not isinstance(key.key, Ed25519PublicKey):
+        raise ReceiptError(f"key {header.get('kid')!r} is not an Ed25519 public key")
     try:
-        claims = crypto.verify_jwt(token, usable)
-    except BadToken as exc:
-        raise ReceiptError(exc.detail) from exc
+        claims: dict[str, Any] = jwt.decode(token, key, algorithms=[crypto.ALGORITHM],
+                                            options={"verify_aud": False})
+    except jwt.PyJWTError as exc:
+        raise ReceiptError(str(exc)) from exc
     if claims.get("iss") != issuer.rstrip("/"):
         raise ReceiptError(f"issuer {claims.get('iss')!r} is not {issuer!r}")
     # Receipts signed before ``aud`` existed name their tenant only in the (signed) ``tenant``.

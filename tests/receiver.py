@@ -34,6 +34,7 @@ class Receiver:
     document: Any = None
     requests: list[Received] = field(default_factory=list)
     hits: int = 0
+    gets: int = 0  # GETs of the document
     server: ThreadingHTTPServer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     path: str = field(default_factory=lambda: f"/hook/{secrets.token_hex(6)}")
@@ -57,6 +58,8 @@ class Receiver:
                 pass
 
             def do_GET(self) -> None:
+                with receiver.lock:
+                    receiver.gets += 1
                 body = json.dumps(receiver.document).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")

@@ -45,29 +45,80 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
+def jwks_server(document: dict) -> Receiver:
+    return Receiver(document=document).start()
+
+
+def jwks_url(server: Receiver) -> str:
+    return f"http://127.0.0.1:{server.server.server_address[1]}/.well-known/jwks.json"  # type: ignore[union-attr]
+
+
 def test_receipt_from_file_and_url(keys) -> None:
     signer, pair, path = keys
     token = signer.sign(CLAIMS)
     assert vr(token, path, issuer=ISS)["record_id"] == "rec_1"
     assert vr(token, str(path))["sub"] == "sub_1"
-    server = Receiver(document={"keys": [pair.public_jwk]}).start()
+    server = jwks_server({"keys": [pair.public_jwk]})
     try:
-        url = f"http://127.0.0.1:{server.server.server_address[1]}/.well-known/jwks.json"  # type: ignore[union-attr]
+        url = jwks_url(server)
         assert vr(token, url, issuer=ISS + "/")["tenant"] == "ten_1"
         server.document = {"keys": []}  # cached: the source changing does not matter within the TTL
         assert vr(token, url)["tenant"] == "ten_1"
+        assert server.gets == 1
     finally:
         server.stop()
     assert vr(token, url)["tenant"] == "ten_1"  # still cached while the source is down
 
 
-def test_receipt_rotation_refetches_unknown_kid(keys, tmp_path: Path, monkeypatch) -> None:
+def test_receipt_rotation_refetches_unknown_kid_from_a_file(keys) -> None:
     signer, pair, path = keys
     vr(signer.sign(CLAIMS), path)
     new = crypto.generate_signing_key()
     path.write_text(json.dumps({"keys": [new.public_jwk, pair.public_jwk]}))
-    monkeypatch.setattr(consumer, "JWKS_MIN_REFRESH", 0.0)
     assert vr(crypto.Signer(new.kid, new.private_pem).sign(CLAIMS), path)["iss"] == ISS
+
+
+def test_receipt_rotation_refetches_unknown_kid_from_a_url(keys, monkeypatch) -> None:
+    """A kid the cached set lacks re-reads the set, at most once per JWKS_MIN_REFRESH."""
+    signer, pair, _path = keys
+    new = crypto.generate_signing_key()
+    rotated = crypto.Signer(new.kid, new.private_pem).sign(CLAIMS)
+    server = jwks_server({"keys": [pair.public_jwk]})
+    try:
+        url = jwks_url(server)
+        vr(signer.sign(CLAIMS), url)
+        server.document = {"keys": [new.public_jwk, pair.public_jwk]}
+        with pytest.raises(ReceiptError, match="unknown key"):  # read less than 30 s ago
+            vr(rotated, url)
+        assert server.gets == 1
+        consumer.clear_jwks_cache()
+        monkeypatch.setattr(consumer, "JWKS_MIN_REFRESH", 0.0)
+        server.document = {"keys": [pair.public_jwk]}
+        vr(signer.sign(CLAIMS), url)
+        server.document = {"keys": [new.public_jwk, pair.public_jwk]}
+        assert vr(rotated, url)["iss"] == ISS
+        assert server.gets == 3
+        with pytest.raises(ReceiptError, match="unknown key"):
+            vr(jwt.encode(CLAIMS, Ed25519PrivateKey.generate(), algorithm="EdDSA", headers={"kid": "nope"}), url)
+    finally:
+        server.stop()
+
+
+def test_receipt_from_the_services_own_jwks_url(client, tenant) -> None:
+    """A real receipt, checked against the service's /.well-known/jwks.json served over HTTP."""
+    rec = tenant.record(email="jwks-url@example.com")
+    server = jwks_server(client.get("/.well-known/jwks.json").json())
+    try:
+        iss = str(client.base_url).rstrip("/")
+        claims = verify_receipt(rec["receipt"], jwks_url(server), issuer=iss, audience=tenant.id,
+                                subject=rec["subject"])
+        assert claims["sub"] == rec["subject"]
+    finally:
+        server.stop()
+    unreachable = jwks_url(server)
+    consumer.clear_jwks_cache()
+    with pytest.raises(ReceiptError, match="cannot load"):
+        verify_receipt(rec["receipt"], unreachable, issuer=iss, audience=tenant.id)
 
 
 def test_receipt_attacks(keys) -> None:
