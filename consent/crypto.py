@@ -55,7 +55,7 @@ def keyed_hashes(key: str, kind: str, values: list[str]) -> list[str]:
     """``keyed_hash`` of many values under one key (the bulk check's 100,000 emails)."""
     inner, outer = _hmac_pads(key)
     inner_copy, outer_copy = inner.copy, outer.copy  # perf: bound once, not looked up per value
-    out = []
+    out: list[str] = []
     append = out.append
     prefix = f"{kind}:"
     for value in values:
@@ -71,9 +71,10 @@ def keyed_hashes(key: str, kind: str, values: list[str]) -> list[str]:
 def _hmac_pads(key: str) -> tuple[Any, Any]:
     """SHA-256 states after the HMAC inner and outer key pads (RFC 2104), per tenant key.
 
-    Perf: copying these precomputed states costs 1.8 us per identifier instead of 4.3 us for
-    ``hmac.new`` (100,000 emails: 0.18 s instead of 0.43 s). Keyed by the key itself, so the
-    cache can never answer for a different key; tests compare it with ``hmac.new``.
+    Perf: copying these two states is about twice as fast as copying a keyed ``hmac.new``
+    object per identifier (100,000 emails: 0.18 s against 0.33 s on 2 shared cores), whose
+    ``copy``, ``update`` and ``hexdigest`` each go through a Python wrapper. Keyed by the key
+    itself, so the cache can never answer for a different key; tests compare it with ``hmac.new``.
     """
     raw = bytes.fromhex(key)
     if len(raw) > 64:
