@@ -14,6 +14,7 @@ disabled.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import random
@@ -508,7 +509,7 @@ class DeliveryWorker:
                 for endpoint_id, group in by_endpoint(jobs).items():
                     task = asyncio.create_task(deliver_group(self.engine, self.settings, client, group))
                     self._inflight[endpoint_id] = (task, len(group))
-                    task.add_done_callback(lambda t, e=endpoint_id: self._done(e, t))
+                    task.add_done_callback(functools.partial(self._done, endpoint_id))
                 if jobs and len(jobs) >= room:
                     continue  # more may be due
                 try:  # until the poll interval passes, a task ends, or a commit here writes outbox rows

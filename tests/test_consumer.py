@@ -184,8 +184,31 @@ def test_webhook_verification() -> None:
         "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
+def test_deliveries_verify_with_the_standard_webhooks_library() -> None:
+    """What the delivery worker sends, during a secret rotation too, is what the spec's own
+    library accepts; a tolerance wider than its fixed 5 minutes is honoured by ours."""
+    from standardwebhooks import Webhook, WebhookVerificationError
+
+    from consent.webhooks import Job, headers_for
+
+    new, old = crypto.new_webhook_secret(), crypto.new_webhook_secret()
+    job = Job(1, "wh_1", "https://example.com/hook", new, "evt_1", b'{"type":"consent.granted"}', old)
+    headers = headers_for(job)
+    for secret in (new, old):
+        assert Webhook(secret).verify(job.body, headers) == {"type": "consent.granted"}
+        assert verify_webhook(secret, headers, job.body) == {"type": "consent.granted"}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(crypto.new_webhook_secret()).verify(job.body, headers)
+    late = headers_for(job, now=time.time() - 600)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new).verify(job.body, late)
+    with pytest.raises(WebhookError):
+        verify_webhook(new, late, job.body)
+    assert verify_webhook(new, late, job.body, tolerance=900)["type"] == "consent.granted"
+
+
 @pytest.mark.parametrize("attack", ["wrong_secret", "tampered_body", "old", "future", "missing", "v2_only",
-                                    "bad_timestamp", "other_id", "bad_secret"])
+                                    "bad_timestamp", "other_id", "bad_secret", "empty_secret"])
 def test_webhook_attacks(attack: str) -> None:
     secret = crypto.new_webhook_secret()
     body = b'{"type":"consent.granted"}'
@@ -209,6 +232,8 @@ def test_webhook_attacks(attack: str) -> None:
         h["Webhook-Id"] = "evt_2"
     elif attack == "bad_secret":
         verify_secret = "whsec_!!!not base64"
+    elif attack == "empty_secret":
+        verify_secret = "whsec_"
     with pytest.raises(WebhookError):
         verify_webhook(verify_secret, h, body)
 
