@@ -8,7 +8,6 @@ import gzip
 import hashlib
 import html
 import logging
-import os
 import re
 import secrets
 import threading
@@ -395,7 +394,9 @@ async def gpc_json(request: Request) -> Response:
 def snippet_path() -> Path:
     """The built snippet: CONSENT_SNIPPET_PATH, else the package's ``static/snippet.js`` (in a
     checkout a link to client-snippet/dist/snippet.js; an installed wheel carries a copy)."""
-    env = os.environ.get("CONSENT_SNIPPET_PATH")
+    from .settings import env_setting
+
+    env = env_setting("snippet_path")
     if env:
         return Path(env)
     return Path(__file__).parent / "static" / "snippet.js"

@@ -100,7 +100,8 @@ def verify_receipt(token: str, jwks_url_or_path: str | Path, *, issuer: str, aud
     if header.get("alg") != crypto.ALGORITHM:
         raise ReceiptError(f"algorithm {header.get('alg')!r} is not accepted; receipts are EdDSA")
     key = _signing_key(jwks_url_or_path, header.get("kid"))
-    # Only an Ed25519 public key may verify: an 'oct' (HMAC) or private key under the kid is refused.
+    # Only an Ed25519 public key may verify: an 'oct' (HMAC) or private key under the kid is
+    # refused.
     if not isinstance(key.key, Ed25519PublicKey):
         raise ReceiptError(f"key {header.get('kid')!r} is not an Ed25519 public key")
     try:

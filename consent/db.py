@@ -50,7 +50,9 @@ def keyring_for(url: str, secret_keys: Any = None) -> Any:
     from . import crypto
 
     if secret_keys is None:
-        secret_keys = [k for k in os.environ.get("CONSENT_SECRET_KEYS", "").split(",") if k.strip()]
+        from .settings import env_setting
+
+        secret_keys = env_setting("secret_keys")
     if secret_keys:
         return crypto.Keyring([crypto.parse_kek(str(k)) for k in secret_keys])
     if not url.startswith("sqlite"):
@@ -194,7 +196,9 @@ def migrations_dir() -> Path:
     """Where the Alembic scripts live: CONSENT_MIGRATIONS_DIR, else the package's own
     ``migrations/`` (in a checkout a link to the repository's ``migrations/``; an installed
     wheel carries a copy)."""
-    env = os.environ.get("CONSENT_MIGRATIONS_DIR")
+    from .settings import env_setting
+
+    env = env_setting("migrations_dir")
     path = Path(env) if env else Path(__file__).parent / "migrations"
     if not (path / "env.py").is_file():
         from .errors import ConsentError

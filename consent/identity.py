@@ -16,7 +16,6 @@ email with another member, directly or through a chain of them.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +60,11 @@ class Report:
 
 def rekey_emails(conn: sa.Connection, *, issuer: str | None = None) -> Report:
     """Re-key every stored email identifier and merge the subjects that now collide."""
-    issuer = (issuer or os.environ.get("CONSENT_ISSUER") or "http://127.0.0.1:8000").rstrip("/")
+    if not issuer:
+        from .settings import env_setting
+
+        issuer = env_setting("issuer")
+    issuer = str(issuer).rstrip("/")
     report = Report()
     keys: dict[str, str] = {r.id: crypto.open_secret(conn, r.hash_key, "tenant.hash_key")
                             for r in conn.execute(sa.text("SELECT id, hash_key FROM tenant"))}

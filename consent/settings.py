@@ -1,158 +1,317 @@
-"""Settings: one frozen object, read once from the environment (``CONSENT_*``)."""
+"""Settings: one frozen object, read once from the environment (``CONSENT_*``).
+
+Each setting is declared once, as a field of ``Settings``: its type, its default, and through
+``doc()`` its one-line documentation. Its environment variable is ``CONSENT_`` and the
+field name in upper case; ``from_env`` parses it by the field's type, and the README's
+configuration table is generated from the same fields (``readme_table``; a test compares them).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
 import os
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from starlette.config import Config
 from starlette.datastructures import Secret
 
 DEFAULT_DATA_DIR = "consent-data"  # ..., under the user's data directory (default_data_dir)
+ENV_PREFIX = "CONSENT_"
+SQLITE_READERS = ("auto", "thread", "loop")
 
 
-def default_data_dir(environ: dict[str, str]) -> Path:
+def default_data_dir(environ: Mapping[str, str]) -> Path:
     """$XDG_DATA_HOME/consent-data (~/.local/share/consent-data): the same place whatever the
     current directory, so a command run from elsewhere (or cron) finds the same database."""
-    base = environ.get("XDG_DATA_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "share")
+    home = Path(environ.get("HOME") or Path.home())
+    base = environ.get("XDG_DATA_HOME") or str(home / ".local" / "share")
     return Path(base) / DEFAULT_DATA_DIR
-SQLITE_READERS = ("auto", "thread", "loop")
+
+
+def doc(text: str, *, shown: str | None = None,
+        parse: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """A setting's field metadata: its README line; ``shown``, the default as the README states
+    it where the value is computed from the environment at start; ``parse``, to replace the
+    parsing by the field's type."""
+    return {"doc": text, "shown": shown, "parse": parse}
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    return parse
+
+
+def _proxies(text: str) -> tuple[str, ...]:
+    proxies = _names(text)
+    for proxy in proxies:
+        try:
+            if proxy != "*":
+                ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ValueError(f"lists {proxy!r}, which is not an IP address or network") from None
+    return proxies
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _keks(text: str) -> tuple[Secret, ...]:
+    from .crypto import parse_kek
+
+    keys = tuple(Secret(k) for k in _names(text))
+    for k in keys:
+        parse_kek(str(k))  # ValueError naming the setting
+    return keys
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment."""
 
-    database_url: str = ""
-    admin_token: Secret | None = None
-    issuer: str = "http://127.0.0.1:8000"
-    data_dir: Path = Path(DEFAULT_DATA_DIR)  # from_env: absolute, default_data_dir()
-    demo: bool = True
-    migrate_on_start: bool = True
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_bulk: int = 100_000
-    log_level: str = "info"
-    workers: int = 1
-    host: str = "127.0.0.1"
-    port: int = 8000
-    rate_limit_per_minute: int = 600
-    rate_limit_ip_per_minute: int = 300
-    rate_limit_routes: tuple[str, ...] = ()
-    limit_concurrency: int = 1000
-    fast_check: bool = True  # GET /v1/check answered by consent/fastcheck.py (False: by the route)
-    sqlite_reader: str = "auto"  # the fast check's SQLite reads: auto | thread | loop (fastcheck.sqlite_threaded)
-    fast_record: bool = True  # common POST /v1/consents by consent/fastrecord.py (PostgreSQL)
+    database_url: str = field(default="", metadata=doc(
+        "SQLite file or `postgresql+psycopg://…` (not `postgres://`)",
+        shown="`sqlite:///$CONSENT_DATA_DIR/consent.db`"))
+    admin_token: Secret | None = field(default=None, metadata=doc(
+        "admin token for `POST /v1/tenants`; otherwise `consent admin-token` prints one"))
+    issuer: str = field(default="http://127.0.0.1:8000", metadata=doc(
+        "`iss` of receipts and base of links; `consent serve` follows `--port` and warns at start"
+        " when the default is not an address others can reach",
+        shown="`http://127.0.0.1:$CONSENT_PORT`", parse=lambda text: text.rstrip("/")))
+    data_dir: Path = field(default=Path(DEFAULT_DATA_DIR), metadata=doc(
+        "where the embedded SQLite file lives: the same wherever a command runs (cron too)",
+        shown="`$XDG_DATA_HOME/consent-data` (`~/.local/share/consent-data`)",
+        parse=lambda text: Path(text).expanduser().absolute()))
+    demo: bool = field(default=True, metadata=doc("create the demo tenant on first start"))
+    migrate_on_start: bool = field(default=True, metadata=doc(
+        "apply migrations when a process starts"))
+    migrations_dir: str = field(default="", metadata=doc(
+        "where the Alembic scripts are (a link to `migrations/` in a checkout; an installed wheel"
+        " carries a copy)",
+        shown="the package's `consent/migrations`"))
+    snippet_path: str = field(default="", metadata=doc(
+        "the built snippet served at `/snippet.js` (a link to `client-snippet/dist/snippet.js`; "
+        "the wheel carries a copy)",
+        shown="the package's `consent/static/snippet.js`"))
+    max_body_bytes: int = field(default=16 * 1024 * 1024, metadata=doc(
+        "request body limit (413 above)"))
+    max_bulk: int = field(default=100_000, metadata=doc("addresses per bulk check"))
+    log_level: str = field(default="info", metadata=doc("log level"))
+    workers: int = field(default=1, metadata=doc(
+        "uvicorn worker processes (`consent serve`); set it too where uvicorn is started some "
+        "other way with `--workers`: the fast check on SQLite reads by it"))
+    host: str = field(default="127.0.0.1", metadata=doc(
+        "the address uvicorn listens on (`consent serve`)"))
+    port: int = field(default=8000, metadata=doc("the port uvicorn listens on (`consent serve`)"))
+    rate_limit_per_minute: int = field(default=600, metadata=doc(
+        "per key-and-IP limit on public routes (429 + Retry-After), shared by all processes"))
+    rate_limit_ip_per_minute: int = field(default=300, metadata=doc(
+        "per-IP limit on public routes (429 + Retry-After), shared by all processes"))
+    rate_limit_routes: tuple[str, ...] = field(default=(), metadata=doc(
+        "more route names to rate-limit, comma-separated"))
+    limit_concurrency: int = field(default=1000, metadata=doc(
+        "uvicorn's cap on concurrent connections per process (503 above)"))
+    fast_check: bool = field(default=True, metadata=doc(
+        "answer well-formed `GET /v1/check` in `consent/fastcheck.py` (one statement, no "
+        "framework); `false` sends every check through the route. Same answers either way; off by"
+        " itself for an in-memory SQLite database or when `check_one` is rate-limited"))
+    sqlite_reader: str = field(default="auto", metadata=doc(
+        "where the fast check runs its SQLite statements: `thread` (a reader thread, while the "
+        "event loop serves other requests), `loop` (on the event loop, no hand-offs), or `auto`: "
+        "a thread only where the process has more CPU cores than there are `CONSENT_WORKERS`",
+        parse=_choice(*SQLITE_READERS)))
+    fast_record: bool = field(default=True, metadata=doc(
+        "on PostgreSQL, record the common `POST /v1/consents` (existing subject, one identifier, "
+        "newest version) in `consent/fastrecord.py`: two round trips instead of ten, shared by "
+        "the records that arrive together; `false` sends every record through the route. Same "
+        "rows either way; off by itself when `record_consent` is rate-limited"))
     # integrations: email links and the webhook delivery worker
-    email_confirm_days: int = 7
-    webhook_worker: bool = True
-    webhook_poll_seconds: float = 1.0
-    webhook_timeout_seconds: float = 5.0
-    webhook_backoff_seconds: float = 5.0
-    webhook_backoff_max_seconds: float = 3600.0
-    webhook_retry_seconds: int = 86400
-    webhook_disable_after: int = 30
-    # proxies whose X-Forwarded-For / -Proto are believed (IPs or networks; "*": any; (): none)
-    trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
-    tlog_seconds: float = 2.0  # transparency log: sequencer and checkpoint interval (0: no sequencer)
-    # dashboard: cookie signing secrets (newest last; empty: derived) and idle timeout
-    dashboard_secrets: tuple[Secret, ...] = ()
-    dashboard_idle_seconds: int = 1800
-    dashboard_overview_seconds: int = 60
-    # hostile callers: timeouts, pools and caps
-    webhook_allow_private: bool = False  # http and internal addresses as webhook targets (dev/tests only)
-    header_timeout_seconds: float = 10.0  # consent serve: request headers complete within this
-    body_timeout_seconds: float = 30.0  # consent serve: a request body complete within this
-    db_connect_timeout_seconds: float = 3.0
-    db_statement_timeout_seconds: float = 10.0
-    db_request_timeout_seconds: float = 10.0  # a request's database work, then 503
-    db_pool_size: int = 20  # the service engine's connections per process (no overflow)
-    disk_min_free_mb: int = 100  # /readyz is 503 below this much free disk
-    feed_max_waits_per_tenant: int = 20  # concurrent change-feed long-polls per tenant and process
-    export_stall_seconds: float = 10.0  # an export chunk the client does not take in this long ends it
-    # key-encryption keys of the stored secrets, newest first (empty: SQLite's key file beside
-    # the database; PostgreSQL refuses to start)
-    secret_keys: tuple[Secret, ...] = ()
-    extra: dict[str, str] = field(default_factory=dict)
+    email_confirm_days: int = field(default=7, metadata=doc(
+        "lifetime of double-opt-in confirm links"))
+    webhook_worker: bool = field(default=True, metadata=doc(
+        "run the webhook delivery loop in each service process"))
+    webhook_poll_seconds: float = field(default=1.0, metadata=doc(
+        "webhook delivery loop poll interval"))
+    webhook_timeout_seconds: float = field(default=5.0, metadata=doc(
+        "total deadline of one webhook delivery attempt"))
+    webhook_backoff_seconds: float = field(default=5.0, metadata=doc(
+        "first webhook retry delay (exponential, with jitter)"))
+    webhook_backoff_max_seconds: float = field(default=3600.0, metadata=doc(
+        "the cap of the webhook retry delay"))
+    webhook_retry_seconds: int = field(default=86400, metadata=doc(
+        "give up on a webhook delivery after this long"))
+    webhook_disable_after: int = field(default=30, metadata=doc(
+        "disable a webhook endpoint after this many failures in a row"))
+    trusted_proxies: tuple[str, ...] = field(default=("127.0.0.1",), metadata=doc(
+        "comma-separated proxy addresses or networks (`10.0.0.0/8`) whose `X-Forwarded-For` / "
+        "`-Proto` are believed, for per-IP rate limits and IP evidence; `*` any, empty none "
+        "([docs/reliability.md](docs/reliability.md))",
+        parse=_proxies))
+    tlog_seconds: float = field(default=2.0, metadata=doc(
+        "transparency log: how often each process appends new records to the tenants' logs and "
+        "signs checkpoints; `0` runs no sequencer ([docs/transparency.md](docs/transparency.md))"))
+    dashboard_secrets: tuple[Secret, ...] = field(default=(), metadata=doc(
+        "secrets that sign the dashboard's session cookie, comma-separated, newest last (older "
+        "ones still verify, so they rotate); unset: one derived from the first receipt signing "
+        "key, shared by every process on the database",
+        shown="(derived)"))
+    dashboard_idle_seconds: int = field(default=1800, metadata=doc(
+        "a dashboard session ends after this long without a request"))
+    dashboard_overview_seconds: int = field(default=60, metadata=doc(
+        "the dashboard overview's numbers are recomputed (after the page is sent) when older than"
+        " this"))
+    webhook_allow_private: bool = field(default=False, metadata=doc(
+        "allow `http://` and internal (loopback, private, link-local…) webhook targets: "
+        "development and tests only"))
+    header_timeout_seconds: float = field(default=10.0, metadata=doc(
+        "`consent serve`: close a connection whose request headers are not complete within this"))
+    body_timeout_seconds: float = field(default=30.0, metadata=doc(
+        "`consent serve`: close a connection whose request body is not complete within this"))
+    db_connect_timeout_seconds: float = field(default=3.0, metadata=doc(
+        "PostgreSQL: connect timeout"))
+    db_statement_timeout_seconds: float = field(default=10.0, metadata=doc(
+        "PostgreSQL: server-side statement timeout"))
+    db_request_timeout_seconds: float = field(default=10.0, metadata=doc(
+        "a request's database work, then 503 (`Retry-After: 1`)"))
+    db_pool_size: int = field(default=20, metadata=doc(
+        "PostgreSQL connections of the service engine per process (no overflow; +3 for the fast "
+        "paths)"))
+    disk_min_free_mb: int = field(default=100, metadata=doc(
+        "`/readyz` is 503 below this much free disk"))
+    feed_max_waits_per_tenant: int = field(default=20, metadata=doc(
+        "concurrent change-feed long-polls of one tenant per process (429 `too_many_waits` "
+        "beyond)"))
+    export_stall_seconds: float = field(default=10.0, metadata=doc(
+        "end an export whose client does not take a chunk within this (releases its snapshot)"))
+    secret_keys: tuple[Secret, ...] = field(default=(), metadata=doc(
+        "key-encryption keys that seal every stored secret (signing keys, hash keys, link, "
+        "subject-token and webhook secrets): comma-separated base64 32-byte keys, newest first "
+        "(the first seals, all open; `consent secrets rotate` re-seals under the first). Unset on"
+        " SQLite: one is generated into `<database>.kek` (0600) beside the database; unset on "
+        "PostgreSQL: the service and the CLI refuse to start. See docs/reliability.md",
+        shown="(SQLite: generated key file; PostgreSQL: required)", parse=_keks))
+    extra: dict[str, str] = field(default_factory=dict)  # not from the environment
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
-        """Read settings from ``environ`` (default: the process environment)."""
-        config = Config(environ=dict(os.environ if environ is None else environ))
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read settings from ``environ`` (default: the process environment); a value that does
+        not parse is a ValueError naming its variable."""
         env = dict(os.environ if environ is None else environ)
-        data_dir = Path(config("CONSENT_DATA_DIR", default=str(default_data_dir(env)))).expanduser().absolute()
-        default_db = f"sqlite:///{data_dir / 'consent.db'}"
-        token = config("CONSENT_ADMIN_TOKEN", cast=Secret, default=None)
-        values: dict[str, object] = dict(
-            database_url=config("CONSENT_DATABASE_URL", default=default_db),
-            admin_token=token if token and str(token) else None,
-            # default: the local address of the port served (`consent serve` sets it, and warns
-            # when that is not an address others can reach)
-            issuer=config("CONSENT_ISSUER", default=f"http://127.0.0.1:{config('CONSENT_PORT', default='8000')}")
-            .rstrip("/"),
-            data_dir=data_dir,
-            demo=config("CONSENT_DEMO", cast=bool, default=True),
-            migrate_on_start=config("CONSENT_MIGRATE_ON_START", cast=bool, default=True),
-            max_body_bytes=config("CONSENT_MAX_BODY_BYTES", cast=int, default=16 * 1024 * 1024),
-            max_bulk=config("CONSENT_MAX_BULK", cast=int, default=100_000),
-            log_level=config("CONSENT_LOG_LEVEL", default="info"),
-            workers=config("CONSENT_WORKERS", cast=int, default=1),
-            host=config("CONSENT_HOST", default="127.0.0.1"),
-            port=config("CONSENT_PORT", cast=int, default=8000),
-            rate_limit_per_minute=config("CONSENT_RATE_LIMIT_PER_MINUTE", cast=int, default=600),
-            rate_limit_ip_per_minute=config("CONSENT_RATE_LIMIT_IP_PER_MINUTE", cast=int, default=300),
-            rate_limit_routes=tuple(n.strip() for n in config("CONSENT_RATE_LIMIT_ROUTES", default="").split(",")
-                                    if n.strip()),
-            limit_concurrency=config("CONSENT_LIMIT_CONCURRENCY", cast=int, default=1000),
-            fast_check=config("CONSENT_FAST_CHECK", cast=bool, default=True),
-            sqlite_reader=config("CONSENT_SQLITE_READER", default="auto").strip().lower(),
-            fast_record=config("CONSENT_FAST_RECORD", cast=bool, default=True),
-            email_confirm_days=config("CONSENT_EMAIL_CONFIRM_DAYS", cast=int, default=7),
-            webhook_worker=config("CONSENT_WEBHOOK_WORKER", cast=bool, default=True),
-            webhook_poll_seconds=config("CONSENT_WEBHOOK_POLL_SECONDS", cast=float, default=1.0),
-            webhook_timeout_seconds=config("CONSENT_WEBHOOK_TIMEOUT_SECONDS", cast=float, default=5.0),
-            webhook_backoff_seconds=config("CONSENT_WEBHOOK_BACKOFF_SECONDS", cast=float, default=5.0),
-            webhook_backoff_max_seconds=config("CONSENT_WEBHOOK_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
-            webhook_retry_seconds=config("CONSENT_WEBHOOK_RETRY_SECONDS", cast=int, default=86400),
-            webhook_disable_after=config("CONSENT_WEBHOOK_DISABLE_AFTER", cast=int, default=30),
-            trusted_proxies=tuple(p.strip() for p in config("CONSENT_TRUSTED_PROXIES", default="127.0.0.1").split(",")
-                                  if p.strip()),
-            tlog_seconds=config("CONSENT_TLOG_SECONDS", cast=float, default=2.0),
-            dashboard_secrets=tuple(Secret(s.strip()) for s in
-                                    str(config("CONSENT_DASHBOARD_SECRETS", cast=Secret, default="")).split(",")
-                                    if s.strip()),
-            dashboard_idle_seconds=config("CONSENT_DASHBOARD_IDLE_SECONDS", cast=int, default=1800),
-            dashboard_overview_seconds=config("CONSENT_DASHBOARD_OVERVIEW_SECONDS", cast=int, default=60),
-            webhook_allow_private=config("CONSENT_WEBHOOK_ALLOW_PRIVATE", cast=bool, default=False),
-            header_timeout_seconds=config("CONSENT_HEADER_TIMEOUT_SECONDS", cast=float, default=10.0),
-            body_timeout_seconds=config("CONSENT_BODY_TIMEOUT_SECONDS", cast=float, default=30.0),
-            db_connect_timeout_seconds=config("CONSENT_DB_CONNECT_TIMEOUT_SECONDS", cast=float, default=3.0),
-            db_statement_timeout_seconds=config("CONSENT_DB_STATEMENT_TIMEOUT_SECONDS", cast=float, default=10.0),
-            db_request_timeout_seconds=config("CONSENT_DB_REQUEST_TIMEOUT_SECONDS", cast=float, default=10.0),
-            db_pool_size=config("CONSENT_DB_POOL_SIZE", cast=int, default=20),
-            disk_min_free_mb=config("CONSENT_DISK_MIN_FREE_MB", cast=int, default=100),
-            feed_max_waits_per_tenant=config("CONSENT_FEED_MAX_WAITS_PER_TENANT", cast=int, default=20),
-            export_stall_seconds=config("CONSENT_EXPORT_STALL_SECONDS", cast=float, default=10.0),
-            secret_keys=tuple(Secret(k.strip()) for k in
-                              str(config("CONSENT_SECRET_KEYS", cast=Secret, default="")).split(",") if k.strip()),
-        )
+        values: dict[str, object] = {}
+        for f in declared():
+            name = env_name(f)
+            if name in env:
+                try:
+                    values[f.name] = _parser(f)(env[name])
+                except ValueError as exc:
+                    said = str(exc)
+                    raise ValueError(said if said.startswith(name) else f"{name} {said}") from None
+        # Defaults that depend on the environment: the data directory, the database in it, and
+        # the issuer at the port served.
+        data_dir = values.setdefault("data_dir", default_data_dir(env).expanduser().absolute())
+        values.setdefault("database_url", f"sqlite:///{Path(str(data_dir)) / 'consent.db'}")
+        values.setdefault("issuer", f"http://127.0.0.1:{env.get(ENV_PREFIX + 'PORT', '8000')}")
         values.update(overrides)
-        if values["sqlite_reader"] not in SQLITE_READERS:
-            raise ValueError(f"CONSENT_SQLITE_READER must be one of {', '.join(SQLITE_READERS)}, "
-                             f"not {values['sqlite_reader']!r}")
-        from .crypto import parse_kek
-
-        for k in values["secret_keys"]:  # type: ignore[attr-defined]
-            parse_kek(str(k))  # ValueError naming the setting
-        for proxy in values["trusted_proxies"]:  # type: ignore[attr-defined]
-            try:
-                if proxy != "*":
-                    ipaddress.ip_network(proxy, strict=False)
-            except ValueError:
-                raise ValueError(f"CONSENT_TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from None
         return cls(**values)  # type: ignore[arg-type]
+
+
+def env_setting(name: str) -> Any:
+    """One setting as ``Settings.from_env`` reads it from the process environment, for code that
+    runs without a Settings object (where the Alembic scripts and the snippet file are)."""
+    return getattr(Settings.from_env(), name)
+
+
+def declared() -> list[dataclasses.Field[Any]]:
+    """The settings read from the environment, in declaration order."""
+    return [f for f in dataclasses.fields(Settings) if "doc" in f.metadata]
+
+
+def env_name(f: dataclasses.Field[Any]) -> str:
+    return ENV_PREFIX + f.name.upper()
+
+
+@functools.cache
+def _types() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
+
+
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _bool(text: str) -> bool:
+    try:
+        return _BOOLS[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"is {text!r}, not true or false (or 1 or 0)") from None
+
+
+def _number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"is {text!r}, not a valid {kind.__name__}") from None
+
+    return parse
+
+
+def _parser(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    """How the field's variable is read: its own ``parse``, else by its type."""
+    custom = f.metadata.get("parse")
+    if custom is not None:
+        return custom  # type: ignore[no-any-return]
+    kind = _types()[f.name]
+    if kind is bool:
+        return _bool
+    if kind in (int, float):
+        return _number(kind)
+    if kind is str:
+        return str
+    if kind == Secret | None:
+        return lambda text: Secret(text) if text else None
+    if kind == tuple[str, ...]:
+        return _names
+    if kind == tuple[Secret, ...]:
+        return lambda text: tuple(Secret(s) for s in _names(text))
+    raise TypeError(f"setting {f.name}: no parser for {kind}")
+
+
+def _shown(f: dataclasses.Field[Any]) -> str:
+    """The default as the README states it: the declared text, else the value as it is written
+    in the variable."""
+    if f.metadata.get("shown"):
+        return str(f.metadata["shown"])
+    value = f.default
+    if value is None or value == () or value == "":
+        return "(none)"
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    elif isinstance(value, tuple):
+        text = ",".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return f"`{text}`"
+
+
+def readme_table() -> str:
+    """The README's configuration table, as the declarations give it."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in declared():
+        rows.append(f"| `{env_name(f)}` | {_shown(f)} | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"

@@ -21,6 +21,21 @@ def test_every_setting_is_documented() -> None:
     assert not missing, f"settings missing from README.md: {missing}"
 
 
+def test_readme_settings_table_is_the_declarations() -> None:
+    """README's configuration table is generated from ``Settings``' field declarations: a setting
+    added, renamed, re-defaulted or re-documented there must be pasted here too."""
+    from consent.settings import declared, env_name, readme_table
+
+    table = readme_table()
+    assert table in README, (
+        "README.md's settings table differs from the declarations in consent/settings.py; paste the "
+        "output of: .venv/bin/python -c 'from consent.settings import readme_table; "
+        "print(readme_table(), end=\"\")'")
+    rows = [line for line in README.splitlines() if re.match(r"\| `CONSENT_[A-Z0-9_]+` \|", line)]
+    assert rows == table.splitlines()[2:], "a settings row outside the generated table"
+    assert len({env_name(f) for f in declared()}) == len(declared()) == len(rows)
+
+
 def test_every_route_is_documented() -> None:
     docs = README + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
     missing = []
