@@ -41,7 +41,7 @@ _BUNDLES_LOCK = threading.Lock()
 
 def bundle_etag(snippet_etag: str, config_etag: str, key: str) -> str:
     """A strong ETag for the bundle: it changes when the snippet build, the config or the key does."""
-    raw = "\n".join((snippet_etag, config_etag, key)).encode()
+    raw = f"{snippet_etag}\n{config_etag}\n{key}".encode()
     return '"' + hashlib.sha256(raw).hexdigest()[:32] + '"'
 
 

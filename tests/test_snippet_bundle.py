@@ -20,7 +20,7 @@ from .helpers import Tenant, make_tenant
 
 ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "client-snippet" / "dist" / "snippet.js"
-TAIL = re.compile(rb'\(window,document,("pk_[^"]+"),(\{.*\})\);\n?$', re.S)
+TAIL = re.compile(rb'\(window,document,("pk_[^"]+"),(\{.*\})\);\n?$', re.DOTALL)
 
 
 def script(t: Tenant, client: TestClient | None = None, key: str | None = None, **kw: Any) -> Any:
