@@ -25,7 +25,7 @@ from . import api_snippet
 from .db import transaction
 from .errors import Forbidden, NotFound, Unauthorized, Unavailable
 from .http import db_work, describe, dumps
-from .tenants import authenticate_key, get_tenant
+from .tenants import attach_tenant, authenticate_key
 
 BUNDLE_CACHE = "public, no-cache"  # stored, revalidated on each use (a 304 is a few hundred bytes)
 # The built snippet ends with this call; the per-tenant script passes the key and config into it.
@@ -63,7 +63,8 @@ def _config(services: Any, key: str, lang: str | None, policy: str) -> tuple[byt
             # the URL is public: a secret key there must be rotated (POST /v1/keys/rotate)
             raise Forbidden("this script URL needs the publishable key; rotate a secret key that was put in a URL",
                             code="wrong_key_type")
-        tenant = get_tenant(db, principal.tenant_id)
+        assert principal.tenant_row is not None
+        tenant = attach_tenant(db, principal.tenant_row)  # read with the key: no query
         body, etag, _ = api_snippet.built_config(db, tenant, policy, lang)
         return body, etag
 

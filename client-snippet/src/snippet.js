@@ -46,11 +46,18 @@
     (d.cookie =
       s + ";path=/;SameSite=Lax" + (isSecureContext ? ";Secure" : "") + (DOM ? ";domain=" + DOM : ""));
 
-  /* identity: the first-party cookie wins (it may be shared via data-cookie-domain) */
-  const aid =
-    (d.cookie.match(/(?:^|;\s*)consent_aid=([\w-]+)/) || [])[1] || sg("cns_aid") || "a_" + rid();
-  sp("cns_aid", aid);
-  ck("consent_aid=" + aid + ";max-age=31536000");
+  /* identity: the first-party cookie wins (it may be shared via data-cookie-domain). Read and
+     stored when a choice is first sent, so the banner never waits for the cookie jar and no
+     identifier is stored before the visitor chooses */
+  let aid;
+  const id = () => {
+    if (!aid) {
+      aid = (d.cookie.match(/(?:^|;\s*)consent_aid=([\w-]+)/) || [])[1] || sg("cns_aid") || "a_" + rid();
+      sp("cns_aid", aid);
+      ck("consent_aid=" + aid + ";max-age=31536000");
+    }
+    return aid;
+  };
 
   /* stored answers: st = {purpose: {decision, ask, g}} per tenant; R = time of the last refusal */
   const cool = () => now - sg("cns_r_" + cfg.tenant) < cfg.cooldown_days * 864e5;
@@ -154,7 +161,7 @@
     if (ch[0]) {
       sp("cns_st_" + cfg.tenant, st);
       const b = JSON.stringify({
-        anonymous_id: aid,
+        anonymous_id: id(),
         subject_token: TOK || undefined,
         policy: cfg.policy.key,
         policy_version: cfg.policy.version,
