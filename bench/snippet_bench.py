@@ -3,7 +3,11 @@
     .venv/bin/python bench/snippet_bench.py [--runs 15] [--chromium /usr/bin/chromium]
 
 - Sizes: JS + CSS gzip of each banner's code (ours carries its stylesheet); the config our
-  snippet fetches (texts, purposes, cookies) is reported separately as data.
+  snippet fetches, or the per-tenant script carries (texts, purposes, cookies), is reported
+  separately as data.
+- Our variants: the per-tenant script (/v1/snippet/{key}.js, the config inside: one request),
+  the generic /snippet.js with the config preloaded (two requests in parallel), and without
+  the preload (two in a row).
 - Time to banner: navigation start to the first frame with the banner in the DOM, in a fresh
   browser context per visit (cold caches), on a throttled phone profile (CDP: 4x CPU slowdown,
   150 ms latency per request, 1.6 Mbit/s down, 750 kbit/s up; Lighthouse's mobile profile).
@@ -13,8 +17,8 @@
 - Accessibility: the dialog's role and name, focus moved in, Tabs to the first action, Enter
   works, focus kept in the preference centre, axe-core (npm) serious/critical violations.
 
-Budgets (exit 1 if one fails): code <= 4,096 B gzip; our median time <= 0.75 x vanilla's; our
-accessibility at least vanilla's on every line. The npm packages are installed on first use
+Budgets (exit 1 if one fails): code <= 4,096 B gzip; the per-tenant script's median time
+<= 0.75 x vanilla's; our accessibility at least vanilla's on every line. The npm packages are installed on first use
 into bench/.cache/npm (gitignored).
 """
 
@@ -122,7 +126,9 @@ def pages(api: str, cdn: str, key: str) -> dict[str, tuple[str, str]]:
            'content="width=device-width,initial-scale=1"><title>Bench</title>'
     cfg = f"{api}/v1/snippet/config?key={key}&amp;lang=en"
     return {
-        "snippet": ((f'{head}<link rel="preload" as="fetch" crossorigin href="{cfg}">'
+        "snippet, per-tenant script": ((f'{head}<script src="{api}/v1/snippet/{key}.js" async></script>'
+                                       f"</head><body>{TEXT}</body></html>"), "#cns-banner"),
+        "snippet, preload": ((f'{head}<link rel="preload" as="fetch" crossorigin href="{cfg}">'
                     f'<script src="{api}/snippet.js" data-key="{key}" data-lang="en" async></script>'
                     f"</head><body>{TEXT}</body></html>"), "#cns-banner"),
         "snippet, no preload": ((f'{head}<script src="{api}/snippet.js" data-key="{key}" async></script>'
@@ -190,7 +196,7 @@ def visit(browser: Any, url: str, selector: str) -> float:
 
 
 A11Y = {
-    "snippet": {"dialog": "#cns-banner", "open": "[data-cns=prefs]", "centre": "#cns-prefs"},
+    "snippet, per-tenant script": {"dialog": "#cns-banner", "open": "[data-cns=prefs]", "centre": "#cns-prefs"},
     "vanilla-cookieconsent 3": {"dialog": "#cc-main .cm", "open": "[data-role=show]", "centre": "#cc-main .pm"},
 }
 
@@ -283,6 +289,7 @@ def main() -> int:
         servers.append(site_server)
         key = setup_tenant(api, site_url)
         config = httpx.get(f"{api}/v1/snippet/config", params={"key": key, "lang": "en"}).content
+        bundle = httpx.get(f"{api}/v1/snippet/{key}.js", headers={"Accept-Encoding": "identity"}).content
         sizes = {
             "snippet": gz(DIST.read_bytes()),
             "vanilla-cookieconsent 3": gz(files["vanilla.js"].read_bytes()) + gz(files["vanilla.css"].read_bytes()),
@@ -322,6 +329,7 @@ def main() -> int:
         size = sizes.get(name.split(",")[0], sizes["snippet"])
         print(f"| {name} | {size:,} B | {med[name]:.0f} ms | {med[name] / vanilla:.2f}x |")
     print(f"\nsnippet config (texts, purposes, cookies; data, not code): {len(config):,} B, {gz(config):,} B gzip")
+    print(f"per-tenant script (code + config): {len(bundle):,} B, {gz(bundle):,} B gzip")
     print("\n| accessibility | " + " | ".join(a11y) + " |\n|---|" + "---|" * len(a11y))
     for line in ("dialog role + name", "focus moved in", "Tabs to first action", "Enter works",
                  "focus kept in centre", "axe serious/critical"):
@@ -330,11 +338,12 @@ def main() -> int:
         if a["axe ids"]:
             print(f"axe, {name}: {', '.join(a['axe ids'])}")
 
-    ours, theirs = a11y["snippet"], a11y["vanilla-cookieconsent 3"]
+    ours, theirs = a11y["snippet, per-tenant script"], a11y["vanilla-cookieconsent 3"]
+    fastest = med["snippet, per-tenant script"]
     checks: list[tuple[str, bool]] = [
         (f"code <= {BUDGET_BYTES:,} B gzip ({sizes['snippet']:,} B)", sizes["snippet"] <= BUDGET_BYTES),
-        (f"time to banner <= {BUDGET_RATIO} x vanilla ({med['snippet'] / vanilla:.2f}x)",
-         med["snippet"] <= BUDGET_RATIO * vanilla),
+        (f"time to banner <= {BUDGET_RATIO} x vanilla ({fastest / vanilla:.2f}x, per-tenant script)",
+         fastest <= BUDGET_RATIO * vanilla),
     ]
     at_least: dict[str, Callable[[Any, Any], bool]] = {
         "dialog role + name": lambda a, b: a or not b, "focus moved in": lambda a, b: a or not b,

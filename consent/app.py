@@ -30,6 +30,7 @@ from . import (
     fastrecord,
     ratelimit,
     receipts,
+    snippet_bundle,
     webhooks,
 )
 from . import api_integrations as integ
@@ -153,6 +154,7 @@ routes = [
     Route("/.well-known/gpc.json", api_snippet.gpc_json, methods=["GET"], name="gpc_json"),
     Route("/snippet.js", api_snippet.snippet_js, methods=["GET"], name="snippet_js"),
     Route("/snippet.css", api_snippet.snippet_css, methods=["GET"], name="snippet_css"),
+    Route("/v1/snippet/{publishable_key}.js", snippet_bundle.tenant_snippet, methods=["GET"], name="tenant_snippet"),
     Route("/v1/tenant/snippet", api_snippet.get_snippet_settings, methods=["GET"], name="get_snippet_settings"),
     Route("/v1/tenant/snippet", api_snippet.put_snippet_settings, methods=["PUT"], name="put_snippet_settings"),
     Route("/demo", api_snippet.demo_page, methods=["GET"], name="demo"),

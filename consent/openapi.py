@@ -74,6 +74,8 @@ PATH_SCHEMAS: dict[str, dict[str, Any]] = {
                 "description": "the tenant's user id, or email:…, anon:…, user:…, or our sub_… id"},
     "version": {"maxLength": 64, "example": "2026-01"},
     "tenant_id": {"example": "ten_1a2b3c4d5e6f7a8b"},
+    "publishable_key": {"maxLength": 200, "example": "pk_3f2a9c0d1e4b5a67a8b9c0d1",
+                        "description": "the tenant's publishable key"},
     "export_id": {"example": "exp_1a2b3c4d5e6f7a8b9c0d1e2f"},
     "webhook_id": {"example": "wh_1a2b3c4d5e6f7a8b"},
     "token": {"example": "eyJ0IjoidGVuXzEiLCJzIjoic3ViXzEifQ.ZmFrZQ.c2ln",

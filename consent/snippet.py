@@ -35,14 +35,12 @@ LANG_RE = re.compile(r"^[a-z]{2,3}$")
 
 
 def lang_key(requested: str | None, default: str) -> str:
-    """The primary language subtag asked for (``de-AT`` -> ``de``), else the tenant's default:
-    what a built config is cached under (``build_config`` then picks among the languages it
-    has texts for)."""
-    for tag in (requested, default):
-        primary = (tag or "").strip().lower().split("-")[0]
-        if LANG_RE.match(primary):
-            return primary
-    return "en"
+    """What a built config is cached under: the primary language subtag asked for (``de-AT``
+    -> ``de``) and the tenant's default (``build_config`` falls back to it when it has no
+    texts for the one asked for, so a new default must not find the old one's config)."""
+    asked, fallback = ((tag or "").strip().lower().split("-")[0] for tag in (requested, default))
+    fallback = fallback if LANG_RE.match(fallback) else "en"
+    return f"{asked}/{fallback}" if LANG_RE.match(asked) and asked != fallback else fallback
 
 
 def pick_lang(requested: str | None, default: str, extra: Any = ()) -> str:

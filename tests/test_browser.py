@@ -61,6 +61,10 @@ class PageHandler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             return
+        if url.path == "/favicon.ico":  # asked by the browser itself; a 404 would be a console error
+            self.send_response(204)
+            self.end_headers()
+            return
         if url.path != "/page":
             self.send_error(404)
             return
@@ -232,12 +236,13 @@ def test_keyboard_preference_center_escape_and_reject(live: Live, context: Any) 
     page.screenshot(path=str(ARTIFACTS / "preferences.png"))
     page.keyboard.press("Escape")  # closes, records nothing
     assert page.locator("#cns-prefs").count() == 0
-    aid = anon_id(page)
     time.sleep(0.2)
-    assert state(t, aid, "marketing_email")["status"] == "none"
+    assert page.evaluate("(k) => localStorage.getItem('cns_q_' + k)", t.publishable_key) is None  # nothing sent
+    assert page.evaluate("localStorage.getItem('cns_aid')") is None  # no identifier before a choice
     page.keyboard.press("Shift+Tab")  # focus went back to the banner's preferences button
     tab_to(page, "[data-cns=reject]")
     settled(page, t)
+    aid = anon_id(page)
     assert state(t, aid, "marketing_email")["status"] == "denied"
     assert state(t, aid, "analytics")["status"] == "denied"
     assert state(t, aid, "strictly_necessary")["status"] == "acknowledged"
@@ -309,11 +314,11 @@ def test_offline_choice_arrives_after_reconnect(live: Live, context: Any) -> Non
     page = context.new_page()
     page.goto(live.page_url(t))
     page.wait_for_selector("#cns-banner", state="visible")
-    aid = anon_id(page)
     context.set_offline(True)
     tab_to(page, "[data-cns=accept]")
     page.wait_for_function("(k) => JSON.parse(localStorage.getItem('cns_q_' + k) || '[]').length === 1",
                            arg=t.publishable_key)
+    aid = anon_id(page)
     time.sleep(0.3)
     assert state(t, aid, "marketing_email")["status"] == "none"
     context.set_offline(False)
@@ -328,7 +333,7 @@ def test_foreign_origin_is_refused(live: Live, context: Any) -> None:
     page.goto(live.page_url(t, foreign=True))
     page.evaluate("Consent.ready")  # the config request is refused: no banner
     assert page.locator("#cns-banner").count() == 0
-    aid = anon_id(page)
+    aid = "a_foreign_page"
     body = json.dumps({"anonymous_id": aid, "choices": [{"purpose": "marketing_email", "decision": "granted"}]})
     outcome = page.evaluate(
         """([url, body]) => fetch(url, {method: 'POST', body}).then(r => 'status ' + r.status, e => 'refused')""",
@@ -701,3 +706,100 @@ def test_screenshots(live: Live, browser: Any) -> None:
                 page.screenshot(path=str(SCREENS / f"{device}-{look}-centre.png"))
             finally:
                 ctx.close()
+
+
+# --- the per-tenant script and Microsoft's consent signals ------------------------------------
+
+def test_per_tenant_script_shows_the_banner_without_a_config_request(live: Live, context: Any) -> None:
+    """/v1/snippet/{key}.js carries the config: one request to the banner, the choice recorded
+    with the key it carries; a page in another language still asks for its own config."""
+    sqlite_only(live)
+    t = live.tenant()
+    head = f'<script src="{live.api}/v1/snippet/{t.publishable_key}.js" async></script>'
+    page = context.new_page()
+    problems = watch(page)
+    seen: list[str] = []
+    page.on("request", lambda r: seen.append(r.method + " " + r.url))
+    page.goto(serve(live, "/tenant-script", head))
+    page.wait_for_selector("#cns-banner", state="visible")
+    assert page.inner_text("[data-cns=accept]") == "Accept all"
+    assert not any("/v1/snippet/config" in u for u in seen), seen
+    tab_to(page, "[data-cns=accept]")
+    settled(page, t)
+    assert state(t, anon_id(page), "analytics")["status"] == "granted"
+    assert not any(u.startswith("OPTIONS") for u in seen)
+    assert problems == []
+    other = context.browser.new_context()  # a first visit to a German page
+    try:
+        german = other.new_page()
+        seen.clear()
+        german.on("request", lambda r: seen.append(r.method + " " + r.url))
+        german.goto(serve(live, "/tenant-script-de", head, lang="de"))
+        german.wait_for_selector("#cns-banner", state="visible")
+        assert german.inner_text("[data-cns=reject]") == "Alle ablehnen"
+        assert [u for u in seen if "/v1/snippet/config" in u and "lang=de" in u], seen
+    finally:
+        other.close()
+
+
+SIGNALS = """<script>window.uetq = window.uetq || []; window.uetq.push("consent", "default", {ad_storage: "denied"});
+window.calls = []; window.clarity = function () { window.calls.push(Array.from(arguments)); };</script>"""
+
+
+def ms_signals(page: Any) -> tuple[list[Any], list[Any]]:
+    """UET's queue as [command, mode, value] triples, and the calls Clarity received."""
+    q = page.evaluate("window.uetq")
+    return [q[i:i + 3] for i in range(0, len(q), 3)], page.evaluate("window.calls")
+
+
+def test_microsoft_uet_and_clarity_follow_accept_reject_and_withdrawal(live: Live, context: Any) -> None:
+    """data-uet="1" pushes UET's ad_storage and data-clarity="1" calls Clarity's consentv2 with
+    the answers: on load, after Accept all, after Reject all and after a withdrawal."""
+    sqlite_only(live)
+    t = live.tenant()
+    url = serve(live, "/ms-signals", SIGNALS + tag(live, t, 'data-uet="1" data-clarity="1"'))
+    denied = {"ad_Storage": "denied", "analytics_Storage": "denied"}
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#cns-banner", state="visible")
+    uet, clarity = ms_signals(page)
+    assert uet[0] == ["consent", "default", {"ad_storage": "denied"}]  # the page's own default came first
+    assert uet[-1] == ["consent", "update", {"ad_storage": "denied"}]  # undecided: denied
+    assert clarity[-1] == ["consentv2", denied]
+    page.click("[data-cns=accept]")
+    settled(page, t)
+    uet, clarity = ms_signals(page)
+    assert uet[-1] == ["consent", "update", {"ad_storage": "granted"}]  # marketing_email is granted
+    assert clarity[-1] == ["consentv2", {"ad_Storage": "granted", "analytics_Storage": "granted"}]
+    # withdrawal: marketing off in the centre
+    page.evaluate("Consent.open()")
+    page.click("input[data-cns-purpose=marketing_email]")
+    page.click("#cns-prefs [data-cns=save]")
+    settled(page, t)
+    uet, clarity = ms_signals(page)
+    assert uet[-1] == ["consent", "update", {"ad_storage": "denied"}]
+    assert clarity[-1] == ["consentv2", {"ad_Storage": "denied", "analytics_Storage": "granted"}]
+    assert state(t, anon_id(page), "marketing_email")["status"] == "denied"  # the grant is taken back
+    # a returning visitor's answers reach them on load, before any network
+    page.reload()
+    page.wait_for_function("window.calls.length > 0")
+    assert ms_signals(page)[1][0] == ["consentv2", {"ad_Storage": "denied", "analytics_Storage": "granted"}]
+    # Reject all, another visitor
+    other = context.browser.new_context()
+    try:
+        p2 = other.new_page()
+        p2.goto(url)
+        p2.wait_for_selector("#cns-banner", state="visible")
+        p2.click("[data-cns=reject]")
+        settled(p2, t)
+        uet, clarity = ms_signals(p2)
+        assert uet[-1] == ["consent", "update", {"ad_storage": "denied"}] and clarity[-1] == ["consentv2", denied]
+        assert p2.evaluate("Consent.get('analytics')") == "denied"
+    finally:
+        other.close()
+    # without the attributes nothing is sent to either
+    plain = context.new_page()
+    plain.goto(serve(live, "/ms-none", SIGNALS + tag(live, t)))
+    plain.wait_for_function("window.Consent && Consent.ready")
+    plain.evaluate("Consent.ready")
+    assert ms_signals(plain) == ([["consent", "default", {"ad_storage": "denied"}]], [])

@@ -4,16 +4,17 @@
  * SRI hash covers it. Every word comes from the
  * config (the tenant's texts). Server strings never reach innerHTML: the DOM is built with
  * createElement, setAttribute and text nodes only. Short internal names keep the size budget. */
-((w, d) => {
-  const S = d.currentScript || d.querySelector("script[data-key]");
+// EK, E: the publishable key and the config a per-tenant script (/v1/snippet/{key}.js) passes in
+((w, d, EK, E) => {
+  const S = d.currentScript;
   const stub = w.Consent;
   if (!S || (stub && !stub.q)) return;
   const A = (k) => S.getAttribute("data-" + k);
-  const K = A("key");
-  const API = (A("api") || new URL(S.src).origin).replace(/\/+$/, "");
+  const B = (k) => A(k) == "1";
+  const K = EK || A("key");
+  const API = A("api") || new URL(S.src).origin;
   const TOK = A("subject-token");
   const DOM = A("cookie-domain");
-  const GCM = A("gcm") == "1";
   const G = navigator.globalPrivacyControl === true;
   const enc = encodeURIComponent;
   const Q = "cns_q_" + K; // outbox (JSON bodies as strings)
@@ -43,13 +44,20 @@
   const rd = (f) => (d.body ? f() : on(d, "DOMContentLoaded", f));
   const ck = (s) =>
     (d.cookie =
-      s + ";path=/;SameSite=Lax" + (location.protocol == "https:" ? ";Secure" : "") + (DOM ? ";domain=" + DOM : ""));
+      s + ";path=/;SameSite=Lax" + (isSecureContext ? ";Secure" : "") + (DOM ? ";domain=" + DOM : ""));
 
-  /* identity: the first-party cookie wins (it may be shared via data-cookie-domain) */
-  const aid =
-    (d.cookie.match(/(?:^|;\s*)consent_aid=([\w-]+)/) || [])[1] || sg("cns_aid") || "a_" + rid();
-  sp("cns_aid", aid);
-  ck("consent_aid=" + aid + ";max-age=31536000");
+  /* identity: the first-party cookie wins (it may be shared via data-cookie-domain). Read and
+     stored when a choice is first sent, so the banner never waits for the cookie jar and no
+     identifier is stored before the visitor chooses */
+  let aid;
+  const id = () => {
+    if (!aid) {
+      aid = (d.cookie.match(/(?:^|;\s*)consent_aid=([\w-]+)/) || [])[1] || sg("cns_aid") || "a_" + rid();
+      sp("cns_aid", aid);
+      ck("consent_aid=" + aid + ";max-age=31536000");
+    }
+    return aid;
+  };
 
   /* stored answers: st = {purpose: {decision, ask, g}} per tenant; R = time of the last refusal */
   const cool = () => now - sg("cns_r_" + cfg.tenant) < cfg.cooldown_days * 864e5;
@@ -87,18 +95,17 @@
     d.querySelectorAll("[data-consent],[data-category]").forEach((o) => {
       const k = o.dataset.consent || o.dataset.category, ok = get(k) == "granted";
       if (o.type == "text/plain" && ok) {
-        const n = d.createElement("script");
-        for (const a of o.attributes) a.name != "type" && n.setAttribute(a.name, a.value);
-        n.nonce = o.nonce;
+        // a clone keeps every attribute, the nonce and the text; an empty type is JavaScript
+        const n = o.cloneNode(1);
+        n.type = "";
         n.async = o.hasAttribute("async");
-        n.text = o.text;
         o.replaceWith(n);
       } else if (o.dataset.src) {
         o.hidden = !ok;
         if (ok) {
           o.src = o.dataset.src;
           delete o.dataset.src;
-          o.cnsP && o.cnsP.remove();
+          o.cnsP?.remove();
         } else if (!o.cnsP) {
           o.cnsP = btn("load", T.load, () => rec({ [k]: "granted" }));
           o.before(o.cnsP);
@@ -106,21 +113,22 @@
       }
     });
 
-  // Consent Mode: granted only if every matching purpose is granted (Microsoft UET and Clarity
-  // follow Consent.on("change"), see docs/snippet.md)
+  // Consent Mode (Google; Microsoft UET and Clarity): a signal is granted only if every purpose
+  // that maps to it is granted
   const sig = () => {
     const f = (r, ps = cfg.purposes.filter((p) => r.test(p.key))) =>
         ps[0] && ps.every((p) => get(p.key) == "granted") ? "granted" : "denied",
       a = f(/(^|_)ads?(_|$)|advert|market/i),
       n = f(/analytic|statistic|measure/i);
-    GCM &&
-      w.gtag &&
-      gtag("consent", "update", {
+    B("gcm") &&
+      w.gtag?.("consent", "update", {
         ad_storage: a,
         ad_user_data: a,
         ad_personalization: a,
         analytics_storage: n,
       });
+    B("uet") && (w.uetq = w.uetq || []).push("consent", "update", { ad_storage: a });
+    B("clarity") && w.clarity?.("consentv2", { ad_Storage: a, analytics_Storage: n });
   };
 
   const emit = (m = {}) => {
@@ -153,7 +161,7 @@
     if (ch[0]) {
       sp("cns_st_" + cfg.tenant, st);
       const b = JSON.stringify({
-        anonymous_id: aid,
+        anonymous_id: id(),
         subject_token: TOK || undefined,
         policy: cfg.policy.key,
         policy_version: cfg.policy.version,
@@ -173,8 +181,8 @@
     e.append(...k.filter((x) => x));
     return e;
   };
-  const btn = (k, l, f, s) => {
-    const b = h("button", { type: "button", class: s ? "cns-s" : "", "data-cns": k }, l);
+  const btn = (k, l, f, s, a) => {
+    const b = h("button", { type: "button", class: s ? "cns-s" : "", "data-cns": k, ...a }, l);
     b.onclick = f;
     return b;
   };
@@ -208,9 +216,9 @@
     /^https?:\/\//i.test(u) && h("a", { href: u, target: "_blank" }, T.policy);
 
   const done = (m, r) => {
-    r && sp("cns_r_" + cfg.tenant, Date.now());
+    r && sp("cns_r_" + cfg.tenant, now);
     rec(m);
-    ban && ban.remove();
+    ban?.remove();
     ban = 0;
     close(1);
   };
@@ -303,7 +311,7 @@
           "div",
           { class: "cns-hd" },
           h("h2", { id: "cns-pt" }, T.settings),
-          btn("close", "\u00d7", () => close(), 1)
+          btn("close", "\u00d7", () => close(), 1, { "aria-label": T.close })
         ),
         gpcN(),
         ...cfg.purposes.map((p) => {
@@ -322,14 +330,13 @@
             { class: "cns-i" },
             h("label", 0, h("span", 0, p.title, !isC(p) && h("small", 0, T.always_on)), i),
             h("p", { id }, p.description),
-            table((cfg.cookies || []).filter((c) => c.purpose == p.key))
+            table(cfg.cookies.filter((c) => c.purpose == p.key))
           );
         }),
         btns(btn("save", T.save, save, 1)),
         policy()
       )
     );
-    pc.querySelector("[data-cns=close]").setAttribute("aria-label", T.close);
     on(pc, "keydown", (e) => {
       if (e.key == "Escape") {
         // back to the banner (still unanswered) or to the page (already answered)
@@ -367,8 +374,12 @@
   // content that a single-page app adds later is held back too
   new MutationObserver(act).observe(d.documentElement, { childList: true, subtree: true });
 
-  const ready = fetch(API + "/v1/snippet/config?key=" + enc(K) + "&lang=" + enc(LANG))
-    .then((r) => (r.ok ? r.json() : C))
+  // the embedded config when it is in the page's language, else one request
+  const ready = (
+    E && !LANG.toLowerCase().indexOf(E.lang)
+      ? Promise.resolve(E)
+      : fetch(API + "/v1/snippet/config?key=" + enc(K) + "&lang=" + enc(LANG)).then((r) => (r.ok ? r.json() : C))
+  )
     .catch(() => C)
     .then((b, m = {}) => {
       if (b) {
