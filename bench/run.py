@@ -41,9 +41,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-import ledger  # noqa: E402
+import ledger
 
-from consent import db  # noqa: E402
+from consent import db
 
 PG_BASE = os.environ.get("BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
 ADMIN_TOKEN = "adm_bench_0123456789abcdef"
@@ -95,7 +95,7 @@ def machine() -> dict[str, str]:
             break
     mem = Path("/proc/meminfo").read_text().split()[1]
     pg = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc", "show server_version"],
-                        capture_output=True, text=True).stdout.strip() or "?"
+                        capture_output=True, text=True, check=False).stdout.strip() or "?"
     import sqlalchemy
     import starlette
     import uvicorn
@@ -162,6 +162,7 @@ def _tlog_build(url: str) -> None:
     """The transparency log of a generated ledger (written without feed events), built once
     as `consent tlog build` does, so the runs measure the steady state, not the first build."""
     import sqlalchemy as sa
+    from sqlmodel import col
 
     from consent import tlog
     from consent.models import Tenant
@@ -169,7 +170,7 @@ def _tlog_build(url: str) -> None:
     engine = db.create_db_engine(url)
     try:
         with db.transaction(engine) as s:
-            todo = s.execute(sa.select(Tenant.id).where(~sa.exists().where(tlog.STATE.c.tenant_id == Tenant.id))).scalars().all()
+            todo = s.execute(sa.select(col(Tenant.id)).where(~sa.exists().where(tlog.STATE.c.tenant_id == Tenant.id))).scalars().all()
         for tenant_id in todo:
             t = time.monotonic()
             n = tlog.build(engine, tenant_id)
@@ -211,7 +212,7 @@ def _present(saved: dict[str, Any]) -> bool:
                 n = conn.execute(sa.text("SELECT count(*) FROM tenant WHERE id = :t"),
                                  {"t": saved[kind]["tenant_id"]}).scalar()
             engine.dispose()
-        except Exception:
+        except Exception:  # noqa: BLE001 (any failure: the cache is not usable, build it again)
             return False
         if n != 1:
             return False
@@ -343,7 +344,7 @@ def wrk(base: str, script: str, conns: int, profile: Profile, tmp: Path) -> dict
 
     def run(seconds: int) -> str:
         cmd = [exe, "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "--latency", "-s", str(lua), base]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False).stdout
 
     run(profile.warmup)
     out = run(profile.duration)
@@ -352,7 +353,7 @@ def wrk(base: str, script: str, conns: int, profile: Profile, tmp: Path) -> dict
         raise RuntimeError(f"wrk gave no result:\n{out}")
     rps = float(found.group(1))
     lat = {m.group(1): float(m.group(2)) * UNITS[m.group(3)]
-           for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+           for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)}
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
     return {"rps": rps, "p50": lat.get("50", float("nan")), "p99": lat.get("99", float("nan")),
@@ -405,7 +406,8 @@ def bare_cells(workers: int, conns: tuple[int, ...], profile: Profile, tmp: Path
 
 
 def bench_bare(workers: int, profile: Profile, tmp: Path) -> Result:
-    return Result(f"bare w{workers}", "GET / (constant JSON)", *bare_cells(workers, (1, 32), profile, tmp))
+    one, many = bare_cells(workers, (1, 32), profile, tmp)
+    return Result(f"bare w{workers}", "GET / (constant JSON)", one, many)
 
 
 def bare_now(workers: int, profile: Profile, tmp: Path) -> float:
@@ -460,7 +462,7 @@ def bench_service(kind: str, workers: int, meta: dict[str, Any], profile: Profil
         if "export" in tests:
             try:  # a failing export must not lose the rows measured above
                 out.append(export(server, name, auth))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (reported in the table)
                 out.append(Result(name, "GET /v1/exports/consents", note=f"failed: {type(exc).__name__}"))
     finally:
         server.stop()
@@ -604,7 +606,7 @@ def table(results: list[Result]) -> str:
     head = ["config", "test", "c=1 req/s", "p50 ms", "p99 ms", "c=32 req/s", "p50 ms", "p99 ms", "notes"]
     rows = [[r.config, r.test, *fmt(r.c1), *fmt(r.c32), r.note] for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
@@ -644,18 +646,18 @@ def write_results(profile: Profile, mach: dict[str, str], metas: dict[str, Any],
                   started: float, write: bool = True) -> str:
     text = [
         "# Benchmark results", "",
-        f"`.venv/bin/python bench/run.py{' --quick' if profile.name == 'quick' else ''}` "
-        f"({profile.name} profile; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"{time.monotonic() - started:.0f} s). How to read it: docs/bench.md.", "",
+        (f"`.venv/bin/python bench/run.py{' --quick' if profile.name == 'quick' else ''}` "
+         f"({profile.name} profile; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+         f"{time.monotonic() - started:.0f} s). How to read it: docs/bench.md."), "",
         "## Machine", "", *[f"- {k}: {v}" for k, v in mach.items()],
-        f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-        "(other work on the machine shifts absolute numbers; compare rows of the same run)",
+        (f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+         "(other work on the machine shifts absolute numbers; compare rows of the same run)"),
         f"- CPU speed at end: {cpu_speed()}", "",
         "## Ledger", "",
-        f"- {metas['subjects']:,} subjects, 3 purposes, 2 policy versions, "
-        f"{metas['sqlite']['records']:,} records per database (plus those the record runs add)",
-        f"- wrk: {profile.warmup:g} s warm-up then {profile.duration:g} s measured per cell, 1 thread; "
-        "c=1 and c=32 connections", "",
+        (f"- {metas['subjects']:,} subjects, 3 purposes, 2 policy versions, "
+         f"{metas['sqlite']['records']:,} records per database (plus those the record runs add)"),
+        (f"- wrk: {profile.warmup:g} s warm-up then {profile.duration:g} s measured per cell, 1 thread; "
+         "c=1 and c=32 connections"), "",
         "## Results", "", table(results), "",
         "(!) = some answers were not 2xx/3xx or sockets failed: see the raw wrk output.", "",
         "## Targets", "", *verdicts(results), "",
@@ -701,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"service on {kind}, {w} worker(s) ...")
                 try:
                     results.extend(bench_service(kind, w, metas[kind], profile, tmp, tests))
-                except Exception as exc:  # one broken cell must not lose the whole run
+                except Exception as exc:  # noqa: BLE001 (one broken cell must not lose the whole run)
                     results.append(Result(f"{kind} w{w}", "(run failed)", note=f"{type(exc).__name__}: {exc}"[:200]))
     out = write_results(profile, mach, metas, results, started, write=not args.no_write)
     print(out)
