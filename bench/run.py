@@ -410,11 +410,11 @@ def bench_bare(workers: int, profile: Profile, tmp: Path) -> Result:
     return Result(f"bare w{workers}", "GET / (constant JSON)", one, many)
 
 
-def bare_now(workers: int, profile: Profile, tmp: Path) -> float:
-    """Bare Starlette's req/s at 32 clients, measured again right before a check's 32-client
-    cell: the machine's speed drifts by 10-25 % within minutes (docs/bench.md), so the check's
-    ratio is also taken against the baseline of the same minute."""
-    return bare_cells(workers, (32,), profile, tmp)[0]["rps"]
+def bare_now(workers: int, profile: Profile, tmp: Path) -> dict[str, float]:
+    """Bare Starlette at 32 clients, measured again right before a check's 32-client cell: the
+    machine's speed drifts by 10-25 % within minutes (docs/bench.md), so the check's ratio is
+    also taken against the baseline of the same minute."""
+    return bare_cells(workers, (32,), profile, tmp)[0]
 
 
 TESTS = ("check", "record", "bulk", "snippet", "export")
@@ -445,12 +445,11 @@ def bench_service(kind: str, workers: int, meta: dict[str, Any], profile: Profil
             one = wrk(server.base, check, 1, profile, tmp)
             bare = bare_now(workers, profile, tmp)  # the service waits idle meanwhile
             many = wrk(server.base, check, 32, profile, tmp)
-            ratio = many["rps"] / bare
-            log(f"  check at 32 clients: {many['rps']:,.0f} req/s = {ratio:.2f} of bare w{workers} right before "
-                f"({bare:,.0f} req/s), p99 {many['p99']:.2f} ms")
-            out.append(Result(name, "GET /v1/check", one, many,
-                              note=f"{ratio:.2f} of bare w{workers} right before ({bare:,.0f} req/s)",
-                              values={"bare_adjacent": bare}))
+            ratio = many["rps"] / bare["rps"]
+            before = f"bare w{workers} right before ({bare['rps']:,.0f} req/s, p99 {bare['p99']:.2f} ms)"
+            log(f"  check at 32 clients: {many['rps']:,.0f} req/s = {ratio:.2f} of {before}, p99 {many['p99']:.2f} ms")
+            out.append(Result(name, "GET /v1/check", one, many, note=f"{ratio:.2f} of {before}",
+                              values={"bare_adjacent": bare["rps"]}))
         if "record" in tests:
             rec = lua_record(sk, n)
             out.append(Result(name, "POST /v1/consents", wrk(server.base, rec, 1, profile, tmp),
