@@ -73,20 +73,22 @@ class BatchWriter(logging.Handler):
     access log: one line per request) a batch at a time.
 
     ``emit`` runs on the caller's thread after the filters (so the request id is stamped there)
-    and only queues the record. For a batched record it returns at once: the thread wakes for
-    it, waits up to ``interval`` for more, then formats them all and writes them with one
-    ``write`` and one ``flush``, so the event loop makes no system call for them. Any other
-    record (startup and shutdown lines, warnings, errors: few) is written, after everything
-    queued before it, before ``emit`` returns, so a process that ends by a re-raised signal, as
-    uvicorn's does, loses none of them. At most ``max_queued`` records wait; past that ``emit``
-    waits for the thread, as a blocking write would. ``close`` (run by ``logging.shutdown`` at
-    exit and by a new dictConfig) writes what is left. A killed process loses at most its last
-    ``interval`` of batched lines.
+    and only queues the record. For a batched record it returns at once: every ``interval`` the
+    thread formats what is queued and writes it with one ``write`` and one ``flush``, so the
+    event loop makes no system call for it. Any other record (startup and shutdown lines,
+    warnings, errors: few) is written, after everything queued before it, before ``emit``
+    returns, so a process that ends by a re-raised signal, as uvicorn's does, loses none of
+    them. At most ``max_queued`` records wait; past that ``emit`` waits for the thread, as a
+    blocking write would. ``close`` (run by ``logging.shutdown`` at exit and by a new
+    dictConfig) writes what is left. A killed process loses at most its last ``interval`` of
+    batched lines.
     """
 
     def __init__(self, stream: IO[str] | None = None, batched: tuple[str, ...] = ("consent.access",),
                  interval: float = 0.05, max_queued: int = 100_000):
         super().__init__()
+        if interval <= 0:
+            raise ValueError("interval must be positive (the thread wakes once per interval)")
         self.stream = stream if stream is not None else sys.stderr
         self.batched, self.interval, self.max_queued = frozenset(batched), interval, max_queued
         self._queue: queue.SimpleQueue[logging.LogRecord | threading.Event | None] = queue.SimpleQueue()
@@ -144,14 +146,18 @@ class BatchWriter(logging.Handler):
     def _run(self) -> None:
         q = self._queue
         while True:
-            batch = [q.get()]
-            self._hurry.wait(self.interval)  # one wake-up and one write per interval, however busy
+            # Wake every interval (or when hurried) rather than block on the queue: a put then
+            # never wakes this thread, so it never takes the CPU from the event loop per line.
+            self._hurry.wait(self.interval)
             self._hurry.clear()
+            batch: list[logging.LogRecord | threading.Event | None] = []
             while True:
                 try:
                     batch.append(q.get_nowait())
                 except queue.Empty:
                     break
+            if not batch:
+                continue
             records = [x for x in batch if isinstance(x, logging.LogRecord)]
             lines = []
             for record in records:

@@ -78,7 +78,7 @@ def test_batched_lines_wait_other_lines_are_written_at_once(loggers: tuple[loggi
 def test_a_stalled_stream_makes_the_caller_wait(loggers: tuple[logging.Logger, logging.Logger]) -> None:
     batched, _ = loggers
     stream = SlowStream()
-    attach(BatchWriter(stream, batched=(batched.name,), interval=0, max_queued=5), batched)
+    attach(BatchWriter(stream, batched=(batched.name,), interval=0.01, max_queued=5), batched)
     batched.info("first")  # the thread takes it and waits in write
     time.sleep(0.2)
     for i in range(5):
