@@ -33,7 +33,8 @@ class LiveServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 30) -> LiveServer:
+    def start(self, timeout: float = 90) -> LiveServer:
+        # 90 s: on a busy shared machine a spawned worker has taken 35 s to import the service.
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consent.cli", "serve", "--port", str(self.port), "--workers", str(self.workers)],
@@ -50,6 +51,7 @@ class LiveServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
+        self.stop()  # no process outlives a failed start (the caller's `with` never exits)
         raise RuntimeError(f"server did not become ready: {self.log()[-3000:]}")
 
     def signal(self, sig: int) -> None:
