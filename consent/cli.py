@@ -11,6 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from pydantic import ValidationError
+from sqlmodel import col
 
 from . import cli_audit, cli_tlog, crypto, db, receipts, tenants
 from .models import Tenant
@@ -40,8 +41,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from .demo import seed_demo
-    from .logs import configure, log_config
-    from .protocol import GuardedH11Protocol
+    from .logs import configure
 
     configure(settings.log_level)
     announce_issuer(args.host, args.port)
@@ -77,20 +77,31 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             print("No tenants yet: create one with `consent tenants create --name NAME`.")
     engine.dispose()
     os.environ["CONSENT_WORKERS"] = str(args.workers)  # each worker reads it (fastcheck.sqlite_threaded)
-    uvicorn.run(
-        "consent.app:create_app", factory=True, host=args.host, port=args.port,
-        workers=args.workers, log_level=settings.log_level,
-        proxy_headers=False,  # the app reads forwarded headers itself (CONSENT_TRUSTED_PROXIES)
-        log_config=log_config(settings.log_level),
-        access_log=False,  # ours (consent.access) logs route templates, never paths or queries
-        # Slow or greedy clients: bounded header size (431/400 past 64 KiB), idle keep-alive
+    uvicorn.run("consent.app:create_app", **uvicorn_options(settings, args.host, args.port, args.workers))
+    return 0
+
+
+def uvicorn_options(settings: Settings, host: str, port: int, workers: int) -> dict[str, Any]:
+    """The uvicorn settings of ``consent serve``."""
+    from .logs import log_config
+    from .protocol import GuardedHttpToolsProtocol
+
+    return {
+        "factory": True, "host": host, "port": port, "workers": workers, "log_level": settings.log_level,
+        "proxy_headers": False,  # the app reads forwarded headers itself (CONSENT_TRUSTED_PROXIES)
+        "log_config": log_config(settings.log_level),
+        "access_log": False,  # ours (consent.access) logs route templates, never paths or queries
+        # Slow or greedy clients: bounded header size (431 past 64 KiB), idle keep-alive
         # connections closed after 5 s, headers and bodies within their deadlines (protocol.py),
         # at most limit_concurrency connections+tasks (503 beyond), in-flight requests get 10 s
-        # to finish on SIGTERM. h11, not httptools: only h11 enforces a header-size limit.
-        http=GuardedH11Protocol, timeout_graceful_shutdown=10, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
-        limit_concurrency=settings.limit_concurrency, backlog=2048,
-    )
-    return 0
+        # to finish on SIGTERM.
+        "http": GuardedHttpToolsProtocol, "timeout_graceful_shutdown": 10, "timeout_keep_alive": 5,
+        "limit_concurrency": settings.limit_concurrency, "backlog": 2048,
+        # A new worker answers the supervisor's first health check only once it has imported
+        # the service: on a busy machine that took longer than uvicorn's 5 s, and workers were
+        # killed and respawned in a loop.
+        "timeout_worker_healthcheck": 30,
+    }
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -240,7 +251,7 @@ def cmd_tenants(args: argparse.Namespace, settings: Settings) -> int:
             _print({"tenant_id": tenant.id, "name": tenant.name, "secret_key": keys["secret"],
                     "publishable_key": keys["publishable"]})
         elif args.action == "list":
-            rows = session.execute(sa.select(Tenant.id, Tenant.name, Tenant.created_at)).all()
+            rows = session.execute(sa.select(col(Tenant.id), col(Tenant.name), col(Tenant.created_at))).all()
             _print([{"id": r.id, "name": r.name, "created_at": r.created_at} for r in rows])
         else:
             if not args.tenant:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Self
 
 import httpx
 
@@ -33,12 +33,12 @@ class LiveServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 30) -> LiveServer:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consent.cli", "serve", "--port", str(self.port), "--workers", str(self.workers)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+    def start(self, timeout: float = 90) -> Self:
+        # 90 s: on a busy shared machine a spawned worker has taken 35 s to import the service.
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "consent.cli", "serve", "--port", str(self.port), "--workers", str(self.workers)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.starts += 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -50,6 +50,7 @@ class LiveServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
+        self.stop()  # no process outlives a failed start (the caller's `with` never exits)
         raise RuntimeError(f"server did not become ready: {self.log()[-3000:]}")
 
     def signal(self, sig: int) -> None:
@@ -73,8 +74,8 @@ class LiveServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def __enter__(self) -> LiveServer:
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
