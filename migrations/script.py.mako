@@ -8,9 +8,8 @@ Create Date: ${create_date}
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
-
 import sqlmodel.sql.sqltypes
+from alembic import op
 
 import consent.models
 
