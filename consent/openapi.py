@@ -204,8 +204,8 @@ def build_openapi(routes: list[Any]) -> dict[str, Any]:
             for code, text in meta.responses.items():
                 responses.setdefault(str(code), {**ok, "description": text} if code < 300 else
                                      {"description": text, "content": problem})
-            for code, text in ERRORS.items():
-                responses.setdefault(code, {"description": text, "content": problem})
+            for status, text in ERRORS.items():
+                responses.setdefault(status, {"description": text, "content": problem})
             op["responses"] = responses
             if meta.auth:
                 op["security"] = [{"bearer": []}]
