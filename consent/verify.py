@@ -436,7 +436,7 @@ def _walk_jsonl(walker: Walker, lines: Iterable[bytes], manifest: str | None) ->
     body = hashlib.sha256()
     report: Report | None = None
     no = 0
-    for no, raw in enumerate(lines, 1):  # noqa: B007 (no is used after the loop)
+    for no, raw in enumerate(lines, 1):  # no is read after the loop as well
         if report is not None:
             raise VerifyError(no, "data after the manifest")
         try:
@@ -501,7 +501,7 @@ def verify_csv(lines: Iterable[bytes], keys: crypto.KeySet, manifest: str,
 def _walk_csv(walker: Walker, lines: Iterable[bytes], manifest: str) -> Report:
     body = hashlib.sha256()
     columns: tuple[str, ...] = CSV_COLUMNS
-    for no, raw in enumerate(lines, 1):
+    for no, raw in enumerate(lines, 1):  # no is read after the loop as well
         body.update(raw)
         try:
             row = next(csv.reader([raw.decode()]))
