@@ -157,8 +157,8 @@ class Meta:
     media_types: tuple[str, ...] = ("application/json",)
     headers: tuple[str, ...] = ()
     # Run on the event loop instead of the threadpool: only for short indexed reads that never
-    # write (they also run without BEGIN/COMMIT on PostgreSQL). Perf: the threadpool hop alone
-    # cost ~190 us CPU per GET /v1/check (of ~1,100 us before this work).
+    # write (they also run without BEGIN/COMMIT on PostgreSQL). Perf: the threadpool hop costs
+    # ~190 us CPU per GET /v1/check.
     inline: bool = False
 
 

@@ -128,13 +128,14 @@ class Bucket:
 
 
 class Limiter:
-    """Per-process front of the shared counters. Perf: the table used to take one write
-    transaction per request; now each process counts locally and writes its increments
-    (reading the shared total back) every ``batch_size(limit)`` hits or FLUSH_SECONDS,
-    whichever comes first. A bucket whose known total is over the limit is refused without
-    touching the database. Bound: each process holds at most ``batch_size - 1`` unwritten
-    hits per bucket, so P processes admit at most P x (batch_size - 1) requests over the limit
-    per window (0 for limits under 40 per minute: every hit is written, as before)."""
+    """Per-process front of the shared counters. Perf: one write transaction per request would
+    serialise every limited request on the table, so each process counts locally and writes
+    its increments (reading the shared total back) every ``batch_size(limit)`` hits or
+    FLUSH_SECONDS, whichever comes first. A bucket whose known total is over the limit is
+    refused without touching the database. Bound: each process holds at most
+    ``batch_size - 1`` unwritten hits per bucket, so P processes admit at most
+    P x (batch_size - 1) requests over the limit per window (0 for limits under 40 per minute:
+    every hit is written)."""
 
     def __init__(self) -> None:
         self.buckets: dict[str, Bucket] = {}
