@@ -499,7 +499,8 @@ async def list_notices(request: Request) -> Response:
             assert principal is not None
             q.update(parse_query(request, NOTICE_QUERY))  # after the key: a stranger learns no rules
             v = catalog.require_version(db, principal.tenant_id, _policy(request), request.path_params["version"])
-            return principal.tenant_id, int(v.id)  # type: ignore[arg-type]
+            assert v.id is not None  # a stored version has its id
+            return principal.tenant_id, v.id
 
     tenant_id, version_id = await run_in_threadpool(lookup)
 

@@ -210,7 +210,11 @@ def list_versions(
     rows = list(db.execute(q.order_by(col(PolicyVersion.id).desc()).limit(limit + 1)).scalars())
     more = len(rows) > limit
     rows = rows[:limit]
-    return rows, (encode_cursor(rows[-1].id) if more and rows else None)  # type: ignore[arg-type]
+    if not (more and rows):
+        return rows, None
+    last = rows[-1].id
+    assert last is not None  # a stored version has its id
+    return rows, encode_cursor(last)
 
 
 def get_version(db: Session, tenant_id: str, policy_key: str, version: str) -> PolicyVersion | None:

@@ -232,8 +232,9 @@ class Walker:
 
     def _submit(self) -> None:
         if self._batch:
+            assert self.pool is not None  # receipts are batched only for a pool
             jwks = json.dumps(self.keys.known_jwks(), sort_keys=True)
-            future = self.pool.submit(_check_receipts, jwks, self._batch)  # type: ignore[union-attr]
+            future = self.pool.submit(_check_receipts, jwks, self._batch)
             self._pending.append((self._batch[0][0], future, self._batch))
             self._batch = []
         while len(self._pending) > MAX_PENDING:  # bounded memory
