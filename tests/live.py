@@ -50,7 +50,9 @@ class LiveServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError(f"server did not become ready: {self.log()[-3000:]}")
+        tail = self.log()[-3000:]
+        self.stop()  # a server that never became ready must not outlive the test
+        raise RuntimeError(f"server did not become ready: {tail}")
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
