@@ -32,9 +32,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from consent import db  # noqa: E402
-from ledger import reset  # noqa: E402  (bench/ledger.py)
-from tests.ledger_factory import generate_ledger  # noqa: E402
+from ledger import reset  # bench/ledger.py
+
+from consent import db
+from tests.ledger_factory import generate_ledger
 
 ADMIN = "adm_bench_token_0123456789"
 
@@ -60,7 +61,7 @@ def rss_kb(pid: int, field: str = "VmRSS") -> int:
 
 
 def _work(args: tuple[str, str, int, int]) -> int:
-    url, tenant_id, n, seed = args
+    url, tenant_id, n, _seed = args
     engine = db.create_db_engine(url)
     try:
         return generate_ledger(engine, tenant_id, n, group=200)

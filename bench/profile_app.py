@@ -23,10 +23,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from consent.app import create_app  # noqa: E402
-from consent.logs import configure  # noqa: E402
-from consent.settings import Settings  # noqa: E402
-
+from consent.app import create_app
+from consent.logs import configure
+from consent.settings import Settings
 
 LAST_HEADERS: dict[str, str] = {}  # of the last response
 

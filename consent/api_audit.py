@@ -118,7 +118,8 @@ async def export_consents(request: Request) -> Response:
 
 @endpoint(auth="secret", summary="The signed manifest of a completed export", response=ManifestOut)
 def export_manifest(ctx: Ctx) -> Any:
-    m = exports.get_manifest(ctx.db, ctx.principal.tenant_id, ctx.path("export_id"))  # type: ignore[union-attr]
+    assert ctx.principal is not None  # auth="secret"
+    m = exports.get_manifest(ctx.db, ctx.principal.tenant_id, ctx.path("export_id"))
     if m is None:
         raise NotFound("no completed export with this id")
     return {"id": m.id, "format": m.format, "count": m.count, "body_sha256": m.body_sha256,
@@ -160,10 +161,11 @@ def get_retention(ctx: Ctx) -> Any:
 @endpoint(auth="secret", summary="Set the tenant's retention (applied by `consent retention run`)",
           body=RetentionIn, response=RetentionOut, write=True)
 def put_retention(ctx: Ctx) -> Any:
-    t = retention.set_retention(ctx.db, ctx.principal.tenant_id,  # type: ignore[union-attr]
+    assert ctx.principal is not None  # auth="secret"
+    t = retention.set_retention(ctx.db, ctx.principal.tenant_id,
                                 evidence_days=ctx.body.evidence_retention_days,
                                 record_years=ctx.body.record_retention_years,
-                                actor=ctx.principal.key_id)  # type: ignore[union-attr]
+                                actor=ctx.principal.key_id)
     return retention.settings_out(t)
 
 

@@ -276,7 +276,7 @@ async def unsubscribe_page(request: Request) -> Response:
                 "<button type=submit>Unsubscribe</button></form>")
         return page("Unsubscribe", body)
 
-    return await run_link(request, work)  # type: ignore[no-any-return]
+    return await run_link(request, work)
 
 
 # The body is not parsed as an API body (no ``body=`` declared): mail providers send
@@ -301,7 +301,7 @@ async def unsubscribe(request: Request) -> Response:
         return email_links.unsubscribe(db, link, one_click=one_click, signer=services.signer,
                                        issuer=services.settings.issuer, ip=ip, user_agent=ua)
 
-    return await run_link(request, _link_action(  # type: ignore[no-any-return]
+    return await run_link(request, _link_action(
         request, token, "unsubscribe", act, "withdrawn", "You are unsubscribed",
         lambda title: f"<p>You will no longer receive <strong>{title}</strong>.</p>"
                       "<p class=muted>You can close this page.</p>"))
@@ -345,7 +345,7 @@ async def confirm_page(request: Request) -> Response:
                 '<form method="post"><button type=submit>Confirm subscription</button></form>')
         return page("Confirm your subscription", body)
 
-    return await run_link(request, work)  # type: ignore[no-any-return]
+    return await run_link(request, work)
 
 
 @describe(summary="Double-opt-in confirm: records a confirmed grant; idempotent per link",
@@ -363,7 +363,7 @@ async def confirm(request: Request) -> Response:
         return email_links.confirm(db, link, signer=services.signer, issuer=services.settings.issuer,
                                    ip=ip, user_agent=ua)
 
-    return await run_link(request, _link_action(  # type: ignore[no-any-return]
+    return await run_link(request, _link_action(
         request, token, "confirm", act, "granted", "Subscription confirmed",
         lambda title: f"<p>Thank you: you will receive <strong>{title}</strong>.</p>"
                       "<p class=muted>Every email has a link to unsubscribe.</p>"))
@@ -499,7 +499,8 @@ async def list_notices(request: Request) -> Response:
             assert principal is not None
             q.update(parse_query(request, NOTICE_QUERY))  # after the key: a stranger learns no rules
             v = catalog.require_version(db, principal.tenant_id, _policy(request), request.path_params["version"])
-            return principal.tenant_id, int(v.id)  # type: ignore[arg-type]
+            assert v.id is not None  # a stored version has its id
+            return principal.tenant_id, v.id
 
     tenant_id, version_id = await run_in_threadpool(lookup)
 

@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from .errors import BadRequest, Conflict, NotFound, ValidationFailed
 from .models import Cookie, PolicyPurpose, PolicyVersion, Purpose, utcnow
@@ -37,8 +38,8 @@ def put_purpose(db: Session, tenant_id: str, key: str, spec: PurposeIn) -> tuple
 
 
 def _purpose_published(db: Session, tenant_id: str, key: str) -> bool:
-    q = sa.select(PolicyPurpose.policy_version_id).where(
-        PolicyPurpose.tenant_id == tenant_id, PolicyPurpose.purpose == key
+    q = sa.select(col(PolicyPurpose.policy_version_id)).where(
+        col(PolicyPurpose.tenant_id) == tenant_id, col(PolicyPurpose.purpose) == key
     )
     return db.execute(q.limit(1)).first() is not None
 
@@ -48,7 +49,7 @@ def get_purpose(db: Session, tenant_id: str, key: str) -> Purpose | None:
 
 
 def list_purposes(db: Session, tenant_id: str) -> list[Purpose]:
-    q = sa.select(Purpose).where(Purpose.tenant_id == tenant_id).order_by(Purpose.key)
+    q = sa.select(Purpose).where(col(Purpose.tenant_id) == tenant_id).order_by(col(Purpose.key))
     return list(db.execute(q).scalars())
 
 
@@ -73,7 +74,7 @@ def put_cookie(db: Session, tenant_id: str, name: str, spec: CookieIn) -> tuple[
 
 
 def list_cookies(db: Session, tenant_id: str) -> list[Cookie]:
-    q = sa.select(Cookie).where(Cookie.tenant_id == tenant_id).order_by(Cookie.name)
+    q = sa.select(Cookie).where(col(Cookie.tenant_id) == tenant_id).order_by(col(Cookie.name))
     return list(db.execute(q).scalars())
 
 
@@ -150,6 +151,7 @@ def publish_version(
             db.flush()
     except IntegrityError as exc:
         raise Conflict(f"policy {policy_key!r} already has version {spec.version!r}") from exc
+    assert version.id is not None  # the flush above assigned it
     for key in spec.purposes:
         db.add(PolicyPurpose(
             policy_version_id=version.id, purpose=key, tenant_id=tenant_id, policy_key=policy_key,
@@ -200,22 +202,26 @@ def list_versions(
 ) -> tuple[list[PolicyVersion], str | None]:
     """Versions newest first, cursor-paginated."""
     q = sa.select(PolicyVersion).where(
-        PolicyVersion.tenant_id == tenant_id, PolicyVersion.policy_key == policy_key
+        col(PolicyVersion.tenant_id) == tenant_id, col(PolicyVersion.policy_key) == policy_key
     )
     after = decode_cursor(cursor)
     if after is not None:
-        q = q.where(PolicyVersion.id < after)  # type: ignore[operator]
-    rows = list(db.execute(q.order_by(PolicyVersion.id.desc()).limit(limit + 1)).scalars())  # type: ignore[union-attr]
+        q = q.where(col(PolicyVersion.id) < after)
+    rows = list(db.execute(q.order_by(col(PolicyVersion.id).desc()).limit(limit + 1)).scalars())
     more = len(rows) > limit
     rows = rows[:limit]
-    return rows, (encode_cursor(rows[-1].id) if more and rows else None)  # type: ignore[arg-type]
+    if not (more and rows):
+        return rows, None
+    last = rows[-1].id
+    assert last is not None  # a stored version has its id
+    return rows, encode_cursor(last)
 
 
 def get_version(db: Session, tenant_id: str, policy_key: str, version: str) -> PolicyVersion | None:
     q = sa.select(PolicyVersion).where(
-        PolicyVersion.tenant_id == tenant_id,
-        PolicyVersion.policy_key == policy_key,
-        PolicyVersion.version == version,
+        col(PolicyVersion.tenant_id) == tenant_id,
+        col(PolicyVersion.policy_key) == policy_key,
+        col(PolicyVersion.version) == version,
     )
     return db.execute(q).scalars().first()
 
@@ -225,15 +231,15 @@ def current_version(
 ) -> PolicyVersion | None:
     """The newest version in effect at ``at`` (default now), optionally covering ``purpose``."""
     q = sa.select(PolicyVersion).where(
-        PolicyVersion.tenant_id == tenant_id,
-        PolicyVersion.policy_key == policy_key,
-        PolicyVersion.effective_at <= (at or utcnow()),
+        col(PolicyVersion.tenant_id) == tenant_id,
+        col(PolicyVersion.policy_key) == policy_key,
+        col(PolicyVersion.effective_at) <= (at or utcnow()),
     )
     if purpose is not None:
-        q = q.join(PolicyPurpose, PolicyPurpose.policy_version_id == PolicyVersion.id).where(
-            PolicyPurpose.purpose == purpose
+        q = q.join(PolicyPurpose, col(PolicyPurpose.policy_version_id) == col(PolicyVersion.id)).where(
+            col(PolicyPurpose.purpose) == purpose
         )
-    return db.execute(q.order_by(PolicyVersion.id.desc()).limit(1)).scalars().first()  # type: ignore[union-attr]
+    return db.execute(q.order_by(col(PolicyVersion.id).desc()).limit(1)).scalars().first()
 
 
 def _purpose_and_version_query(named: bool) -> Any:
@@ -248,8 +254,8 @@ def _purpose_and_version_query(named: bool) -> Any:
                       pp.c.purpose == sa.bindparam("p"))
                .order_by(pv.c.id.desc()).limit(1))
     return (sa.select(Purpose, PolicyVersion).select_from(Purpose)
-            .outerjoin(PolicyVersion, PolicyVersion.id == vid.scalar_subquery())  # type: ignore[arg-type]
-            .where(Purpose.tenant_id == sa.bindparam("t"), Purpose.key == sa.bindparam("p")))
+            .outerjoin(PolicyVersion, col(PolicyVersion.id) == vid.scalar_subquery())
+            .where(col(Purpose.tenant_id) == sa.bindparam("t"), col(Purpose.key) == sa.bindparam("p")))
 
 
 # Built once (perf: building and cache-keying the statement per call cost more than running it).

@@ -90,9 +90,8 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         export_id = exports.new_export_id()
         tmp = f"{args.out}.partial"
         with open(tmp, "wb") as out:
-            for chunk in exports.stream_export(engine, flt, args.format, signer=signer, issuer=settings.issuer,
-                                               export_id=export_id, progress=progress):
-                out.write(chunk)
+            out.writelines(exports.stream_export(engine, flt, args.format, signer=signer, issuer=settings.issuer,
+                                                 export_id=export_id, progress=progress))
         os.replace(tmp, args.out)  # never leave a half-written file under the final name
         progress.close()
         with db.transaction(engine) as session:

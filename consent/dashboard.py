@@ -25,6 +25,7 @@ import jinja2
 import sqlalchemy as sa
 from pydantic import ValidationError as PydanticError
 from sqlalchemy.orm import Session
+from sqlmodel import col
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -163,7 +164,7 @@ def cookie_serializer(request: Request, db: Session, salt: str) -> Any:
         if configured:
             cached = configured
         else:
-            pem = db.execute(sa.select(SigningKey.private_pem).order_by(SigningKey.created_at).limit(1)).scalar_one()
+            pem = db.execute(sa.select(col(SigningKey.private_pem)).order_by(col(SigningKey.created_at)).limit(1)).scalar_one()
             cached = [crypto.derived_secret(pem, "dashboard-cookies")]
         request.app.state.dashboard_secrets = cached
     return crypto.serializer(cached, salt)

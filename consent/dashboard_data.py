@@ -12,6 +12,7 @@ from typing import Any
 import jwt
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from . import catalog, checks, crypto, ledger, receipts, verify, webhooks
 from .errors import BadToken, Conflict, NotFound, ValidationFailed
@@ -52,8 +53,8 @@ def create_user(db: Session, tenant_id: str, *, email: str, password: str, role:
         raise ValidationFailed.field("password", "must be 12 to 1000 characters")
     if role not in ROLES:
         raise ValidationFailed.field("role", f"must be one of {', '.join(ROLES)}")
-    if db.execute(sa.select(DashboardUser.id).where(DashboardUser.tenant_id == tenant_id,
-                                                    DashboardUser.email == email)).first():
+    if db.execute(sa.select(col(DashboardUser.id)).where(col(DashboardUser.tenant_id) == tenant_id,
+                                                    col(DashboardUser.email) == email)).first():
         raise Conflict("a dashboard user with this email exists")
     user = DashboardUser(id=crypto.new_id("usr", 8), tenant_id=tenant_id, email=email,
                          password_hash=crypto.hash_password(password), role=role, created_at=utcnow())
@@ -63,15 +64,15 @@ def create_user(db: Session, tenant_id: str, *, email: str, password: str, role:
 
 
 def list_users(db: Session, tenant_id: str) -> list[DashboardUser]:
-    return list(db.execute(sa.select(DashboardUser).where(DashboardUser.tenant_id == tenant_id)
-                           .order_by(DashboardUser.email)).scalars())
+    return list(db.execute(sa.select(DashboardUser).where(col(DashboardUser.tenant_id) == tenant_id)
+                           .order_by(col(DashboardUser.email))).scalars())
 
 
 def authenticate_user(db: Session, tenant_id: str, email: str, password: str) -> DashboardUser | None:
     """The enabled user with this email and password, or None (same work when unknown)."""
     user = db.execute(sa.select(DashboardUser).where(
-        DashboardUser.tenant_id == tenant_id, DashboardUser.email == crypto.normalize_email(email),
-        DashboardUser.disabled_at.is_(None))).scalars().first()  # type: ignore[union-attr]
+        col(DashboardUser.tenant_id) == tenant_id, col(DashboardUser.email) == crypto.normalize_email(email),
+        col(DashboardUser.disabled_at).is_(None))).scalars().first()
     if user is None:
         crypto.dummy_password_check(password)
         return None
@@ -120,8 +121,8 @@ def load_session(db: Session, raw: str, *, idle_seconds: int) -> SignedIn | None
     if row.key_id is not None and db.execute(sa.select(key.c.id).where(
             key.c.id == row.key_id, key_live(key, now))).first() is None:
         return None
-    if row.user_id is not None and db.execute(sa.select(DashboardUser.id).where(
-            DashboardUser.id == row.user_id, DashboardUser.disabled_at.is_(None))).first() is None:  # type: ignore[union-attr]
+    if row.user_id is not None and db.execute(sa.select(col(DashboardUser.id)).where(
+            col(DashboardUser.id) == row.user_id, col(DashboardUser.disabled_at).is_(None))).first() is None:
         return None
     return SignedIn(row.tenant_id, row.actor, row.role, row.csrf, row.id_hash,
                     stale_seen=now - row.last_seen_at > TOUCH_EVERY)
@@ -129,7 +130,7 @@ def load_session(db: Session, raw: str, *, idle_seconds: int) -> SignedIn | None
 
 def touch_session(db: Session, session_hash: str) -> None:
     """The session was used now: its idle timeout starts again."""
-    db.execute(sa.update(DashboardSession).where(DashboardSession.id_hash == session_hash)
+    db.execute(sa.update(DashboardSession).where(col(DashboardSession.id_hash) == session_hash)
                .values(last_seen_at=utcnow()))
 
 
@@ -153,8 +154,8 @@ def trail_actor(actor: str) -> str:
 
 def api_keys(db: Session, tenant_id: str) -> list[ApiKey]:
     """The tenant's keys (prefix and dates only; the keys themselves are never stored)."""
-    return list(db.execute(sa.select(ApiKey).where(ApiKey.tenant_id == tenant_id)
-                           .order_by(ApiKey.created_at.desc())).scalars())
+    return list(db.execute(sa.select(ApiKey).where(col(ApiKey.tenant_id) == tenant_id)
+                           .order_by(col(ApiKey.created_at).desc())).scalars())
 
 
 def end_session(db: Session, session_hash: str) -> None:
@@ -318,8 +319,8 @@ def _state_counts(db: Session, tenant_id: str, now: datetime) -> list[Any]:
 
 def overview(db: Session, tenant_id: str, *, now: datetime | None = None) -> Overview:
     now = now or utcnow()
-    labels: dict[int, str] = dict(db.execute(  # type: ignore[call-overload]
-        sa.select(PolicyVersion.id, PolicyVersion.version).where(PolicyVersion.tenant_id == tenant_id)).all())
+    labels: dict[int | None, str] = dict(db.execute(
+        sa.select(col(PolicyVersion.id), col(PolicyVersion.version)).where(col(PolicyVersion.tenant_id) == tenant_id)).all())
     by_purpose: dict[str, dict[int | None, VersionCounts]] = {}
     for r in _state_counts(db, tenant_id, now):
         status = derive_status(r.decision, confirmed=r.confirmed, stale=bool(r.stale))
@@ -337,10 +338,10 @@ def overview(db: Session, tenant_id: str, *, now: datetime | None = None) -> Ove
                 totals[k] += n
         purposes.append(PurposeOverview(p.key, p.title or p.key, p.kind, versions, totals))
     recent = db.execute(
-        sa.select(ConsentRecord.id, ConsentRecord.subject_id, ConsentRecord.purpose, ConsentRecord.decision,
-                  ConsentRecord.source, ConsentRecord.policy_version, ConsentRecord.recorded_at)
-        .where(ConsentRecord.tenant_id == tenant_id)
-        .order_by(ConsentRecord.recorded_at.desc()).limit(RECENT_WINDOW)  # type: ignore[attr-defined]
+        sa.select(col(ConsentRecord.id), col(ConsentRecord.subject_id), col(ConsentRecord.purpose), col(ConsentRecord.decision),
+                  col(ConsentRecord.source), col(ConsentRecord.policy_version), col(ConsentRecord.recorded_at))
+        .where(col(ConsentRecord.tenant_id) == tenant_id)
+        .order_by(col(ConsentRecord.recorded_at).desc()).limit(RECENT_WINDOW)
     ).all()
     days: dict[str, dict[str, int]] = {}
     by_version: dict[str, dict[str, int]] = {}
@@ -391,8 +392,8 @@ def policy_versions(db: Session, tenant_id: str, *, now: datetime | None = None)
     the same grouped state counts as the overview, and the ``notified`` records read from the
     (tenant, recorded_at) index from the version's publication on."""
     now = now or utcnow()
-    versions = list(db.execute(sa.select(PolicyVersion).where(PolicyVersion.tenant_id == tenant_id)
-                               .order_by(PolicyVersion.policy_key, PolicyVersion.id.desc())).scalars())  # type: ignore[union-attr]
+    versions = list(db.execute(sa.select(PolicyVersion).where(col(PolicyVersion.tenant_id) == tenant_id)
+                               .order_by(col(PolicyVersion.policy_key), col(PolicyVersion.id).desc())).scalars())
     rows = [VersionRow(v, v.effective_at <= now) for v in versions]
     if not any(v.material for v in versions):
         return rows
@@ -410,8 +411,8 @@ def policy_versions(db: Session, tenant_id: str, *, now: datetime | None = None)
                 row.stale += int(c.n)
         row.notified = int(db.execute(
             sa.select(sa.func.count()).select_from(ConsentRecord)
-            .where(ConsentRecord.tenant_id == tenant_id, ConsentRecord.recorded_at >= v.published_at,
-                   ConsentRecord.decision == "notified", ConsentRecord.policy_version_id == v.id)
+            .where(col(ConsentRecord.tenant_id) == tenant_id, col(ConsentRecord.recorded_at) >= v.published_at,
+                   col(ConsentRecord.decision) == "notified", col(ConsentRecord.policy_version_id) == v.id)
         ).scalar_one())
     return rows
 
@@ -420,8 +421,8 @@ def policy_versions(db: Session, tenant_id: str, *, now: datetime | None = None)
 
 def recent_exports(db: Session, tenant_id: str, limit: int = 20) -> list[dict[str, Any]]:
     """The tenant's latest completed exports with their manifests' claims (as signed)."""
-    rows = db.execute(sa.select(ExportManifest).where(ExportManifest.tenant_id == tenant_id)
-                      .order_by(ExportManifest.created_at.desc()).limit(limit)).scalars()  # type: ignore[attr-defined]
+    rows = db.execute(sa.select(ExportManifest).where(col(ExportManifest.tenant_id) == tenant_id)
+                      .order_by(col(ExportManifest.created_at).desc()).limit(limit)).scalars()
     out = []
     for m in rows:
         claims = jwt.decode(m.manifest, options={"verify_signature": False})  # ours, from our table

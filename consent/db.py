@@ -169,7 +169,7 @@ def _ping_when_idle(engine: Engine) -> None:
             return
         try:
             alive = engine.dialect.do_ping(dbapi_conn)
-        except Exception:
+        except engine.dialect.loaded_dbapi.Error:  # the driver's own errors: the connection is gone
             alive = False
         if not alive:
             raise sa.exc.DisconnectionError("pooled connection is gone")  # the pool reconnects

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from . import catalog, tenants
-from .schemas import CookieIn, PolicyVersionIn, PurposeIn, TenantIn
+from .schemas import CookieIn, PolicyVersionIn, PurposeIn, TenantIn, Translation
 
 DEMO_POLICY_TEXT = b"Demo privacy policy: one HttpOnly session cookie; marketing email is opt-in only."
 
@@ -20,20 +20,21 @@ def seed_demo(db: Session, origins: list[str]) -> dict[str, Any]:
         "strictly_necessary": PurposeIn(kind="notice", legal_basis="legitimate_interest",
                                         title="Strictly necessary",
                                         description="Keeps you signed in. Cannot be switched off.",
-                                        translations={"de": {"title": "Unbedingt erforderlich",
-                                                             "description": "Hält Sie angemeldet."}}),
+                                        translations={"de": Translation(title="Unbedingt erforderlich",
+                                                                        description="Hält Sie angemeldet.")}),
         "marketing_email": PurposeIn(kind="consent", legal_basis="consent", gpc=True,
                                      title="Marketing email",
                                      description="News and offers by email. You can unsubscribe at any time.",
-                                     translations={"de": {"title": "Marketing-E-Mails",
-                                                          "description": "Neuigkeiten und Angebote per E-Mail."}}),
+                                     translations={"de": Translation(
+                                         title="Marketing-E-Mails",
+                                         description="Neuigkeiten und Angebote per E-Mail.")}),
         "product_updates": PurposeIn(kind="consent", legal_basis="consent", double_opt_in=True,
                                      title="Product updates",
                                      description="Occasional email about new features.",
-                                     translations={"de": {"title": "Produkt-Updates"}}),
+                                     translations={"de": Translation(title="Produkt-Updates")}),
         "analytics": PurposeIn(kind="consent", legal_basis="consent", gpc=True, title="Analytics",
                                description="Anonymous usage statistics that help us improve.",
-                               translations={"de": {"title": "Statistik"}}),
+                               translations={"de": Translation(title="Statistik")}),
     }
     for key, spec in purposes.items():
         catalog.put_purpose(db, tenant.id, key, spec)

@@ -13,8 +13,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -34,7 +40,7 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 def method_label(method: str | None) -> str:
     """The method as a label: any method we do not serve is ``other`` (a client may send any
     token as a method; each distinct one would otherwise be a new series)."""
-    return method if method in METHODS else "other"  # type: ignore[return-value]
+    return method if method in METHODS else "other"
 
 
 def observe(method: str, route: str, status: int, seconds: float) -> None:
@@ -55,7 +61,7 @@ def exposition() -> bytes:
     """The text exposition of every metric (summed over workers in multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
     from prometheus_client import REGISTRY
 

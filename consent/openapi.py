@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -23,8 +24,8 @@ ERRORS = {
 }
 
 
-def _schema(model: type[BaseModel], defs: dict[str, Any], mode: str) -> dict[str, Any]:
-    schema = model.model_json_schema(ref_template=REF, mode=mode)  # type: ignore[arg-type]
+def _schema(model: type[BaseModel], defs: dict[str, Any], mode: JsonSchemaMode) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template=REF, mode=mode)
     for name, sub in schema.pop("$defs", {}).items():
         defs.setdefault(name, sub)
     defs.setdefault(model.__name__, schema)
@@ -206,8 +207,8 @@ def build_openapi(routes: list[Any]) -> dict[str, Any]:
             for code, text in meta.responses.items():
                 responses.setdefault(str(code), {**ok, "description": text} if code < 300 else
                                      {"description": text, "content": problem})
-            for code, text in ERRORS.items():
-                responses.setdefault(code, {"description": text, "content": problem})
+            for status, text in ERRORS.items():
+                responses.setdefault(status, {"description": text, "content": problem})
             op["responses"] = responses
             if meta.auth:
                 op["security"] = [{"bearer": []}]

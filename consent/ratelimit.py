@@ -24,6 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -117,7 +118,7 @@ def batch_size(limit: int) -> int:
 
 
 class Bucket:
-    __slots__ = ("window", "known", "pending", "flushed_at")
+    __slots__ = ("flushed_at", "known", "pending", "window")
 
     def __init__(self, window: int) -> None:
         self.window = window
@@ -127,13 +128,14 @@ class Bucket:
 
 
 class Limiter:
-    """Per-process front of the shared counters. Perf: the table used to take one write
-    transaction per request; now each process counts locally and writes its increments
-    (reading the shared total back) every ``batch_size(limit)`` hits or FLUSH_SECONDS,
-    whichever comes first. A bucket whose known total is over the limit is refused without
-    touching the database. Bound: each process holds at most ``batch_size - 1`` unwritten
-    hits per bucket, so P processes admit at most P x (batch_size - 1) requests over the limit
-    per window (0 for limits under 40 per minute: every hit is written, as before)."""
+    """Per-process front of the shared counters. Perf: one write transaction per request would
+    serialise every limited request on the table, so each process counts locally and writes
+    its increments (reading the shared total back) every ``batch_size(limit)`` hits or
+    FLUSH_SECONDS, whichever comes first. A bucket whose known total is over the limit is
+    refused without touching the database. Bound: each process holds at most
+    ``batch_size - 1`` unwritten hits per bucket, so P processes admit at most
+    P x (batch_size - 1) requests over the limit per window (0 for limits under 40 per minute:
+    every hit is written)."""
 
     def __init__(self) -> None:
         self.buckets: dict[str, Bucket] = {}
@@ -201,7 +203,7 @@ def limit(endpoint: Callable[[Request], Awaitable[Response]], limiter: Limiter |
                 adds = limiter.take(counted, now)
                 try:  # hits of a failed write are dropped: fail open
                     _, totals = await run_in_threadpool(flush, services.engine, adds, now)
-                except Exception as exc:  # fail open, loudly
+                except SQLAlchemyError as exc:  # the database is unavailable: fail open, loudly
                     log.warning("rate limit check failed; request let through", extra={"error": type(exc).__name__})
                     retry = None
                 else:
@@ -209,13 +211,13 @@ def limit(endpoint: Callable[[Request], Awaitable[Response]], limiter: Limiter |
                     over = limiter.over(counted)
                     retry = (math.ceil((int(now // WINDOW_SECONDS) + 1) * WINDOW_SECONDS - now) or 1) if over else None
             if retry is not None:
-                exc = RateLimited(retry, "too many requests; retry after the time in Retry-After")
+                problem = RateLimited(retry, "too many requests; retry after the time in Retry-After")
                 origin = request.headers.get("origin")
                 if cors and origin:  # the page's script must be able to read the 429 and wait;
                     # the answer says nothing about the tenant, so any origin may read it
-                    exc.headers.update({"Access-Control-Allow-Origin": origin,
-                                        "Access-Control-Expose-Headers": "Retry-After", "Vary": "Origin"})
-                raise exc
+                    problem.headers.update({"Access-Control-Allow-Origin": origin,
+                                            "Access-Control-Expose-Headers": "Retry-After", "Vary": "Origin"})
+                raise problem
         return await endpoint(request)
 
     limited.__name__ = getattr(endpoint, "__name__", "limited")

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import Session
 
 from . import tenants
@@ -110,14 +110,20 @@ def run_lock(engine: Engine) -> Iterator[bool]:
                 conn.commit()
 
 
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE or DELETE touched: Session.execute is typed as returning a plain Result,
+    but for these statements it is a CursorResult, which carries the count."""
+    return cast(CursorResult[Any], result).rowcount
+
+
 def purge_evidence(engine: Engine, tenant_id: str, cutoff: datetime, batch: int) -> int:
     total = 0
     while True:
         with transaction(engine, write=True) as db:
             seqs = (sa.select(REC.c.seq).where(REC.c.tenant_id == tenant_id, REC.c.recorded_at < cutoff,
                                                REC.c.evidence.is_not(None)).limit(batch))
-            n = db.execute(sa.update(REC).where(REC.c.seq.in_(seqs.scalar_subquery()))
-                           .values(evidence=sa.null())).rowcount
+            n = _rowcount(db.execute(sa.update(REC).where(REC.c.seq.in_(seqs.scalar_subquery()))
+                                     .values(evidence=sa.null())))
         total += n
         if n < batch:
             return total
@@ -130,10 +136,10 @@ def drop_tenant_records(engine: Engine, tenant_id: str, batch: int, result: RunR
             if not ids:
                 return
             db.execute(sa.delete(STATE).where(STATE.c.tenant_id == tenant_id, STATE.c.subject_id.in_(ids)))
-            result.records_dropped += db.execute(
-                sa.delete(REC).where(REC.c.tenant_id == tenant_id, REC.c.subject_id.in_(ids))).rowcount
+            result.records_dropped += _rowcount(db.execute(
+                sa.delete(REC).where(REC.c.tenant_id == tenant_id, REC.c.subject_id.in_(ids))))
             db.execute(sa.delete(SI).where(SI.c.tenant_id == tenant_id, SI.c.subject_id.in_(ids)))
-            result.subjects_dropped += db.execute(sa.delete(SUBJ).where(SUBJ.c.id.in_(ids))).rowcount
+            result.subjects_dropped += _rowcount(db.execute(sa.delete(SUBJ).where(SUBJ.c.id.in_(ids))))
 
 
 def run(engine: Engine, *, now: datetime | None = None, batch: int = 1000) -> RunResult:

@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
+from sqlmodel import col
 
 from . import crypto
 from .errors import Conflict, NotFound
@@ -238,7 +239,7 @@ def attach_tenant(db: Session, row: dict[str, Any]) -> Tenant:
     query); changes to it flush as usual. The session's own copy wins if it has one."""
     existing = db.identity_map.get(identity_key(Tenant, row["id"]))
     if existing is not None:
-        return existing  # type: ignore[no-any-return]
+        return existing
     tenant = Tenant(**row)
     make_transient_to_detached(tenant)
     db.add(tenant)
@@ -257,8 +258,8 @@ def is_admin_token(db: Session, raw: str, env_token: str | None) -> bool:
         return True
     digest = crypto.hash_token(raw)
     row = db.execute(
-        sa.select(AdminToken.token_hash).where(
-            AdminToken.token_hash == digest, AdminToken.revoked_at.is_(None)  # type: ignore[union-attr]
+        sa.select(col(AdminToken.token_hash)).where(
+            col(AdminToken.token_hash) == digest, col(AdminToken.revoked_at).is_(None)
         )
     ).first()
     return row is not None and crypto.tokens_equal(row.token_hash, digest)

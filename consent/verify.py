@@ -232,8 +232,9 @@ class Walker:
 
     def _submit(self) -> None:
         if self._batch:
+            assert self.pool is not None  # receipts are batched only for a pool
             jwks = json.dumps(self.keys.known_jwks(), sort_keys=True)
-            future = self.pool.submit(_check_receipts, jwks, self._batch)  # type: ignore[union-attr]
+            future = self.pool.submit(_check_receipts, jwks, self._batch)
             self._pending.append((self._batch[0][0], future, self._batch))
             self._batch = []
         while len(self._pending) > MAX_PENDING:  # bounded memory
@@ -436,7 +437,7 @@ def _walk_jsonl(walker: Walker, lines: Iterable[bytes], manifest: str | None) ->
     body = hashlib.sha256()
     report: Report | None = None
     no = 0
-    for no, raw in enumerate(lines, 1):  # noqa: B007 (no is used after the loop)
+    for no, raw in enumerate(lines, 1):  # no is read after the loop as well
         if report is not None:
             raise VerifyError(no, "data after the manifest")
         try:
@@ -501,7 +502,7 @@ def verify_csv(lines: Iterable[bytes], keys: crypto.KeySet, manifest: str,
 def _walk_csv(walker: Walker, lines: Iterable[bytes], manifest: str) -> Report:
     body = hashlib.sha256()
     columns: tuple[str, ...] = CSV_COLUMNS
-    for no, raw in enumerate(lines, 1):
+    for no, raw in enumerate(lines, 1):  # no is read after the loop as well
         body.update(raw)
         try:
             row = next(csv.reader([raw.decode()]))

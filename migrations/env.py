@@ -18,7 +18,10 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_db_engine(config.get_main_option("sqlalchemy.url"), secret_keys=config.attributes.get("secret_keys"))
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("alembic needs sqlalchemy.url or a connection in config.attributes")
+    engine = create_db_engine(url, secret_keys=config.attributes.get("secret_keys"))
     try:
         with engine.connect() as connection:
             context.configure(

@@ -35,9 +35,10 @@ class LiveServer:
 
     def start(self, timeout: float = 90) -> Self:
         # 90 s: on a busy shared machine a spawned worker has taken 35 s to import the service.
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "consent.cli", "serve", "--port", str(self.port), "--workers", str(self.workers)],
+                [sys.executable, "-m", "consent.cli", "serve", "--port", str(self.port),
+                 "--workers", str(self.workers)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.starts += 1
         deadline = time.monotonic() + timeout
@@ -50,8 +51,9 @@ class LiveServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        self.stop()  # no process outlives a failed start (the caller's `with` never exits)
-        raise RuntimeError(f"server did not become ready: {self.log()[-3000:]}")
+        tail = self.log()[-3000:]
+        self.stop()  # a server that never became ready must not outlive the test
+        raise RuntimeError(f"server did not become ready: {tail}")
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

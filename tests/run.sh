@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs test dependencies (Python packages in .venv, Debian's
-# chromium for the browser tests when missing) and runs the whole suite on SQLite and PostgreSQL.
+# chromium for the browser tests when missing), runs ruff and mypy, then the whole suite on
+# SQLite and PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,4 +27,7 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# Lint first: a finding fails the run in seconds, before the suite's minutes.
+.venv/bin/ruff check consent tests bench
+.venv/bin/mypy  # files and plugins: [tool.mypy] in pyproject.toml
 exec .venv/bin/python -m pytest "$@"

@@ -75,7 +75,7 @@ def test_access_export_json_and_markdown(tenant: Tenant) -> None:
     assert r.status_code == 200
     data = r.json()
     assert {(i["kind"], i["value"]) for i in data["identifiers"]} == {("email", "ada@example.com"), ("user", "ada-1")}
-    assert [x["id"] for x in data["records"]][0] == rec["id"]
+    assert data["records"][0]["id"] == rec["id"]
     assert data["records"][0]["evidence"] == {"ip": "203.0.113.0", "user_agent": "UA/9"}
     assert data["records"][1]["disclosures"][0]["name"] == "session"
     assert data["records"][0]["receipt"] == rec["receipt"] and data["state_receipt"]

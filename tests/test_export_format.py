@@ -19,7 +19,7 @@ from .helpers import Tenant
 from .ledger_factory import generate_ledger
 
 # every character that JSON may escape, a few that it must not, and the edges of Unicode
-CHARS = [chr(c) for c in (*range(0, 0x800), 0x2028, 0x2029, 0xFEFF, 0xFFFD, 0xFFFF, 0x10000, 0x1F600, 0x10FFFF)]
+CHARS = [chr(c) for c in (*range(0x800), 0x2028, 0x2029, 0xFEFF, 0xFFFD, 0xFFFF, 0x10000, 0x1F600, 0x10FFFF)]
 SORT = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
 
 

@@ -11,7 +11,6 @@ from consent import exports
 from .helpers import make_tenant
 from .ledger_factory import generate_ledger, signer_for
 
-
 # Records per chunk here: small enough that even the 2,000-record export fills the pipeline (the
 # read-ahead queue, the chunk being encoded, the one being hashed). With the service's 1,024 it
 # ends after two chunks, before the pipeline is full, and its peak is no steady-state baseline.

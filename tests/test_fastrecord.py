@@ -10,6 +10,7 @@ route's own answer.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -116,7 +117,7 @@ def test_paths_alternate_on_one_chain(client: TestClient, route_client: TestClie
         side = t if n % 2 else r
         made.append(side.record("marketing_email", ["denied", "granted"][n % 2], user_id="u-1"))
     assert writer.recorded == before + 3
-    for prev, rec in zip(made, made[1:]):
+    for prev, rec in itertools.pairwise(made):
         assert rec["prev_hash"] == prev["record_hash"]
     chain = rows(db_url, "SELECT prev_hash, record_hash FROM consent_record WHERE subject_id = :s ORDER BY seq",
                  s=first["subject"])

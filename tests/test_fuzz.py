@@ -10,15 +10,17 @@ from typing import Any
 import pytest
 import schemathesis
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from schemathesis.checks import positive_data_acceptance
 from starlette.routing import Route
 
 from consent import db
 from consent.app import create_app
+from consent.models import ConsentRecord, ConsentState, Subject, SubjectIdentifier
 from consent.openapi import build_openapi
 from consent.settings import Settings
-from consent.models import ConsentRecord, ConsentState, Subject, SubjectIdentifier
 
 from .helpers import ADMIN_TOKEN, Tenant, make_tenant
 

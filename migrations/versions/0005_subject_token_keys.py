@@ -8,12 +8,10 @@ Create Date: 2026-11-22
 from __future__ import annotations
 
 import sqlalchemy as sa
+import sqlmodel.sql.sqltypes
 from alembic import op
 
-import sqlmodel
-
 import consent.models
-
 
 revision = '0005'
 down_revision = '0003'

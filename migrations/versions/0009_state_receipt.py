@@ -2,7 +2,7 @@
 ``receipt_seq``)
 
 A check then reads one row per subject and purpose instead of also probing consent_record and
-its TOAST table: about 40 % less PostgreSQL CPU per check (docs/bench.md, eighth pass). The copy
+its TOAST table, which costs PostgreSQL about 40 % of its CPU per check. The copy
 is valid only while ``receipt_seq`` equals ``record_seq``; readers fall back to consent_record
 otherwise, so rows not yet filled (or moved by code older than this revision) are never answered
 with another record's receipt.
@@ -19,7 +19,7 @@ Create Date: 2026-11-22
 from __future__ import annotations
 
 import sqlalchemy as sa
-import sqlmodel
+import sqlmodel.sql.sqltypes
 from alembic import op
 
 revision = "0009"

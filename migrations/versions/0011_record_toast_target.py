@@ -3,10 +3,9 @@
 Since 0008 a record row carries its export line (~600 bytes) besides its receipt (~1 KB): about
 2 KB in all, right at PostgreSQL's default TOAST threshold (~2 KB). So about half the rows had
 their receipt (the largest value, which does not compress) moved out of line into the TOAST
-table, and an export fetched it from there for each of those records: on the bench ledger
-PostgreSQL spent ~10 us of CPU per exported record, ~7 us with whole rows (docs/bench.md, tenth
-pass). With the threshold at its maximum a row is compressed or moved out of line only above
-~8 KB (large evidence).
+table, and an export fetched it from there for each of those records, which costs PostgreSQL
+about a third more CPU per exported record than reading whole rows. With the threshold at its
+maximum a row is compressed or moved out of line only above ~8 KB (large evidence).
 
 Rows written before this migration keep their layout until the table is rewritten; PostgreSQL
 reads both. An operator may rewrite them at a quiet time (``VACUUM FULL consent_record`` holds

@@ -5,9 +5,7 @@ Every check by email, user id or anonymous id starts with that question. The pri
 SQLite a second B-tree search by rowid, on PostgreSQL a heap fetch). This index holds the
 subject id too: the fast check's SQLite statements name it (``INDEXED BY``: SQLite's planner
 keeps the primary key for an equality on all its columns), PostgreSQL may use it for
-index-only scans. The fast check on the bench ledger, SQLite, in a tight loop: 25-30 -> 18-26 us
-per statement; through the server, 1 worker, 32 clients, alternating: 9,708 / 11,330 / 12,056 ->
-10,900 / 10,914 / 13,533 checks/s (docs/bench.md, eleventh pass).
+index-only scans. The check's SQLite statement on the bench ledger then takes about 20 us.
 
 On PostgreSQL the index is built CONCURRENTLY (outside the migration's transaction), so the
 ledger stays writable meanwhile.
