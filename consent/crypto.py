@@ -648,7 +648,7 @@ def keyring_of(bind: Any) -> Keyring:
     ring = getattr(dialect, "consent_keyring", None)
     if ring is None:
         raise SecretKeyError("this engine has no key-encryption key (make it with db.create_db_engine)")
-    return ring  # type: ignore[no-any-return]
+    return ring
 
 
 def open_secret(bind: Any, value: str, where: str) -> str:

@@ -96,7 +96,7 @@ class BatchWriter(logging.Handler):
         self._thread: threading.Thread | None = None
         self._pid = 0  # the process the thread runs in (a forked child starts its own)
 
-    def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+    def handle(self, record: logging.LogRecord) -> bool:
         # No handler lock: the queue is thread-safe, and the thread is the only writer.
         if not self.filter(record):
             return False

@@ -273,7 +273,7 @@ def _parser(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     """How the field's variable is read: its own ``parse``, else by its type."""
     custom = f.metadata.get("parse")
     if custom is not None:
-        return custom  # type: ignore[no-any-return]
+        return custom
     kind = _types()[f.name]
     if kind is bool:
         return _bool

@@ -17,7 +17,15 @@ from . import crypto, subject_tokens
 from .catalog import current_version, get_purpose, get_version, list_purposes
 from .checks import subject_states
 from .errors import BadToken, Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
-from .ledger import SI, STATE, find_subject_id, lock_subject, record_decision, resolve_subject
+from .ledger import (
+    SI,
+    STATE,
+    NewRecord,
+    find_subject_id,
+    lock_subject,
+    record_decision,
+    resolve_subject,
+)
 from .models import (
     ConsentRecord,
     PolicyPurpose,
@@ -158,7 +166,7 @@ def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None)
     # built-in texts of the language (English for a language only the tenant wrote), then the
     # tenant's own words for it
     texts = {**TEXTS.get(chosen, TEXTS["en"]), **own.get(chosen, {})}
-    titles = LIST_SEPARATOR.get(chosen, ", ").join(p["title"] for p in out_purposes)
+    titles = LIST_SEPARATOR.get(chosen, ", ").join(str(p["title"]) for p in out_purposes)
     texts = {k: v.replace("{purposes}", titles) for k, v in texts.items()}
     cookies = []
     for c in version.cookies:
@@ -191,7 +199,8 @@ def stamp_columns(tenant_id: Any) -> list[Any]:
     pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
     pt = Purpose.__table__  # type: ignore[attr-defined]
     ss = SnippetSettings.__table__  # type: ignore[attr-defined]
-    policy_key, now = sa.bindparam("k"), sa.bindparam("now", type_=pv.c.effective_at.type)
+    policy_key: Any = sa.bindparam("k")
+    now = sa.bindparam("now", type_=pv.c.effective_at.type)
     of_policy = (pv.c.tenant_id == tenant_id, pv.c.policy_key == policy_key)
     return [
         sa.select(sa.func.max(pv.c.id)).where(*of_policy).scalar_subquery(),
@@ -274,7 +283,7 @@ def _gpc_opt_out_on_record(db: Session, tenant: Tenant, ref: SubjectRef, purpose
         return None
     rec = db.execute(
         sa.select(ConsentRecord)
-        .join(STATE, ConsentRecord.seq == STATE.c.record_seq)  # type: ignore[arg-type]
+        .join(STATE, ConsentRecord.seq == STATE.c.record_seq)
         .where(STATE.c.tenant_id == tenant.id, STATE.c.subject_id == sid, STATE.c.purpose == purpose)
     ).scalars().first()
     if rec is not None and rec.source == "gpc" and rec.decision == "denied" and rec.policy_version == version:
@@ -332,7 +341,7 @@ def record_choices(db: Session, tenant: Tenant, body: SnippetConsentsIn, visit: 
     return {"subject": subject_id, "subject_token": token_state, "records": records}
 
 
-def _out(record: ConsentRecord, status: str, *, created: bool) -> dict[str, Any]:
+def _out(record: ConsentRecord | NewRecord, status: str, *, created: bool) -> dict[str, Any]:
     return {"purpose": record.purpose, "decision": record.decision, "status": status,
             "source": record.source, "record_id": record.id, "created": created, "receipt": record.receipt}
 
