@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -14,20 +14,20 @@ from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from . import (
     api,
     api_audit,
     api_snippet,
+    batch_reads,
+    batch_writes,
     db,
     events,
-    fastcheck,
-    fastrecord,
     ratelimit,
     receipts,
     webhooks,
@@ -55,8 +55,10 @@ class Services:
     engine: Engine
     signer: Signer
     head: str | None
-    check_reader: fastcheck.Reader | None = None  # GET /v1/check's fast path (None: off)
-    record_writer: fastrecord.Writer | None = None  # POST /v1/consents' fast path (None: off)
+    check_reader: batch_reads.Reader | None = None  # GET /v1/check's batched executor (None: per request)
+    record_writer: batch_writes.Writer | None = None  # POST /v1/consents' group commit (None: per request)
+    # secret key digest -> (tenant id, tenant hash key): what never changes for a key (api.secret_key)
+    secret_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def admin_token(self) -> str | None:
@@ -75,7 +77,7 @@ async def readyz(request: Request) -> Response:
     def probe() -> dict[str, Any]:
         try:
             current = db.current_revision(services.engine)
-        except Exception as exc:  # any driver error means "not ready", never a 500
+        except Exception as exc:  # noqa: BLE001 - any driver error means "not ready", never a 500
             return {"database": "unreachable", "error": type(exc).__name__}
         return {"database": "ok", "migration": current, "head": services.head}
 
@@ -293,31 +295,6 @@ def prepare(settings: Settings, engine: Engine) -> Signer:
         return Signer(key.kid, key.private_pem)
 
 
-class ConsentApp(Starlette):
-    """Starlette, with the two hot paths tried first: a well-formed ``GET /v1/check``
-    (``fastcheck``) and a common ``POST /v1/consents`` (``fastrecord``) are answered before the
-    middleware stack; anything they decline goes through it to the routes as usual."""
-
-    entry: Any = None  # the proxy-headers layer in front of _dispatch (set by create_app)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await (self.entry or self._dispatch)(scope, receive, send)
-
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path, method = scope["path"], scope["method"]
-            services = getattr(self.state, "services", None)
-            if path == fastcheck.ROUTE and method == "GET":
-                if await fastcheck.handle(services, scope, send):
-                    return
-            elif path == fastrecord.ROUTE and method == "POST":
-                passed = await fastrecord.handle(services, scope, receive, send)
-                if passed is None:
-                    return
-                receive = passed
-        await super().__call__(scope, receive, send)
-
-
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the ASGI app. Nothing happens at import time; uvicorn calls this with --factory."""
     settings = settings or Settings.from_env()
@@ -331,18 +308,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         worker = reader = sequencer = listener = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)
-            # A rate-limited check must pass the limiter: then the route answers every check.
-            if settings.fast_check and "check_one" not in settings.rate_limit_routes:
-                reader = fastcheck.open_reader(
-                    engine, fastcheck.sqlite_threaded(settings.sqlite_reader, settings.workers))
+            reader = batch_reads.open_reader(engine, settings.workers)
             services = Services(settings, engine, signer, db.head_revision(settings.database_url), reader)
-            if settings.fast_record and "record_consent" not in settings.rate_limit_routes:
-                services.record_writer = fastrecord.open_writer(engine, services)
+            services.record_writer = batch_writes.open_writer(engine, services)
             app.state.services = services
             worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery
             sequencer = start_sequencer(engine, settings, signer)
             if engine.dialect.name == "postgresql":  # other processes' commits wake our feed waits
-                listener = events.FeedListener(fastcheck.pg_connect_args(engine)).start()
+                listener = events.FeedListener(batch_reads.pg_connect_args(engine)).start()
             yield
         finally:
             if listener is not None:
@@ -358,16 +331,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await writer.close()
             engine.dispose()
 
-    app = ConsentApp(
+    # Pure ASGI middleware only. Proxy headers first, so rate limits and IP evidence see the
+    # visitor's address wherever a trusted proxy forwarded it (and never a spoofed one).
+    proxies = [Middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies))
+               ] if settings.trusted_proxies else []
+    app = Starlette(
         routes=ratelimit.guard(list(routes), settings.rate_limit_routes),
-        middleware=[RequestContextMiddleware.as_middleware()],
+        middleware=[*proxies, RequestContextMiddleware.as_middleware()],
         exception_handlers={ConsentError: on_consent_error, HTTPException: on_http_exception,
                             sa_exc.OperationalError: on_database_error, sa_exc.TimeoutError: on_database_error,
                             Exception: on_unexpected},
         lifespan=lifespan,
     )
-    if settings.trusted_proxies:
-        # Before everything, the fast paths included, so rate limits and IP evidence see the
-        # visitor's address wherever a trusted proxy forwarded it (and never a spoofed one).
-        app.entry = ProxyHeadersMiddleware(app._dispatch, trusted_hosts=list(settings.trusted_proxies))  # type: ignore[arg-type]
     return app

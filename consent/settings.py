@@ -18,7 +18,6 @@ def default_data_dir(environ: dict[str, str]) -> Path:
     current directory, so a command run from elsewhere (or cron) finds the same database."""
     base = environ.get("XDG_DATA_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "share")
     return Path(base) / DEFAULT_DATA_DIR
-SQLITE_READERS = ("auto", "thread", "loop")
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,6 @@ class Settings:
     rate_limit_ip_per_minute: int = 300
     rate_limit_routes: tuple[str, ...] = ()
     limit_concurrency: int = 1000
-    fast_check: bool = True  # GET /v1/check answered by consent/fastcheck.py (False: by the route)
-    sqlite_reader: str = "auto"  # the fast check's SQLite reads: auto | thread | loop (fastcheck.sqlite_threaded)
-    fast_record: bool = True  # common POST /v1/consents by consent/fastrecord.py (PostgreSQL)
     # integrations: email links and the webhook delivery worker
     email_confirm_days: int = 7
     webhook_worker: bool = True
@@ -109,9 +105,6 @@ class Settings:
             rate_limit_routes=tuple(n.strip() for n in config("CONSENT_RATE_LIMIT_ROUTES", default="").split(",")
                                     if n.strip()),
             limit_concurrency=config("CONSENT_LIMIT_CONCURRENCY", cast=int, default=1000),
-            fast_check=config("CONSENT_FAST_CHECK", cast=bool, default=True),
-            sqlite_reader=config("CONSENT_SQLITE_READER", default="auto").strip().lower(),
-            fast_record=config("CONSENT_FAST_RECORD", cast=bool, default=True),
             email_confirm_days=config("CONSENT_EMAIL_CONFIRM_DAYS", cast=int, default=7),
             webhook_worker=config("CONSENT_WEBHOOK_WORKER", cast=bool, default=True),
             webhook_poll_seconds=config("CONSENT_WEBHOOK_POLL_SECONDS", cast=float, default=1.0),
@@ -142,9 +135,6 @@ class Settings:
                               str(config("CONSENT_SECRET_KEYS", cast=Secret, default="")).split(",") if k.strip()),
         )
         values.update(overrides)
-        if values["sqlite_reader"] not in SQLITE_READERS:
-            raise ValueError(f"CONSENT_SQLITE_READER must be one of {', '.join(SQLITE_READERS)}, "
-                             f"not {values['sqlite_reader']!r}")
         from .crypto import parse_kek
 
         for k in values["secret_keys"]:  # type: ignore[attr-defined]
