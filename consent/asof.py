@@ -19,6 +19,7 @@ from .checks import decision_answer, purpose_states
 from .errors import ValidationFailed
 from .ledger import SI
 from .models import ConsentRecord, Subject, Tenant, utcnow
+from .tenants import TenantRef
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 SKEW = timedelta(seconds=5)
@@ -52,7 +53,7 @@ def _stale(db: Session, tenant_id: str, row: Any, at: datetime) -> bool:
         tenant_id, row.purpose, row.policy_key, row.policy_version_id, at))).scalar())
 
 
-def _subject_id(db: Session, tenant: Tenant, kind: str, value: str) -> str | None:
+def _subject_id(db: Session, tenant: Tenant | TenantRef, kind: str, value: str) -> str | None:
     if kind == "id":
         return db.execute(sa.select(Subject.id).where(Subject.id == value, Subject.tenant_id == tenant.id)).scalar()
     if kind == "email":
@@ -62,7 +63,7 @@ def _subject_id(db: Session, tenant: Tenant, kind: str, value: str) -> str | Non
         SI.c.tenant_id == tenant.id, SI.c.kind == kind, SI.c.value_hash == h)).scalar()
 
 
-def check_at(db: Session, tenant: Tenant, *, purpose: str, kind: str, value: str, at: datetime) -> dict[str, Any]:
+def check_at(db: Session, tenant: Tenant | TenantRef, *, purpose: str, kind: str, value: str, at: datetime) -> dict[str, Any]:
     """Like ``checks.check``, as it would have answered at ``at``."""
     require_past(at)
     if get_purpose(db, tenant.id, purpose) is None:

@@ -196,7 +196,8 @@ class SqliteReader(Reader):
                 conn = self._connect()
             results: list[Any] = self._work_batch(conn, [item[1] for item in work])
         except Exception as exc:  # noqa: BLE001 - each waiting request gets it; the route logs and counts it
-            conn = _closed(conn)
+            _closed(conn)
+            conn = None
             results = [exc] * len(work)
         return conn, list(zip(work, results))
 
@@ -216,11 +217,12 @@ class SqliteReader(Reader):
         if self._thread is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
-        self._conn = _closed(self._conn)
+        _closed(self._conn)
+        self._conn = None
 
 
 def _closed(conn: sqlite3.Connection | None) -> None:
-    """Close a connection if there is one (returns None, to assign back)."""
+    """Close a connection if there is one."""
     if conn is not None:
         conn.close()
 
