@@ -4,6 +4,7 @@ one screen), middleware, error handlers and the lifespan that owns the engine an
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -110,6 +111,9 @@ def disk_check(settings: Settings) -> dict[str, Any]:
 
 
 routes = [
+    # The two hot routes first: the router tries routes in order.
+    Route("/v1/check", api.check_one, methods=["GET"], name="check_one"),
+    Route("/v1/consents", api.record_consent, methods=["POST"], name="record_consent"),
     Route("/healthz", healthz, methods=["GET"], name="healthz"),
     Route("/readyz", readyz, methods=["GET"], name="readyz"),
     Route("/openapi.json", openapi_handler, methods=["GET"], name="openapi"),
@@ -131,9 +135,7 @@ routes = [
     Route("/v1/cookies/{name}", api.put_cookie, methods=["PUT"], name="put_cookie"),
     Route("/v1/policies/{policy}/versions", api.publish_version, methods=["POST"], name="publish_version"),
     Route("/v1/policies/{policy}/versions", api.list_versions, methods=["GET"], name="list_versions"),
-    Route("/v1/consents", api.record_consent, methods=["POST"], name="record_consent"),
     Route("/v1/subjects/{subject}/consents", api.subject_consents, methods=["GET"], name="subject_consents"),
-    Route("/v1/check", api.check_one, methods=["GET"], name="check_one"),
     Route("/v1/check", api.check_bulk, methods=["POST"], name="check_bulk"),
     # --- reliability ---
     Route("/metrics", metrics_handler, methods=["GET"], name="metrics"),
@@ -312,6 +314,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             services = Services(settings, engine, signer, db.head_revision(settings.database_url), reader)
             services.record_writer = batch_writes.open_writer(engine, services)
             app.state.services = services
+            # What startup built (models, compiled statements, the routes) lives as long as the
+            # process: out of the collector's sight, a full collection no longer walks it on the
+            # request path.
+            gc.freeze()
             worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery
             sequencer = start_sequencer(engine, settings, signer)
             if engine.dialect.name == "postgresql":  # other processes' commits wake our feed waits
