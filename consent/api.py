@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from . import asof, catalog, checks, crypto, ledger, tenants
-from .errors import ValidationFailed
-from .http import Ctx, JSONResponse, Q, endpoint, require
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from . import asof, batch_writes, catalog, checks, crypto, ledger, metrics, tenants
+from .db import transaction
+from .errors import ConsentError, Unauthorized, Unavailable, ValidationFailed
+from .http import (
+    Ctx,
+    JSONResponse,
+    Meta,
+    Q,
+    authenticate_token,
+    bearer_value,
+    check_body_headers,
+    db_work,
+    dumps,
+    endpoint,
+    parse_body,
+    parse_query_pairs,
+    query_pairs,
+    read_limited,
+    require,
+    require_credentials,
+)
+from .models import utcnow
 from .receipts import jwks as load_jwks
 from .schemas import (
     AuditList,
@@ -33,8 +56,10 @@ from .schemas import (
     TenantOut,
     TenantPatch,
 )
+from .tenants import TenantRef, attach_tenant
 
 KEY_RE = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+KEY_CACHE_MAX = 10_000  # secret keys cached per process (cleared when full)
 LIMIT = Q("limit", int, default=50, minimum=1, maximum=500, description="page size")
 CURSOR = Q("cursor", description="next_cursor of the previous page")
 
@@ -174,21 +199,110 @@ def list_versions(ctx: Ctx) -> Any:
     return {"items": [catalog.version_out(v) for v in rows], "next_cursor": nxt}
 
 
-def idempotency_key(ctx: Ctx) -> str | None:
-    key = ctx.request.headers.get("idempotency-key")
+def idempotency_key(headers: Any) -> str | None:
+    key = headers.get("idempotency-key")
     if key is not None:
         require(0 < len(key) <= 200 and key.isprintable(), "Idempotency-Key", "1 to 200 printable characters")
     return key
 
 
-@endpoint(auth="secret", summary="Record one decision; returns the record and its receipt "
-          "(201; 200 when an Idempotency-Key replays an earlier request)", body=ConsentIn, status=201,
-          response=RecordOut, write=True, responses={200: "replayed"}, headers=("Idempotency-Key",))
-def record_consent(ctx: Ctx) -> Any:
-    s = ctx.services
-    result = ledger.record_decision(ctx.db, ctx.tenant, ctx.body, signer=s.signer, issuer=s.settings.issuer,
-                                    idempotency_key=idempotency_key(ctx))
-    return (201 if result.created else 200), ledger.record_out(result.record, result.status)
+async def db_call(services: Any, fn: Callable[[], Any]) -> Any:
+    """``http.db_work``, a database that does not answer in time being a 503."""
+    try:
+        return await db_work(services, fn)
+    except TimeoutError:
+        raise Unavailable("the database did not answer in time; retry shortly", headers={"Retry-After": "1"}) from None
+
+
+def authorization(scope: Scope) -> str | None:
+    """The first Authorization header, as ``Request.headers`` reads it."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return None
+
+
+async def secret_key(services: Any, scope: Scope) -> tuple[str, str, str]:
+    """(key digest, tenant id, tenant hash key) of the request's secret key, else 401/403.
+    What a key is never changes, so it is cached per process; whether it still works is not:
+    every statement that acts for it tests that, in its own snapshot."""
+    token = bearer_value(authorization(scope))
+    if token is None:
+        raise Unauthorized("this route needs an API key")
+    digest = crypto.hash_token(token)
+    known = services.secret_keys.get(digest)
+    if known is None:
+        def lookup() -> Any:
+            with transaction(services.engine, read_only=True) as db:
+                return authenticate_token(db, services, token, "secret")  # 401 / 403 as every route
+
+        principal = await db_call(services, lookup)
+        known = (principal.tenant_id, principal.hash_key)
+        if len(services.secret_keys) >= KEY_CACHE_MAX:
+            services.secret_keys.clear()
+        services.secret_keys[digest] = known
+    return digest, known[0], known[1]
+
+
+async def send_json(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RecordConsent:
+    """``POST /v1/consents``: a raw ASGI endpoint (Starlette's router calls it with the ASGI
+    triple: no threadpool hop while the record waits for its batch). Checked in the order every
+    route checks: credentials (401), content type and size (415/413), the key (401/403), JSON
+    (400), validation (422). A record the group commit can take (PostgreSQL) goes to the
+    process's ``batch_writes.Writer``; any other, or one it hands back, is written by
+    ``ledger.record_decision`` in one transaction. Both build the record with the same ledger
+    functions and write it with ``statements``."""
+
+    meta = Meta(auth="secret", summary="Record one decision; returns the record and its receipt "
+                "(201; 200 when an Idempotency-Key replays an earlier request)", body=ConsentIn, status=201,
+                response=RecordOut, write=True, responses={200: "replayed"}, headers=("Idempotency-Key",))
+    __name__ = "record_consent"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = scope["app"].state.services
+        request = Request(scope, receive)
+        require_credentials(request, "secret")
+        limit = services.settings.max_body_bytes
+        check_body_headers(request, self.meta, limit)
+        digest, tenant_id, hash_key = await secret_key(services, scope)
+        spec = parse_body(await read_limited(request, limit), self.meta)
+        ikey = idempotency_key(request.headers)
+        writer = services.record_writer
+        out: tuple[bool, dict[str, Any]] | None = None
+        if writer is not None and batch_writes.takes(spec):
+            try:
+                record, status = await writer.record(tenant_id, hash_key, digest, spec, ikey)
+                out = True, ledger.record_out(record, status)
+            except batch_writes.PerRequest:
+                pass  # a new subject, an Idempotency-Key seen before, a hot subject: written below
+            except ConsentError:
+                raise  # the request's own error (422, 401, 503), found by the batch
+            except Exception as exc:  # noqa: BLE001 - logged and counted; the record is written per request
+                metrics.executor_failed("record", exc)
+        if out is None:
+            token = bearer_value(authorization(scope))
+
+            def write() -> tuple[bool, dict[str, Any]]:
+                with transaction(services.engine, write=True) as db:
+                    principal = authenticate_token(db, services, token, "secret")
+                    assert principal is not None and principal.tenant_row is not None
+                    result = ledger.record_decision(db, attach_tenant(db, principal.tenant_row), spec,
+                                                    signer=services.signer, issuer=services.settings.issuer,
+                                                    idempotency_key=ikey)
+                    return result.created, ledger.record_out(result.record, result.status)
+
+            out = await db_call(services, write)
+        created, body = out
+        await send_json(send, 201 if created else 200, dumps(body))
+
+
+record_consent = RecordConsent()
 
 
 AT = Q("at", datetime, description="answer as of this RFC 3339 time (state then, receipt of the record then in force)")
@@ -218,18 +332,64 @@ CHECK_QUERY = (
 )
 
 
-@endpoint(auth="secret", summary="May we? One subject, one purpose", query=CHECK_QUERY, response=CheckOut,
-          inline=True)
-def check_one(ctx: Ctx) -> Any:
-    q = ctx.query
-    given = [(k, q[k]) for k in ("subject", "email", "anonymous_id") if q[k]]
-    if len(given) != 1:
-        raise ValidationFailed.field("subject", "give exactly one of subject, email, anonymous_id")
-    name, value = given[0]
-    kind, value = ledger.parse_subject_ref(value) if name == "subject" else ({"email": "email", "anonymous_id": "anon"}[name], value)
-    if q["at"] is not None:  # as-of answers: off the hot path
-        return asof.check_at(ctx.db, ctx.tenant, purpose=q["purpose"], kind=kind, value=value, at=q["at"])
-    return checks.check(ctx.db, ctx.tenant_ref, purpose=q["purpose"], kind=kind, value=value)
+SUBJECT_PARAMS = {"subject": None, "email": "email", "anonymous_id": "anon"}
+
+
+class CheckOne:
+    """``GET /v1/check``: a raw ASGI endpoint (Starlette's router calls it with the ASGI triple:
+    no Request object, no threadpool). The key comes from the per-process cache
+    (``secret_key``); the check runs on the process's batched reader (``batch_reads``), or, where
+    none runs or it failed (logged and counted), on the per-request executor
+    (``checks.check_rows``): one statement either way (``statements.CHECK``), one answer builder
+    (``checks.check_answer``). ``at=`` answers from the ledger (``asof``) in a transaction."""
+
+    meta = Meta(auth="secret", summary="May we? One subject, one purpose", query=CHECK_QUERY, response=CheckOut)
+    __name__ = "check_one"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = scope["app"].state.services
+        digest, tenant_id, hash_key = await secret_key(services, scope)
+        q = parse_query_pairs(query_pairs(scope["query_string"].decode("latin-1")), CHECK_QUERY)
+        given = [(k, q[k]) for k in SUBJECT_PARAMS if q[k]]
+        if len(given) != 1:
+            raise ValidationFailed.field("subject", "give exactly one of subject, email, anonymous_id")
+        name, value = given[0]
+        kind = SUBJECT_PARAMS[name]
+        if kind is None:
+            kind, value = ledger.parse_subject_ref(value)
+        purpose, tenant = q["purpose"], TenantRef(tenant_id, hash_key)
+        if q["at"] is not None:  # as-of answers: from the ledger, off the hot path
+            def as_of() -> dict[str, Any]:
+                with transaction(services.engine, read_only=True) as db:
+                    return asof.check_at(db, tenant, purpose=purpose, kind=kind, value=value, at=q["at"])
+
+            body = await db_call(services, as_of)
+        else:
+            body = checks.check_answer(purpose, await run_check(services, checks.check_item(
+                digest, tenant, purpose, kind, value)))
+        await send_json(send, 200, dumps(body))
+
+
+async def run_check(services: Any, item: tuple[str, str, str, str, str]) -> tuple[Any, ...]:
+    """``statements.CHECK``'s row for one check: on the batched reader, else per request."""
+    reader = services.check_reader
+    if reader is not None:
+        try:
+            row = await reader.check(item)
+        except Exception as exc:  # noqa: BLE001 - logged and counted; the check runs per request
+            metrics.executor_failed("check", exc)
+        else:
+            reader.answered += 1
+            return row
+
+    def per_request() -> tuple[Any, ...]:
+        with transaction(services.engine, read_only=True) as db:
+            return checks.check_rows(db.connection(), [item], utcnow())[0]
+
+    return await db_call(services, per_request)  # type: ignore[no-any-return]
+
+
+check_one = CheckOne()
 
 
 @endpoint(auth="secret", summary="Bulk check: one purpose for up to 100,000 emails or subjects",

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import crypto, snippet, subject_tokens, tenants
-from .db import READ_PG, transaction
+from . import snippet, subject_tokens
+from .db import transaction
 from .errors import ConsentError, NotFound, OriginNotAllowed, Unauthorized, Unavailable
 from .http import (
     Ctx,
@@ -40,7 +39,7 @@ from .http import (
     read_body,
     render,
 )
-from .models import ApiKey, Tenant, utcnow
+from .models import Tenant, utcnow
 from .schemas_snippet import (
     GpcJson,
     LinkIn,
@@ -79,14 +78,12 @@ def origin_allowed(allowed: list[str] | None, origin: str | None) -> bool:
 
 
 def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: bool = False,
-                  fast: Callable[[Request, Any], Response | None] | None = None,
                   **kw: Any) -> Callable[[Callable[[Ctx], Any]], Any]:
     """Like ``http.endpoint(auth="publishable")``, with CORS for the tenant's allowed origins.
 
     Order: key (401), then Origin (403 origin_not_allowed, no CORS headers), then body and
     query (415/413/400/422). Every response after the origin check, errors included, carries
-    the CORS headers, so the page's script can read it. ``fast`` (in the threadpool) may answer
-    the common request first; None leaves it to the handler."""
+    the CORS headers, so the page's script can read it."""
     meta = Meta(auth="publishable", summary=summary, **kw)
     if meta.body is not None:
         meta.text_body = True
@@ -95,10 +92,6 @@ def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: boo
     def deco(fn: Callable[[Ctx], Any]) -> Any:
         async def handler(request: Request) -> Response:
             services = request.app.state.services
-            if fast is not None:
-                answered = await run_in_threadpool(_try_fast, fast, request, services)
-                if answered is not None:
-                    return answered
             cors: dict[str, str] = {}
             body: Any = None
             body_error: ConsentError | None = None
@@ -144,14 +137,6 @@ def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: boo
         return handler
 
     return deco
-
-
-def _try_fast(fast: Callable[[Request, Any], Response | None], request: Request, services: Any) -> Response | None:
-    try:
-        return fast(request, services)
-    except Exception:  # a database error or a bug: the handler answers (503, or whatever is right)
-        log.debug("fast path declined after an error", exc_info=True)
-        return None
 
 
 def preflight_for(methods: tuple[str, ...]) -> Any:
@@ -248,62 +233,9 @@ def config_response(request: Request, body: bytes, etag: str, gz: bytes, headers
     return Response(body, media_type="application/json", headers=headers)
 
 
-def _fast_config_query() -> Any:
-    k, t = ApiKey.__table__, Tenant.__table__  # type: ignore[attr-defined]
-    return (sa.select(k.c.kind, k.c.key_hash, t.c.id, t.c.allowed_origins, t.c.default_lang,
-                      *snippet.stamp_columns(k.c.tenant_id))
-            .join(t, t.c.id == k.c.tenant_id)
-            .where(k.c.key_hash == sa.bindparam("h"), tenants.key_live(k, sa.bindparam("now"))))
-
-
-_FAST_CONFIG = _fast_config_query()
-fast_answers = 0  # configs answered by fast_config (tests, debugging)
-
-
-def fast_config(request: Request, services: Any) -> Response | None:
-    """The common ``GET /v1/snippet/config`` (a live publishable key, an allowed or no Origin,
-    valid parameters, a config already built for the current stamp) in ONE statement on a plain
-    connection: the key, its tenant's origins and language, and the config stamp, read together
-    (one snapshot). No session, no ORM objects. Anything else returns None and the route
-    answers it, so every error comes from one place (perf: about half the CPU per request)."""
-    header = request.headers.get("authorization")
-    if header is not None:
-        scheme, _, token = header.partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" else ""
-    else:
-        token = request.query_params.get("key") or ""
-    if not token or len(token) >= 200:
-        return None
-    try:
-        query = {q.name: q.parse(request.query_params.get(q.name)) for q in CONFIG_QUERY}
-    except ConsentError:
-        return None
-    digest = crypto.hash_token(token)
-    params = {"h": digest, "k": query["policy"], "now": utcnow()}
-    with services.engine.connect() as conn:
-        if conn.dialect.name == "postgresql":
-            conn = conn.execution_options(**READ_PG)
-        row = conn.execute(_FAST_CONFIG, params).first()
-    if row is None or row.kind != "publishable" or not crypto.tokens_equal(row.key_hash, digest):
-        return None
-    _, _, tenant_id, origins, default_lang, *stamp = row
-    cors: dict[str, str] = {}
-    origin = request.headers.get("origin")
-    if origin is not None:
-        if not origin_allowed(origins, origin):
-            return None
-        cors = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": "ETag"}
-    cached = _CONFIGS.get((tenant_id, query["policy"], snippet.lang_key(query["lang"], default_lang)))
-    if cached is None or cached[0] != tuple(stamp):
-        return None
-    global fast_answers
-    fast_answers += 1
-    return config_response(request, cached[1], cached[2], cached[3], cors)
-
-
 @cors_endpoint(summary="What the snippet shows: policy version in effect, purposes (with the version "
                "label whose answer counts), cookie disclosures, texts. ETag; 304 on If-None-Match",
-               methods=("GET",), response=SnippetConfig, fast=fast_config,
+               methods=("GET",), response=SnippetConfig,
                responses={304: "not modified", 403: "origin not allowed", 404: "no policy version in effect"},
                query=CONFIG_QUERY, headers=("If-None-Match",))
 def snippet_config(ctx: Ctx) -> Any:

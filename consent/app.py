@@ -4,9 +4,10 @@ one screen), middleware, error handlers and the lifespan that owns the engine an
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -14,20 +15,20 @@ from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from . import (
     api,
     api_audit,
     api_snippet,
+    batch_reads,
+    batch_writes,
     db,
     events,
-    fastcheck,
-    fastrecord,
     ratelimit,
     receipts,
     snippet_bundle,
@@ -56,8 +57,10 @@ class Services:
     engine: Engine
     signer: Signer
     head: str | None
-    check_reader: fastcheck.Reader | None = None  # GET /v1/check's fast path (None: off)
-    record_writer: fastrecord.Writer | None = None  # POST /v1/consents' fast path (None: off)
+    check_reader: batch_reads.Reader | None = None  # GET /v1/check's batched executor (None: per request)
+    record_writer: batch_writes.Writer | None = None  # POST /v1/consents' group commit (None: per request)
+    # secret key digest -> (tenant id, tenant hash key): what never changes for a key (api.secret_key)
+    secret_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def admin_token(self) -> str | None:
@@ -76,7 +79,7 @@ async def readyz(request: Request) -> Response:
     def probe() -> dict[str, Any]:
         try:
             current = db.current_revision(services.engine)
-        except Exception as exc:  # any driver error means "not ready", never a 500
+        except Exception as exc:  # noqa: BLE001 - any driver error means "not ready", never a 500
             return {"database": "unreachable", "error": type(exc).__name__}
         return {"database": "ok", "migration": current, "head": services.head}
 
@@ -109,6 +112,9 @@ def disk_check(settings: Settings) -> dict[str, Any]:
 
 
 routes = [
+    # The two hot routes first: the router tries routes in order.
+    Route("/v1/check", api.check_one, methods=["GET"], name="check_one"),
+    Route("/v1/consents", api.record_consent, methods=["POST"], name="record_consent"),
     Route("/healthz", healthz, methods=["GET"], name="healthz"),
     Route("/readyz", readyz, methods=["GET"], name="readyz"),
     Route("/openapi.json", openapi_handler, methods=["GET"], name="openapi"),
@@ -130,9 +136,7 @@ routes = [
     Route("/v1/cookies/{name}", api.put_cookie, methods=["PUT"], name="put_cookie"),
     Route("/v1/policies/{policy}/versions", api.publish_version, methods=["POST"], name="publish_version"),
     Route("/v1/policies/{policy}/versions", api.list_versions, methods=["GET"], name="list_versions"),
-    Route("/v1/consents", api.record_consent, methods=["POST"], name="record_consent"),
     Route("/v1/subjects/{subject}/consents", api.subject_consents, methods=["GET"], name="subject_consents"),
-    Route("/v1/check", api.check_one, methods=["GET"], name="check_one"),
     Route("/v1/check", api.check_bulk, methods=["POST"], name="check_bulk"),
     # --- reliability ---
     Route("/metrics", metrics_handler, methods=["GET"], name="metrics"),
@@ -295,31 +299,6 @@ def prepare(settings: Settings, engine: Engine) -> Signer:
         return Signer(key.kid, key.private_pem)
 
 
-class ConsentApp(Starlette):
-    """Starlette, with the two hot paths tried first: a well-formed ``GET /v1/check``
-    (``fastcheck``) and a common ``POST /v1/consents`` (``fastrecord``) are answered before the
-    middleware stack; anything they decline goes through it to the routes as usual."""
-
-    entry: Any = None  # the proxy-headers layer in front of _dispatch (set by create_app)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await (self.entry or self._dispatch)(scope, receive, send)
-
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path, method = scope["path"], scope["method"]
-            services = getattr(self.state, "services", None)
-            if path == fastcheck.ROUTE and method == "GET":
-                if await fastcheck.handle(services, scope, send):
-                    return
-            elif path == fastrecord.ROUTE and method == "POST":
-                passed = await fastrecord.handle(services, scope, receive, send)
-                if passed is None:
-                    return
-                receive = passed
-        await super().__call__(scope, receive, send)
-
-
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the ASGI app. Nothing happens at import time; uvicorn calls this with --factory."""
     settings = settings or Settings.from_env()
@@ -333,18 +312,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
         worker = reader = sequencer = listener = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)
-            # A rate-limited check must pass the limiter: then the route answers every check.
-            if settings.fast_check and "check_one" not in settings.rate_limit_routes:
-                reader = fastcheck.open_reader(
-                    engine, fastcheck.sqlite_threaded(settings.sqlite_reader, settings.workers))
+            reader = batch_reads.open_reader(engine, settings.workers)
             services = Services(settings, engine, signer, db.head_revision(settings.database_url), reader)
-            if settings.fast_record and "record_consent" not in settings.rate_limit_routes:
-                services.record_writer = fastrecord.open_writer(engine, services)
+            services.record_writer = batch_writes.open_writer(engine, services)
             app.state.services = services
+            # What startup built (models, compiled statements, the routes) lives as long as the
+            # process: out of the collector's sight, a full collection no longer walks it on the
+            # request path.
+            gc.freeze()
             worker = webhooks.start_worker(engine, settings)  # webhook outbox delivery
             sequencer = start_sequencer(engine, settings, signer)
             if engine.dialect.name == "postgresql":  # other processes' commits wake our feed waits
-                listener = events.FeedListener(fastcheck.pg_connect_args(engine)).start()
+                listener = events.FeedListener(batch_reads.pg_connect_args(engine)).start()
             yield
         finally:
             if listener is not None:
@@ -360,16 +339,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await writer.close()
             engine.dispose()
 
-    app = ConsentApp(
+    # Pure ASGI middleware only. Proxy headers first, so rate limits and IP evidence see the
+    # visitor's address wherever a trusted proxy forwarded it (and never a spoofed one).
+    proxies = [Middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies))
+               ] if settings.trusted_proxies else []
+    app = Starlette(
         routes=ratelimit.guard(list(routes), settings.rate_limit_routes),
-        middleware=[RequestContextMiddleware.as_middleware()],
+        middleware=[*proxies, RequestContextMiddleware.as_middleware()],
         exception_handlers={ConsentError: on_consent_error, HTTPException: on_http_exception,
                             sa_exc.OperationalError: on_database_error, sa_exc.TimeoutError: on_database_error,
                             Exception: on_unexpected},
         lifespan=lifespan,
     )
-    if settings.trusted_proxies:
-        # Before everything, the fast paths included, so rate limits and IP evidence see the
-        # visitor's address wherever a trusted proxy forwarded it (and never a spoofed one).
-        app.entry = ProxyHeadersMiddleware(app._dispatch, trusted_hosts=list(settings.trusted_proxies))  # type: ignore[arg-type]
     return app

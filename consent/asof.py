@@ -13,16 +13,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from . import crypto
+from . import crypto, statements
 from .catalog import get_purpose, list_purposes
-from .checks import purpose_states
+from .checks import decision_answer, purpose_states
 from .errors import ValidationFailed
 from .ledger import SI
-from .models import ConsentRecord, PolicyPurpose, Subject, Tenant, utcnow
-from .state import derive_status, is_allowed
+from .models import ConsentRecord, Subject, Tenant, utcnow
+from .tenants import TenantRef
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
-PP = PolicyPurpose.__table__  # type: ignore[attr-defined]
 SKEW = timedelta(seconds=5)
 
 
@@ -50,13 +49,11 @@ def _latest(db: Session, tenant_id: str, subject_id: str, at: datetime, purpose:
 def _stale(db: Session, tenant_id: str, row: Any, at: datetime) -> bool:
     if row.policy_version_id is None:
         return False
-    return bool(db.execute(sa.select(sa.exists().where(
-        PP.c.tenant_id == tenant_id, PP.c.purpose == row.purpose, PP.c.policy_key == row.policy_key,
-        PP.c.material.is_(True), PP.c.effective_at <= at, PP.c.policy_version_id > row.policy_version_id,
-    ))).scalar())
+    return bool(db.execute(sa.select(statements.stale(
+        tenant_id, row.purpose, row.policy_key, row.policy_version_id, at))).scalar())
 
 
-def _subject_id(db: Session, tenant: Tenant, kind: str, value: str) -> str | None:
+def _subject_id(db: Session, tenant: Tenant | TenantRef, kind: str, value: str) -> str | None:
     if kind == "id":
         return db.execute(sa.select(Subject.id).where(Subject.id == value, Subject.tenant_id == tenant.id)).scalar()
     if kind == "email":
@@ -66,21 +63,18 @@ def _subject_id(db: Session, tenant: Tenant, kind: str, value: str) -> str | Non
         SI.c.tenant_id == tenant.id, SI.c.kind == kind, SI.c.value_hash == h)).scalar()
 
 
-def check_at(db: Session, tenant: Tenant, *, purpose: str, kind: str, value: str, at: datetime) -> dict[str, Any]:
+def check_at(db: Session, tenant: Tenant | TenantRef, *, purpose: str, kind: str, value: str, at: datetime) -> dict[str, Any]:
     """Like ``checks.check``, as it would have answered at ``at``."""
     require_past(at)
     if get_purpose(db, tenant.id, purpose) is None:
         raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
     sid = _subject_id(db, tenant, kind, value)
     rows = _latest(db, tenant.id, sid, at, purpose) if sid else []
-    if not rows:
-        return {"allowed": False, "status": "none", "purpose": purpose, "subject": sid,
-                "policy_version": None, "record_id": None, "receipt": None, "gpc": False}
-    row = rows[0]
-    status = derive_status(row.decision, confirmed=row.confirmed, stale=_stale(db, tenant.id, row, at))
-    return {"allowed": is_allowed(status), "status": status, "purpose": purpose, "subject": sid,
-            "policy_version": row.policy_version, "record_id": row.id, "receipt": row.receipt,
-            "gpc": bool(row.gpc)}
+    row = rows[0] if rows else None
+    return {"purpose": purpose, "subject": sid, **decision_answer(
+        row.decision if row else None, confirmed=row and row.confirmed,
+        stale=row is not None and _stale(db, tenant.id, row, at), policy_version=row and row.policy_version,
+        record_id=row and row.id, receipt=row and row.receipt, gpc=row and row.gpc)}
 
 
 def subject_states_at(db: Session, tenant: Tenant, subject_id: str, at: datetime) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
-"""Consent checks: the hot path. One indexed query per single check; one query for a bulk check.
-
-Staleness is decided inside the query by an EXISTS over policy_purpose (a newer material
-version covering the purpose and in effect), so no cache can go stale behind a write.
+"""Consent checks: the single check's per-request executor and the one answer builder, the
+bulk check, a subject's state. The statements are ``statements.CHECK`` / ``statements.BULK``;
+staleness is decided inside them (``statements.stale_sql``), so no cache can go stale behind a
+write.
 """
 
 from __future__ import annotations
@@ -14,71 +14,70 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from . import crypto
+from . import crypto, statements
 from .catalog import get_purpose, list_purposes
-from .errors import ValidationFailed
-from .ledger import SI, STATE, parse_subject_ref
-from .models import ConsentRecord, PolicyPurpose, Tenant, sqlite_time, utcnow
+from .errors import Unauthorized, ValidationFailed
+from .ledger import STATE, parse_subject_ref
+from .models import ConsentRecord, Tenant, sqlite_time, utcnow
 from .receipts import record_claims
 from .state import STATUSES, derive_status, is_allowed
 from .tenants import TenantRef
 
 BULK_CHUNK = 20_000  # emails per statement of a large bulk check on SQLite (see _sqlite_email_statuses)
 
-PP = PolicyPurpose.__table__  # type: ignore[attr-defined]
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 
 
-def _stale(now: Any) -> Any:
-    return sa.exists().where(
-        PP.c.tenant_id == STATE.c.tenant_id,
-        PP.c.purpose == STATE.c.purpose,
-        PP.c.policy_key == STATE.c.policy_key,
-        PP.c.material.is_(True),
-        PP.c.effective_at <= now,
-        PP.c.policy_version_id > STATE.c.policy_version_id,
-    ).label("stale")
+def check_rows(conn: sa.Connection, items: list[tuple[str, str, str, str, str]], now: datetime) -> list[tuple[Any, ...]]:
+    """The per-request executor of ``statements.CHECK``: the rows ``batch_reads`` gets for the
+    same checks ((key digest, tenant id, kind, hash or subject id, purpose) each), in order."""
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(statements.CHECK["postgresql"],
+                            {"inputs": orjson.dumps(statements.check_inputs_pg(items)).decode(), "now": now}).all()
+        return [tuple(r[1:]) for r in rows]
+    out = conn.execute(statements.CHECK["sqlite"], {"inputs": orjson.dumps(items).decode(),
+                                                    "now": sqlite_time(now)}).scalar_one()
+    return [tuple(r[1:]) for r in orjson.loads(out)]
 
 
-_COLUMNS = (STATE.c.subject_id, STATE.c.decision, STATE.c.confirmed, STATE.c.policy_version, STATE.c.record_seq,
-            STATE.c.gpc)
-
-# GET /v1/check by identifier: one round trip (identifier -> state -> record receipt).
-_SINGLE_BY_IDENT = (
-    sa.select(*_COLUMNS, REC.c.id.label("record_id"), REC.c.receipt, _stale(sa.bindparam("now")))
-    .select_from(SI.join(STATE, sa.and_(STATE.c.tenant_id == SI.c.tenant_id, STATE.c.subject_id == SI.c.subject_id)))
-    .join(REC, REC.c.seq == STATE.c.record_seq)
-    .where(SI.c.tenant_id == sa.bindparam("t"), SI.c.kind == sa.bindparam("k"),
-           SI.c.value_hash == sa.bindparam("h"), STATE.c.purpose == sa.bindparam("p"))
-)
-_SINGLE_BY_ID = (
-    sa.select(*_COLUMNS, REC.c.id.label("record_id"), REC.c.receipt, _stale(sa.bindparam("now")))
-    .select_from(STATE.join(REC, REC.c.seq == STATE.c.record_seq))
-    .where(STATE.c.tenant_id == sa.bindparam("t"), STATE.c.subject_id == sa.bindparam("s"),
-           STATE.c.purpose == sa.bindparam("p"))
-)
+def decision_answer(decision: str | None, *, confirmed: Any, stale: Any, policy_version: str | None,
+                    record_id: str | None, receipt: str | None, gpc: Any) -> dict[str, Any]:
+    """What every answer about one purpose says (single, as-of and subject-state answers):
+    status by ``state.derive_status`` (``none`` without a decision), and the record behind it."""
+    if decision is None:
+        return {"allowed": False, "status": "none", "policy_version": None, "record_id": None, "receipt": None,
+                "gpc": False}
+    status = derive_status(decision, confirmed=bool(confirmed), stale=bool(stale))
+    return {"allowed": is_allowed(status), "status": status, "policy_version": policy_version,
+            "record_id": record_id, "receipt": receipt, "gpc": bool(gpc)}
 
 
-def check(db: Session, tenant: Tenant | TenantRef, *, purpose: str, kind: str, value: str) -> dict[str, Any]:
-    """``{allowed, status, purpose, subject, policy_version, record_id, receipt}`` for one subject."""
-    now = utcnow()
-    conn = db.connection()  # Perf: Core on the connection, not Session.execute (~60 us CPU saved)
-    if kind == "id":
-        row = conn.execute(_SINGLE_BY_ID, {"t": tenant.id, "s": value, "p": purpose, "now": now}).first()
-    else:
-        if kind == "email":
-            value = crypto.normalize_email(value)
-        h = crypto.keyed_hash(tenant.hash_key, kind, value)
-        row = conn.execute(_SINGLE_BY_IDENT, {"t": tenant.id, "k": kind, "h": h, "p": purpose, "now": now}).first()
-    if row is None:
-        if get_purpose(db, tenant.id, purpose) is None:  # only paid for on a miss
-            raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
-        return {"allowed": False, "status": "none", "purpose": purpose, "subject": None,
-                "policy_version": None, "record_id": None, "receipt": None, "gpc": False}
-    status = derive_status(row.decision, confirmed=row.confirmed, stale=row.stale)
-    return {"allowed": is_allowed(status), "status": status, "purpose": purpose,
-            "subject": row.subject_id, "policy_version": row.policy_version,
-            "record_id": row.record_id, "receipt": row.receipt, "gpc": bool(row.gpc)}
+def check_answer(purpose: str, row: tuple[Any, ...]) -> dict[str, Any]:
+    """The body of ``GET /v1/check`` from a row of ``statements.CHECK``, or the error it means:
+    401 for a key revoked since it was cached, 422 for an unknown purpose."""
+    key_ok, purpose_ok, subject_id, decision, confirmed, policy_version, record_id, receipt, stale, gpc = row
+    if not key_ok:
+        raise Unauthorized("unknown or revoked API key")
+    if decision is None and not purpose_ok:
+        raise ValidationFailed.field("purpose", f"unknown purpose {purpose!r}")
+    return {"purpose": purpose, "subject": subject_id, **decision_answer(
+        decision, confirmed=confirmed, stale=stale, policy_version=policy_version, record_id=record_id,
+        receipt=receipt, gpc=gpc)}
+
+
+def check_item(key_digest: str, tenant: Tenant | TenantRef, purpose: str, kind: str, value: str) -> tuple[str, str, str, str, str]:
+    """One check as ``statements.CHECK`` takes it: the identifier keyed under the tenant's hash
+    key (a ``sub_`` id as it is)."""
+    if kind != "id":
+        value = crypto.keyed_hash(tenant.hash_key, kind, crypto.normalize_email(value) if kind == "email" else value)
+    return key_digest, tenant.id, kind, value, purpose
+
+
+def check(db: Session, tenant: Tenant | TenantRef, key_digest: str, *, purpose: str, kind: str,
+          value: str) -> dict[str, Any]:
+    """``GET /v1/check``'s answer on the per-request executor (the key given by its digest)."""
+    row, = check_rows(db.connection(), [check_item(key_digest, tenant, purpose, kind, value)], utcnow())
+    return check_answer(purpose, row)
 
 
 def bulk_check(db: Session, tenant: Tenant | TenantRef, *, purpose: str, emails: list[str] | None,
@@ -157,50 +156,12 @@ def _statuses(conn: sa.Connection, tenant_id: str, purpose: str, kind: str, keys
     return [by_key[k] for k in keys]
 
 
-# The states of one purpose for many keys as ONE string: a code per key, in key order, joined
-# by commas; a code is decision + confirmed (0/1) + stale (0/1), or empty for no state.
-# Perf: 100,000 result rows cost more in the driver and SQLAlchemy (row objects, type
-# processing) and in the Python loop over them than finding them (SQLite: 1.5 s -> 0.8 s
-# for the query and its rows; docs/bench.md). Staleness is a join to the newest material
-# version per policy in effect (a tiny aggregate built once), not an EXISTS per row. All keys
-# travel in ONE bound parameter, a JSON array (or comma-joined hashes, below) unpacked by the
-# database in C (no 100,000 bound parameters to render, no per-element array dumping in
-# psycopg). One statement, one snapshot.
-_BULK_FROM = {
-    "ident": "LEFT JOIN subject_identifier si ON si.tenant_id = :t AND si.kind = :k AND si.value_hash = j.value "
-             "LEFT JOIN consent_state s ON s.tenant_id = :t AND s.subject_id = si.subject_id AND s.purpose = :p ",
-    "id": "LEFT JOIN consent_state s ON s.tenant_id = :t AND s.subject_id = j.value AND s.purpose = :p ",
-}
-_BULK_NEWEST = ("LEFT JOIN (SELECT policy_key, max(policy_version_id) AS newest FROM policy_purpose "
-                "WHERE tenant_id = :t AND purpose = :p AND material = {true} AND effective_at <= :now "
-                "GROUP BY policy_key) n ON n.policy_key = s.policy_key ")
-# SQLite has no ordered aggregate before 3.44, and needs none here: it runs joins as nested loops
-# and never reorders outer joins (its query planner documentation), so json_each, left of every
-# LEFT JOIN, is the outermost loop and group_concat sees one row per key in array order (an
-# ORDER BY in a subquery would cost a temporary B-tree sort). The tests compare every answer
-# with single checks, and
-# ``bulk_codes`` checks the count.
-_BULK_SQLITE = ("SELECT group_concat(coalesce(s.decision || s.confirmed || coalesce(n.newest > s.policy_version_id, 0), "
-                "''), ',') FROM json_each(:keys) j {joins}" + _BULK_NEWEST.format(true=1))
-_BULK_POSTGRES = ("SELECT string_agg(coalesce(s.decision || CASE WHEN s.confirmed THEN '1' ELSE '0' END || "
-                  "CASE WHEN n.newest > s.policy_version_id THEN '1' ELSE '0' END, ''), ',' ORDER BY j.i) "
-                  "FROM {keys} WITH ORDINALITY AS j(value, i) {joins}" + _BULK_NEWEST.format(true="true"))
-# PostgreSQL: identifier hashes (hex digits, never a comma) travel as one comma-joined text, split in
-# C by string_to_array (no JSON parsing of 100,000 keys); subject ids, which may hold any
-# character, as a JSON array.
-_PG_KEYS = {True: "jsonb_array_elements_text(CAST(:keys AS jsonb))", False: "unnest(string_to_array(:keys, ','))"}
-_BULK_SQL = {(postgres, by_id): sa.text(
-    _BULK_POSTGRES.format(keys=_PG_KEYS[by_id], joins=_BULK_FROM["id" if by_id else "ident"]) if postgres
-    else _BULK_SQLITE.format(joins=_BULK_FROM["id" if by_id else "ident"]))
-    for postgres in (False, True) for by_id in (False, True)}
-
-
 def bulk_codes(conn: sa.Connection, tenant_id: str, purpose: str, kind: str, keys: list[str], now: datetime) -> list[str]:
     """The status of each of ``keys`` (subject ids, or identifier hashes of ``kind``), in order."""
     postgres, by_id = conn.dialect.name == "postgresql", kind == "id"
     packed = ",".join(keys) if postgres and not by_id else orjson.dumps(keys).decode()
     params = {"t": tenant_id, "p": purpose, "k": kind, "keys": packed, "now": now if postgres else sqlite_time(now)}
-    joined = conn.execute(_BULK_SQL[(postgres, by_id)], params).scalar()
+    joined = conn.execute(statements.BULK[(postgres, by_id)], params).scalar()
     codes = joined.split(",") if joined is not None else []
     if len(codes) != len(keys):  # never expected: the statement yields one code per key
         raise RuntimeError(f"bulk check: {len(codes)} answers for {len(keys)} keys")
@@ -218,8 +179,9 @@ def subject_states(db: Session, tenant: Tenant, subject_id: str, *, at: datetime
     """Current state of every purpose of the tenant for one subject."""
     now = at or utcnow()
     rows = db.execute(
-        sa.select(STATE.c.purpose, *_COLUMNS, REC.c.id.label("record_id"), REC.c.receipt,
-                  REC.c.recorded_at, _stale(now))
+        sa.select(STATE.c.purpose, STATE.c.subject_id, STATE.c.decision, STATE.c.confirmed, STATE.c.policy_version,
+                  STATE.c.gpc, REC.c.id.label("record_id"), REC.c.receipt, REC.c.recorded_at,
+                  statements.stale_state(now))
         .select_from(STATE.join(REC, REC.c.seq == STATE.c.record_seq))
         .where(STATE.c.tenant_id == tenant.id, STATE.c.subject_id == subject_id)
     ).all()
@@ -233,16 +195,12 @@ def purpose_states(purposes: list[Any], by_purpose: dict[str, Any], stale: Any, 
     out = []
     for p in purposes:
         r = by_purpose.get(p.key)
-        status = derive_status(r.decision, confirmed=r.confirmed, stale=stale(r)) if r else "none"
-        out.append({
-            "purpose": p.key, "status": status, "allowed": is_allowed(status),
-            "policy_version": r.policy_version if r else None,
-            "recorded_at": r.recorded_at if r else None,
-            "record_id": record_id(r) if r else None,
-            "receipt": r.receipt if r else None,
-            "gpc": bool(r.gpc) if r else False,
-            "legal_basis": p.legal_basis,
-        })
+        answer = decision_answer(None, confirmed=None, stale=None, policy_version=None, record_id=None,
+                                 receipt=None, gpc=None) if r is None else decision_answer(
+            r.decision, confirmed=r.confirmed, stale=stale(r), policy_version=r.policy_version,
+            record_id=record_id(r), receipt=r.receipt, gpc=r.gpc)
+        out.append({"purpose": p.key, **answer, "recorded_at": r.recorded_at if r else None,
+                    "legal_basis": p.legal_basis})
     return out
 
 

@@ -76,7 +76,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         elif first:
             print("No tenants yet: create one with `consent tenants create --name NAME`.")
     engine.dispose()
-    os.environ["CONSENT_WORKERS"] = str(args.workers)  # each worker reads it (fastcheck.sqlite_threaded)
+    os.environ["CONSENT_WORKERS"] = str(args.workers)  # each worker sizes its SQLite check reader by it
     uvicorn.run("consent.app:create_app", **uvicorn_options(settings, args.host, args.port, args.workers))
     return 0
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -114,18 +115,42 @@ class Q:
 
 
 def parse_query(request: Request, declared: tuple[Q, ...], extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Parse the declared query parameters. A route that declares any refuses unknown ones:
-    a mistyped filter (``purpse=``) must not silently widen an export or a list."""
+    """Parse the declared query parameters (``parse_query_pairs``)."""
+    return parse_query_pairs(request.query_params.multi_items(), declared, extra)
+
+
+def parse_query_pairs(pairs: list[tuple[str, str]], declared: tuple[Q, ...],
+                      extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The declared query parameters from the query's (name, value) pairs. A route that declares
+    any refuses unknown ones: a mistyped filter (``purpse=``) must not silently widen an export
+    or a list."""
+    values: dict[str, str] = {}
     if declared:
         known = {q.name for q in declared} | set(extra)
-        seen: set[str] = set()
-        for name, _ in request.query_params.multi_items():
+        for name, value in pairs:
             if name not in known:
                 raise ValidationFailed.field(name, f"unknown query parameter (known: {', '.join(sorted(known))})")
-            if name in seen:  # one value would win silently: ``?purpose=a&purpose=`` must not widen
+            if name in values:  # one value would win silently: ``?purpose=a&purpose=`` must not widen
                 raise ValidationFailed.field(name, "given more than once")
-            seen.add(name)
-    return {q.name: q.parse(request.query_params.get(q.name)) for q in declared}
+            values[name] = value
+    return {q.name: q.parse(values.get(q.name)) for q in declared}
+
+
+def query_pairs(qs: str) -> list[tuple[str, str]]:
+    """``parse_qsl(qs, keep_blank_values=True)`` (what Starlette reads), unquoting only the
+    parts that need it (a third of parse_qsl's cost for the usual plain query)."""
+    out = []
+    for part in qs.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if "%" in value or "+" in value:
+            plain = value.replace("%40", "@")  # an email's "@" is the usual (often the only) escape
+            value = plain if "%" not in plain and "+" not in plain else unquote_plus(value)
+        out.append((name, value))
+    return out
 
 
 def parse_time(name: str, raw: str) -> datetime:
@@ -193,7 +218,11 @@ class Ctx:
 
 
 def bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+    return bearer_value(request.headers.get("authorization"))
+
+
+def bearer_value(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (None: no header; 401: another scheme)."""
     if not header:
         return None
     scheme, _, token = header.partition(" ")
@@ -207,6 +236,11 @@ def authenticate(db: Session, services: Any, request: Request, auth: str) -> Pri
     token = bearer(request)
     if token is None and auth == "publishable":
         token = request.query_params.get("key")
+    return authenticate_token(db, services, token, auth)
+
+
+def authenticate_token(db: Session, services: Any, token: str | None, auth: str) -> Principal | None:
+    """``authenticate`` for a token already taken from the request."""
     if token is None:
         raise Unauthorized("this route needs an API key")
     if auth == "admin":

@@ -15,13 +15,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from . import crypto, events
+from . import crypto, events, statements
 from .catalog import CLOCK_SKEW, purpose_and_version
 from .errors import IdempotencyConflict, NotFound, ValidationFailed
 from .models import (
     ConsentRecord,
     ConsentState,
-    PolicyPurpose,
     Subject,
     SubjectIdentifier,
     Tenant,
@@ -264,13 +263,8 @@ def replay(existing: ConsentRecord, request_sha256: str) -> Recorded:
 
 def superseded(db: Session, record: NewRecord) -> bool:
     """A newer material version covering the record's purpose is in effect (the check's rule)."""
-    pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
-    q = sa.select(pp.c.policy_version_id).where(
-        pp.c.tenant_id == record.tenant_id, pp.c.purpose == record.purpose,
-        pp.c.policy_key == record.policy_key, pp.c.material.is_(True), pp.c.effective_at <= utcnow(),
-        pp.c.policy_version_id > record.policy_version_id,
-    )
-    return db.execute(q.limit(1)).first() is not None
+    return bool(db.execute(sa.select(statements.stale(
+        record.tenant_id, record.purpose, record.policy_key, record.policy_version_id, utcnow()))).scalar())
 
 
 def status_of_record(record: ConsentRecord | NewRecord) -> str:
@@ -400,8 +394,8 @@ def record_decision(
     gpc: bool = False,
 ) -> Recorded:
     """Validate and append one decision, with its chain link, state update and receipt.
-    (``fastrecord`` does the same for the common case in fewer round trips; both build the
-    record with ``checked_version``, ``new_record`` and ``sign_record``.)"""
+    (``batch_writes`` writes the common case in group commits with the same statements; both
+    build the record with ``checked_version``, ``new_record`` and ``sign_record``.)"""
     request_sha256 = request_digest(spec)
     if idempotency_key:
         existing = find_by_idempotency_key(db, tenant.id, idempotency_key)
@@ -435,48 +429,30 @@ def record_decision(
             if existing is None:
                 raise
             return replay(existing, request_sha256)
-    set_head(db, subject, record.record_hash)
+    move_head(db, subject, record)
     if record.decision != "notified":  # a policy-change notice is proof of telling, not a choice
         upsert_state(db, record)
     events.on_record(db, record, status)  # change feed + webhook outbox, written at commit
     return Recorded(record, True, status)
 
 
-RECORD = ConsentRecord.__table__  # type: ignore[attr-defined]
-SUBJECT = Subject.__table__  # type: ignore[attr-defined]
-_RECORD_COLS = [c.key for c in RECORD.c if c.key != "seq"]
-RECORD_COLUMNS = tuple(_RECORD_COLS)  # what an INSERT of a NewRecord writes (also fastrecord)
-_RECORD_INSERT = sa.insert(RECORD).returning(RECORD.c.seq)
-_SET_HEAD = sa.update(SUBJECT).where(SUBJECT.c.id == sa.bindparam("sid")).values(head_hash=sa.bindparam("head"))
+RECORD_COLUMNS = statements.RECORD_COLUMNS
 
 
 def insert_record(db: Session, record: NewRecord) -> None:
-    """INSERT the record (Core, prebuilt; perf: no ORM unit of work) and take its ``seq``. The
-    object stays outside the session: records are never updated in place."""
-    record.seq = db.execute(_RECORD_INSERT, {k: getattr(record, k) for k in _RECORD_COLS}).scalar_one()
+    """INSERT the record (Core, prebuilt; no ORM unit of work) and take its ``seq``. The object
+    stays outside the session: records are never updated in place."""
+    record.seq = db.execute(statements.RECORD_INSERT, {k: getattr(record, k) for k in RECORD_COLUMNS}).scalar_one()
 
 
-def set_head(db: Session, subject: Subject, head: str) -> None:
-    """Move the subject's chain head (Core UPDATE; the locked ORM object is kept in step)."""
-    db.execute(_SET_HEAD, {"sid": subject.id, "head": head})
-    set_committed_value(subject, "head_hash", head)
-
-
-_STATE_COLS = ("tenant_id", "subject_id", "purpose", "record_seq", "decision", "confirmed", "policy_key",
-               "policy_version_id", "policy_version", "recorded_at", "receipt_seq", "record_id", "receipt", "gpc")
-
-
-def _state_upsert(insert: Any) -> Any:
-    ins = insert(STATE).values({k: sa.bindparam(k, type_=STATE.c[k].type) for k in _STATE_COLS})
-    update = {k: ins.excluded[k] for k in _STATE_COLS if k not in ("tenant_id", "subject_id", "purpose")}
-    return ins.on_conflict_do_update(
-        index_elements=["tenant_id", "subject_id", "purpose"], set_=update,
-        where=STATE.c.recorded_at <= ins.excluded.recorded_at,
-    )
-
-
-# Built once per dialect (perf: ~1 ms CPU per record went to building and cache-keying it).
-_STATE_UPSERT = {"postgresql": _state_upsert(postgresql.insert), "sqlite": _state_upsert(sqlite.insert)}
+def move_head(db: Session, subject: Subject, record: NewRecord) -> None:
+    """Move the subject's chain head to ``record`` (``statements.MOVE_HEAD``: only from the head
+    the record links to). The caller holds the subject's row lock (``lock_subject``), so the
+    move cannot miss; if it did, the chain would fork, so the transaction fails instead."""
+    moved = db.execute(statements.MOVE_HEAD, {"sid": subject.id, "prev": record.prev_hash, "head": record.record_hash})
+    if moved.rowcount != 1:  # type: ignore[attr-defined]
+        raise RuntimeError(f"chain head of {subject.id} moved under its row lock")
+    set_committed_value(subject, "head_hash", record.record_hash)
 
 
 def upsert_state(db: Session, record: NewRecord) -> None:
@@ -489,7 +465,7 @@ def upsert_state(db: Session, record: NewRecord) -> None:
         # The copy a check reads instead of the record (valid while receipt_seq = record_seq).
         "receipt_seq": record.seq, "record_id": record.id, "receipt": record.receipt, "gpc": record.gpc,
     }
-    db.execute(_STATE_UPSERT[db.get_bind().dialect.name], values)
+    db.execute(statements.STATE_UPSERT[db.get_bind().dialect.name], values)
 
 
 def record_out(record: ConsentRecord | NewRecord, status: str | None = None) -> dict[str, Any]:

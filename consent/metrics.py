@@ -10,7 +10,9 @@ memory. (When you run uvicorn/gunicorn yourself with several workers, set
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 from typing import Any
 
 from prometheus_client import (
@@ -26,11 +28,26 @@ from starlette.responses import Response
 
 from .http import describe
 
+log = logging.getLogger("consent.metrics")
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
+try:
+    import psycopg
+
+    _DRIVER_ERRORS += (psycopg.Error,)
+except ImportError:  # PostgreSQL support not installed
+    pass
+
 REQUESTS = Counter("consent_http_requests_total", "HTTP requests by route, method and status",
                    ["method", "route", "status"])
 LATENCY = Histogram("consent_http_request_duration_seconds", "HTTP request latency by route and method",
                     ["method", "route"],
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+# A batched executor (the check reader, the group-commit writer) that failed: the requests it
+# held were answered by the per-request executor, so nothing is lost, but it must be seen.
+EXECUTOR_FAILURES = Counter("consent_executor_failures_total",
+                            "Batched executor failures (the requests went to the per-request executor)",
+                            ["executor", "error"])
 
 
 _CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -55,6 +72,13 @@ def observe(method: str, route: str, status: int, seconds: float) -> None:
             _CHILDREN[(method, route, status)] = children
     children[0].inc()
     children[1].observe(seconds)
+
+
+def executor_failed(executor: str, exc: BaseException) -> None:
+    """Log and count one failure of a batched executor (``check`` or ``record``)."""
+    log.warning("%s executor failed (%s: %s); answered per request", executor, type(exc).__name__, exc,
+                exc_info=not isinstance(exc, (OSError, *_DRIVER_ERRORS)))
+    EXECUTOR_FAILURES.labels(executor, type(exc).__name__).inc()
 
 
 def exposition() -> bytes:

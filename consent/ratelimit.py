@@ -15,6 +15,7 @@ request through (logged): limits protect availability, they must not remove it.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
 import random
@@ -191,6 +192,9 @@ def limit(endpoint: Callable[[Request], Awaitable[Response]], limiter: Limiter |
     """Wrap one endpoint with the per-key and per-IP limits (keeps its OpenAPI ``meta``)."""
     limiter = limiter or Limiter()
     cors = bool(getattr(endpoint, "cors_methods", None))
+    # A class endpoint (raw ASGI) is handed back as the "response": Starlette then calls it with
+    # the request's ASGI triple, as its route would.
+    raw_asgi = not inspect.iscoroutinefunction(endpoint)
 
     async def limited(request: Request) -> Response:
         services: Any = request.app.state.services
@@ -218,6 +222,8 @@ def limit(endpoint: Callable[[Request], Awaitable[Response]], limiter: Limiter |
                     problem.headers.update({"Access-Control-Allow-Origin": origin,
                                             "Access-Control-Expose-Headers": "Retry-After", "Vary": "Origin"})
                 raise problem
+        if raw_asgi:
+            return endpoint  # type: ignore[return-value]
         return await endpoint(request)
 
     limited.__name__ = getattr(endpoint, "__name__", "limited")

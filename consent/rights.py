@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from . import checks, crypto
-from .ledger import SI, lock_subject, seal_record
+from .ledger import SI, NewRecord, insert_record, lock_subject, move_head, seal_record
 from .models import ConsentRecord, Subject, Tenant, utcnow
 from .receipts import record_claims
 from .state import derive_status
@@ -132,27 +132,27 @@ def erase(db: Session, tenant: Tenant, subject: Subject, *, signer: crypto.Signe
                                               REC.c.evidence.is_not(None)).values(evidence=sa.null())).rowcount
     now = utcnow()
     evidence: dict[str, Any] = {}
-    record = ConsentRecord(
+    erased = NewRecord(
         id=crypto.new_id("rec", 12), tenant_id=tenant.id, subject_id=subject.id, purpose=ALL_PURPOSES,
-        decision=ERASED, confirmed=True, source="api", evidence=evidence,
-        evidence_sha256=crypto.sha256_hex(crypto.canonical_json(evidence)), recorded_at=now,
-        prev_hash=subject.head_hash, record_hash="", receipt="",
+        decision=ERASED, confirmed=True, policy_key=None, policy_version_id=None, policy_version=None,
+        source="api", evidence=evidence, evidence_sha256=crypto.sha256_hex(crypto.canonical_json(evidence)),
+        disclosures=None, recorded_at=now, idempotency_key=None, request_sha256=None, prev_hash=subject.head_hash,
     )
-    seal_record(record, subject.pseudonym)
-    record.receipt = signer.sign(record_claims(
+    seal_record(erased, subject.pseudonym)
+    erased.receipt = signer.sign(record_claims(
         issuer=issuer, tenant_id=tenant.id, subject_id=subject.id, policy=None,
-        record={"id": record.id, "record_hash": record.record_hash, "source": record.source,
+        record={"id": erased.id, "record_hash": erased.record_hash, "source": erased.source,
                 "recorded_at": crypto.iso(now)},
         purposes=[{"purpose": ALL_PURPOSES, "status": ERASED}],
     ))
-    db.add(record)
-    subject.head_hash = record.record_hash
+    insert_record(db, erased)
+    move_head(db, subject, erased)  # the chain's one rule, as every record's
     subject.erased_at = now
     db.flush()
-    return True, _summary(subject, record, removed, cleared)
+    return True, _summary(subject, erased, removed, cleared)
 
 
-def _summary(subject: Subject, record: ConsentRecord | None, removed: int, cleared: int) -> dict[str, Any]:
+def _summary(subject: Subject, record: ConsentRecord | NewRecord | None, removed: int, cleared: int) -> dict[str, Any]:
     return {
         "subject": subject.id, "pseudonym": subject.pseudonym, "erased_at": subject.erased_at,
         "identifiers_removed": removed, "evidence_cleared": cleared,

@@ -22,7 +22,6 @@ from starlette.datastructures import Secret
 
 DEFAULT_DATA_DIR = "consent-data"  # ..., under the user's data directory (default_data_dir)
 ENV_PREFIX = "CONSENT_"
-SQLITE_READERS = ("auto", "thread", "loop")
 
 
 def default_data_dir(environ: Mapping[str, str]) -> Path:
@@ -39,16 +38,6 @@ def doc(text: str, *, shown: str | None = None,
     it where the value is computed from the environment at start; ``parse``, to replace the
     parsing by the field's type."""
     return {"doc": text, "shown": shown, "parse": parse}
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
-        return value
-
-    return parse
 
 
 def _proxies(text: str) -> tuple[str, ...]:
@@ -109,7 +98,7 @@ class Settings:
     log_level: str = field(default="info", metadata=doc("log level"))
     workers: int = field(default=1, metadata=doc(
         "uvicorn worker processes (`consent serve`); set it too where uvicorn is started some "
-        "other way with `--workers`: the fast check on SQLite reads by it"))
+        "other way with `--workers`: the check's SQLite reader is sized by it"))
     host: str = field(default="127.0.0.1", metadata=doc(
         "the address uvicorn listens on (`consent serve`)"))
     port: int = field(default=8000, metadata=doc("the port uvicorn listens on (`consent serve`)"))
@@ -121,20 +110,6 @@ class Settings:
         "more route names to rate-limit, comma-separated"))
     limit_concurrency: int = field(default=1000, metadata=doc(
         "uvicorn's cap on concurrent connections per process (503 above)"))
-    fast_check: bool = field(default=True, metadata=doc(
-        "answer well-formed `GET /v1/check` in `consent/fastcheck.py` (one statement, no "
-        "framework); `false` sends every check through the route. Same answers either way; off by"
-        " itself for an in-memory SQLite database or when `check_one` is rate-limited"))
-    sqlite_reader: str = field(default="auto", metadata=doc(
-        "where the fast check runs its SQLite statements: `thread` (a reader thread, while the "
-        "event loop serves other requests), `loop` (on the event loop, no hand-offs), or `auto`: "
-        "a thread only where the process has more CPU cores than there are `CONSENT_WORKERS`",
-        parse=_choice(*SQLITE_READERS)))
-    fast_record: bool = field(default=True, metadata=doc(
-        "on PostgreSQL, record the common `POST /v1/consents` (existing subject, one identifier, "
-        "newest version) in `consent/fastrecord.py`: two round trips instead of ten, shared by "
-        "the records that arrive together; `false` sends every record through the route. Same "
-        "rows either way; off by itself when `record_consent` is rate-limited"))
     # integrations: email links and the webhook delivery worker
     email_confirm_days: int = field(default=7, metadata=doc(
         "lifetime of double-opt-in confirm links"))

@@ -194,7 +194,7 @@ def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None)
 def stamp_columns(tenant_id: Any) -> list[Any]:
     """``config_stamp``'s values as scalar subqueries with parameters ``k`` (policy key) and
     ``now``; ``tenant_id`` is a bound parameter or a column of an enclosing query
-    (``api_snippet.fast_config`` reads the stamp with the key)."""
+    (an enclosing query may read the stamp with its own rows)."""
     pv = PolicyVersion.__table__  # type: ignore[attr-defined]
     pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
     pt = Purpose.__table__  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ SETTINGS_FIELDS = ("name", "allowed_origins", "notice_days", "default_lang", "st
 
 def key_live_sql(alias: str, now: str) -> str:
     """The one rule for "this API key works at ``now``", as SQL text for the statements written
-    by hand (fastcheck, fastrecord): ``revoked_at`` is the instant a key stops working, in
+    by hand (``statements``): ``revoked_at`` is the instant a key stops working, in
     the future while an old key is in its grace period after a rotation."""
     return f"({alias}.revoked_at IS NULL OR {alias}.revoked_at > {now})"
 

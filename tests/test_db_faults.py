@@ -71,8 +71,7 @@ def test_black_holed_database_answers_503_within_seconds(backend: str) -> None:
     assert m, PG_URL
     hole = BlackHole((m.group(2), int(m.group(3))))
     url = f"{m.group(1)}127.0.0.1:{hole.port}{m.group(4)}"
-    s = settings_for(url, db_request_timeout_seconds=2.0, db_connect_timeout_seconds=1.0, fast_check=False,
-                     fast_record=False)
+    s = settings_for(url, db_request_timeout_seconds=2.0, db_connect_timeout_seconds=1.0)
     try:
         with TestClient(create_app(s)) as c:
             t = make_tenant(c)

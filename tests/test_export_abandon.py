@@ -36,8 +36,7 @@ def test_abandoned_export_releases_its_snapshot(db_url: str, backend: str, tmp_p
         pytest.skip("the snapshot held is PostgreSQL's")
     engine = create_db_engine(db_url)
     try:
-        with LiveServer(db_url, tmp_path, CONSENT_EXPORT_STALL_SECONDS="2", CONSENT_LOG_LEVEL="warning",
-                        CONSENT_FAST_CHECK="false", CONSENT_FAST_RECORD="false") as srv:
+        with LiveServer(db_url, tmp_path, CONSENT_EXPORT_STALL_SECONDS="2", CONSENT_LOG_LEVEL="warning") as srv:
             import httpx
 
             from .helpers import make_tenant

@@ -24,7 +24,7 @@ from .test_snippet_api import ORIGIN, choice, submit
 
 @pytest.fixture(scope="module")
 def route_client(db_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(db_url, fast_check=False))) as c:
+    with TestClient(create_app(settings_for(db_url))) as c:
         yield c
 
 

@@ -1,5 +1,5 @@
-"""consent/pgraw.py (a prepared statement run on libpq directly) and the PostgreSQL fast check
-built on it, against the real PostgreSQL of this machine: results, server errors, parameters
+"""consent/pgraw.py (a prepared statement run on libpq directly) and the PostgreSQL batched check
+reader built on it, against the real PostgreSQL of this machine: results, server errors, parameters
 bigger than a socket buffer, and a connection that dies under a batch."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import db, fastcheck, pgraw
+from consent import batch_reads, db, pgraw
 
 from .helpers import make_tenant
 
@@ -24,7 +24,7 @@ def pg_args(backend: str, db_url: str) -> Iterator[dict[str, Any]]:
         pytest.skip("libpq statements are PostgreSQL only")
     engine = db.create_db_engine(db_url)
     try:
-        yield fastcheck.pg_connect_args(engine)
+        yield batch_reads.pg_connect_args(engine)
     finally:
         engine.dispose()
 
@@ -39,7 +39,7 @@ def test_results_errors_and_big_parameters(pg_args: dict[str, Any]) -> None:
     divide = pgraw.RawStatement("t_divide", "SELECT 1 / $1::int", ("int",))
 
     async def go() -> None:
-        conn = await fastcheck.pg_connect(pg_args)
+        conn = await batch_reads.pg_connect(pg_args)
         try:
             await echo.prepare(conn)
             await divide.prepare(conn)
@@ -59,7 +59,7 @@ def test_results_errors_and_big_parameters(pg_args: dict[str, Any]) -> None:
             # the connection is still good after the server said no
             assert (await divide.run(conn, [b"1"])).get_value(0, 0) == b"1"
             # many statements in flight on many connections at once
-            others = [await fastcheck.pg_connect(pg_args) for _ in range(3)]
+            others = [await batch_reads.pg_connect(pg_args) for _ in range(3)]
             for other in others:
                 await echo.prepare(other)
             got = await asyncio.gather(*[echo.run(c, [str(i).encode(), b"1"]) for i, c in enumerate(others)])
@@ -76,13 +76,13 @@ def test_a_dead_connection_raises(pg_args: dict[str, Any], db_url: str) -> None:
     sleep = pgraw.RawStatement("t_sleep", "SELECT pg_sleep($1::float8)", ("float8",))
 
     async def go() -> None:
-        conn = await fastcheck.pg_connect(pg_args)
+        conn = await batch_reads.pg_connect(pg_args)
         await sleep.prepare(conn)
         pid = conn.pgconn.backend_pid
         try:
             task = asyncio.ensure_future(sleep.run(conn, [b"5"]))
             await asyncio.sleep(0.3)
-            killer = await fastcheck.pg_connect(pg_args)
+            killer = await batch_reads.pg_connect(pg_args)
             await killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
             await killer.close()
             with pytest.raises((psycopg.OperationalError, pgraw.StatementError)):
@@ -93,10 +93,11 @@ def test_a_dead_connection_raises(pg_args: dict[str, Any], db_url: str) -> None:
     run(go())
 
 
-def test_the_fast_check_declines_then_reconnects_after_the_database_drops_it(client: TestClient, backend: str,
+def test_the_check_reader_fails_over_then_reconnects_after_the_database_drops_it(client: TestClient, backend: str,
                                                                              db_url: str) -> None:
-    """A batch whose connection dies goes to the route (the caller gets its answer all the same);
-    the next check opens a new connection and is answered by the fast path again."""
+    """A batch whose connection dies is logged, counted in /metrics and answered per request
+    (the caller gets its answer all the same); the next check opens a new connection and is
+    answered by the reader again."""
     if backend != "postgresql":
         pytest.skip("PostgreSQL only")
     t = make_tenant(client)
@@ -111,10 +112,13 @@ def test_the_fast_check_declines_then_reconnects_after_the_database_drops_it(cli
             killed = conn.exec_driver_sql(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND query LIKE '%%consent_fastcheck%%'").scalar_one()
+                "AND query LIKE '%%consent_check%%'").scalar_one()
     finally:
         engine.dispose()
-    assert killed >= 1, "the fast check's connection was there to drop"
-    for _ in range(3):  # the first may land on the dropped connection: the route answers it
+    assert killed >= 1, "the reader's connection was there to drop"
+    for _ in range(3):  # the first may land on the dropped connection: answered per request
         assert t.check(**params)["allowed"] is True
-    assert reader.answered >= answered + 2, "the fast path answers again after reconnecting"
+    assert reader.answered >= answered + 2, "the reader answers again after reconnecting"
+    failures = [line for line in client.get("/metrics").text.splitlines()
+                if line.startswith("consent_executor_failures_total{") and 'executor="check"' in line]
+    assert failures and float(failures[0].rsplit(" ", 1)[1]) >= 1, failures

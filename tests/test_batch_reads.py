@@ -1,10 +1,10 @@
-"""GET /v1/check's fast path (consent/fastcheck.py) against the route it stands in front of.
+"""GET /v1/check on its batched executor (consent/batch_reads.py) against its per-request one.
 
-The same requests go to an app with the fast path and to one without it (CONSENT_FAST_CHECK
-false), on the same database: every answer, error or not, must be the same, and the fast
-path must actually have answered the well-formed ones. Batched reads (one statement for many
-checks, on both databases) are checked against one-at-a-time answers with many tenants, keys
-and subjects in one batch.
+The same requests go to the service as it runs and to one whose batched reader is switched off
+(every check on ``checks.check_rows``), on the same database: every answer, error or not, must
+be the same, and the reader must actually have answered the well-formed ones. Batched reads
+(one statement for many checks, on both databases) are checked against one-at-a-time answers
+with many tenants, keys and subjects in one batch.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -22,9 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from consent import crypto, db, fastcheck, models
+from consent import batch_reads, checks, crypto, db, models
 from consent.app import create_app
-from consent.settings import Settings
+from consent.http import query_pairs
 
 from .conftest import settings_for
 from .helpers import ADMIN, Tenant, make_tenant
@@ -32,15 +33,26 @@ from .helpers import ADMIN, Tenant, make_tenant
 
 @pytest.fixture(scope="module")
 def route_client(db_url: str) -> Iterator[TestClient]:
-    """The same service with the fast path switched off: every check goes through the route."""
-    with TestClient(create_app(settings_for(db_url, fast_check=False))) as c:
+    """The same service on its per-request executors only (no batched reader or writer)."""
+    with TestClient(create_app(settings_for(db_url))) as c:
+        services = c.app.state.services  # type: ignore[attr-defined]
+        services.check_reader = services.record_writer = None
         yield c
 
 
-def reader_of(client: TestClient) -> fastcheck.Reader:
+def reader_of(client: TestClient) -> batch_reads.Reader:
     reader = client.app.state.services.check_reader  # type: ignore[attr-defined]
-    assert reader is not None, "the fast path is on by default for file and server databases"
+    assert reader is not None, "the batched reader runs for file and server databases"
     return reader  # type: ignore[no-any-return]
+
+
+def reader_for(engine: Any, threaded: bool) -> batch_reads.Reader:
+    """A reader of the engine's database; on SQLite in a thread or on the loop as asked."""
+    if engine.dialect.name == "sqlite":
+        return batch_reads.SqliteReader(engine.url.database, batch_reads.sqlite_now, threaded=threaded)
+    reader = batch_reads.open_reader(engine)
+    assert reader is not None
+    return reader
 
 
 def same_answer(fast: TestClient, route: TestClient, headers: dict[str, str], params: Any) -> tuple[int, Any]:
@@ -55,7 +67,7 @@ def same_answer(fast: TestClient, route: TestClient, headers: dict[str, str], pa
     return a.status_code, body_a
 
 
-def test_fast_path_answers_exactly_as_the_route(client: TestClient, route_client: TestClient) -> None:
+def test_batched_reads_answer_exactly_as_per_request(client: TestClient, route_client: TestClient) -> None:
     t = make_tenant(client)
     t.record("marketing_email", "granted", email="old@example.com")  # under v1 ...
     t.publish("v2", material=True, purposes=["strictly_necessary", "analytics", "product_updates"])
@@ -107,11 +119,11 @@ def test_fast_path_answers_exactly_as_the_route(client: TestClient, route_client
     for params in refused:
         code, body = same_answer(client, route_client, t.h, params)
         assert code == 422 and body["type"].endswith("validation_failed"), (params, body)
-    # answered by the route (as of a time) but never by the fast path
+    # as of a time: from the ledger, never by the reader
     code, body = same_answer(client, route_client, t.h, {"purpose": "marketing_email", "email": "ada@example.com",
                                                          "at": datetime.now(UTC).isoformat()})
     assert code == 200 and body["status"] == "granted"
-    assert reader.answered == before
+    assert reader.answered == before + 2  # only the two unknown purposes, found by the statement
 
 
 def test_keys_are_checked_on_every_call(client: TestClient, route_client: TestClient) -> None:
@@ -127,7 +139,7 @@ def test_keys_are_checked_on_every_call(client: TestClient, route_client: TestCl
     old = t.h
     r = t.post("/v1/keys/rotate", json={"kind": "secret", "leaked": True})
     assert r.status_code == 200, r.text
-    # revoked in another "process" (the route app): the very next fast check refuses the key
+    # revoked in another "process" (the second app): the very next check refuses the cached key
     assert client.get("/v1/check", params=params, headers=old).status_code == 401
     t.secret_key = r.json()["secret_key"]
     assert same_answer(client, route_client, t.h, params)[1]["status"] == "granted"
@@ -138,6 +150,22 @@ def test_a_subject_id_of_another_tenant_is_not_seen(client: TestClient, route_cl
     sub = a.record(email="ada@example.com")["subject"]
     code, body = same_answer(client, route_client, b.h, {"purpose": "marketing_email", "subject": sub})
     assert code == 200 and body["status"] == "none" and body["subject"] is None
+
+
+def test_a_known_subject_without_a_decision_is_named_now_and_as_of_now(client: TestClient,
+                                                                       route_client: TestClient) -> None:
+    """A subject the tenant knows, with no decision on the purpose asked: the answer names it,
+    the current one and the as-of one alike (an unknown identifier names nobody)."""
+    t = make_tenant(client)
+    sub = t.record("analytics", "granted", email="ada@example.com")["subject"]
+    at = datetime.now(UTC).isoformat()
+    for params, named in (({"email": "ada@example.com"}, sub), ({"subject": sub}, sub),
+                          ({"subject": "email:ada@example.com"}, sub), ({"email": "nobody@example.com"}, None),
+                          ({"subject": "sub_000000000000000000000000"}, None)):
+        now = same_answer(client, route_client, t.h, {"purpose": "marketing_email", **params})[1]
+        then = same_answer(client, route_client, t.h, {"purpose": "marketing_email", "at": at, **params})[1]
+        assert now == then, params
+        assert now["status"] == "none" and now["subject"] == named and now["receipt"] is None, now
 
 
 def test_a_missing_or_stale_receipt_copy_is_not_answered(client: TestClient, route_client: TestClient,
@@ -173,7 +201,7 @@ def test_a_missing_or_stale_receipt_copy_is_not_answered(client: TestClient, rou
         if record is not None:
             assert (body["status"], body["record_id"], body["receipt"]) == ("withdrawn", record["id"],
                                                                              record["receipt"])
-    assert reader.answered == before + 2, "the fast path answered both"
+    assert reader.answered == before + 2, "the reader answered both"
 
 
 def test_admin_rotation_and_foreign_keys(client: TestClient) -> None:
@@ -221,14 +249,13 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str, thre
         rng.shuffle(items)
 
         async def run() -> tuple[list[Any], list[Any]]:
-            reader = fastcheck.open_reader(engine, threaded)
-            assert reader is not None
+            reader = reader_for(engine, threaded)
             try:
                 together = await asyncio.gather(*[reader.check(item) for item in items])
                 # batched: far fewer statements (SQLite: one per batch the reader thread takes;
                 # on the loop, one for everything submitted in one turn)
                 assert 0 < reader.statements <= (len(items) // 10 if threaded else 1), reader.statements
-                if isinstance(reader, fastcheck.SqliteReader):  # answers handed back together
+                if isinstance(reader, batch_reads.SqliteReader):  # answers handed back together
                     assert 0 < reader.batches < len(items), reader.batches
                 one_by_one = [await reader.check(item) for item in items]
             finally:
@@ -249,25 +276,25 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str, thre
     for (_, tid, _, _, purpose), row in zip(items, single):
         if row[3] is None:
             continue
-        answer = fastcheck.answer(purpose, row)
+        answer = checks.check_answer(purpose, row)
         assert answer["status"] == row[3] and answer["allowed"] == (row[3] == "granted")
 
 
 @pytest.mark.parametrize("threaded", [True, False], ids=["thread", "loop"])
 def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path, threaded: bool) -> None:
-    """A database error declines that check (the route answers it); the next one reconnects."""
+    """A database error is every waiting check's answer (the route logs, counts and answers it
+    per request); the next check reconnects."""
     path = tmp_path / "ledger.db"
     path.write_bytes(b"this is not a database" * 300)
-    reader = fastcheck.SqliteReader(str(path), fastcheck.sqlite_now, threaded=threaded,
-                                    ring=db.keyring_for(f"sqlite:///{path}"))
+    reader = batch_reads.SqliteReader(str(path), batch_reads.sqlite_now, threaded=threaded)
     item = ("0" * 64, "ten_x", "id", "sub_x", "marketing_email")
 
     async def run() -> None:
         try:
-            with pytest.raises(fastcheck.Declined):
+            with pytest.raises(sqlite3.DatabaseError):
                 await reader.check(item)
             several = await asyncio.gather(*[reader.check(item) for _ in range(6)], return_exceptions=True)
-            assert all(isinstance(r, fastcheck.Declined) for r in several), several  # a whole batch
+            assert all(isinstance(r, sqlite3.DatabaseError) for r in several), several  # a whole batch
             assert reader.batches >= 2
             path.unlink()
             db.migrate(f"sqlite:///{path}")
@@ -277,7 +304,7 @@ def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path, threade
             assert reader.batches == batches + 1
         finally:
             await reader.close()
-        with pytest.raises(fastcheck.Declined):  # closed
+        with pytest.raises(RuntimeError):  # closed
             await reader.check(item)
 
     asyncio.run(run())
@@ -285,25 +312,20 @@ def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path, threade
 
 def test_sqlite_reader_on_the_loop_where_no_core_is_spare(monkeypatch) -> None:
     """auto: a reader thread only where this process has more cores than there are workers."""
-    monkeypatch.setattr(fastcheck.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert fastcheck.sqlite_threaded("auto", 1) is True
-    assert fastcheck.sqlite_threaded("auto", 2) is False
-    assert fastcheck.sqlite_threaded("thread", 2) is True
-    assert fastcheck.sqlite_threaded("loop", 1) is False
-    assert Settings.from_env({"CONSENT_SQLITE_READER": " Loop "}).sqlite_reader == "loop"
-    assert Settings.from_env({}).sqlite_reader == "auto"
-    with pytest.raises(ValueError, match="CONSENT_SQLITE_READER must be one of auto, thread, loop"):
-        Settings.from_env({"CONSENT_SQLITE_READER": "threads"})
+    monkeypatch.setattr(batch_reads.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert batch_reads.sqlite_threaded(1) is True
+    assert batch_reads.sqlite_threaded(2) is False
 
 
-def test_the_service_reads_on_the_loop_when_told(tmp_path) -> None:
-    """CONSENT_SQLITE_READER=loop: the service's own checks are answered on the event loop."""
+def test_the_service_reads_on_the_loop_where_every_core_runs_a_worker(tmp_path, monkeypatch) -> None:
+    """As many workers as cores: the service's own checks are answered on the event loop."""
+    monkeypatch.setattr(batch_reads.os, "sched_getaffinity", lambda pid: {0, 1})
     url = f"sqlite:///{tmp_path / 'loop.db'}"
-    with TestClient(create_app(settings_for(url, sqlite_reader="loop"))) as c:
+    with TestClient(create_app(settings_for(url, workers=2))) as c:
         t = make_tenant(c)
         t.record(email="ada@example.com")
         reader = reader_of(c)
-        assert isinstance(reader, fastcheck.SqliteReader) and not reader._threaded
+        assert isinstance(reader, batch_reads.SqliteReader) and not reader._threaded
         r = c.get("/v1/check", params={"purpose": "marketing_email", "email": "ada@example.com"}, headers=t.h)
         assert r.status_code == 200 and r.json()["status"] == "granted" and reader.answered == 1
         assert reader._thread is None
@@ -314,13 +336,13 @@ def test_the_service_reads_on_the_loop_when_told(tmp_path) -> None:
                           st.text(alphabet="ab=&%+;2Fx0\u00e9 ", max_size=6)), max_size=4),
        st.text(alphabet="ab=&%+;2F0\u00e9", max_size=12))
 def test_query_pairs_are_what_starlette_reads(pairs: list[tuple[str, str]], junk: str) -> None:
-    """The fast path reads the query string exactly as Starlette (parse_qsl) does."""
+    """The check reads the query string exactly as Starlette (parse_qsl) does."""
     for qs in ("&".join(f"{a}={b}" for a, b in pairs), junk, urlencode(pairs)):
-        assert fastcheck._pairs(qs) == parse_qsl(qs, keep_blank_values=True)
+        assert query_pairs(qs) == parse_qsl(qs, keep_blank_values=True)
 
 
 def test_sqlite_time_is_how_sqlalchemy_stores_it(tmp_path) -> None:
-    """The fast check compares ``effective_at`` with a bound text on SQLite: same format."""
+    """The check statement compares ``effective_at`` with a bound text on SQLite: same format."""
     import sqlalchemy as sa
 
     from consent.models import UTCDateTime
@@ -340,10 +362,10 @@ def test_sqlite_time_is_how_sqlalchemy_stores_it(tmp_path) -> None:
 
 
 def test_sqlite_now_is_sqlite_time_of_the_clock(monkeypatch) -> None:
-    """The fast check's ``now`` (date part formatted once a second) is ``sqlite_time`` of the clock."""
+    """The reader's ``now`` (date part formatted once a second) is ``sqlite_time`` of the clock."""
     for t in (1_700_000_000.0, 1_700_000_000.5, 1_700_000_001.125, 1_700_000_001.25, 4_102_444_799.75, 86_400.0):
-        monkeypatch.setattr(fastcheck.time, "time", lambda t=t: t)
-        assert fastcheck.sqlite_now() == models.sqlite_time(datetime.fromtimestamp(t, UTC)), t
+        monkeypatch.setattr(batch_reads.time, "time", lambda t=t: t)
+        assert batch_reads.sqlite_now() == models.sqlite_time(datetime.fromtimestamp(t, UTC)), t
     monkeypatch.undo()
     before = models.sqlite_time(models.utcnow())
-    assert before <= fastcheck.sqlite_now() <= models.sqlite_time(models.utcnow())
+    assert before <= batch_reads.sqlite_now() <= models.sqlite_time(models.utcnow())

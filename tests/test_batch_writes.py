@@ -1,18 +1,22 @@
-"""POST /v1/consents' fast path (consent/fastrecord.py, PostgreSQL) against the route.
+"""POST /v1/consents on its group-commit executor (consent/batch_writes.py, PostgreSQL) against
+its per-request one (ledger.record_decision), on SQLite and PostgreSQL.
 
-The same decisions go through an app with the fast path and one without it
-(CONSENT_FAST_RECORD false) on the same database: the rows written, the answers, the change
-feed and the outbox must be the same, chains must stay linear when both paths and concurrent
-writers append to one subject, and every request the fast path does not take must get the
-route's own answer.
+The same decisions go through the service as it runs and through one whose group-commit writer
+is switched off, on the same database: the rows written, the answers, the change feed and the
+outbox must be the same, chains must stay linear when both executors and concurrent writers
+append to one subject, and every request the group commit does not take must get the same
+answer. On SQLite both apps write per request (there is no group commit), so the same tests
+check the one route there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,8 +24,9 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import db, fastcheck, fastrecord, ledger
+from consent import batch_reads, batch_writes, crypto, db, ledger
 from consent.app import create_app
+from consent.errors import ValidationFailed
 from consent.schemas import ConsentIn
 
 from .conftest import settings_for
@@ -30,32 +35,67 @@ from .helpers import Tenant, make_tenant
 
 @pytest.fixture(scope="module")
 def route_client(db_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(db_url, fast_record=False))) as c:
+    """The same service on its per-request executors only (no group commit, no batched reader)."""
+    with TestClient(create_app(settings_for(db_url))) as c:
+        services = c.app.state.services  # type: ignore[attr-defined]
+        services.check_reader = services.record_writer = None
         yield c
 
 
-def writer_of(client: TestClient, backend: str) -> fastrecord.Writer:
-    writer = client.app.state.services.record_writer  # type: ignore[attr-defined]
+class Taken:
+    """How many records the app's group commit wrote (PostgreSQL); on SQLite there is none and
+    every record is written per request, so it expects none there."""
+
+    def __init__(self, client: TestClient, backend: str) -> None:
+        self.writer = client.app.state.services.record_writer  # type: ignore[attr-defined]
+        self.group = backend == "postgresql"
+        assert (self.writer is not None) == self.group, "group commit runs on PostgreSQL only"
+        self.before = self.count()
+
+    def count(self) -> int:
+        return self.writer.recorded if self.writer is not None else 0
+
+    def since(self, expected_on_postgresql: int) -> bool:
+        """Whether it wrote that many since it was made (none on SQLite)."""
+        return self.count() - self.before == (expected_on_postgresql if self.group else 0)
+
+
+def group_writer(backend: str) -> None:
     if backend != "postgresql":
-        assert writer is None  # the fast path is PostgreSQL's; SQLite takes every record by the route
-        pytest.skip("the fast record path is PostgreSQL only")
-    assert writer is not None
-    return writer  # type: ignore[no-any-return]
+        pytest.skip("the group-commit writer itself is PostgreSQL only")
+
+
+def key_of(t: Tenant, db_url: str) -> tuple[str, str, str]:
+    """(tenant id, hash key, key digest): what the route hands the writer for ``t``'s secret key."""
+    engine = db.create_db_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            hash_key = crypto.open_secret(conn, conn.exec_driver_sql(
+                f"SELECT hash_key FROM tenant WHERE id = '{t.id}'").scalar_one(), "tenant.hash_key")
+    finally:
+        engine.dispose()
+    return t.id, hash_key, crypto.hash_token(t.secret_key)
 
 
 def rows(db_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
     engine = db.create_db_engine(db_url)
     try:
         with engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(sa.text(sql), params)]
+            out = [dict(r._mapping) for r in conn.execute(sa.text(sql), params)]
     finally:
         engine.dispose()
+    for row in out:  # SQLite gives JSON columns as text
+        for k in JSON_COLUMNS & row.keys():
+            if isinstance(row[k], str):
+                row[k] = json.loads(row[k])
+    return out
 
 
 def as_route(t: Tenant, route: TestClient) -> Tenant:
     return Tenant(route, t.id, t.secret_key, t.publishable_key)
 
 
+JSON_COLUMNS = {"evidence", "disclosures", "data"}
 VOLATILE = {"id", "seq", "record_hash", "prev_hash", "receipt", "recorded_at", "request_sha256", "subject_id",
             "record_seq", "record_id", "created_at", "position", "subject", "next_attempt_at", "event_id",
             "event_position", "export_line", "receipt_seq"}
@@ -67,18 +107,17 @@ def stable(row: dict[str, Any]) -> dict[str, Any]:
 
 def test_both_paths_write_the_same_rows(client: TestClient, route_client: TestClient, backend: str,
                                         db_url: str) -> None:
-    writer = writer_of(client, backend)
     t = make_tenant(client)
     hook = t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["consent.*"]})
     assert hook.status_code == 201, hook.text
     r = as_route(t, route_client)
-    for who in ("fast@example.com", "route@example.com"):  # the first record of a subject: the route
+    for who in ("fast@example.com", "route@example.com"):  # the first record of a subject: per request
         t.record("analytics", "denied", email=who)
-    before = writer.recorded
+    taken = Taken(client, backend)
     evidence = {"ip": "203.0.113.77", "user_agent": "UA/1", "form": "footer"}
     fast = t.record("product_updates", "granted", email="FAST@example.com", evidence=dict(evidence))
     slow = r.record("product_updates", "granted", email="route@example.com", evidence=dict(evidence))
-    assert writer.recorded == before + 1, "the fast path took the record"
+    assert taken.since(1), "the group commit took the record"
     assert stable(fast) == stable(slow) and fast["status"] == "pending_confirmation"
     assert fast["prev_hash"] and fast["receipt"].count(".") == 2
     a, b = (rows(db_url, "SELECT * FROM consent_record WHERE id = :i", i=x["id"])[0] for x in (fast, slow))
@@ -86,6 +125,9 @@ def test_both_paths_write_the_same_rows(client: TestClient, route_client: TestCl
     for row in (a, b):  # each path stores the export line of what it wrote
         pseudonym = rows(db_url, "SELECT pseudonym FROM subject WHERE id = :s", s=row["subject_id"])[0]["pseudonym"]
         sealed = SimpleNamespace(**row)
+        if isinstance(sealed.recorded_at, str):  # SQLite's text, as SQLAlchemy's model types would read it
+            sealed.recorded_at = datetime.fromisoformat(sealed.recorded_at).replace(tzinfo=UTC)
+            sealed.confirmed, sealed.gpc = bool(sealed.confirmed), sealed.gpc and bool(sealed.gpc)
         ledger.seal_record(sealed, pseudonym)  # type: ignore[arg-type]
         assert sealed.record_hash == row["record_hash"] and bytes(row["export_line"]) == sealed.export_line
     sa_, sb = (rows(db_url, "SELECT * FROM consent_state WHERE subject_id = :s AND purpose = 'product_updates'",
@@ -107,16 +149,15 @@ def test_both_paths_write_the_same_rows(client: TestClient, route_client: TestCl
 
 def test_paths_alternate_on_one_chain(client: TestClient, route_client: TestClient, backend: str,
                                       db_url: str) -> None:
-    writer = writer_of(client, backend)
     t = make_tenant(client)
     r = as_route(t, route_client)
     first = t.record("marketing_email", "granted", user_id="u-1")
-    before = writer.recorded
+    taken = Taken(client, backend)
     made = [first]
     for n in range(6):
         side = t if n % 2 else r
         made.append(side.record("marketing_email", ["denied", "granted"][n % 2], user_id="u-1"))
-    assert writer.recorded == before + 3
+    assert taken.since(3)
     for prev, rec in itertools.pairwise(made):
         assert rec["prev_hash"] == prev["record_hash"]
     chain = rows(db_url, "SELECT prev_hash, record_hash FROM consent_record WHERE subject_id = :s ORDER BY seq",
@@ -125,15 +166,14 @@ def test_paths_alternate_on_one_chain(client: TestClient, route_client: TestClie
     assert t.check(subject="u-1")["status"] == "granted"
 
 
-def test_what_the_fast_path_leaves_to_the_route(client: TestClient, route_client: TestClient,
-                                                backend: str) -> None:
-    writer = writer_of(client, backend)
+def test_what_the_group_commit_leaves_to_the_per_request_writer(client: TestClient, route_client: TestClient,
+                                                                backend: str) -> None:
     t = make_tenant(client)
     r = as_route(t, route_client)
     t.record(email="ada@example.com")
     r.record(email="bea@example.com")
     t.publish("v2", purposes=["strictly_necessary", "marketing_email", "analytics"])
-    before = writer.recorded
+    taken = Taken(client, backend)
     cases: list[tuple[dict[str, Any], dict[str, str], int]] = [
         ({"subject": {"email": "new@example.com"}, "purpose": "marketing_email", "decision": "granted"}, {}, 201),
         ({"subject": {"email": "ada@example.com", "user_id": "u-9"}, "purpose": "analytics",
@@ -165,31 +205,29 @@ def test_what_the_fast_path_leaves_to_the_route(client: TestClient, route_client
                 {k: v for k, v in want.json().items() if k != "request_id"}
     malformed = t.post("/v1/consents", content=b'{"subject": ', headers={"Content-Type": "application/json"})
     assert malformed.status_code == 400
-    assert writer.recorded == before, "none of these was the fast path's"
+    assert taken.since(0), "none of these was written by the group commit"
 
 
 def test_idempotency_keys(client: TestClient, backend: str) -> None:
-    writer = writer_of(client, backend)
     t = make_tenant(client)
     t.record(email="ada@example.com")
     body = {"subject": {"email": "ada@example.com"}, "purpose": "analytics", "decision": "granted"}
     key = {"Idempotency-Key": str(uuid.uuid4())}
-    before = writer.recorded
+    taken = Taken(client, backend)
     first = t.post("/v1/consents", json=body, headers=key)
-    assert first.status_code == 201 and writer.recorded == before + 1
+    assert first.status_code == 201 and taken.since(1)
     again = t.post("/v1/consents", json=body, headers=key)
-    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]  # replayed by the route
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]  # replayed per request
     other = t.post("/v1/consents", json={**body, "decision": "denied"}, headers=key)
     assert other.status_code == 409
     assert t.post("/v1/consents", json=body, headers={"Idempotency-Key": "x" * 201}).status_code == 422
-    assert writer.recorded == before + 1
+    assert taken.since(1)
 
 
 def test_a_revoked_key_stops_at_once(client: TestClient, backend: str) -> None:
-    writer_of(client, backend)
     t = make_tenant(client)
     t.record(email="ada@example.com")
-    t.record("analytics", email="ada@example.com")  # the key is in the writer's cache now
+    t.record("analytics", email="ada@example.com")  # the key is in the process's cache now
     old = t.h
     new = t.post("/v1/keys/rotate", json={"kind": "secret", "leaked": True}).json()["secret_key"]
     body = {"subject": {"email": "ada@example.com"}, "purpose": "analytics", "decision": "denied"}
@@ -199,21 +237,22 @@ def test_a_revoked_key_stops_at_once(client: TestClient, backend: str) -> None:
 
 def test_concurrent_writers_of_one_subject_keep_one_chain(client: TestClient, backend: str, db_url: str) -> None:
     """Many records of one subject at once on one writer: each either lands on the head it read
-    or reads again (or leaves the request to the route); never a fork."""
-    writer_of(client, backend)
+    or reads again (or hands the request to the per-request writer); never a fork."""
+    group_writer(backend)
     t = make_tenant(client)
     sub = t.record(email="ada@example.com")["subject"]
     services = client.app.state.services  # type: ignore[attr-defined]
+    key = key_of(t, db_url)
     engine = db.create_db_engine(db_url)
 
     async def run() -> list[Any]:
         # Several connections race for the one head here, as several processes do in production
-        # (a process has one connection: fastrecord.CONNECTIONS).
-        writer = fastrecord.Writer(fastcheck.pg_connect_args(engine), services, connections=4)
+        # (a process has one connection: batch_writes.CONNECTIONS).
+        writer = batch_writes.Writer(batch_reads.pg_connect_args(engine), services, connections=4)
         spec = ConsentIn.model_validate({"subject": {"email": "ada@example.com"}, "purpose": "analytics",
                                          "decision": "granted"})
         try:
-            return await asyncio.gather(*[writer.record(t.secret_key, spec, None) for _ in range(24)],
+            return await asyncio.gather(*[writer.record(*key, spec, None) for _ in range(24)],
                                         return_exceptions=True)
         finally:
             await writer.close()
@@ -222,8 +261,8 @@ def test_concurrent_writers_of_one_subject_keep_one_chain(client: TestClient, ba
         results = asyncio.run(run())
     finally:
         engine.dispose()
-    landed = [x for x in results if isinstance(x, bytes)]
-    assert all(isinstance(x, (bytes, fastrecord.Declined)) for x in results), results
+    landed = [x for x in results if isinstance(x, tuple)]
+    assert all(isinstance(x, (tuple, batch_writes.PerRequest)) for x in results), results
     assert len(landed) >= 4
     chain = rows(db_url, "SELECT prev_hash, record_hash FROM consent_record WHERE subject_id = :s ORDER BY seq", s=sub)
     assert len(chain) == 1 + len(landed)
@@ -242,8 +281,8 @@ def test_concurrent_records_are_written_in_batches(client: TestClient, backend: 
     statements than records, and every row exactly as one-at-a-time writes make them: one
     record and head move per subject, gap-free feed positions, one outbox row per event, a
     subject named twice (email and user id) still one linear chain, an Idempotency-Key twin
-    recorded once, a declined record leaving the rest of its batch alone."""
-    writer_of(client, backend)
+    recorded once, a refused record leaving the rest of its batch alone."""
+    group_writer(backend)
     t = make_tenant(client)
     hook = t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["consent.*"]})
     assert hook.status_code == 201, hook.text
@@ -254,22 +293,23 @@ def test_concurrent_records_are_written_in_batches(client: TestClient, backend: 
     services = client.app.state.services  # type: ignore[attr-defined]
     engine = db.create_db_engine(db_url)
     feed_before = len(t.get("/v1/events", params={"after": 0, "limit": 1000}).json()["items"])
+    key = key_of(t, db_url)
     ikey = str(uuid.uuid4())
 
     def spec(purpose: str = "analytics", **subject: str) -> ConsentIn:
         return ConsentIn.model_validate({"subject": subject, "purpose": purpose, "decision": "granted"})
 
     async def run() -> tuple[list[Any], int]:
-        writer = fastrecord.open_writer(engine, services)
+        writer = batch_writes.open_writer(engine, services)
         assert writer is not None
-        await writer.record(t.secret_key, spec(email=emails[0]), None)  # the key is cached, one batch
+        await writer.record(*key, spec(email=emails[0]), None)  # the connection is open: one batch
         try:
-            calls = [writer.record(t.secret_key, spec(email=e), None) for e in emails[1:]]
-            calls += [writer.record(t.secret_key, spec(email="twice@example.com"), None),
-                      writer.record(t.secret_key, spec(user_id="u-twice"), None),
-                      writer.record(t.secret_key, spec(email=emails[0]), ikey),
-                      writer.record(t.secret_key, spec(email=emails[0]), ikey),
-                      writer.record(t.secret_key, spec("no_such_purpose", email=emails[1]), None)]
+            calls = [writer.record(*key, spec(email=e), None) for e in emails[1:]]
+            calls += [writer.record(*key, spec(email="twice@example.com"), None),
+                      writer.record(*key, spec(user_id="u-twice"), None),
+                      writer.record(*key, spec(email=emails[0]), ikey),
+                      writer.record(*key, spec(email=emails[0]), ikey),
+                      writer.record(*key, spec("no_such_purpose", email=emails[1]), None)]
             return await asyncio.gather(*calls, return_exceptions=True), writer.batches
         finally:
             await writer.close()
@@ -278,9 +318,10 @@ def test_concurrent_records_are_written_in_batches(client: TestClient, backend: 
         results, batches = asyncio.run(run())
     finally:
         engine.dispose()
-    assert all(isinstance(x, bytes) for x in results[:-3]), results[:-3]  # the 39 others and both of "twice"
-    assert sum(isinstance(x, bytes) for x in results[-3:-1]) == 1  # the twin: once; the other is the route's
-    assert isinstance(results[-1], fastrecord.Declined)  # unknown purpose: the route's 422
+    assert all(isinstance(x, tuple) for x in results[:-3]), results[:-3]  # the 39 others and both of "twice"
+    twins = results[-3:-1]  # the twin: once; the other replays per request
+    assert sum(isinstance(x, tuple) for x in twins) == 1 and any(isinstance(x, batch_writes.PerRequest) for x in twins)
+    assert isinstance(results[-1], ValidationFailed)  # unknown purpose: raised where found (422)
     written = len(emails) + 2
     assert 1 < batches < written, batches
     chains = rows(db_url, "SELECT r.subject_id, r.prev_hash, r.record_hash, s.head_hash FROM consent_record r "
@@ -309,36 +350,3 @@ def test_concurrent_records_are_written_in_batches(client: TestClient, backend: 
     assert len(state) == len(by_subject) and all(s["record_seq"] == s["seq"] and s["decision"] == "granted"
                                                  for s in state)
     assert t.check("analytics", subject="u-twice")["status"] == "granted"
-
-
-def test_records_arriving_with_a_new_key_wait_for_one_lookup(client: TestClient, backend: str, db_url: str) -> None:
-    """A process's writer has one connection: records that arrive together with a key it has not
-    seen yet wait for one lookup of that key, then go into batches (none goes to the route)."""
-    writer_of(client, backend)
-    t = make_tenant(client)
-    emails = [f"k{n}@example.com" for n in range(12)]
-    for e in emails:
-        t.record("analytics", "denied", email=e)
-    services = client.app.state.services  # type: ignore[attr-defined]
-    engine = db.create_db_engine(db_url)
-
-    async def run() -> tuple[list[Any], int, int]:
-        writer = fastrecord.open_writer(engine, services)
-        assert writer is not None
-        try:
-            specs = [ConsentIn.model_validate({"subject": {"email": e}, "purpose": "analytics", "decision": "granted"})
-                     for e in emails]
-            done = await asyncio.gather(*[writer.record(t.secret_key, s, None) for s in specs],
-                                        return_exceptions=True)
-            return done, writer.recorded, writer.batches
-        finally:
-            await writer.close()
-
-    try:
-        results, recorded, batches = asyncio.run(run())
-    finally:
-        engine.dispose()
-    assert all(isinstance(x, bytes) for x in results), results
-    assert recorded == len(emails) and batches < len(emails)
-    for e in emails:
-        assert t.check("analytics", email=e)["status"] == "granted"
