@@ -218,7 +218,7 @@ def authorization(scope: Scope) -> str | None:
     """The first Authorization header, as ``Request.headers`` reads it."""
     for name, value in scope["headers"]:
         if name == b"authorization":
-            return value.decode("latin-1")  # type: ignore[no-any-return]
+            return value.decode("latin-1")
     return None
 
 
@@ -386,7 +386,7 @@ async def run_check(services: Any, item: tuple[str, str, str, str, str]) -> tupl
         with transaction(services.engine, read_only=True) as db:
             return checks.check_rows(db.connection(), [item], utcnow())[0]
 
-    return await db_call(services, per_request)  # type: ignore[no-any-return]
+    return await db_call(services, per_request)
 
 
 check_one = CheckOne()

@@ -69,7 +69,7 @@ DEMO_KEY_RE = re.compile(r"^pk_[A-Za-z0-9_-]{10,100}$")
 
 
 def _request_id(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")  # type: ignore[no-any-return]
+    return request.scope.get("state", {}).get("request_id")
 
 
 def origin_allowed(allowed: list[str] | None, origin: str | None) -> bool:

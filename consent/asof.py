@@ -12,6 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from . import crypto, statements
 from .catalog import get_purpose, list_purposes
@@ -55,7 +56,8 @@ def _stale(db: Session, tenant_id: str, row: Any, at: datetime) -> bool:
 
 def _subject_id(db: Session, tenant: Tenant | TenantRef, kind: str, value: str) -> str | None:
     if kind == "id":
-        return db.execute(sa.select(Subject.id).where(Subject.id == value, Subject.tenant_id == tenant.id)).scalar()
+        return db.execute(sa.select(col(Subject.id)).where(col(Subject.id) == value,
+                                                           col(Subject.tenant_id) == tenant.id)).scalar()
     if kind == "email":
         value = crypto.normalize_email(value)
     h = crypto.keyed_hash(tenant.hash_key, kind, value)

@@ -147,14 +147,14 @@ class SqliteReader(Reader):
             self._pending.append((loop, item, fut))
             if len(self._pending) == 1:
                 loop.call_soon(self._run_pending)  # after every request of this turn has come in
-            return await fut  # type: ignore[no-any-return]
+            return await fut
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, daemon=True, name="check-reader-sqlite")
             self._thread.start()
         self._in_flight += 1
         self._queue.put((loop, item, fut))
         try:
-            return await fut  # type: ignore[no-any-return]
+            return await fut
         finally:
             self._in_flight -= 1
 
@@ -250,7 +250,7 @@ class PostgresReader(Reader):
             task = asyncio.get_running_loop().create_task(self._drain(self._idle.pop()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await fut  # type: ignore[no-any-return]
+        return await fut
 
     async def _drain(self, conn: Any) -> None:
         try:

@@ -181,7 +181,7 @@ class Writer:
         self._pending.append(job)
         if self._idle:
             self._start(self._idle.pop())
-        return await job.fut  # type: ignore[no-any-return]
+        return await job.fut
 
     def _next_batch(self) -> list[Job]:
         """Up to BATCH_MAX waiting records of one tenant, with distinct identifiers and

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from . import catalog, checks, crypto, ledger, receipts, verify, webhooks
+from . import catalog, checks, crypto, ledger, receipts, statements, verify, webhooks
 from .errors import BadToken, Conflict, NotFound, ValidationFailed
 from .models import (
     ApiKey,
@@ -307,9 +307,9 @@ class Overview:
 def _state_counts(db: Session, tenant_id: str, now: datetime) -> list[Any]:
     """Current states of every subject, counted per purpose, version and decision. Read from
     ``ix_consent_state_bulk`` alone (every grouped column is in it); staleness by the one rule
-    the checks use (``checks._stale``), decided once per group instead of once per row."""
+    the checks use (``statements.stale_state``), decided once per group instead of once per row."""
     cols = (STATE.c.purpose, STATE.c.policy_key, STATE.c.policy_version_id, STATE.c.decision, STATE.c.confirmed)
-    stale = checks._stale(now)
+    stale = statements.stale_state(now)
     return list(db.execute(
         sa.select(*cols, stale, sa.func.count().label("n"))
         .where(STATE.c.tenant_id == tenant_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import psycopg
 from psycopg import OperationalError, pq
 
 TUPLES_OK = pq.ExecStatus.TUPLES_OK
@@ -68,7 +69,7 @@ class _Results:
     """Collects a statement's results as input arrives; resolves the future when libpq says the
     statement is complete (``get_result`` gives None)."""
 
-    __slots__ = ("_pgconn", "future", "_got")
+    __slots__ = ("_got", "_pgconn", "future")
 
     def __init__(self, pgconn: Any, future: asyncio.Future[list[Any]]):
         self._pgconn = pgconn
@@ -87,13 +88,17 @@ class _Results:
                     self.future.set_result(self._got)
                     return
                 self._got.append(res)
-        except Exception as exc:  # psycopg.OperationalError: the connection broke
+        except psycopg.Error as exc:  # libpq reports a broken connection as OperationalError
             self.future.set_exception(OperationalError(str(exc)))
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
     future = loop.create_future()
-    loop.add_writer(fd, lambda: future.done() or future.set_result(None))
+    def ready() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    loop.add_writer(fd, ready)
     try:
         await future
     finally:
