@@ -37,15 +37,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from psycopg import pq as psycopg_pq
 import sqlalchemy as sa
+from psycopg import pq as psycopg_pq
 from sqlalchemy.engine import Engine
 
 from . import crypto
 from .db import transaction
 from .ledger import LINE_SEP
 from .models import ConsentRecord, ExportManifest, PolicyVersion, Subject, utcnow
-from .tlog import CHECKPOINT, LEAF
+from .tlog import CHECKPOINT
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 SUBJ = Subject.__table__  # type: ignore[attr-defined]
@@ -120,13 +120,6 @@ def _linked(flt: ExportFilter) -> Any:
 ISO_PG = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'  # crypto.iso, formatted by the server
 
 
-def _leaf() -> Any:
-    """The record's index in the transparency log (NULL until the sequencer appends it). A
-    correlated lookup, not a join: a join let PostgreSQL hash both tables and sort the ledger
-    on disk instead of streaming it in ``seq`` order from the index."""
-    return sa.select(LEAF.c.idx).where(LEAF.c.record_id == REC.c.id).correlate(REC).scalar_subquery()
-
-
 def _upto(max_seq: int | None) -> list[Any]:
     return [] if max_seq is None else [REC.c.seq <= max_seq]
 
@@ -144,7 +137,7 @@ def _records_query(flt: ExportFilter, dialect: str, max_seq: int | None) -> Any:
                   REC.c.policy_key, REC.c.policy_version, REC.c.source, REC.c.evidence_sha256,
                   sa.cast(REC.c.disclosures, sa.Text), at, REC.c.prev_hash, REC.c.record_hash,
                   REC.c.receipt, SUBJ.c.pseudonym, linked, sa.type_coerce(REC.c.gpc, sa.Integer),
-                  REC.c.policy_version_id, PV.c.document_url, PV.c.document_sha256, _leaf())
+                  REC.c.policy_version_id, PV.c.document_url, PV.c.document_sha256, REC.c.leaf_index)
         .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id)
                      .outerjoin(PV, PV.c.id == REC.c.policy_version_id))
         .where(*flt.where(REC), *_upto(max_seq))
@@ -166,7 +159,7 @@ def _stored_lines_query(flt: ExportFilter, dialect: str, max_seq: int | None) ->
     # The policy version the record points to; its disclosure (if any) is read from the line
     # itself (``stored_jsonl``): the disclosure JSON as a column costs more per row.
     return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0), REC.c.policy_version_id,
-                      _leaf())
+                      REC.c.leaf_index)
             .where(*flt.where(REC), *_upto(max_seq)).order_by(REC.c.seq))
 
 
@@ -311,7 +304,7 @@ class Lines:
 
 _DISCLOSED = b'"disclosures_sha256":"'
 _LINKED, _UNLINKED, _RECEIPT = b'"linked":true,"n":', b'"linked":false,"n":', b'"receipt":"'
-_NO_LEAF = b'"leaf":null,'  # not in the transparency log yet (appended within seconds)
+_NO_LEAF = b'"leaf":null,'  # a record without a log index (only below the migration that gives one)
 
 
 def _iso_text(at: str) -> str:

@@ -128,7 +128,7 @@ WITH v AS MATERIALIZED (
     decision text, confirmed boolean, policy_key text, policy_version_id bigint, policy_version text,
     source text, evidence json, evidence_sha256 text, disclosures json, recorded_at timestamptz,
     idempotency_key text, request_sha256 text, prev_hash text, record_hash text, receipt text,
-    export_line text, event_id text, event_type text, event_data json, endpoints json)
+    export_line text, leaf_index bigint, event_id text, event_type text, event_data json, endpoints json)
 ), head AS (
   UPDATE subject s SET head_hash = v.record_hash FROM v
   WHERE s.id = v.subject_id AND s.head_hash IS NOT DISTINCT FROM v.prev_hash
@@ -138,11 +138,11 @@ WITH v AS MATERIALIZED (
 ), rec AS (
   INSERT INTO consent_record (id, tenant_id, subject_id, purpose, decision, confirmed, policy_key,
     policy_version_id, policy_version, source, evidence, evidence_sha256, disclosures, recorded_at,
-    idempotency_key, request_sha256, prev_hash, record_hash, receipt, export_line)
+    idempotency_key, request_sha256, prev_hash, record_hash, receipt, export_line, leaf_index)
   SELECT w.id, %(t)s, w.subject_id, w.purpose, w.decision, w.confirmed, w.policy_key,
     w.policy_version_id, w.policy_version, w.source, w.evidence, w.evidence_sha256, w.disclosures,
     w.recorded_at, w.idempotency_key, w.request_sha256, w.prev_hash, w.record_hash, w.receipt,
-    decode(w.export_line, 'base64')
+    decode(w.export_line, 'base64'), w.leaf_index
   FROM w ORDER BY w.i
   RETURNING seq, id
 ), state AS (
@@ -242,9 +242,10 @@ class Writer:
         return self._keys.put(digest, tuple(row))  # type: ignore[arg-type,return-value]
 
     def _build(self, spec: ConsentIn, tenant_id: str, idempotency_key: str | None, at: Any,
-               row: Any) -> tuple[ledger.NewRecord, str, dict[str, Any]]:
-        """The record, its status and the write's parameters (``endpoints``: the webhook
-        endpoints the event goes to), from the read's row; Declined where the route must answer."""
+               row: Any) -> tuple[ledger.NewRecord, str, dict[str, Any], Any]:
+        """The record (not yet signed: its receipt names its log index, claimed later), its
+        status, the write's parameters (``endpoints``: the webhook endpoints the event goes to)
+        and the function that signs it; from the read's row. Declined where the route must answer."""
         if row is None:  # the tenant is gone
             raise Declined
         (key_ok, store_full_ip, store_user_agent, p_key, p_kind, p_basis, p_doi, v_id, v_policy, v_version,
@@ -266,15 +267,18 @@ class Writer:
             ip=None, user_agent=None)
         status = derive_status(record.decision, confirmed=record.confirmed, stale=False)
         services = self._services
-        ledger.sign_record(record, purpose, version, status, signer=services.signer,
-                           issuer=services.settings.issuer)
+
+        def sign() -> None:
+            ledger.sign_record(record, purpose, version, status, signer=services.signer,
+                               issuer=services.settings.issuer)
+
         event = events.event_for(record, status)
         hooks = [e_id for e_id, types in endpoints or () if events.type_matches(types, event["type"])]
         params = {k: getattr(record, k) for k in WRITE_COLUMNS}
         params.update(recorded_at=record.recorded_at.isoformat(),
                       export_line=base64.b64encode(record.export_line or b"").decode(),
                       event_id=event["id"], event_type=event["type"], event_data=event["data"], endpoints=hooks)
-        return record, status, params
+        return record, status, params, sign
 
     async def _after_failure(self, conn: Any, exc: BaseException,
                              writing: bool) -> tuple[Any, Declined | Unavailable]:
@@ -285,6 +289,11 @@ class Writer:
 
         if conn is not None and conn.broken:
             await conn.close()
+        if conn is not None and not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            try:  # a claim or write that failed: give back its locks and leaf indexes
+                await conn.execute("ROLLBACK")
+            except psycopg.Error:
+                await conn.close()
         if conn is not None and conn.closed:
             conn = None
         if writing and isinstance(exc, psycopg.Error) and exc.sqlstate is None \
@@ -383,7 +392,7 @@ class Writer:
         """Read, build and write one batch. Settles every record written or declined; returns
         the connection to keep and the records to read again (their subject's head moved)."""
         tenant_id = batch[0].tenant_id
-        built: list[tuple[Job, ledger.NewRecord, str, dict[str, Any]]] = []
+        built: list[tuple[Job, ledger.NewRecord, str, dict[str, Any], Any]] = []
         retry: list[Job] = []
         writing = False
         try:
@@ -398,7 +407,7 @@ class Writer:
             for n, job in enumerate(batch):
                 job.reads += 1
                 try:
-                    record, status, params = self._build(job.spec, tenant_id, job.read["ik"], at, found.get(n))
+                    record, status, params, sign = self._build(job.spec, tenant_id, job.read["ik"], at, found.get(n))
                 except Exception as exc:  # Declined, or a bug: the route answers this one
                     if not isinstance(exc, Declined):
                         log.exception("fast record failed; the route answers")
@@ -408,21 +417,46 @@ class Writer:
                     retry.append(job)
                     continue
                 subjects.add(record.subject_id)
-                built.append((job, record, status, params))
+                built.append((job, record, status, params, sign))
             if not built:
                 return conn, retry
             built.sort(key=lambda b: b[1].subject_id)  # one lock order for every batch
-            rows = orjson.dumps([{"i": n, **b[3]} for n, b in enumerate(built)]).decode()
-            self.batches += 1
-            writing = True
-            written = dict(await (await conn.execute(_WRITE, {"q": rows, "t": tenant_id, "now": utcnow()})).fetchall())
+            # The receipts name the records' log indexes, so those are claimed before signing:
+            # lock the subjects whose heads still hold and take one index each (the counter row,
+            # events.CLAIM_SQL), sign, write, COMMIT; the lock is held for the signing and one
+            # round trip.
+            claim = orjson.dumps([{"i": n, "subject_id": b[1].subject_id, "prev_hash": b[1].prev_hash}
+                                  for n, b in enumerate(built)]).decode()
+            async with conn.pipeline():
+                await conn.execute("BEGIN")
+                cur = await conn.execute(events.CLAIM_SQL, {"q": claim, "t": tenant_id})
+            claimed = await cur.fetchall()
+            written: dict[int, int] = {}
+            if not claimed:  # every head moved: read again below
+                await conn.execute("ROLLBACK")
+            else:
+                first = claimed[-1][1] - len(claimed)
+                rows_out = []
+                for k, (n, _) in enumerate(claimed):
+                    record, params = built[n][1], built[n][3]
+                    record.leaf_index = first + k
+                    built[n][4]()
+                    params.update(leaf_index=record.leaf_index, receipt=record.receipt)
+                    rows_out.append({"i": n, **params})
+                rows = orjson.dumps(rows_out).decode()
+                self.batches += 1
+                writing = True
+                async with conn.pipeline():
+                    cur = await conn.execute(_WRITE, {"q": rows, "t": tenant_id, "now": utcnow()})
+                    await conn.execute("COMMIT")
+                written = dict(await cur.fetchall())
         except Exception as exc:
             conn, failure = await self._after_failure(conn, exc, writing)
             settle([(job.fut, failure if isinstance(failure, Unavailable) else Declined())
                     for job in batch if job not in retry])
             return conn, retry
         hooks_any = False
-        for n, (job, record, status, params) in enumerate(built):
+        for n, (job, record, status, params, _) in enumerate(built):
             seq = written.get(n)
             if seq is not None:
                 record.seq = seq

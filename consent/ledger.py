@@ -304,6 +304,7 @@ class NewRecord:
     receipt: str = ""
     export_line: bytes | None = None
     gpc: bool | None = None
+    leaf_index: int | None = None  # its transparency-log index, taken just before signing
     seq: int | None = None
 
 
@@ -382,7 +383,7 @@ def sign_record(record: NewRecord, purpose: Any, version: Any, status: str, *, s
                 "recorded_at": crypto.iso(record.recorded_at)},
         purposes=[{"purpose": purpose.key, "status": status, "legal_basis": purpose.legal_basis,
                    "kind": purpose.kind}],
-        gpc=bool(record.gpc),
+        gpc=bool(record.gpc), tlog_index=record.leaf_index,
     ))
 
 
@@ -420,15 +421,20 @@ def record_decision(
     # A version picked by default is the newest in effect, so only a named one can be superseded.
     stale = bool(spec.policy_version) and version is not None and superseded(db, record)
     status = derive_status(record.decision, confirmed=record.confirmed, stale=stale)
-    sign_record(record, purpose, version, status, signer=signer, issuer=issuer)
+
+    def append() -> None:  # the log index (held to commit, events.next_leaf) is in the receipt
+        record.leaf_index = events.next_leaf(db, tenant.id)
+        sign_record(record, purpose, version, status, signer=signer, issuer=issuer)
+        insert_record(db, record)
+
     if idempotency_key is None:
         # Perf: no Idempotency-Key, no race to recover from: skip the SAVEPOINT and its RELEASE
         # (2 of the 14 statements of a record on PostgreSQL).
-        insert_record(db, record)
+        append()
     else:
         try:
-            with db.begin_nested():
-                insert_record(db, record)
+            with db.begin_nested():  # a lost race gives its leaf index back with the savepoint
+                append()
         except IntegrityError:
             # Same Idempotency-Key committed by a concurrent request after our first look.
             existing = find_by_idempotency_key(db, tenant.id, idempotency_key)

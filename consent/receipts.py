@@ -51,8 +51,12 @@ def record_claims(
     policy: dict[str, Any] | None,
     purposes: list[dict[str, Any]],
     gpc: bool = False,
+    tlog_index: int | None = None,
 ) -> dict[str, Any]:
     """Claims of a receipt for one record (``record`` holds id, hash, source, recorded_at).
+
+    ``tlog_index`` is the record's leaf index in the tenant's transparency log: with it the
+    holder fetches the record's inclusion proof later with no secret (docs/transparency.md).
 
     ``aud`` is the tenant: a receipt is proof for that tenant only, and a consumer that pins
     its tenant (``consumer.verify_receipt(audience=...)``) refuses another tenant's receipt."""
@@ -74,4 +78,6 @@ def record_claims(
     }
     if gpc:  # the decision came with a Global Privacy Control signal (in the record hash too)
         claims["gpc"] = True
+    if tlog_index is not None:
+        claims["tlog_index"] = tlog_index
     return claims

@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from . import checks, crypto
+from . import checks, crypto, events
 from .ledger import SI, lock_subject, seal_record
 from .models import ConsentRecord, Subject, Tenant, utcnow
 from .receipts import record_claims
@@ -139,11 +139,12 @@ def erase(db: Session, tenant: Tenant, subject: Subject, *, signer: crypto.Signe
         prev_hash=subject.head_hash, record_hash="", receipt="",
     )
     seal_record(record, subject.pseudonym)
+    record.leaf_index = events.next_leaf(db, tenant.id)  # in the receipt: taken before signing
     record.receipt = signer.sign(record_claims(
         issuer=issuer, tenant_id=tenant.id, subject_id=subject.id, policy=None,
         record={"id": record.id, "record_hash": record.record_hash, "source": record.source,
                 "recorded_at": crypto.iso(now)},
-        purposes=[{"purpose": ALL_PURPOSES, "status": ERASED}],
+        purposes=[{"purpose": ALL_PURPOSES, "status": ERASED}], tlog_index=record.leaf_index,
     ))
     db.add(record)
     subject.head_hash = record.record_hash
