@@ -12,17 +12,18 @@ identifier, under the newest policy version in effect. The request waits in the 
    the tenant's evidence settings, the purpose, the newest version covering it, the subject and
    its chain head, an earlier record with the same Idempotency-Key, and the tenant's webhook
    endpoints;
-2. one write (data-modifying CTEs, committed as one statement): move each chain head *only if
-   it is still the one read* (``UPDATE subject ... WHERE head_hash IS NOT DISTINCT FROM
-   prev``), and for exactly those records insert the record, upsert ``consent_state``, take the
-   tenant's next change-feed positions (the counter row, held to the commit as in
-   ``events._allocate``) and insert the events and their webhook outbox rows. A record whose
-   head another writer moved in between is not written and is read again in the next batch
-   (optimistic concurrency instead of a row lock held across round trips): chains stay linear
-   either way.
+2. one claim, opening a transaction (``events.CLAIM_SQL``): lock the subjects whose chain heads
+   are still the ones read, in subject order, and take one transparency-log leaf index each
+   from the tenant's counter row (held to the COMMIT, as in ``events.next_leaf``). The receipts
+   name their index, so they are signed now. A record whose head another writer moved in
+   between is not claimed and is read again in the next batch: chains stay linear;
+3. one write and its COMMIT, sent together (data-modifying CTEs): move the claimed records'
+   chain heads, insert the records, upsert ``consent_state``, take the tenant's next
+   change-feed positions (the same counter row) and insert the events and their webhook
+   outbox rows.
 
-At one client a batch is one record (the latency of two round trips, as before batching);
-under load one round trip, one commit and one WAL flush serve many records, which halved the
+At one client a batch is one record (the latency of three round trips);
+under load one claim, one write, one commit and one WAL flush serve many records, which halved the
 CPU per record in both the workers and PostgreSQL. A batch
 holds distinct identifiers and Idempotency-Keys, and no identifier of a batch under way: a
 second record of the same subject waits for the next batch instead of racing the first for the
