@@ -555,7 +555,7 @@ class _ReadAhead:
         try:
             read(conn, query, chunk)
             self._put(self._END)
-        except BaseException as exc:  # raised in the consumer
+        except BaseException as exc:  # noqa: BLE001 - raised in the consumer
             self._put(exc)
 
     def _put(self, item: Any) -> bool:
@@ -628,7 +628,7 @@ class _Heads:
                     # (seq grows in commit order; a deletion shows in the counts, see result()).
                     same = snapshot is not None or self._max_seq(conn) == self.max_seq
                     self._outcome = self._compute(conn, same_snapshot=same)
-        except BaseException as exc:  # raised by result(), in the export's thread
+        except BaseException as exc:  # noqa: BLE001 - raised by result(), in the export's thread
             self._outcome = exc
 
     @staticmethod

@@ -61,10 +61,11 @@ def upgrade() -> None:
     op.add_column("event_counter", sa.Column("leaves", BigInt, nullable=False, server_default="0"))
     op.execute(KEEP)
     op.execute(NEXT)
-    op.execute(COUNTERS)
-    op.execute(LEAVES)
+    # Before the counters: their highest index per tenant is then read from the index.
     op.create_index("ix_consent_record_tenant_id_leaf_index", "consent_record", ["tenant_id", "leaf_index"],
                     unique=True)
+    op.execute(COUNTERS)
+    op.execute(LEAVES)
     with op.batch_alter_table("tlog_state") as batch:
         batch.drop_column("position")
         batch.drop_column("build_seq")
