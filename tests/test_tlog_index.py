@@ -117,3 +117,42 @@ def test_a_replayed_or_lost_idempotent_record_leaves_no_gap(tenant: Tenant, db_u
     assert again.json()["receipt"] == first.json()["receipt"]
     nxt = tenant.record(email="other@example.com")
     assert [claims(x["receipt"])["tlog_index"] for x in (first.json(), nxt)] == [0, 1]
+
+
+def test_notices_and_concurrent_records_share_one_gap_free_log(client: TestClient, db_url: str) -> None:
+    """A notices call records many subjects in one transaction (it locks them first, in id
+    order, so it takes the counter row after every subject row as the other writers do) while
+    records of the same subjects arrive: every call answers, and every record, notices
+    included, has its own index in the receipt, gap-free."""
+    from datetime import UTC, datetime, timedelta
+
+    t = make_tenant(client)
+    emails = [f"m{i}@example.com" for i in range(30)]
+    for e in emails:
+        t.record(email=e)
+    t.publish("v2", material=True, purposes=["marketing_email"],
+              effective_at=(datetime.now(UTC) + timedelta(days=30)).isoformat())
+    codes: list[int] = []
+
+    def notify() -> None:
+        codes.append(t.post("/v1/policies/privacy/versions/v2/notices", json={"limit": 5000}).status_code)
+
+    def record(part: list[str]) -> None:
+        for e in part:
+            codes.append(t.post("/v1/consents", json={"subject": {"email": e}, "purpose": "analytics",
+                                                      "decision": "granted"}).status_code)
+
+    threads = [threading.Thread(target=notify), threading.Thread(target=record, args=(emails[::-1],)),
+               threading.Thread(target=record, args=(emails[::2],))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(set(codes)) == [200, 201], codes
+    engine = db.create_db_engine(db_url)
+    try:
+        rows = records(engine, t.id)
+    finally:
+        engine.dispose()
+    assert [r.leaf_index for r in rows] == list(range(len(rows))) == list(range(30 + 30 + 45))
+    assert all(claims(r.receipt)["tlog_index"] == r.leaf_index for r in rows)
