@@ -118,6 +118,7 @@ def generate(meta: dict[str, Any], subjects: int, seed: int = 7) -> Iterator[dic
                     policy_version_id=vid, policy_version=vname, source="api", evidence=evidence,
                     evidence_sha256=crypto.sha256_hex(crypto.canonical_json(evidence)), disclosures=None,
                     recorded_at=at, idempotency_key=None, request_sha256=None, prev_hash=prev,
+                    leaf_index=seq - 1,  # the tenant's transparency-log index: one tenant, in seq order
                 )
                 seal_record(rec, pseudonym)  # type: ignore[arg-type]
                 status = status_of_record(rec)  # type: ignore[arg-type]
@@ -153,6 +154,9 @@ def _fill(url: str, meta: dict[str, Any], subjects: int) -> int:
                 conn.execute(sa.insert(model.__table__), rows[name])  # type: ignore[attr-defined]
         records += len(rows["rec"])
     with engine.begin() as conn:
+        # The tenant's next transparency-log index follows the generated ones.
+        conn.execute(sa.text("INSERT INTO event_counter (tenant_id, last_position, leaves) VALUES (:t, 0, :n)"),
+                     {"t": meta["tenant_id"], "n": records})
         if engine.dialect.name == "postgresql":
             conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('consent_record', 'seq'), "
                                  "(SELECT max(seq) FROM consent_record))")

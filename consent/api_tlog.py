@@ -50,19 +50,22 @@ def checkpoint_at(ctx: Ctx) -> Any:
     return PlainTextResponse(row.note, media_type=NOTE_TYPE, headers={"Cache-Control": FOREVER})
 
 
-@endpoint(auth=None, summary="Inclusion proof of a record (by record id or receipt jti) against a checkpoint "
-          "(RFC 9162 §2.1.3)",
+@endpoint(auth=None, summary="Inclusion proof of a record (by record id, receipt jti or the receipt's "
+          "tlog_index) against a checkpoint (RFC 9162 §2.1.3)",
           query=(Q("record_id", max_length=40, description="the record's id"),
                  Q("jti", max_length=40, description="or the jti of its receipt"),
+                 Q("leaf_index", int, minimum=0, maximum=SIZE,
+                   description="or its leaf index (the receipt's tlog_index claim)"),
                  Q("tree_size", int, minimum=1, maximum=SIZE,
                    description="a tree size up to the newest checkpoint's (default: newest)")),
           responses={404: "record not in the log yet, or no such checkpoint"})
 def inclusion_proof(ctx: Ctx) -> Any:
     q = ctx.query
-    if (q["record_id"] is None) == (q["jti"] is None):
-        raise ValidationFailed.field("record_id", "give exactly one of record_id and jti")
+    if sum(q[k] is not None for k in ("record_id", "jti", "leaf_index")) != 1:
+        raise ValidationFailed.field("record_id", "give exactly one of record_id, jti and leaf_index")
     tenant_id = ctx.request.path_params["tenant_id"]
-    p = tlog.inclusion(ctx.db, tenant_id, record_id=q["record_id"], jti=q["jti"], tree_size=q["tree_size"])
+    p = tlog.inclusion(ctx.db, tenant_id, record_id=q["record_id"], jti=q["jti"], leaf_index=q["leaf_index"],
+                       tree_size=q["tree_size"])
     leaf = merkle.leaf_hash(tlog.leaf_data(p.record_hash))
     return {"leaf_index": p.leaf_index, "tree_size": p.tree_size, "record_id": p.record_id,
             "record_hash": p.record_hash, "leaf_hash": base64.b64encode(leaf).decode(),

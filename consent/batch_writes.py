@@ -1,5 +1,5 @@
 """The group-commit executor of ``POST /v1/consents`` on PostgreSQL: records that arrive
-together are read together and written together, two statements per batch.
+together are read together and written together, three statements per batch.
 
 The route (``api.RecordConsent``) parses and validates the request, then gives every record that
 can take it (one identifier, the newest version in effect, no ``recorded_at``) to the process's
@@ -10,14 +10,18 @@ can take it (one identifier, the newest version in effect, no ``recorded_at``) t
    secret key, the tenant's evidence settings, the purpose, the newest version covering it, the
    subject and its chain head, an earlier record with the same Idempotency-Key, and the
    tenant's webhook endpoints;
-2. ``statements.RECORD_WRITE`` (data-modifying CTEs, committed as one statement): move each
-   chain head by the chain's one rule (``statements.MOVE_HEAD``: only from the head read), and
-   for exactly those records insert the record, upsert ``consent_state``, take the change-feed
-   positions and insert the events and their webhook outbox rows. A record whose head another
-   writer moved in between is not written and is read again in the next batch.
+2. ``statements.CLAIM_SQL``, opening a transaction: lock the subjects whose chain heads are
+   still the ones read, in subject order, and take one transparency-log leaf index each from
+   the tenant's counter row (held to the COMMIT). The receipts name their index, so they are
+   signed now. A record whose head another writer moved in between is not claimed and is read
+   again in the next batch;
+3. ``statements.RECORD_WRITE`` and its COMMIT, sent together (data-modifying CTEs): move the
+   claimed records' chain heads by the chain's one rule (``statements.MOVE_HEAD``: only from
+   the head read), insert the records, upsert ``consent_state``, take the change-feed
+   positions and insert the events and their webhook outbox rows.
 
-At one client a batch is one record; under load one round trip, one commit and one WAL flush
-serve many records. A batch holds distinct identifiers and Idempotency-Keys, and no identifier
+At one client a batch is one record; under load one claim, one write, one commit and one WAL
+flush serve many records. A batch holds distinct identifiers and Idempotency-Keys, and no identifier
 of a batch under way. Rows are written in subject order, so concurrent batches lock subjects in
 one order.
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -100,9 +105,10 @@ class Writer:
         self.batches = 0  # write statements sent (each writes a whole batch)
 
     def _build(self, spec: ConsentIn, tenant_id: str, idempotency_key: str | None, at: Any,
-               row: Any) -> tuple[ledger.NewRecord, str, dict[str, Any]]:
-        """The record, its status and the write's parameters (``endpoints``: the webhook
-        endpoints the event goes to), from the read's row; the error the row means (a revoked
+               row: Any) -> tuple[ledger.NewRecord, str, dict[str, Any], Callable[[], None]]:
+        """The record (not yet signed: its receipt names its log index, claimed later), its
+        status, the write's parameters (``endpoints``: the webhook endpoints the event goes to)
+        and the function that signs it, from the read's row; the error the row means (a revoked
         key, an unknown purpose, a decision the purpose does not take); PerRequest for a subject
         not yet known or an Idempotency-Key seen before."""
         if row is None or not row[0]:  # the key was revoked since it was cached, or the tenant is gone
@@ -125,15 +131,18 @@ class Writer:
             ip=None, user_agent=None)
         status = derive_status(record.decision, confirmed=record.confirmed, stale=False)
         services = self._services
-        ledger.sign_record(record, purpose, version, status, signer=services.signer,
-                           issuer=services.settings.issuer)
+
+        def sign() -> None:
+            ledger.sign_record(record, purpose, version, status, signer=services.signer,
+                               issuer=services.settings.issuer)
+
         event = events.event_for(record, status)
         hooks = [e_id for e_id, types in endpoints or () if events.type_matches(types, event["type"])]
         params = {k: getattr(record, k) for k in statements.WRITE_COLUMNS}
         params.update(recorded_at=record.recorded_at.isoformat(),
                       export_line=base64.b64encode(record.export_line or b"").decode(),
                       event_id=event["id"], event_type=event["type"], event_data=event["data"], endpoints=hooks)
-        return record, status, params
+        return record, status, params, sign
 
     async def _after_failure(self, conn: Any, exc: BaseException,
                              writing: bool) -> tuple[Any, BaseException]:
@@ -145,6 +154,12 @@ class Writer:
 
         if conn is not None and conn.broken:
             await conn.close()
+        if conn is not None and not conn.closed \
+                and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            try:  # a claim or write that failed: give back its locks and leaf indexes
+                await conn.execute("ROLLBACK")
+            except psycopg.Error:
+                await conn.close()
         if conn is not None and conn.closed:
             conn = None
         if writing and isinstance(exc, psycopg.Error) and exc.sqlstate is None \
@@ -232,7 +247,7 @@ class Writer:
         """Read, build and write one batch. Settles every record written or declined; returns
         the connection to keep and the records to read again (their subject's head moved)."""
         tenant_id = batch[0].tenant_id
-        built: list[tuple[Job, ledger.NewRecord, str, dict[str, Any]]] = []
+        built: list[tuple[Job, ledger.NewRecord, str, dict[str, Any], Callable[[], None]]] = []
         retry: list[Job] = []
         writing = False
         try:
@@ -247,7 +262,7 @@ class Writer:
             for n, job in enumerate(batch):
                 job.reads += 1
                 try:
-                    record, status, params = self._build(job.spec, tenant_id, job.read["ik"], at, found.get(n))
+                    record, status, params, sign = self._build(job.spec, tenant_id, job.read["ik"], at, found.get(n))
                 except Exception as exc:  # noqa: BLE001 - its request raises it (the route logs a failure)
                     settle([(job.fut, exc)])
                     continue
@@ -255,21 +270,44 @@ class Writer:
                     retry.append(job)
                     continue
                 subjects.add(record.subject_id)
-                built.append((job, record, status, params))
+                built.append((job, record, status, params, sign))
             if not built:
                 return conn, retry
             built.sort(key=lambda b: b[1].subject_id)  # one lock order for every batch
-            rows = orjson.dumps([{"i": n, **b[3]} for n, b in enumerate(built)]).decode()
-            self.batches += 1
-            writing = True
-            written = dict(await (await conn.execute(statements.RECORD_WRITE,
-                                                     {"q": rows, "t": tenant_id, "now": utcnow()})).fetchall())
+            # The receipts name the records' log indexes, so those are claimed before signing
+            # (statements.CLAIM_SQL, opening the transaction): sign, then write and COMMIT.
+            claim = orjson.dumps([{"i": n, "subject_id": b[1].subject_id, "prev_hash": b[1].prev_hash}
+                                  for n, b in enumerate(built)]).decode()
+            async with conn.pipeline():
+                await conn.execute("BEGIN")
+                cur = await conn.execute(statements.CLAIM_SQL, {"q": claim, "t": tenant_id})
+            claimed = await cur.fetchall()
+            written: dict[int, int] = {}
+            if not claimed:  # every head moved: read again below
+                await conn.execute("ROLLBACK")
+            else:
+                first = claimed[-1][1] - len(claimed)
+                rows_out = []
+                for k, (n, _) in enumerate(claimed):
+                    record, params = built[n][1], built[n][3]
+                    record.leaf_index = first + k
+                    built[n][4]()
+                    params.update(leaf_index=record.leaf_index, receipt=record.receipt)
+                    rows_out.append({"i": n, **params})
+                rows = orjson.dumps(rows_out).decode()
+                self.batches += 1
+                writing = True
+                async with conn.pipeline():
+                    cur = await conn.execute(statements.RECORD_WRITE,
+                                             {"q": rows, "t": tenant_id, "now": utcnow()})
+                    await conn.execute("COMMIT")
+                written = dict(await cur.fetchall())
         except Exception as exc:  # noqa: BLE001 - every record of the batch raises it (logged, counted)
             conn, failure = await self._after_failure(conn, exc, writing)
             settle([(job.fut, failure) for job in batch if job not in retry])
             return conn, retry
         hooks_any = False
-        for n, (job, record, status, params) in enumerate(built):
+        for n, (job, record, status, params, _) in enumerate(built):
             seq = written.get(n)
             if seq is not None:
                 record.seq = seq

@@ -1,6 +1,7 @@
-"""Transparency-log commands: ``consent tlog build`` (a ledger older than the log, or records
-written without a change-feed event) and ``consent checkpoint fetch`` (an auditor or the tenant
-keeps checkpoints, each checked consistent with the one kept before: docs/transparency.md)."""
+"""Transparency-log commands: ``consent tlog build`` (append the records not in the tree yet and
+sign a checkpoint now, instead of waiting for the sequencer) and ``consent checkpoint fetch``
+(an auditor or the tenant keeps checkpoints, each checked consistent with the one kept before:
+docs/transparency.md)."""
 
 from __future__ import annotations
 

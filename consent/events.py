@@ -16,6 +16,16 @@ SQLite ``BEGIN IMMEDIATE`` already serialises writers; the same code runs there.
 ``fastrecord`` (the common record on PostgreSQL) takes the same counter row the same way, in
 the single statement that writes a batch of records (one increment by the number written),
 held until that statement commits.
+
+The same row hands out each record's *leaf index* in the tenant's transparency log
+(``leaves``, ``next_leaf``), for the same reason: indexes are then gap-free and in commit
+order, so the sequencer (tlog.py) appends leaves by stored index and never chooses an order.
+The index goes into the record's receipt, which is signed before the record is inserted, so it
+is taken earlier than the feed position: after the subject's row lock and before the insert
+(never before a subject lock, so every writer takes subject rows first and this row last, and
+no deadlock cycle can close), and held to COMMIT like the position. A record that rolls back
+(a savepoint too) gives its index back with the row lock. ``fastrecord`` claims a batch's
+indexes in one statement after locking the batch's subjects (``statements.CLAIM_SQL``).
 """
 
 from __future__ import annotations
@@ -244,6 +254,19 @@ def _allocate(db: Session) -> None:
         if db.get_bind().dialect.name == "postgresql":  # delivered to listeners at COMMIT
             db.execute(sa.select(sa.func.pg_notify(FEED_CHANNEL, tenant_id)))
     db.info[_FEED_TENANTS] = list(by_tenant)
+
+
+def next_leaf(db: Session, tenant_id: str, n: int = 1) -> int | None:
+    """Take the tenant's next ``n`` transparency-log leaf indexes (the counter row stays locked
+    until COMMIT); the first of them. None only on a database below the migration head."""
+    if not _feed_ready(db):
+        return None
+    ins = _upsert(db)(COUNTER).values(tenant_id=tenant_id, last_position=0, leaves=n)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["tenant_id"], set_={"leaves": COUNTER.c.leaves + n}).returning(COUNTER.c.leaves)
+    return int(db.execute(stmt).scalar_one()) - n
+
+
 
 
 def type_matches(patterns: Iterable[str], event_type: str) -> bool:

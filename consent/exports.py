@@ -37,15 +37,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from psycopg import pq as psycopg_pq
 import sqlalchemy as sa
+from psycopg import pq as psycopg_pq
 from sqlalchemy.engine import Engine
 
 from . import crypto
 from .db import transaction
 from .ledger import LINE_SEP
 from .models import ConsentRecord, ExportManifest, PolicyVersion, Subject, utcnow
-from .tlog import CHECKPOINT, LEAF
+from .tlog import CHECKPOINT
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 SUBJ = Subject.__table__  # type: ignore[attr-defined]
@@ -120,13 +120,6 @@ def _linked(flt: ExportFilter) -> Any:
 ISO_PG = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'  # crypto.iso, formatted by the server
 
 
-def _leaf() -> Any:
-    """The record's index in the transparency log (NULL until the sequencer appends it). A
-    correlated lookup, not a join: a join let PostgreSQL hash both tables and sort the ledger
-    on disk instead of streaming it in ``seq`` order from the index."""
-    return sa.select(LEAF.c.idx).where(LEAF.c.record_id == REC.c.id).correlate(REC).scalar_subquery()
-
-
 def _upto(max_seq: int | None) -> list[Any]:
     return [] if max_seq is None else [REC.c.seq <= max_seq]
 
@@ -134,6 +127,7 @@ def _upto(max_seq: int | None) -> list[Any]:
 def _records_query(flt: ExportFilter, dialect: str, max_seq: int | None) -> Any:
     """The columns of a line for ``Lines``, as plain values (no per-row conversion by SQLAlchemy:
     ``recorded_at`` as text, 0/1 for booleans on SQLite)."""
+    at: sa.ColumnElement[str]
     if dialect == "postgresql":
         at = sa.func.to_char(sa.func.timezone("UTC", REC.c.recorded_at), ISO_PG, type_=sa.Text)
     else:
@@ -144,7 +138,7 @@ def _records_query(flt: ExportFilter, dialect: str, max_seq: int | None) -> Any:
                   REC.c.policy_key, REC.c.policy_version, REC.c.source, REC.c.evidence_sha256,
                   sa.cast(REC.c.disclosures, sa.Text), at, REC.c.prev_hash, REC.c.record_hash,
                   REC.c.receipt, SUBJ.c.pseudonym, linked, sa.type_coerce(REC.c.gpc, sa.Integer),
-                  REC.c.policy_version_id, PV.c.document_url, PV.c.document_sha256, _leaf())
+                  REC.c.policy_version_id, PV.c.document_url, PV.c.document_sha256, REC.c.leaf_index)
         .select_from(REC.join(SUBJ, SUBJ.c.id == REC.c.subject_id)
                      .outerjoin(PV, PV.c.id == REC.c.policy_version_id))
         .where(*flt.where(REC), *_upto(max_seq))
@@ -159,6 +153,7 @@ def _stored_lines_query(flt: ExportFilter, dialect: str, max_seq: int | None) ->
     encoding per line).
     ``convert_to`` on PostgreSQL: a ``text::bytea`` cast would read backslashes as escapes."""
     linked = _linked(flt) if flt.partial else REC.c.prev_hash.is_not(None)
+    receipt: sa.ColumnElement[bytes]
     if dialect == "postgresql":
         receipt = sa.func.convert_to(REC.c.receipt, sa.literal_column("'UTF8'"), type_=sa.LargeBinary)
     else:
@@ -166,7 +161,7 @@ def _stored_lines_query(flt: ExportFilter, dialect: str, max_seq: int | None) ->
     # The policy version the record points to; its disclosure (if any) is read from the line
     # itself (``stored_jsonl``): the disclosure JSON as a column costs more per row.
     return (sa.select(REC.c.export_line, receipt, sa.case((linked, 1), else_=0), REC.c.policy_version_id,
-                      _leaf())
+                      REC.c.leaf_index)
             .where(*flt.where(REC), *_upto(max_seq)).order_by(REC.c.seq))
 
 
@@ -311,7 +306,7 @@ class Lines:
 
 _DISCLOSED = b'"disclosures_sha256":"'
 _LINKED, _UNLINKED, _RECEIPT = b'"linked":true,"n":', b'"linked":false,"n":', b'"receipt":"'
-_NO_LEAF = b'"leaf":null,'  # not in the transparency log yet (appended within seconds)
+_NO_LEAF = b'"leaf":null,'  # a record without a log index (only below the migration that gives one)
 
 
 def _iso_text(at: str) -> str:
@@ -562,7 +557,7 @@ class _ReadAhead:
         try:
             read(conn, query, chunk)
             self._put(self._END)
-        except BaseException as exc:  # raised in the consumer
+        except BaseException as exc:  # noqa: BLE001 - raised in the consumer
             self._put(exc)
 
     def _put(self, item: Any) -> bool:
@@ -635,7 +630,7 @@ class _Heads:
                     # (seq grows in commit order; a deletion shows in the counts, see result()).
                     same = snapshot is not None or self._max_seq(conn) == self.max_seq
                     self._outcome = self._compute(conn, same_snapshot=same)
-        except BaseException as exc:  # raised by result(), in the export's thread
+        except BaseException as exc:  # noqa: BLE001 - raised by result(), in the export's thread
             self._outcome = exc
 
     @staticmethod

@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlmodel import col
 
 from . import crypto, events, statements
 from .catalog import CLOCK_SKEW, purpose_and_version
@@ -148,7 +149,7 @@ def resolve_subject(db: Session, tenant: Tenant, ref: SubjectRef) -> Subject:
 
 def lock_subject(db: Session, subject_id: str) -> Subject:
     """The subject row, locked until commit (PostgreSQL) so chain appends stay linear."""
-    q = sa.select(Subject).where(Subject.id == subject_id).with_for_update()
+    q = sa.select(Subject).where(col(Subject.id) == subject_id).with_for_update()
     subject = db.execute(q.execution_options(populate_existing=True)).scalar_one()
     return subject
 
@@ -251,7 +252,8 @@ class Recorded:
 
 
 def find_by_idempotency_key(db: Session, tenant_id: str, key: str) -> ConsentRecord | None:
-    q = sa.select(ConsentRecord).where(ConsentRecord.tenant_id == tenant_id, ConsentRecord.idempotency_key == key)
+    q = sa.select(ConsentRecord).where(col(ConsentRecord.tenant_id) == tenant_id,
+                                   col(ConsentRecord.idempotency_key) == key)
     return db.execute(q).scalars().first()
 
 
@@ -298,6 +300,7 @@ class NewRecord:
     receipt: str = ""
     export_line: bytes | None = None
     gpc: bool | None = None
+    leaf_index: int | None = None  # its transparency-log index, taken just before signing
     seq: int | None = None
 
 
@@ -376,7 +379,7 @@ def sign_record(record: NewRecord, purpose: Any, version: Any, status: str, *, s
                 "recorded_at": crypto.iso(record.recorded_at)},
         purposes=[{"purpose": purpose.key, "status": status, "legal_basis": purpose.legal_basis,
                    "kind": purpose.kind}],
-        gpc=bool(record.gpc),
+        gpc=bool(record.gpc), tlog_index=record.leaf_index,
     ))
 
 
@@ -414,15 +417,20 @@ def record_decision(
     # A version picked by default is the newest in effect, so only a named one can be superseded.
     stale = bool(spec.policy_version) and version is not None and superseded(db, record)
     status = derive_status(record.decision, confirmed=record.confirmed, stale=stale)
-    sign_record(record, purpose, version, status, signer=signer, issuer=issuer)
+
+    def append() -> None:  # the log index (held to commit, events.next_leaf) is in the receipt
+        record.leaf_index = events.next_leaf(db, tenant.id)
+        sign_record(record, purpose, version, status, signer=signer, issuer=issuer)
+        insert_record(db, record)
+
     if idempotency_key is None:
         # Perf: no Idempotency-Key, no race to recover from: skip the SAVEPOINT and its RELEASE
         # (2 of the 14 statements of a record on PostgreSQL).
-        insert_record(db, record)
+        append()
     else:
         try:
-            with db.begin_nested():
-                insert_record(db, record)
+            with db.begin_nested():  # a lost race gives its leaf index back with the savepoint
+                append()
         except IntegrityError:
             # Same Idempotency-Key committed by a concurrent request after our first look.
             existing = find_by_idempotency_key(db, tenant.id, idempotency_key)
@@ -485,7 +493,8 @@ def record_out(record: ConsentRecord | NewRecord, status: str | None = None) -> 
 
 
 def records_of(db: Session, tenant_id: str, subject_id: str, *, before: datetime | None = None) -> list[ConsentRecord]:
-    q = sa.select(ConsentRecord).where(ConsentRecord.tenant_id == tenant_id, ConsentRecord.subject_id == subject_id)
+    q = sa.select(ConsentRecord).where(col(ConsentRecord.tenant_id) == tenant_id,
+                                       col(ConsentRecord.subject_id) == subject_id)
     if before is not None:
-        q = q.where(ConsentRecord.recorded_at <= before)
-    return list(db.execute(q.order_by(ConsentRecord.seq)).scalars())  # type: ignore[arg-type]
+        q = q.where(col(ConsentRecord.recorded_at) <= before)
+    return list(db.execute(q.order_by(col(ConsentRecord.seq))).scalars())

@@ -246,6 +246,9 @@ class ConsentRecord(SQLModel, table=True):
         sa.UniqueConstraint("tenant_id", "idempotency_key"),
         sa.Index(None, "tenant_id", "subject_id", "seq"),
         sa.Index(None, "tenant_id", "recorded_at"),
+        # The record's place in its tenant's transparency log (tlog.py): unique, and the order the
+        # sequencer appends leaves in.
+        sa.Index(None, "tenant_id", "leaf_index", unique=True),
         sa.Index("ix_consent_record_without_line", "tenant_id", sqlite_where=sa.text("export_line IS NULL"),
                  postgresql_where=sa.text("export_line IS NULL")),
         # PostgreSQL: rows (~2 KB with the receipt and export line) stay whole instead of having
@@ -278,6 +281,11 @@ class ConsentRecord(SQLModel, table=True):
     # True when a Global Privacy Control signal came with the decision (hashed into the record
     # and named in its receipt); NULL otherwise, so records without it hash as they always did.
     gpc: bool | None = None
+    # The record's leaf index in its tenant's transparency log, taken in the record's own
+    # transaction from ``event_counter.leaves`` (events.next_leaf) and named in its receipt
+    # (``tlog_index``). Every writer sets it; NULL only in a database written below the revision
+    # that added it, which that revision's migration fills.
+    leaf_index: int | None = Field(default=None, sa_column=sa.Column(BigInt, nullable=True))
 
 
 BULK_INDEX = "ix_consent_state_bulk"
@@ -369,11 +377,13 @@ class EmailLinkSecret(SQLModel, table=True):
 
 
 class EventCounter(SQLModel, table=True):
-    """Last change-feed position handed out per tenant; its row lock orders the feed."""
+    """Per tenant, the last change-feed position and the number of transparency-log leaves
+    handed out; its row lock, held to the commit, orders both (events.py)."""
 
     __tablename__ = "event_counter"
     tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=40)
     last_position: int = Field(sa_column=sa.Column(BigInt, nullable=False))
+    leaves: int = Field(default=0, sa_column=sa.Column(BigInt, nullable=False, server_default="0"))
 
 
 class Event(SQLModel, table=True):
@@ -494,10 +504,7 @@ class TlogState(SQLModel, table=True):
 
     __tablename__ = "tlog_state"
     tenant_id: str = Field(primary_key=True, max_length=40)
-    size: int = Field(sa_column=sa.Column(BigInt, nullable=False))
-    position: int = Field(sa_column=sa.Column(BigInt, nullable=False))  # change-feed position read up to
-    build_seq: int = Field(sa_column=sa.Column(BigInt, nullable=False))  # records before the log: done up to
-    build_until: int = Field(sa_column=sa.Column(BigInt, nullable=False))
+    size: int = Field(sa_column=sa.Column(BigInt, nullable=False))  # leaves in the tree
     signed_size: int = Field(sa_column=sa.Column(BigInt, nullable=False))  # size of the newest checkpoint
     updated_at: datetime = ts()
 

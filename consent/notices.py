@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from . import crypto, events, ledger
+from . import crypto, events, ledger, statements
 from .db import transaction
 from .errors import IdempotencyConflict
 from .models import ConsentRecord, PolicyVersion, Tenant
@@ -24,6 +24,7 @@ from .state import derive_status
 
 STATE = ledger.STATE
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
+SUBJECT = statements.SUBJECT
 PAGE = 500
 
 
@@ -84,6 +85,7 @@ def stream(engine: Engine, tenant_id: str, version_id: int, *, pending_only: boo
 def record_notices(db: Session, tenant: Tenant, version: PolicyVersion, *, limit: int,
                    evidence: dict[str, Any] | None, signer: crypto.Signer, issuer: str) -> dict[str, Any]:
     """Record up to ``limit`` ``notified`` records for subjects not yet told; call again until done."""
+    _lock_subjects(db, version, limit)
     done = 0
     after: str | None = None
     more = False
@@ -118,6 +120,28 @@ def record_notices(db: Session, tenant: Tenant, version: PolicyVersion, *, limit
         after = lines[-1]["subject"]
     return {"policy": version.policy_key, "version": version.version, "effective_at": version.effective_at,
             "notified": done, "more": more}
+
+
+def _lock_subjects(db: Session, version: PolicyVersion, limit: int) -> None:
+    """Lock, in id order, the subjects this call will tell, before its first record takes the
+    tenant's transparency-log counter row (events.next_leaf, held to commit): every writer locks
+    subject rows before that row, so no deadlock cycle can close."""
+    ids: list[str] = []
+    wanted, after = 0, None
+    while wanted < limit:
+        lines = page(db, version, after=after, limit=PAGE)
+        if not lines:
+            break
+        for line in lines:
+            untold = sum(p["notified_at"] is None for p in line["purposes"])
+            if untold and _ref(line) is not None:
+                ids.append(line["subject"])
+                wanted += untold
+        after = lines[-1]["subject"]
+    ids.sort()
+    for i in range(0, len(ids), PAGE):
+        db.execute(sa.select(SUBJECT.c.id).where(SUBJECT.c.id.in_(ids[i:i + PAGE]))
+                   .order_by(SUBJECT.c.id).with_for_update()).all()
 
 
 def _ref(line: dict[str, Any]) -> SubjectRef | None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from . import crypto
 from .models import SigningKey, utcnow
@@ -15,7 +16,7 @@ from .models import SigningKey, utcnow
 def ensure_signing_key(db: Session) -> SigningKey:
     """The active signing key, created if there is none."""
     key = db.execute(
-        sa.select(SigningKey).where(SigningKey.retired_at.is_(None)).order_by(SigningKey.created_at.desc())  # type: ignore[union-attr]
+        sa.select(SigningKey).where(col(SigningKey.retired_at).is_(None)).order_by(col(SigningKey.created_at).desc())
     ).scalars().first()
     if key is None:
         key = _new_key(db)
@@ -38,7 +39,7 @@ def _new_key(db: Session) -> SigningKey:
 
 def jwks(db: Session) -> dict[str, Any]:
     """Every public key, newest first (retired ones too, so old receipts still verify)."""
-    rows = db.execute(sa.select(SigningKey.public_jwk).order_by(SigningKey.created_at.desc())).scalars()
+    rows = db.execute(sa.select(col(SigningKey.public_jwk)).order_by(col(SigningKey.created_at).desc())).scalars()
     return {"keys": list(rows)}
 
 
@@ -51,8 +52,12 @@ def record_claims(
     policy: dict[str, Any] | None,
     purposes: list[dict[str, Any]],
     gpc: bool = False,
+    tlog_index: int | None = None,
 ) -> dict[str, Any]:
     """Claims of a receipt for one record (``record`` holds id, hash, source, recorded_at).
+
+    ``tlog_index`` is the record's leaf index in the tenant's transparency log: with it the
+    holder fetches the record's inclusion proof later with no secret (docs/transparency.md).
 
     ``aud`` is the tenant: a receipt is proof for that tenant only, and a consumer that pins
     its tenant (``consumer.verify_receipt(audience=...)``) refuses another tenant's receipt."""
@@ -74,4 +79,6 @@ def record_claims(
     }
     if gpc:  # the decision came with a Global Privacy Control signal (in the record hash too)
         claims["gpc"] = True
+    if tlog_index is not None:
+        claims["tlog_index"] = tlog_index
     return claims

@@ -17,14 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import tenants
-from .db import transaction
+from .db import rowcount, transaction
 from .errors import NotFound
 from .ledger import SI, STATE
 from .models import ConsentRecord, Subject, Tenant, utcnow
@@ -110,19 +110,13 @@ def run_lock(engine: Engine) -> Iterator[bool]:
                 conn.commit()
 
 
-def _rowcount(result: Any) -> int:
-    """Rows an UPDATE or DELETE touched: Session.execute is typed as returning a plain Result,
-    but for these statements it is a CursorResult, which carries the count."""
-    return cast(CursorResult[Any], result).rowcount
-
-
 def purge_evidence(engine: Engine, tenant_id: str, cutoff: datetime, batch: int) -> int:
     total = 0
     while True:
         with transaction(engine, write=True) as db:
             seqs = (sa.select(REC.c.seq).where(REC.c.tenant_id == tenant_id, REC.c.recorded_at < cutoff,
                                                REC.c.evidence.is_not(None)).limit(batch))
-            n = _rowcount(db.execute(sa.update(REC).where(REC.c.seq.in_(seqs.scalar_subquery()))
+            n = rowcount(db.execute(sa.update(REC).where(REC.c.seq.in_(seqs.scalar_subquery()))
                                      .values(evidence=sa.null())))
         total += n
         if n < batch:
@@ -136,10 +130,10 @@ def drop_tenant_records(engine: Engine, tenant_id: str, batch: int, result: RunR
             if not ids:
                 return
             db.execute(sa.delete(STATE).where(STATE.c.tenant_id == tenant_id, STATE.c.subject_id.in_(ids)))
-            result.records_dropped += _rowcount(db.execute(
+            result.records_dropped += rowcount(db.execute(
                 sa.delete(REC).where(REC.c.tenant_id == tenant_id, REC.c.subject_id.in_(ids))))
             db.execute(sa.delete(SI).where(SI.c.tenant_id == tenant_id, SI.c.subject_id.in_(ids)))
-            result.subjects_dropped += _rowcount(db.execute(sa.delete(SUBJ).where(SUBJ.c.id.in_(ids))))
+            result.subjects_dropped += rowcount(db.execute(sa.delete(SUBJ).where(SUBJ.c.id.in_(ids))))
 
 
 def run(engine: Engine, *, now: datetime | None = None, batch: int = 1000) -> RunResult:

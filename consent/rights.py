@@ -14,8 +14,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
-from . import checks, crypto
+from . import checks, crypto, events
+from .db import rowcount
 from .ledger import SI, NewRecord, insert_record, lock_subject, move_head, seal_record
 from .models import ConsentRecord, Subject, Tenant, utcnow
 from .receipts import record_claims
@@ -46,8 +48,8 @@ def access_export(db: Session, tenant: Tenant, subject: Subject, *, signer: cryp
                         .where(SI.c.tenant_id == tenant.id, SI.c.subject_id == subject.id)
                         .order_by(SI.c.created_at, SI.c.kind)).all()
     records = db.execute(sa.select(ConsentRecord).where(
-        ConsentRecord.tenant_id == tenant.id, ConsentRecord.subject_id == subject.id,
-    ).order_by(ConsentRecord.seq)).scalars().all()  # type: ignore[arg-type]
+        col(ConsentRecord.tenant_id) == tenant.id, col(ConsentRecord.subject_id) == subject.id,
+    ).order_by(col(ConsentRecord.seq))).scalars().all()
     states = checks.subject_states(db, tenant, subject.id)
     receipt = signer.sign(checks.state_receipt_claims(issuer, tenant, subject.id, states))
     return {
@@ -116,8 +118,8 @@ def erase(db: Session, tenant: Tenant, subject: Subject, *, signer: crypto.Signe
     subject = lock_subject(db, subject.id)
     if subject.erased_at is not None:
         record = db.execute(sa.select(ConsentRecord).where(
-            ConsentRecord.subject_id == subject.id, ConsentRecord.decision == ERASED,
-        ).order_by(ConsentRecord.seq.desc())).scalars().first()  # type: ignore[union-attr]
+            col(ConsentRecord.subject_id) == subject.id, col(ConsentRecord.decision) == ERASED,
+        ).order_by(col(ConsentRecord.seq).desc())).scalars().first()
         return False, _summary(subject, record, 0, 0)
     # Subjects merged into this one (consent/identity.py) are the same person: erased too.
     absorbed = [e["merged_from"] for e in db.execute(sa.select(REC.c.evidence).where(
@@ -127,9 +129,9 @@ def erase(db: Session, tenant: Tenant, subject: Subject, *, signer: crypto.Signe
         other = db.get(Subject, sid)
         if other is not None and other.tenant_id == tenant.id:
             erase(db, tenant, other, signer=signer, issuer=issuer)
-    removed = db.execute(sa.delete(SI).where(SI.c.tenant_id == tenant.id, SI.c.subject_id == subject.id)).rowcount
-    cleared = db.execute(sa.update(REC).where(REC.c.tenant_id == tenant.id, REC.c.subject_id == subject.id,
-                                              REC.c.evidence.is_not(None)).values(evidence=sa.null())).rowcount
+    removed = rowcount(db.execute(sa.delete(SI).where(SI.c.tenant_id == tenant.id, SI.c.subject_id == subject.id)))
+    cleared = rowcount(db.execute(sa.update(REC).where(REC.c.tenant_id == tenant.id, REC.c.subject_id == subject.id,
+                                                        REC.c.evidence.is_not(None)).values(evidence=sa.null())))
     now = utcnow()
     evidence: dict[str, Any] = {}
     erased = NewRecord(
@@ -139,11 +141,12 @@ def erase(db: Session, tenant: Tenant, subject: Subject, *, signer: crypto.Signe
         disclosures=None, recorded_at=now, idempotency_key=None, request_sha256=None, prev_hash=subject.head_hash,
     )
     seal_record(erased, subject.pseudonym)
+    erased.leaf_index = events.next_leaf(db, tenant.id)  # in the receipt: taken before signing
     erased.receipt = signer.sign(record_claims(
         issuer=issuer, tenant_id=tenant.id, subject_id=subject.id, policy=None,
         record={"id": erased.id, "record_hash": erased.record_hash, "source": erased.source,
                 "recorded_at": crypto.iso(now)},
-        purposes=[{"purpose": ALL_PURPOSES, "status": ERASED}],
+        purposes=[{"purpose": ALL_PURPOSES, "status": ERASED}], tlog_index=erased.leaf_index,
     ))
     insert_record(db, erased)
     move_head(db, subject, erased)  # the chain's one rule, as every record's

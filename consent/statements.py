@@ -234,10 +234,28 @@ LEFT JOIN LATERAL (
 ORDER BY q.i
 """
 
+# The group commit (PostgreSQL): lock the batch's subjects whose chain head is still the one read, in
+# subject order, then take one leaf index per locked subject from the counter row (held to the
+# COMMIT that follows the batch's write). Rows ``(i, last leaf taken)``; none when no head held.
+CLAIM_SQL = """
+WITH v AS (SELECT * FROM json_to_recordset(%(q)s::json) AS v(i int, subject_id text, prev_hash text)),
+head AS (
+  SELECT v.i FROM v JOIN subject s ON s.id = v.subject_id
+  WHERE s.head_hash IS NOT DISTINCT FROM v.prev_hash ORDER BY s.id FOR UPDATE OF s
+), counter AS (
+  INSERT INTO event_counter (tenant_id, last_position, leaves) SELECT %(t)s, 0, count(*) FROM head
+  HAVING count(*) > 0
+  ON CONFLICT (tenant_id) DO UPDATE SET leaves = event_counter.leaves + EXCLUDED.leaves
+  RETURNING leaves
+)
+SELECT head.i, counter.leaves FROM head, counter ORDER BY head.i
+"""
+
+
 # What the write takes of a record (its tenant is the batch's).
 WRITE_COLUMNS = tuple(c for c in RECORD_COLUMNS if c != "tenant_id")
 
-# One write for a whole batch (one tenant, distinct subjects), committed as one statement: move
+# One write for a whole batch (one tenant, distinct subjects), in the claim's transaction: move
 # each chain head (MOVE_HEAD's rule), and for exactly the records whose head moved insert the
 # record, upsert consent_state (STATE_UPSERT's rule), take the tenant's next change-feed
 # positions (the counter row, held to the commit as in ``events._allocate``: one increment by
@@ -250,7 +268,7 @@ WITH v AS MATERIALIZED (
     decision text, confirmed boolean, policy_key text, policy_version_id bigint, policy_version text,
     source text, evidence json, evidence_sha256 text, disclosures json, recorded_at timestamptz,
     idempotency_key text, request_sha256 text, prev_hash text, record_hash text, receipt text,
-    export_line text, gpc boolean, event_id text, event_type text, event_data json, endpoints json)
+    export_line text, gpc boolean, leaf_index bigint, event_id text, event_type text, event_data json, endpoints json)
 ), head AS (
   {_MOVE_HEAD_CTE}
 ), w AS MATERIALIZED (

@@ -1,15 +1,14 @@
 """The transparency log: per tenant, one append-only RFC 9162 Merkle tree over the records in
 commit order, signed checkpoints (C2SP tlog-checkpoint notes) and proofs (docs/transparency.md).
 
-Leaves get their index from a *sequencer*, not in the record's transaction: every few seconds
-(``CONSENT_TLOG_SECONDS``) each service process's ``Sequencer`` reads the change feed after the
-tenant's last sequenced position (positions are gap-free and commit-ordered, ``events.py``) and
-appends those records as leaves, then signs a checkpoint. The record path is not touched, so it
-pays nothing, and two writers never wait on a tree lock across their round trips; the price is
-that a receipt cannot carry its leaf index (it is signed before the record commits), so a
-holder asks for its proof by the receipt's ``jti``. Records that predate the log (or were
-written without a feed event) are appended once, in ``seq`` order, by ``build`` (run by the
-sequencer on a tenant it has never seen, and by ``consent tlog build``).
+A record's leaf index is taken in the record's own transaction, from the tenant's counter row
+held to the commit (``events.next_leaf``; fastrecord claims a batch's at once), stored on the
+record (``consent_record.leaf_index``) and named in its receipt (``tlog_index``), so a holder
+fetches its proof later by that index with no secret. Indexes are gap-free and in commit order.
+The tree itself is built by a *sequencer*: every few seconds (``CONSENT_TLOG_SECONDS``) each
+service process's ``Sequencer`` appends the records from the tree's size on, by stored index,
+and signs a checkpoint. So the record path pays one counter increment and no tree work, and the
+sequencer never chooses an order. ``consent tlog build`` runs the same appends at once.
 
 Storage: each leaf hash by index (``tlog_leaf``) and the hash of every complete subtree of at
 least ``2**NODE_LEVEL`` leaves (``tlog_node``, one row per 16 leaves in all), so any tree head or
@@ -38,7 +37,7 @@ from . import merkle
 from .crypto import Signer
 from .db import transaction
 from .errors import NotFound, ValidationFailed
-from .events import COUNTER, EVENT
+from .events import COUNTER
 from .models import (
     ConsentRecord,
     SigningKey,
@@ -176,74 +175,52 @@ def _upsert(db: Session) -> Any:
 
 
 def _lock_state(db: Session, tenant_id: str, wait: bool = True) -> Any:
-    """The tenant's sequencer row, locked (created on first use, with the build's range)."""
-    postgres = db.get_bind().dialect.name == "postgresql"
+    """The tenant's sequencer row, locked (created on first use)."""
     q = sa.select(STATE).where(STATE.c.tenant_id == tenant_id)
-    if postgres:
+    if db.get_bind().dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=not wait)
     row = db.execute(q).one_or_none()
     if row is not None:
         return row
-    position = db.execute(sa.select(COUNTER.c.last_position).where(COUNTER.c.tenant_id == tenant_id)).scalar()
-    until = db.execute(sa.select(sa.func.max(REC.c.seq)).where(REC.c.tenant_id == tenant_id)).scalar()
-    db.execute(_upsert(db)(STATE).values(
-        tenant_id=tenant_id, size=0, position=position or 0, build_seq=0, build_until=until or 0,
-        signed_size=0, updated_at=utcnow()).on_conflict_do_nothing())
+    db.execute(_upsert(db)(STATE).values(tenant_id=tenant_id, size=0, signed_size=0, updated_at=utcnow())
+               .on_conflict_do_nothing())
     return db.execute(q).one_or_none()
 
 
-def _not_in_log() -> Any:
-    return ~sa.exists().where(LEAF.c.record_id == REC.c.id)
-
-
 def sequence(db: Session, tenant_id: str, *, limit: int = CHUNK, wait: bool = True) -> int:
-    """Append up to ``limit`` records to the tenant's log: first those that predate it (in
-    ``seq`` order), then the change feed's after the last position read. Leaves appended;
-    the caller commits."""
+    """Append up to ``limit`` records to the tenant's log, by their stored leaf index from the
+    tree's size on. Indexes are taken in commit order (events.next_leaf), so every index below
+    a committed one is committed too: the run read is gap-free. A gap means a record that was
+    deleted before it was appended; the log stops there rather than renumber (it is reported).
+    Leaves appended; the caller commits."""
     state = _lock_state(db, tenant_id, wait)
     if state is None:  # another process holds it
         return 0
-    size, values = state.size, {}
-    if state.build_seq < state.build_until:
-        rows = db.execute(sa.select(REC.c.seq, REC.c.id, REC.c.record_hash, REC.c.receipt).where(
-            REC.c.tenant_id == tenant_id, REC.c.seq > state.build_seq, REC.c.seq <= state.build_until,
-            _not_in_log()).order_by(REC.c.seq).limit(limit)).all()
-        values["build_seq"] = rows[-1].seq if len(rows) == limit else state.build_until
-    else:
-        done = sa.exists().where(LEAF.c.record_id == REC.c.id)
-        # An outer join: the position moves past an event whose record is gone (a closed tenant's
-        # ledger purged by retention) instead of stopping there.
-        events = db.execute(sa.select(EVENT.c.position, REC.c.id, REC.c.record_hash, REC.c.receipt, done)
-                            .outerjoin(REC, REC.c.id == EVENT.c.record_id)
-                            .where(EVENT.c.tenant_id == tenant_id, EVENT.c.position > state.position)
-                            .order_by(EVENT.c.position).limit(limit)).all()
-        if events:
-            values["position"] = events[-1].position
-        rows = [e for e in events if e.id is not None and not e[-1]]
-    new = [(r.id, _jti(r.receipt), merkle.leaf_hash(leaf_data(r.record_hash))) for r in rows]
-    values["size"] = append(db, tenant_id, size, new)
-    if values != {"size": size}:
-        values["updated_at"] = utcnow()
-        db.execute(STATE.update().where(STATE.c.tenant_id == tenant_id).values(**values))
+    size = state.size
+    rows = db.execute(sa.select(REC.c.leaf_index, REC.c.id, REC.c.record_hash, REC.c.receipt).where(
+        REC.c.tenant_id == tenant_id, REC.c.leaf_index >= size).order_by(REC.c.leaf_index).limit(limit)).all()
+    run = [r for i, r in enumerate(rows) if r.leaf_index == size + i]
+    if rows and not run:
+        log.error("transparency log of %s: leaf %d has no record (deleted before it was appended)",
+                  tenant_id, size)
+    new = [(r.id, _jti(r.receipt), merkle.leaf_hash(leaf_data(r.record_hash))) for r in run]
+    if new:
+        db.execute(STATE.update().where(STATE.c.tenant_id == tenant_id).values(
+            size=append(db, tenant_id, size, new), updated_at=utcnow()))
     return len(new)
 
 
 def build(engine: Engine, tenant_id: str, progress: Any = None) -> int:
-    """Append every record of the tenant that is not in its log yet (``consent tlog build``):
-    records written before the log or without a change-feed event. Leaves appended."""
+    """Append every record of the tenant that is not in its log yet, now (``consent tlog
+    build``), instead of waiting for the sequencer. Leaves appended."""
     total = 0
-    with transaction(engine, write=True) as db:
-        _lock_state(db, tenant_id)
-        until = db.execute(sa.select(sa.func.max(REC.c.seq)).where(REC.c.tenant_id == tenant_id)).scalar() or 0
-        db.execute(STATE.update().where(STATE.c.tenant_id == tenant_id).values(build_seq=0, build_until=until))
     while True:
         with transaction(engine, write=True) as db:
             n = sequence(db, tenant_id)
-            state = db.execute(sa.select(STATE).where(STATE.c.tenant_id == tenant_id)).one()
         total += n
         if progress:
             progress(total)
-        if state.build_seq >= state.build_until and n == 0:
+        if n < CHUNK:
             return total
 
 
@@ -288,13 +265,12 @@ def verifier_keys(db: Session, settings: Settings) -> list[str]:
 
 
 def pending_tenants(db: Session) -> list[str]:
-    """Tenants whose log is behind their change feed, being built, or not checkpointed."""
+    """Tenants whose log is behind the leaf indexes handed out, or not checkpointed."""
     s, c = STATE.alias("s"), COUNTER.alias("c")
     behind = sa.select(c.c.tenant_id).outerjoin(s, s.c.tenant_id == c.c.tenant_id).where(
-        sa.or_(s.c.tenant_id.is_(None), c.c.last_position > s.c.position))
-    other = sa.select(STATE.c.tenant_id).where(sa.or_(STATE.c.build_seq < STATE.c.build_until,
-                                                      STATE.c.size > STATE.c.signed_size))
-    return sorted(set(db.execute(behind).scalars()) | set(db.execute(other).scalars()))
+        c.c.leaves > sa.func.coalesce(s.c.size, 0))
+    unsigned = sa.select(STATE.c.tenant_id).where(STATE.c.size > STATE.c.signed_size)
+    return sorted(set(db.execute(behind).scalars()) | set(db.execute(unsigned).scalars()))
 
 
 def run_once(engine: Engine, settings: Settings, signer: Signer, *, wait: bool = False) -> int:
@@ -339,9 +315,14 @@ def _size(db: Session, tenant_id: str, size: int | None) -> tuple[int, Any]:
 
 
 def inclusion(db: Session, tenant_id: str, *, record_id: str | None = None, jti: str | None = None,
-              tree_size: int | None = None) -> Inclusion:
-    """The inclusion proof of a record (by id or receipt jti) against a checkpoint."""
-    col, value = (LEAF.c.record_id, record_id) if record_id is not None else (LEAF.c.jti, jti)
+              leaf_index: int | None = None, tree_size: int | None = None) -> Inclusion:
+    """The inclusion proof of a record (by id, receipt jti or the receipt's ``tlog_index``)
+    against a checkpoint."""
+    value: Any
+    if leaf_index is not None:
+        col, value = LEAF.c.idx, leaf_index
+    else:
+        col, value = (LEAF.c.record_id, record_id) if record_id is not None else (LEAF.c.jti, jti)
     leaf = db.execute(sa.select(LEAF.c.idx, LEAF.c.record_id, REC.c.record_hash)
                       .outerjoin(REC, REC.c.id == LEAF.c.record_id)
                       .where(LEAF.c.tenant_id == tenant_id, col == value)).one_or_none()

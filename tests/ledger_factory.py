@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from consent import crypto, receipts
+from consent import crypto, events, receipts
 from consent.db import transaction
 from consent.ledger import seal_record
 from consent.models import ConsentRecord, PolicyVersion, Subject, Tenant
@@ -71,9 +71,12 @@ def generate_ledger(engine: Engine, tenant_id: str, records: int, *, per_subject
                                        "record_hash": rec.record_hash, "recorded_at": crypto.iso(at),
                                        "source": "import", "purposes": [{"purpose": purpose, "status": rec.decision}]})
             s["head_hash"] = rec.record_hash
-            rows.append({c.name: getattr(rec, c.name) for c in REC.columns if c.name != "seq"})
+            rows.append({c.name: getattr(rec, c.name, None) for c in REC.columns if c.name != "seq"})
             k += 1
         with transaction(engine, write=True) as db:
+            first = events.next_leaf(db, tenant_id, len(rows))  # their transparency-log indexes
+            for i, row in enumerate(rows):
+                row["leaf_index"] = None if first is None else first + i
             db.execute(sa.insert(SUBJ), subjects)
             db.execute(sa.insert(REC), rows)
         done += len(rows)

@@ -98,7 +98,7 @@ def as_route(t: Tenant, route: TestClient) -> Tenant:
 JSON_COLUMNS = {"evidence", "disclosures", "data"}
 VOLATILE = {"id", "seq", "record_hash", "prev_hash", "receipt", "recorded_at", "request_sha256", "subject_id",
             "record_seq", "record_id", "created_at", "position", "subject", "next_attempt_at", "event_id",
-            "event_position", "export_line", "receipt_seq"}
+            "event_position", "export_line", "receipt_seq", "leaf_index"}
 
 
 def stable(row: dict[str, Any]) -> dict[str, Any]:

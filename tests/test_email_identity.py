@@ -177,7 +177,8 @@ def db_at_0012(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     engine = db.create_db_engine(url)
     try:
         added = (("subject", "merged_into varchar(40)"), ("consent_record", "gpc boolean"),
-                 ("consent_state", "gpc boolean"))
+                 ("consent_state", "gpc boolean"), ("consent_record", "leaf_index bigint"),
+                 ("event_counter", "leaves bigint NOT NULL DEFAULT 0"))
         with engine.begin() as conn:  # the head model's columns, present only while writing
             for table, column in added:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column}")

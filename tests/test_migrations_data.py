@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 from sqlalchemy.orm import Session
 
-from consent import catalog, db, ledger, tenants
+from consent import catalog, db, ledger, tenants, tlog
 from consent.crypto import Signer, generate_signing_key
 from consent.models import ConsentRecord, Subject
 from consent.schemas import ConsentIn, PolicyVersionIn, PurposeIn, TenantIn
@@ -33,6 +34,8 @@ ADDED_LATER = {"consent_record": {"export_line": "bytea"},
                "consent_state": {"receipt_seq": "bigint", "record_id": "varchar(40)", "receipt": "varchar"},
                "subject": {"merged_into": "varchar(40)"}}
 ADDED_LATER["consent_record"]["gpc"] = ADDED_LATER["consent_state"]["gpc"] = "boolean"
+ADDED_LATER["consent_record"]["leaf_index"] = "bigint"
+ADDED_LATER["event_counter"] = {"leaves": "bigint NOT NULL DEFAULT 0"}
 
 
 def columns_of(engine: sa.Engine, table: str = "consent_record") -> set[str]:
@@ -156,8 +159,6 @@ def test_0019_moves_dashboard_events_into_the_tenant_audit_trail(backend: str, t
     """Filled at 0018 (a tenant with a settings change and dashboard events, one actor longer
     than the trail's 64 characters), 0019 keeps every event in ``tenant_audit`` with its time,
     and drops ``dashboard_event``; downgrade brings back the table, empty."""
-    from datetime import UTC, datetime
-
     if backend == "postgresql":
         url = create_run_database("_audit0019")
         reset_postgres(url)
@@ -199,5 +200,54 @@ def test_0019_moves_dashboard_events_into_the_tenant_audit_trail(backend: str, t
             assert conn.execute(sa.text("SELECT count(*) FROM dashboard_event")).scalar() == 0
             assert conn.execute(sa.text("SELECT count(*) FROM tenant_audit")).scalar() == 4
         db.migrate(url)
+    finally:
+        engine.dispose()
+
+
+def test_0020_keeps_every_leaf_index_the_log_gave(backend: str, tmp_path) -> None:
+    """Filled at 0019 with part of one tenant's records already in its log (out of seq order,
+    and a leaf whose record is gone), 0020 stores each record's index: the log's own where it
+    has one, the next ones in seq order otherwise; the counters continue after them, and the
+    sequencer then appends the rest. Downgrade and upgrade again give the same indexes."""
+    if backend == "postgresql":
+        url = create_run_database("_tlog0020")
+        reset_postgres(url)
+    else:
+        url = f"sqlite:///{tmp_path / 'tlog.db'}"
+    db.migrate(url, "0019")
+    a, b = fill(url, "0019a"), fill(url, "0019b")
+    engine = db.create_db_engine(url)
+    try:
+        with engine.begin() as conn:
+            ids = conn.execute(sa.text("SELECT id FROM consent_record WHERE tenant_id = :t ORDER BY seq"),
+                               {"t": a}).scalars().all()
+            for idx, rid in ((0, ids[2]), (1, ids[0]), (2, "rec_deleted_by_retention")):
+                conn.execute(sa.text("INSERT INTO tlog_leaf (tenant_id, idx, record_id, jti, hash) "
+                                     "VALUES (:t, :i, :r, NULL, :h)"), {"t": a, "i": idx, "r": rid, "h": b"x" * 32})
+            conn.execute(sa.text("INSERT INTO tlog_state (tenant_id, size, position, build_seq, build_until, "
+                                 "signed_size, updated_at) VALUES (:t, 3, 0, 0, 0, 0, :now)"),
+                         {"t": a, "now": datetime(2026, 1, 1, tzinfo=UTC)})
+        expected = {a: {ids[2]: 0, ids[0]: 1, ids[1]: 3, ids[3]: 4}}
+
+        def stored() -> dict[str, dict[str, int]]:
+            with engine.connect() as conn:
+                rows = conn.execute(sa.text("SELECT tenant_id, id, leaf_index FROM consent_record")).all()
+            out: dict[str, dict[str, int]] = {}
+            for r in rows:
+                out.setdefault(r.tenant_id, {})[r.id] = r.leaf_index
+            return out
+
+        db.migrate(url)
+        got = stored()
+        assert got[a] == expected[a]
+        assert sorted(got[b].values()) == [0, 1, 2, 3]
+        with engine.connect() as conn:
+            counters = dict(conn.execute(sa.text("SELECT tenant_id, leaves FROM event_counter")).all())
+        assert (counters[a], counters[b]) == (5, 4)
+        with Session(engine) as s, s.begin():
+            assert tlog.sequence(s, a) == 2 and tlog.tree_size(s, a) == 5
+        db.downgrade(url, "0019")
+        db.migrate(url)
+        assert stored() == got
     finally:
         engine.dispose()

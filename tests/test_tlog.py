@@ -60,30 +60,35 @@ def test_append_stores_complete_subtrees_for_every_size(client: Any) -> None:
         assert nodes.scalar_one() == sum(300 >> lvl for lvl in range(tlog.NODE_LEVEL, 9))
 
 
-def test_sequencer_appends_records_in_commit_order_and_builds_older_ones(tenant: Tenant) -> None:
-    generate_ledger(services(tenant).engine, tenant.id, 23)  # bulk-written: no feed events
+def test_sequencer_appends_records_by_their_stored_index(tenant: Tenant) -> None:
+    generate_ledger(services(tenant).engine, tenant.id, 23)  # bulk-written: indexes taken in their transaction
     for i in range(5):
         tenant.record(email=f"p{i}@example.com")
     sequence(tenant)
     rows = leaf_rows(tenant)
     assert [r.idx for r in rows] == list(range(28))
     with transaction(services(tenant).engine) as db:
-        fed = db.execute(sa.select(EVENT.c.record_id).where(EVENT.c.tenant_id == tenant.id)
-                         .order_by(EVENT.c.position)).scalars().all()
-        older = db.execute(sa.select(tlog.REC.c.id).where(tlog.REC.c.tenant_id == tenant.id,
-                                                           tlog.REC.c.id.not_in(fed)).order_by(tlog.REC.c.seq)).scalars().all()
-    assert [r.record_id for r in rows] == older + fed  # the ledger before the log, then the feed
+        stored = db.execute(sa.select(tlog.REC.c.id).where(tlog.REC.c.tenant_id == tenant.id)
+                            .order_by(tlog.REC.c.leaf_index)).scalars().all()
+    assert [r.record_id for r in rows] == stored
     sequence(tenant)  # nothing new: nothing appended twice
     assert len(leaf_rows(tenant)) == 28
     tenant.record(email="late@example.com")
     generate_ledger(services(tenant).engine, tenant.id, 3)
-    sequence(tenant)
-    assert len(leaf_rows(tenant)) == 29  # the bulk-written records wait for `consent tlog build`
-    assert tlog.build(services(tenant).engine, tenant.id) == 3
+    assert tlog.build(services(tenant).engine, tenant.id) == 4  # `consent tlog build`: at once
     rows = leaf_rows(tenant)
     assert len(rows) == 32 and len({r.record_id for r in rows}) == 32
     with transaction(services(tenant).engine) as db:
         assert tlog.root_at(db, tenant.id, 32) == rfc9162.mth([r.record_hash.encode() for r in rows])
+
+
+def test_the_log_stops_at_a_record_deleted_before_it_was_appended(tenant: Tenant) -> None:
+    recs = [tenant.record(email=f"g{i}@example.com") for i in range(4)]
+    with transaction(services(tenant).engine, write=True) as db:
+        db.execute(sa.delete(tlog.STATE).where(tlog.STATE.c.tenant_id == tenant.id))
+        db.execute(sa.delete(tlog.REC).where(tlog.REC.c.id == recs[2]["id"]))
+    sequence(tenant)
+    assert [r.idx for r in leaf_rows(tenant)] == [0, 1]  # not renumbered around the gap
 
 
 def note_parts(t: Tenant, note: str) -> tuple[str, int, bytes]:
@@ -109,6 +114,7 @@ def test_checkpoints_and_proofs_verify_with_an_independent_verifier(tenant: Tena
     for rec in first + later:
         receipt = jwt.decode(rec["receipt"], options={"verify_signature": False})
         for size_, params in ((17, {"record_id": rec["id"]}), (17, {"jti": receipt["jti"]}),
+                              (17, {"leaf_index": receipt["tlog_index"]}),
                               (5, {"record_id": rec["id"], "tree_size": 5})):
             p = c.get(f"/v1/tlog/{tenant.id}/proof/inclusion", params=params)
             if size_ == 5 and rec in later:
@@ -117,6 +123,7 @@ def test_checkpoints_and_proofs_verify_with_an_independent_verifier(tenant: Tena
             assert p.status_code == 200, p.text
             body = p.json()
             assert body["tree_size"] == size_ and body["record_hash"] == receipt["record_hash"]
+            assert body["leaf_index"] == receipt["tlog_index"] and body["record_id"] == rec["id"]
             _, _, root = note_parts(tenant, body["checkpoint"])
             path = [base64.b64decode(h) for h in body["hashes"]]
             assert rfc9162.verify_inclusion(receipt["record_hash"].encode(), body["leaf_index"], size_, path, root)
@@ -142,6 +149,9 @@ def test_tlog_routes_reject_bad_input(tenant: Tenant) -> None:
         ("/v1/tlog/ten_nobody/checkpoint", {}, 404, "checkpoint_not_found"),
         (f"{base}/proof/inclusion", {}, 422, "validation_failed"),
         (f"{base}/proof/inclusion", {"record_id": rec["id"], "jti": "rct_x"}, 422, "validation_failed"),
+        (f"{base}/proof/inclusion", {"leaf_index": 0, "jti": "rct_x"}, 422, "validation_failed"),
+        (f"{base}/proof/inclusion", {"leaf_index": -1}, 422, "validation_failed"),
+        (f"{base}/proof/inclusion", {"leaf_index": 1}, 404, "tlog_record_not_found"),
         (f"{base}/proof/inclusion", {"record_id": "rec_nothing"}, 404, "tlog_record_not_found"),
         (f"{base}/proof/inclusion", {"record_id": rec["id"], "tree_size": 3}, 404, "checkpoint_not_found"),  # > newest
         (f"{base}/proof/inclusion", {"record_id": rec["id"], "tree_size": "z"}, 422, "validation_failed"),
@@ -164,10 +174,15 @@ def test_erasure_never_changes_a_leaf(tenant: Tenant) -> None:
     tenant.record(email="e9@example.com")
     sequence(tenant)
     _, size, head = note_parts(tenant, tenant.client.get(f"/v1/tlog/{tenant.id}/checkpoint").text)
-    assert size == 4 and tenant.client.get(f"/v1/tlog/{tenant.id}/checkpoints/3").text == before
+    assert size == 5 and tenant.client.get(f"/v1/tlog/{tenant.id}/checkpoints/3").text == before
+    erased = r.json()["record"]
+    claims = jwt.decode(erased["receipt"], options={"verify_signature": False})
+    assert claims["tlog_index"] == 3  # the erasure record is in the log, between the two records
+    p = tenant.client.get(f"/v1/tlog/{tenant.id}/proof/inclusion", params={"leaf_index": 3}).json()
+    assert p["record_id"] == erased["id"] and p["record_hash"] == erased["record_hash"]
     p = tenant.client.get(f"/v1/tlog/{tenant.id}/proof/inclusion", params={"record_id": recs[1]["id"]}).json()
     path = [base64.b64decode(h) for h in p["hashes"]]
-    assert rfc9162.verify_inclusion(p["record_hash"].encode(), p["leaf_index"], 4, path, head)
+    assert rfc9162.verify_inclusion(p["record_hash"].encode(), p["leaf_index"], 5, path, head)
     assert p["record_hash"] == jwt.decode(recs[1]["receipt"], options={"verify_signature": False})["record_hash"]
 
 

@@ -73,8 +73,16 @@ def delete_person(t: Tenant, email: str) -> int:
 
 
 def rebuild_log(t: Tenant) -> None:
-    """The operator's cover-up: the tenant's log dropped and built again, checkpoints re-signed."""
+    """The operator's cover-up: the records left renumbered without the gap, the tenant's log
+    dropped and built again, checkpoints re-signed."""
     with transaction(services(t).engine, write=True) as db:
+        params = {"t": t.id}
+        db.execute(sa.text("UPDATE consent_record SET leaf_index = -1 - leaf_index WHERE tenant_id = :t"), params)
+        db.execute(sa.text("UPDATE consent_record SET leaf_index = x.n FROM (SELECT seq, ROW_NUMBER() OVER "
+                           "(ORDER BY leaf_index DESC) - 1 AS n FROM consent_record WHERE tenant_id = :t) x "
+                           "WHERE consent_record.seq = x.seq"), params)
+        db.execute(sa.text("UPDATE event_counter SET leaves = (SELECT count(*) FROM consent_record "
+                           "WHERE tenant_id = :t) WHERE tenant_id = :t"), params)
         for table in (tlog.LEAF, tlog.NODE, tlog.CHECKPOINT, tlog.STATE):
             db.execute(sa.delete(table).where(table.c.tenant_id == t.id))
     sequence(t)
