@@ -13,7 +13,7 @@ positions are gap-free and commit-ordered, and ``position > cursor`` never misse
 lock is the last one a transaction takes (nothing runs between it and COMMIT), so it cannot
 close a deadlock cycle, and it is held for the few milliseconds of the commit only. On
 SQLite ``BEGIN IMMEDIATE`` already serialises writers; the same code runs there.
-``fastrecord`` (the common record on PostgreSQL) takes the same counter row the same way, in
+``batch_writes`` (the group commit on PostgreSQL) takes the same counter row the same way, in
 the single statement that writes a batch of records (one increment by the number written),
 held until that statement commits.
 
@@ -24,7 +24,7 @@ The index goes into the record's receipt, which is signed before the record is i
 is taken earlier than the feed position: after the subject's row lock and before the insert
 (never before a subject lock, so every writer takes subject rows first and this row last, and
 no deadlock cycle can close), and held to COMMIT like the position. A record that rolls back
-(a savepoint too) gives its index back with the row lock. ``fastrecord`` claims a batch's
+(a savepoint too) gives its index back with the row lock. ``batch_writes`` claims a batch's
 indexes in one statement after locking the batch's subjects (``statements.CLAIM_SQL``).
 """
 
@@ -119,7 +119,7 @@ def _wake(db: Session) -> None:
 
 # --- change-feed waits: woken by commits, not by polling -----------------------------------
 # A long-poll registers here and sleeps until a commit of its tenant wakes it: commits of this
-# process directly (``_wake``, fastrecord), commits of other processes through PostgreSQL
+# process directly (``_wake``, batch_writes), commits of other processes through PostgreSQL
 # LISTEN/NOTIFY (``FeedListener``; every event write runs ``pg_notify(FEED_CHANNEL, tenant)``).
 
 FEED_CHANNEL = "consent_feed"

@@ -67,7 +67,7 @@ class RequestContextMiddleware:
 
 
 def finish_request(method: str | None, route: str, status: int, start: float, request_id: str) -> None:
-    """Metrics and the access line of one request (shared with ``fastcheck``)."""
+    """Metrics and the access line of one request ."""
     duration = time.perf_counter() - start
     method = metrics.method_label(method)
     metrics.observe(method, route, status, duration)

@@ -2,7 +2,7 @@
 commit order, signed checkpoints (C2SP tlog-checkpoint notes) and proofs (docs/transparency.md).
 
 A record's leaf index is taken in the record's own transaction, from the tenant's counter row
-held to the commit (``events.next_leaf``; fastrecord claims a batch's at once), stored on the
+held to the commit (``events.next_leaf``; the group commit claims a batch's at once), stored on the
 record (``consent_record.leaf_index``) and named in its receipt (``tlog_index``), so a holder
 fetches its proof later by that index with no secret. Indexes are gap-free and in commit order.
 The tree itself is built by a *sequencer*: every few seconds (``CONSENT_TLOG_SECONDS``) each

@@ -1,4 +1,4 @@
-"""Leaf indexes taken in the record's own transaction (events.next_leaf, fastrecord's claim):
+"""Leaf indexes taken in the record's own transaction (events.next_leaf, the group commit's claim):
 every receipt names its record's index, the proof fetched by that index verifies with the
 test-only RFC 9162 verifier (tests/rfc9162.py), and concurrent writers (threads through the
 app, and on PostgreSQL several batched writers at once) get distinct, gap-free indexes in
@@ -15,11 +15,12 @@ import jwt
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import db, fastcheck, fastrecord, tlog
+from consent import batch_reads, batch_writes, db, tlog
 from consent.schemas import ConsentIn
 
 from . import rfc9162
 from .helpers import Tenant, make_tenant
+from .test_batch_writes import key_of
 
 
 def claims(receipt: str) -> dict[str, Any]:
@@ -52,9 +53,11 @@ def test_concurrent_records_get_distinct_gap_free_indexes_in_commit_order(client
 
     async def batched() -> list[Any]:
         # Two writers racing for the counter row, as two service processes do.
-        writers = [fastrecord.Writer(fastcheck.pg_connect_args(engine), services, connections=2) for _ in range(2)]
+        writers = [batch_writes.Writer(batch_reads.pg_connect_args(engine), services, connections=2)
+                   for _ in range(2)]
+        key = key_of(t, db_url)
         try:
-            calls = [w.record(t.secret_key, ConsentIn.model_validate(
+            calls = [w.record(*key, ConsentIn.model_validate(
                 {"subject": {"email": emails[(n * 5 + k) % len(emails)]}, "purpose": "marketing_email",
                  "decision": "granted"}), None) for k, w in enumerate(writers) for n in range(12)]
             return await asyncio.gather(*calls, return_exceptions=True)
@@ -65,8 +68,8 @@ def test_concurrent_records_get_distinct_gap_free_indexes_in_commit_order(client
     def fast() -> None:
         try:
             results = asyncio.run(batched())
-            assert all(isinstance(x, (bytes, fastrecord.Declined)) for x in results), results
-            assert sum(isinstance(x, bytes) for x in results) >= 12
+            assert all(isinstance(x, (tuple, batch_writes.PerRequest)) for x in results), results
+            assert sum(isinstance(x, tuple) for x in results) >= 12
         except BaseException as exc:  # noqa: BLE001 (reported below, in the test thread)
             errors.append(exc)
 
