@@ -19,7 +19,7 @@ WORKDIR /src
 # Dependencies first, pinned: this layer is rebuilt only when constraints.txt changes.
 COPY constraints.txt ./
 RUN pip install -r constraints.txt
-# Then the code (consent/migrations and consent/static/snippet.js link into these two).
+# Then the code (consent/store/migrations and consent/web/static/snippet.js link into these two).
 COPY pyproject.toml README.md LICENSE ./
 COPY migrations ./migrations
 COPY client-snippet/dist ./client-snippet/dist

@@ -29,10 +29,10 @@ sys.path.insert(0, str(HERE))
 
 import ledger
 
-from consent import db
-from consent.app import create_app
-from consent.models import TABLES
 from consent.settings import Settings
+from consent.store import db
+from consent.store.models import TABLES
+from consent.web.app import create_app
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 BAR_MS = 200.0

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from ledger import reset  # bench/ledger.py
 
-from consent import db
+from consent.store import db
 from tests.ledger_factory import generate_ledger
 
 ADMIN = "adm_bench_token_0123456789"
@@ -90,7 +90,7 @@ def main() -> int:
     port = free_port()
     env = {**os.environ, "CONSENT_DATABASE_URL": url, "CONSENT_ADMIN_TOKEN": ADMIN, "CONSENT_DEMO": "false",
            "CONSENT_LOG_LEVEL": "warning"}
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "consent.app:create_app", "--factory",
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "consent.web.app:create_app", "--factory",
                                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                               env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
@@ -211,7 +211,7 @@ def export_and_verify(base: str, key: dict[str, str], server_pid: int, tmp: Path
         (tmp / "jwks.json").write_bytes(httpx.get(f"{base}/.well-known/jwks.json").content)
         t0 = time.perf_counter()
         with open(tmp / "verify.err", "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "consent.cli", "verify", str(out), "--jwks",
+            proc = subprocess.Popen([sys.executable, "-m", "consent.cli.main", "verify", str(out), "--jwks",
                                      str(tmp / "jwks.json")], stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
             killer = threading.Timer(args.timeout, proc.kill)
             killer.start()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy as sa
 
-from consent import db
+from consent.store import db
 from tests.conftest import free_port
 from tests.helpers import ADMIN_TOKEN, make_tenant
 from tests.receiver import Receiver
@@ -49,7 +49,7 @@ def serve(url: str, port: int, poll: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CONSENT_DATABASE_URL": url, "CONSENT_ADMIN_TOKEN": ADMIN_TOKEN, "CONSENT_DEMO": "false",
            "CONSENT_MIGRATE_ON_START": "false", "CONSENT_WEBHOOK_POLL_SECONDS": poll,
            "CONSENT_RATE_LIMIT_PER_MINUTE": "100000000"}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "consent.app:create_app", "--factory", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "consent.web.app:create_app", "--factory", "--port",
                              str(port), "--log-level", "warning"], cwd=ROOT, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

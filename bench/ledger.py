@@ -20,11 +20,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from consent import catalog, crypto, db, receipts, tenants
-from consent.ledger import seal_record, status_of_record
-from consent.models import ConsentRecord, ConsentState, SigningKey, Subject, SubjectIdentifier
-from consent.receipts import record_claims
-from consent.schemas import PolicyVersionIn, PurposeIn, TenantIn
+from consent import crypto
+from consent.ledger import catalog, receipts, tenants
+from consent.ledger.receipts import record_claims
+from consent.ledger.recorder import seal_record, status_of_record
+from consent.ledger.schemas import PolicyVersionIn, PurposeIn, TenantIn
+from consent.store import db
+from consent.store.models import ConsentRecord, ConsentState, SigningKey, Subject, SubjectIdentifier
 
 PURPOSES = ("marketing_email", "analytics", "personalization")
 ISSUER = "http://127.0.0.1"

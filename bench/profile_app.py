@@ -23,9 +23,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from consent.app import create_app
 from consent.logs import configure
 from consent.settings import Settings
+from consent.web.app import create_app
 
 LAST_HEADERS: dict[str, str] = {}  # of the last response
 
@@ -100,12 +100,12 @@ async def main() -> None:
                    help="also the CPU of this machine's PostgreSQL processes per request (local server only)")
     args = p.parse_args()
     if args.sync or args.profile:
-        import consent.http
+        import consent.web.http
 
         async def direct(fn: Any, *a: Any) -> Any:
             return fn(*a)
 
-        consent.http.run_in_threadpool = direct  # type: ignore[assignment]
+        consent.web.http.run_in_threadpool = direct  # type: ignore[assignment]
     meta = json.loads((HERE / ".cache" / f"ledger-{args.ledger}.json").read_text())[args.backend]
     settings = Settings.from_env({"CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false",
                                   "CONSENT_MIGRATE_ON_START": "false", "CONSENT_LOG_LEVEL": args.log_level,

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import ledger
 
-from consent import db
+from consent.store import db
 
 PG_BASE = os.environ.get("BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
 ADMIN_TOKEN = "adm_bench_0123456789abcdef"
@@ -164,8 +164,8 @@ def _tlog_build(url: str) -> None:
     import sqlalchemy as sa
     from sqlmodel import col
 
-    from consent import tlog
-    from consent.models import Tenant
+    from consent.audit import tlog
+    from consent.store.models import Tenant
 
     engine = db.create_db_engine(url)
     try:
@@ -186,7 +186,7 @@ def _repair(url: str) -> None:
     import sqlalchemy as sa
     from sqlmodel import SQLModel
 
-    import consent.models  # noqa: F401  (registers the tables)
+    import consent.store.models  # noqa: F401  (registers the tables)
 
     engine = db.create_db_engine(url)
     try:
@@ -275,7 +275,7 @@ class Server:
         """The service as a user starts it: `consent serve` (the CLI's own uvicorn settings and
         logging), its output, access log included, written to a file as a log collector would."""
         port = free_port()
-        cmd = [sys.executable, "-m", "consent.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [sys.executable, "-m", "consent.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--workers", str(workers)]
         return cls(cmd, port, workers, env, ROOT, "/healthz", tmp / f"serve-{port}.log")
 

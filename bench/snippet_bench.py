@@ -252,7 +252,7 @@ def accessibility(browser: Any, url: str, sel: dict[str, str], axe: Path) -> dic
 def start_service(tmp: str, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CONSENT_DATABASE_URL": f"sqlite:///{tmp}/bench.db", "CONSENT_ADMIN_TOKEN": ADMIN,
            "CONSENT_DEMO": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "consent.app:create_app", "--factory", "--host",
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "consent.web.app:create_app", "--factory", "--host",
                              "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT)
     deadline = time.monotonic() + 30
     while True:

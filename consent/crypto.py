@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from standardwebhooks import Webhook
 
-from .errors import BadToken
+from consent.errors import BadToken
 
 ALGORITHM = "EdDSA"
 

@@ -56,7 +56,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _keks(text: str) -> tuple[Secret, ...]:
-    from .crypto import parse_kek
+    from consent.crypto import parse_kek
 
     keys = tuple(Secret(k) for k in _names(text))
     for k in keys:
@@ -85,13 +85,12 @@ class Settings:
     migrate_on_start: bool = field(default=True, metadata=doc(
         "apply migrations when a process starts"))
     migrations_dir: str = field(default="", metadata=doc(
-        "where the Alembic scripts are (a link to `migrations/` in a checkout; an installed wheel"
-        " carries a copy)",
-        shown="the package's `consent/migrations`"))
+        "where the Alembic scripts are (package files, shipped in the wheel)",
+        shown="the package's `consent/store/migrations`"))
     snippet_path: str = field(default="", metadata=doc(
         "the built snippet served at `/snippet.js` (a link to `client-snippet/dist/snippet.js`; "
         "the wheel carries a copy)",
-        shown="the package's `consent/static/snippet.js`"))
+        shown="the package's `consent/web/static/snippet.js`"))
     max_body_bytes: int = field(default=16 * 1024 * 1024, metadata=doc(
         "request body limit (413 above)"))
     max_bulk: int = field(default=100_000, metadata=doc("addresses per bulk check"))

@@ -16,9 +16,10 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import crypto, db
-from consent.app import create_app
+from consent import crypto
 from consent.settings import Settings
+from consent.store import db
+from consent.web.app import create_app
 
 from .helpers import ADMIN_TOKEN, Tenant, make_tenant
 

@@ -10,10 +10,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from consent import crypto, events, receipts
-from consent.db import transaction
-from consent.ledger import seal_record
-from consent.models import ConsentRecord, PolicyVersion, Subject, Tenant
+from consent import crypto
+from consent.ledger import events, receipts
+from consent.ledger.recorder import seal_record
+from consent.store.db import transaction
+from consent.store.models import ConsentRecord, PolicyVersion, Subject, Tenant
 
 REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 SUBJ = Subject.__table__  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from .helpers import ADMIN_TOKEN
 
 
 class LiveServer:
-    """``python -m consent.cli serve`` on 127.0.0.1:port, started, killed and restarted at will."""
+    """``python -m consent.cli.main serve`` on 127.0.0.1:port, started, killed and restarted at will."""
 
     def __init__(self, url: str, tmp: Path, *, port: int | None = None, workers: int = 1, **env: str):
         self.db_url, self.tmp, self.workers = url, tmp, workers
@@ -37,7 +37,7 @@ class LiveServer:
         # 90 s: on a busy shared machine a spawned worker has taken 35 s to import the service.
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "consent.cli", "serve", "--port", str(self.port),
+                [sys.executable, "-m", "consent.cli.main", "serve", "--port", str(self.port),
                  "--workers", str(self.workers)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.starts += 1

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from consent import exports
-from consent.cli import main
+from consent.audit import exports
+from consent.cli.main import main
 from consent.crypto import generate_signing_key
 
 from .conftest import free_port
@@ -217,7 +217,7 @@ def test_cli_export_writes_the_same_file(tenant: Tenant, settings, tmp_path: Pat
     assert "exported 35 records" in capsys.readouterr().err  # stderr is not a TTY: no progress bar
     jwks = jwks_file(tenant, tmp_path)
     # the real command line, as an auditor would run it
-    proc = subprocess.run([sys.executable, "-m", "consent.cli", "verify", str(out), "--jwks", str(jwks)],
+    proc = subprocess.run([sys.executable, "-m", "consent.cli.main", "verify", str(out), "--jwks", str(jwks)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["records"] == 35
@@ -260,7 +260,7 @@ def test_export_auth_and_manifest_isolation(client, tenant: Tenant) -> None:
 def test_migrations_round_trip_with_export_tables(tmp_path: Path) -> None:
     import sqlalchemy as sa
 
-    from consent import db
+    from consent.store import db
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
     db.migrate(url)
@@ -278,7 +278,7 @@ def test_migrations_round_trip_with_export_tables(tmp_path: Path) -> None:
 def test_progress_bar_only_on_a_terminal() -> None:
     import io
 
-    from consent.cli_audit import Progress
+    from consent.cli.audit import Progress
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:

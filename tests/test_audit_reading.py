@@ -10,7 +10,7 @@ import io
 import json
 from pathlib import Path
 
-from consent.cli import main
+from consent.cli.main import main
 
 from .helpers import Tenant
 

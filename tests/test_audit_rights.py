@@ -11,10 +11,10 @@ import jwt
 import pytest
 import sqlalchemy as sa
 
-from consent import retention
-from consent.cli import main
-from consent.http import parse_time
-from consent.models import utcnow
+from consent.audit import retention
+from consent.cli.main import main
+from consent.store.models import utcnow
+from consent.web.http import parse_time
 
 from .helpers import ADMIN, Tenant, make_tenant
 from .test_audit_export import export, jwks_file, verify

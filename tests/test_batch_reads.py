@@ -1,4 +1,4 @@
-"""GET /v1/check on its batched executor (consent/batch_reads.py) against its per-request one.
+"""GET /v1/check on its batched executor (consent/ledger/batch_reads.py) against its per-request one.
 
 The same requests go to the service as it runs and to one whose batched reader is switched off
 (every check on ``checks.check_rows``), on the same database: every answer, error or not, must
@@ -23,9 +23,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from consent import batch_reads, checks, crypto, db, models
-from consent.app import create_app
-from consent.http import query_pairs
+from consent import crypto
+from consent.ledger import batch_reads, checks
+from consent.store import db, models
+from consent.web.app import create_app
+from consent.web.http import query_pairs
 
 from .conftest import settings_for
 from .helpers import ADMIN, Tenant, make_tenant
@@ -345,7 +347,7 @@ def test_sqlite_time_is_how_sqlalchemy_stores_it(tmp_path) -> None:
     """The check statement compares ``effective_at`` with a bound text on SQLite: same format."""
     import sqlalchemy as sa
 
-    from consent.models import UTCDateTime
+    from consent.store.models import UTCDateTime
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 't.db'}")
     table = sa.Table("t", sa.MetaData(), sa.Column("at", UTCDateTime()))

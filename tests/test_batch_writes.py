@@ -1,5 +1,5 @@
-"""POST /v1/consents on its group-commit executor (consent/batch_writes.py, PostgreSQL) against
-its per-request one (ledger.record_decision), on SQLite and PostgreSQL.
+"""POST /v1/consents on its group-commit executor (consent/ledger/batch_writes.py, PostgreSQL) against
+its per-request one (recorder.record_decision), on SQLite and PostgreSQL.
 
 The same decisions go through the service as it runs and through one whose group-commit writer
 is switched off, on the same database: the rows written, the answers, the change feed and the
@@ -24,10 +24,12 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import batch_reads, batch_writes, crypto, db, ledger
-from consent.app import create_app
+from consent import crypto
 from consent.errors import ValidationFailed
-from consent.schemas import ConsentIn
+from consent.ledger import batch_reads, batch_writes, recorder
+from consent.ledger.schemas import ConsentIn
+from consent.store import db
+from consent.web.app import create_app
 
 from .conftest import settings_for
 from .helpers import Tenant, make_tenant
@@ -128,7 +130,7 @@ def test_both_paths_write_the_same_rows(client: TestClient, route_client: TestCl
         if isinstance(sealed.recorded_at, str):  # SQLite's text, as SQLAlchemy's model types would read it
             sealed.recorded_at = datetime.fromisoformat(sealed.recorded_at).replace(tzinfo=UTC)
             sealed.confirmed, sealed.gpc = bool(sealed.confirmed), sealed.gpc and bool(sealed.gpc)
-        ledger.seal_record(sealed, pseudonym)  # type: ignore[arg-type]
+        recorder.seal_record(sealed, pseudonym)  # type: ignore[arg-type]
         assert sealed.record_hash == row["record_hash"] and bytes(row["export_line"]) == sealed.export_line
     sa_, sb = (rows(db_url, "SELECT * FROM consent_state WHERE subject_id = :s AND purpose = 'product_updates'",
                     s=x["subject"])[0] for x in (fast, slow))

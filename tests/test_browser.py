@@ -104,7 +104,7 @@ def live(backend: str, db_url: str) -> Iterator[Live]:
            "CONSENT_DEMO": "true", "CONSENT_MIGRATE_ON_START": "false", "CONSENT_ISSUER": f"http://127.0.0.1:{port}",
            "CONSENT_WEBHOOK_ALLOW_PRIVATE": "true"}  # the dashboard's webhook page registers a local receiver
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "consent.app:create_app", "--factory", "--host", "127.0.0.1",
+        [sys.executable, "-m", "uvicorn", "consent.web.app:create_app", "--factory", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT)
     api = f"http://127.0.0.1:{port}"
     PageHandler.api = api

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from consent import cli, db
+from consent.cli import main
 from consent.settings import Settings
+from consent.store import db
 
 from .conftest import BACKENDS, PG_SERVER, settings_for
 from .helpers import make_tenant
@@ -42,14 +43,14 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp
                 monkeypatch.delenv(name, raising=False)
             else:
                 monkeypatch.setenv(name, value)
-        code = cli.main(list(args))
+        code = main.main(list(args))
         out, err = capsys.readouterr()
         return code, out, err
     return call
 
 
 def test_every_option_has_help() -> None:
-    parser = cli.build_parser()
+    parser = main.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     missing = [f"{name} {a.option_strings or a.dest}" for name, cmd in sub.choices.items() for a in cmd._actions
                if not isinstance(a, argparse._HelpAction) and not a.help]
@@ -131,7 +132,7 @@ def test_export_asks_which_tenant(client: Any, settings: Settings, run: Any, tmp
     db.migrate(url)
     from starlette.testclient import TestClient
 
-    from consent.app import create_app
+    from consent.web.app import create_app
     with TestClient(create_app(settings_for(url))) as c:
         first, second = make_tenant(c), make_tenant(c)
         second.record(email="ada@example.com")
@@ -156,7 +157,7 @@ def test_export_asks_which_tenant(client: Any, settings: Settings, run: Any, tmp
 
 
 def _jwks(url: str) -> str:
-    from consent import receipts
+    from consent.ledger import receipts
     engine = db.create_db_engine(url)
     try:
         with db.transaction(engine) as session:
@@ -167,13 +168,13 @@ def _jwks(url: str) -> str:
 
 def test_issuer_follows_the_served_address(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("CONSENT_ISSUER", raising=False)
-    cli.announce_issuer("127.0.0.1", 8123)
+    main.announce_issuer("127.0.0.1", 8123)
     assert os.environ["CONSENT_ISSUER"] == "http://127.0.0.1:8123" and capsys.readouterr().err == ""
     assert Settings.from_env().issuer == "http://127.0.0.1:8123"
     monkeypatch.delenv("CONSENT_ISSUER")
-    cli.announce_issuer("0.0.0.0", 9000)
+    main.announce_issuer("0.0.0.0", 9000)
     assert "warning: CONSENT_ISSUER is not set" in capsys.readouterr().err
     monkeypatch.setenv("CONSENT_ISSUER", "https://consent.example.com")
-    cli.announce_issuer("0.0.0.0", 9000)
+    main.announce_issuer("0.0.0.0", 9000)
     assert capsys.readouterr().err == "" and os.environ["CONSENT_ISSUER"] == "https://consent.example.com"
     assert Settings.from_env({"CONSENT_PORT": "9001"}).issuer == "http://127.0.0.1:9001"

@@ -1,4 +1,4 @@
-"""consent.consumer: offline receipt verification and webhook verification, including attacks."""
+"""consent.integrations.consumer: offline receipt verification and webhook verification, including attacks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consent import consumer, crypto
-from consent.consumer import ReceiptError, WebhookError, verify_receipt, verify_webhook
+from consent import crypto
+from consent.integrations import consumer
+from consent.integrations.consumer import ReceiptError, WebhookError, verify_receipt, verify_webhook
 
 from .receiver import Receiver
 
@@ -189,7 +190,7 @@ def test_deliveries_verify_with_the_standard_webhooks_library() -> None:
     library accepts; a tolerance wider than its fixed 5 minutes is honoured by ours."""
     from standardwebhooks import Webhook, WebhookVerificationError
 
-    from consent.webhooks import Job, headers_for
+    from consent.integrations.webhooks import Job, headers_for
 
     new, old = crypto.new_webhook_secret(), crypto.new_webhook_secret()
     job = Job(1, "wh_1", "https://example.com/hook", new, "evt_1", b'{"type":"consent.granted"}', old)

@@ -18,9 +18,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from consent import db
-from consent.ledger import compute_record_hash
-from consent.models import ConsentRecord, Subject
+from consent.ledger.recorder import compute_record_hash
+from consent.store import db
+from consent.store.models import ConsentRecord, Subject
 
 from .helpers import make_tenant
 from .live import LiveServer

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from consent.app import create_app
+from consent.web.app import create_app
 
 from .conftest import settings_for
 from .helpers import ADMIN, DOC_SHA, Tenant, make_tenant
@@ -386,7 +386,8 @@ def test_publish_form_enforces_the_notice_period(client: TestClient) -> None:
 
 
 def test_exports_page_download_manifest_and_isolation(client: TestClient) -> None:
-    from consent import crypto, verify
+    from consent import crypto
+    from consent.audit import verify
 
     t, other = make_tenant(client), make_tenant(client)
     t.record(email="e1@example.com")
@@ -422,7 +423,7 @@ def test_exports_page_download_manifest_and_isolation(client: TestClient) -> Non
 def test_webhooks_page_and_enable(client: TestClient) -> None:
     import sqlalchemy as sa
 
-    from consent.models import WebhookEndpoint
+    from consent.store.models import WebhookEndpoint
 
     t, other = make_tenant(client), make_tenant(client)
     ep = t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}).json()
@@ -486,7 +487,7 @@ def test_sign_in_is_rate_limited_per_ip(tenant: Tenant, db_url: str) -> None:
 def test_person_page_shows_a_quiet_edit_of_the_ledger(tenant: Tenant) -> None:
     import sqlalchemy as sa
 
-    from consent.models import ConsentRecord
+    from consent.store.models import ConsentRecord
 
     first = tenant.record(email="edited@example.com")
     second = tenant.record(decision="withdrawn", email="edited@example.com")
@@ -665,7 +666,7 @@ def test_audit_page_is_one_trail_newest_first_without_duplicates(client: TestCli
 def test_overview_chart_over_time_by_policy_version(tenant: Tenant) -> None:
     import sqlalchemy as sa
 
-    from consent.models import DashboardRollup
+    from consent.store.models import DashboardRollup
 
     for i in range(3):
         tenant.record(email=f"v1-{i}@example.com")
@@ -696,8 +697,8 @@ def test_overview_chart_over_time_by_policy_version(tenant: Tenant) -> None:
 def test_webhooks_retry_one_failed_delivery(client: TestClient) -> None:
     import sqlalchemy as sa
 
-    from consent import webhooks
-    from consent.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+    from consent.integrations import webhooks
+    from consent.store.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
     t, other = make_tenant(client), make_tenant(client)
     ep = t.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}).json()

@@ -210,8 +210,8 @@ def test_settings_one_audit_trail_versions_chart_and_retry(live: Live, context: 
 
     import sqlalchemy as sa
 
-    from consent.db import create_db_engine
-    from consent.models import WebhookDelivery
+    from consent.store.db import create_db_engine
+    from consent.store.models import WebhookDelivery
 
     t, _ = populated(live)
     t.publish("v2")

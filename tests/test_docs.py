@@ -12,9 +12,9 @@ from pathlib import Path
 from starlette.routing import Route
 
 import consent
-from consent.app import routes
 from consent.errors import ConsentError
 from consent.settings import Settings
+from consent.web.app import routes
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -105,7 +105,7 @@ def test_every_error_code_is_documented() -> None:
 
 
 def test_openapi_operations_have_tag_description_example_and_path_patterns() -> None:
-    from consent.openapi import KEY_PATTERN, build_openapi
+    from consent.web.openapi import KEY_PATTERN, build_openapi
 
     doc = build_openapi(routes)
     tags = {t["name"] for t in doc["tags"]}
@@ -124,7 +124,7 @@ def test_openapi_operations_have_tag_description_example_and_path_patterns() -> 
 
 
 def test_openapi_body_examples_are_valid_requests() -> None:
-    from consent.openapi import build_openapi
+    from consent.web.openapi import build_openapi
 
     doc = build_openapi(routes)
     checked = 0
@@ -140,7 +140,7 @@ def test_openapi_body_examples_are_valid_requests() -> None:
 
 
 def test_openapi_key_pattern_is_what_the_server_enforces(tenant) -> None:  # type: ignore[no-untyped-def]
-    from consent.openapi import KEY_PATTERN
+    from consent.web.openapi import KEY_PATTERN
 
     assert re.fullmatch(KEY_PATTERN[1:-1], "marketing_email")
     for bad in ("Marketing", "-x", "a" * 65):

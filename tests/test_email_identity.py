@@ -18,10 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from consent import catalog, crypto, db, ledger, receipts, tenants
-from consent.app import create_app
-from consent.cli import main
-from consent.schemas import ConsentIn, PolicyVersionIn, PurposeIn, TenantIn
+from consent import crypto
+from consent.cli.main import main
+from consent.ledger import catalog, receipts, recorder, tenants
+from consent.ledger.schemas import ConsentIn, PolicyVersionIn, PurposeIn, TenantIn
+from consent.store import db
+from consent.web.app import create_app
 
 from .conftest import create_run_database, reset_postgres, settings_for
 from .helpers import ADMIN, DOC_SHA, Tenant, make_tenant
@@ -207,7 +209,7 @@ def _fill(engine: sa.Engine) -> str:
         with db.transaction(engine, write=True) as s:
             tenant = tenants.get_tenant(s, t.id)
             subject = {"email": email, **({"user_id": user} if user else {})}
-            ledger.record_decision(s, tenant, ConsentIn.model_validate(
+            recorder.record_decision(s, tenant, ConsentIn.model_validate(
                 {"subject": subject, "purpose": purpose, "decision": decision}),
                 signer=signer, issuer="http://testserver")
     return str(t.id)
@@ -251,7 +253,7 @@ def test_migration_merges_colliding_subjects_keeping_every_chain(db_at_0012: tup
         copies = [r for r in export["records"] if r["source"] == "merge" and r["decision"] != "merged"]
         assert {r["evidence"]["merged_from"] for r in copies} <= set(absorbed) and len(copies) == 2
         # The whole ledger still verifies offline, merge records included.
-        path = tmp_path / "ledger.jsonl"
+        path = tmp_path / "recorder.jsonl"
         path.write_bytes(t.get("/v1/exports/consents").content)
         jwks = tmp_path / "jwks.json"
         jwks.write_text(c.get("/.well-known/jwks.json").text)

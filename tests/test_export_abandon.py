@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from consent.db import create_db_engine
+from consent.store.db import create_db_engine
 
 from .ledger_factory import generate_ledger, signer_for
 from .live import LiveServer

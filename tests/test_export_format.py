@@ -11,9 +11,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from consent import crypto, exports, tlog, verify
-from consent.ledger import record_content
-from consent.models import ConsentRecord, Subject, TlogLeaf
+from consent import crypto
+from consent.audit import exports, tlog, verify
+from consent.ledger.recorder import record_content
+from consent.store.models import ConsentRecord, Subject, TlogLeaf
 
 from .helpers import Tenant
 from .ledger_factory import generate_ledger

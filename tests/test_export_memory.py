@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tracemalloc
 
-from consent import exports
+from consent.audit import exports
 
 from .helpers import make_tenant
 from .ledger_factory import generate_ledger, signer_for

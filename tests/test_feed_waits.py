@@ -13,7 +13,7 @@ import httpx
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent.app import create_app
+from consent.web.app import create_app
 
 from .helpers import make_tenant
 from .live import LiveServer

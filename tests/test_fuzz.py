@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from schemathesis.checks import positive_data_acceptance
 from starlette.routing import Route
 
-from consent import db
-from consent.app import create_app
-from consent.models import ConsentRecord, ConsentState, Subject, SubjectIdentifier
-from consent.openapi import build_openapi
 from consent.settings import Settings
+from consent.store import db
+from consent.store.models import ConsentRecord, ConsentState, Subject, SubjectIdentifier
+from consent.web.app import create_app
+from consent.web.openapi import build_openapi
 
 from .helpers import ADMIN_TOKEN, Tenant, make_tenant
 

@@ -13,9 +13,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from consent import crypto
-from consent.app import create_app
-from consent.cli import main
-from consent.models import utcnow
+from consent.cli.main import main
+from consent.store.models import utcnow
+from consent.web.app import create_app
 
 from .conftest import settings_for
 from .helpers import Tenant, make_tenant

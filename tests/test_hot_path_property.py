@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from consent import crypto
-from consent.state import derive_status, is_allowed
+from consent.ledger.state import derive_status, is_allowed
 
 from .helpers import make_tenant
 

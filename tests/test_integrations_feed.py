@@ -124,7 +124,7 @@ def test_records_from_before_the_feed_are_backfilled(tmp_path) -> None:
     import sqlalchemy as sa
     from alembic.script import ScriptDirectory
 
-    from consent import db
+    from consent.store import db
     from tests.test_migrations_data import fill
 
     url = f"sqlite:///{tmp_path / 'old.db'}"

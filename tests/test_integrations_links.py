@@ -8,8 +8,9 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from consent import crypto, db
+from consent import crypto
 from consent.errors import BadToken
+from consent.store import db
 
 from .helpers import Tenant, make_tenant
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from consent.consumer import verify_webhook
+from consent.integrations.consumer import verify_webhook
 
 from .helpers import make_tenant
 from .live import LiveServer

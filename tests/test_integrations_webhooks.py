@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from consent import webhooks
-from consent.consumer import WebhookError, verify_webhook
+from consent.integrations import webhooks
+from consent.integrations.consumer import WebhookError, verify_webhook
 
 from .helpers import Tenant, make_tenant
 from .receiver import Receiver
@@ -219,7 +219,7 @@ def test_delivery_log_pagination(client, tenant: Tenant, receiver: Receiver, fas
 def test_in_process_worker_starts_delivers_and_stops(settings, receiver: Receiver) -> None:
     from starlette.testclient import TestClient
 
-    from consent.app import create_app
+    from consent.web.app import create_app
 
     s = dataclasses.replace(settings, webhook_worker=True, webhook_poll_seconds=5.0)
     with TestClient(create_app(s)) as c:

@@ -18,11 +18,11 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from consent import ratelimit
-from consent.app import create_app
-from consent.cookies import set_cookie
-from consent.db import create_db_engine, transaction
-from consent.middleware import RequestContextMiddleware
+from consent.ledger.cookies import set_cookie
+from consent.store.db import create_db_engine, transaction
+from consent.web import ratelimit
+from consent.web.app import create_app
+from consent.web.middleware import RequestContextMiddleware
 
 from .conftest import settings_for
 from .helpers import make_tenant

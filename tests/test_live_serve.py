@@ -23,7 +23,8 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 
-from consent import crypto, db
+from consent import crypto
+from consent.store import db
 
 from .conftest import BACKENDS, PG_URL, SECRET_KEYS, free_port
 from .helpers import pg_schema_url

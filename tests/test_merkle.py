@@ -1,4 +1,4 @@
-"""RFC 9162 tree math (consent/merkle.py) against the RFC's recursive definitions
+"""RFC 9162 tree math (consent/audit/merkle.py) against the RFC's recursive definitions
 (tests/rfc9162.py), for every tree size up to 40 and every leaf and older size in it."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from consent import merkle
+from consent.audit import merkle
 from tests import rfc9162
 
 DATA = [hashlib.sha256(b"%d" % i).hexdigest().encode() for i in range(40)]

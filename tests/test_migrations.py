@@ -12,9 +12,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from starlette.testclient import TestClient
 
-from consent import db
-from consent.app import create_app
-from consent.models import TABLES
+from consent.store import db
+from consent.store.models import TABLES
+from consent.web.app import create_app
 
 from .conftest import BACKENDS, PG_URL, settings_for
 from .helpers import pg_schema_url

@@ -15,10 +15,12 @@ import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 from sqlalchemy.orm import Session
 
-from consent import catalog, db, ledger, tenants, tlog
+from consent.audit import tlog
 from consent.crypto import Signer, generate_signing_key
-from consent.models import ConsentRecord, Subject
-from consent.schemas import ConsentIn, PolicyVersionIn, PurposeIn, TenantIn
+from consent.ledger import catalog, recorder, tenants
+from consent.ledger.schemas import ConsentIn, PolicyVersionIn, PurposeIn, TenantIn
+from consent.store import db
+from consent.store.models import ConsentRecord, Subject
 
 from .conftest import create_run_database, reset_postgres
 from .helpers import DOC_SHA
@@ -75,7 +77,7 @@ def _fill(engine: sa.Engine, rev: str, signer: Signer) -> str:
     for i, decision in enumerate(["granted", "withdrawn", "granted", "denied"]):
         with db.transaction(engine, write=True) as s:
             tenant = tenants.get_tenant(s, t.id)
-            ledger.record_decision(s, tenant, ConsentIn.model_validate({
+            recorder.record_decision(s, tenant, ConsentIn.model_validate({
                 "subject": {"email": f"m{i % 2}@example.com"}, "purpose": "marketing_email",
                 "decision": decision}), signer=signer, issuer="http://testserver", idempotency_key=f"{rev}-{i}")
     return str(t.id)
@@ -102,10 +104,10 @@ def snapshot(url: str) -> dict[str, Any]:
     for r in records:
         assert r.prev_hash == heads.get(r.subject_id), f"broken chain at {r.id}"
         pseudonym = subjects[r.subject_id].pseudonym
-        assert ledger.compute_record_hash(r, pseudonym) == r.record_hash
+        assert recorder.compute_record_hash(r, pseudonym) == r.record_hash
         if "export_line" in r._fields:
             sealed = SimpleNamespace(**r._asdict())
-            ledger.seal_record(sealed, pseudonym)  # type: ignore[arg-type]
+            recorder.seal_record(sealed, pseudonym)  # type: ignore[arg-type]
             assert r.export_line == sealed.export_line, f"export line of {r.id}"
         heads[r.subject_id] = r.record_hash
     for sid, head in heads.items():

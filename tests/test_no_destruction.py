@@ -16,9 +16,10 @@ import pytest
 from alembic.script import ScriptDirectory
 from starlette.testclient import TestClient
 
-from consent import cli, db
-from consent.app import create_app
-from consent.models import utcnow
+from consent.cli import main
+from consent.store import db
+from consent.store.models import utcnow
+from consent.web.app import create_app
 
 from .conftest import BACKENDS, PG_URL, settings_for
 from .helpers import make_tenant, pg_schema_url
@@ -39,10 +40,10 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def run(url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     """``consent ARGS...`` against ``url``: (exit status, stdout, stderr)."""
     settings = settings_for(url)
-    monkeypatch.setattr(cli.Settings, "from_env", classmethod(lambda cls, *a, **k: settings))
+    monkeypatch.setattr(main.Settings, "from_env", classmethod(lambda cls, *a, **k: settings))
 
     def call(*args: str) -> tuple[int, str, str]:
-        code = cli.main(list(args))
+        code = main.main(list(args))
         out, err = capsys.readouterr()
         return code, out, err
     return call

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from consent.app import create_app
+from consent.web.app import create_app
 
 from .conftest import PG_URL, free_port, settings_for
 from .helpers import make_tenant

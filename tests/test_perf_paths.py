@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consent import checks, crypto
+from consent import crypto
 from consent.errors import BadToken
+from consent.ledger import checks
 
 from .helpers import make_tenant
 

@@ -1,4 +1,4 @@
-"""consent/pgraw.py (a prepared statement run on libpq directly) and the PostgreSQL batched check
+"""consent/ledger/pgraw.py (a prepared statement run on libpq directly) and the PostgreSQL batched check
 reader built on it, against the real PostgreSQL of this machine: results, server errors, parameters
 bigger than a socket buffer, and a connection that dies under a batch."""
 
@@ -13,7 +13,8 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import batch_reads, db, pgraw
+from consent.ledger import batch_reads, pgraw
+from consent.store import db
 
 from .helpers import make_tenant
 

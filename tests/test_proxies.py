@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from consent.app import create_app
 from consent.settings import Settings
+from consent.web.app import create_app
 
 from .conftest import settings_for
 from .helpers import make_tenant

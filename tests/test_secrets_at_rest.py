@@ -15,13 +15,17 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
-from consent import cli, crypto, db, email_links, receipts, subject_tokens, tenants, webhooks
-from consent.app import create_app
-from consent.consumer import WebhookError, verify_webhook
+from consent import crypto
+from consent.cli import main
 from consent.errors import ConsentError
-from consent.models import Tenant as TenantRow
-from consent.schemas import TenantIn
+from consent.integrations import email_links, webhooks
+from consent.integrations.consumer import WebhookError, verify_webhook
+from consent.ledger import receipts, subject_tokens, tenants
+from consent.ledger.schemas import TenantIn
 from consent.settings import Settings
+from consent.store import db
+from consent.store.models import Tenant as TenantRow
+from consent.web.app import create_app
 
 from .conftest import PG_URL, create_run_database, reset_postgres, settings_for
 from .helpers import ADMIN, Tenant, make_tenant
@@ -123,7 +127,7 @@ def test_rotating_the_key_keeps_everything_readable(backend: str, tmp_path: Path
             t = dataclasses.replace(t, client=c)
             assert t.check(email="ada@example.com")["status"] == "granted"
             assert c.get("/v1/tenant", headers=t.h).status_code == 200
-        assert cli.main(["secrets", "rotate"]) == 0
+        assert main.main(["secrets", "rotate"]) == 0
         after = raw_secrets(url)
         assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
         only_new, only_old = crypto.Keyring([crypto.parse_kek(new)]), crypto.Keyring([crypto.parse_kek(old)])
@@ -131,7 +135,7 @@ def test_rotating_the_key_keeps_everything_readable(backend: str, tmp_path: Path
             only_new.open(value, f"{table}.{column}")
             with pytest.raises(crypto.SecretKeyError):
                 only_old.open(value, f"{table}.{column}")
-        assert cli.main(["secrets", "rotate"]) == 0 and raw_secrets(url) == after  # nothing left to do
+        assert main.main(["secrets", "rotate"]) == 0 and raw_secrets(url) == after  # nothing left to do
         # the old key gone: the service works as before, hashes and signatures unchanged
         with TestClient(create_app(settings_for(url, secret_keys=(new,)))) as c:
             t = dataclasses.replace(t, client=c)
@@ -156,11 +160,11 @@ def test_postgresql_without_a_key_does_not_start(monkeypatch, capsys) -> None:
         create_app(settings)
     monkeypatch.delenv("CONSENT_SECRET_KEYS")
     monkeypatch.setenv("CONSENT_DATABASE_URL", PG_URL)
-    assert cli.main(["tenants", "list"]) == 2
+    assert main.main(["tenants", "list"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: CONSENT_SECRET_KEYS is not set") and err.count("\n") == 1
     monkeypatch.setenv("CONSENT_SECRET_KEYS", "not-a-key")
-    assert cli.main(["tenants", "list"]) == 2
+    assert main.main(["tenants", "list"]) == 2
     assert "32 bytes in base64" in capsys.readouterr().err
 
 
@@ -175,7 +179,7 @@ def test_sqlite_default_generates_a_0600_key_file_and_reuses_it(tmp_path: Path, 
     with TestClient(create_app(settings)) as c:
         t = make_tenant(c)
         t.record(email="ada@example.com")
-    database, key_file = data / "consent.db", data / "consent.db.kek"
+    database, key_file = data / "consent.db", data / "consent.store.db.kek"
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(database).st_mode) == 0o600
     key = key_file.read_text()

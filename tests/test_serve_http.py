@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from consent.protocol import MAX_HEAD_BYTES
+from consent.web.protocol import MAX_HEAD_BYTES
 
 from .live import LiveServer
 

@@ -16,7 +16,7 @@ import jwt
 import pytest
 from starlette.testclient import TestClient
 
-from consent.app import create_app
+from consent.web.app import create_app
 
 from .conftest import settings_for
 from .helpers import Tenant, make_tenant
@@ -505,7 +505,7 @@ def test_cached_config_follows_every_change(tenant: Tenant) -> None:
 def test_a_cached_config_answers_exactly_as_a_fresh_one(tenant: Tenant) -> None:
     """The config route builds a config once per stamp and serves it from its cache after:
     both give the same status, body and headers, and errors never come from the cache."""
-    from consent import api_snippet
+    from consent.web import api_snippet
 
     def twice(**kw: Any) -> tuple[Any, Any, int]:
         api_snippet._CONFIGS.clear()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from consent.app import create_app
+from consent.web.app import create_app
 
 from .conftest import settings_for
 from .helpers import Tenant, make_tenant

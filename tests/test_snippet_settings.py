@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from consent import api_snippet
-from consent.snippet_texts import TEXT_KEYS, TEXTS, human_lifetime
+from consent.integrations.snippet_texts import TEXT_KEYS, TEXTS, human_lifetime
+from consent.web import api_snippet
 
 from .helpers import Tenant
 

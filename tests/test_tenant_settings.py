@@ -14,9 +14,10 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import cli, db
-from consent.app import create_app
-from consent.models import ApiKey, utcnow
+from consent.cli import main
+from consent.store import db
+from consent.store.models import ApiKey, utcnow
+from consent.web.app import create_app
 
 from .conftest import settings_for
 from .helpers import ADMIN, Tenant, make_tenant
@@ -147,17 +148,17 @@ def test_audit_trail_is_paginated_and_per_tenant(client: TestClient) -> None:
 
 
 def test_cli_updates_and_refuses_in_one_line(tenant: Tenant, settings: Any, capsys: Any, monkeypatch: Any) -> None:
-    monkeypatch.setattr(cli.Settings, "from_env", classmethod(lambda cls, *a, **k: settings))
-    assert cli.main(["tenants", "update", "--tenant", tenant.id, "--origin", "https://Shop.acme.test",
+    monkeypatch.setattr(main.Settings, "from_env", classmethod(lambda cls, *a, **k: settings))
+    assert main.main(["tenants", "update", "--tenant", tenant.id, "--origin", "https://Shop.acme.test",
                      "--no-store-user-agent", "--default-lang", "fr"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["allowed_origins"] == ["https://shop.acme.test"] and shown["store_user_agent"] is False
     assert tenant.get("/v1/tenant").json()["default_lang"] == "fr"
     assert audit(tenant)["items"][0]["actor"] == "cli"
-    assert cli.main(["tenants", "update", "--tenant", tenant.id, "--origin", "https://acme.test/"]) == 2
+    assert main.main(["tenants", "update", "--tenant", tenant.id, "--origin", "https://acme.test/"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --origin: remove the trailing slash"), err
-    assert cli.main(["tenants", "update", "--tenant", "ten_nope", "--name", "x"]) == 2
+    assert main.main(["tenants", "update", "--tenant", "ten_nope", "--name", "x"]) == 2
     assert "not found" in capsys.readouterr().err
     assert tenant.get("/v1/tenant").json()["allowed_origins"] == ["https://shop.acme.test"]
 
@@ -208,7 +209,7 @@ def test_rotation_keeps_old_keys_for_their_grace_period(client: TestClient, rout
     now = utcnow()
     old = {k["kind"]: k for k in r.json()["keys"] if k["expires_at"] is not None}
     assert set(old) == {"secret", "publishable"}
-    from consent.http import parse_time
+    from consent.web.http import parse_time
 
     sk_left = parse_time("x", old["secret"]["expires_at"]) - now
     pk_left = parse_time("x", old["publishable"]["expires_at"]) - now
@@ -273,13 +274,13 @@ def test_rotation_body_is_strict(tenant: Tenant, body: dict[str, Any]) -> None:
 
 
 def test_cli_rotation_leaked_and_grace(tenant: Tenant, settings: Any, capsys: Any, monkeypatch: Any) -> None:
-    monkeypatch.setattr(cli.Settings, "from_env", classmethod(lambda cls, *a, **k: settings))
+    monkeypatch.setattr(main.Settings, "from_env", classmethod(lambda cls, *a, **k: settings))
     old = tenant.secret_key
-    assert cli.main(["keys", "rotate", "--tenant", tenant.id, "--kind", "secret"]) == 0
+    assert main.main(["keys", "rotate", "--tenant", tenant.id, "--kind", "secret"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert tenant.get("/v1/tenant").status_code == 200  # still in its grace period
     tenant.secret_key = out["secret_key"]
-    assert cli.main(["keys", "rotate", "--tenant", tenant.id, "--kind", "secret", "--leaked"]) == 0
+    assert main.main(["keys", "rotate", "--tenant", tenant.id, "--kind", "secret", "--leaked"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in (old, tenant.secret_key):
         assert tenant.client.get("/v1/tenant", headers={"Authorization": f"Bearer {key}"}).status_code == 401

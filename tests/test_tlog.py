@@ -1,4 +1,4 @@
-"""The transparency log (consent/tlog.py): leaves in commit order, stored subtrees, checkpoints,
+"""The transparency log (consent/audit/tlog.py): leaves in commit order, stored subtrees, checkpoints,
 proofs checked by the test-only RFC 9162 / signed-note verifier (tests/rfc9162.py), on SQLite
 and PostgreSQL."""
 
@@ -11,9 +11,10 @@ from typing import Any
 import jwt
 import sqlalchemy as sa
 
-from consent import crypto, merkle, tlog
-from consent.db import transaction
-from consent.models import Event
+from consent import crypto
+from consent.audit import merkle, tlog
+from consent.store.db import transaction
+from consent.store.models import Event
 
 from . import rfc9162
 from .helpers import Tenant

@@ -14,14 +14,15 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import crypto, tlog
-from consent.app import create_app
-from consent.cli import main
-from consent.cli_tlog import fetch_checkpoint
-from consent.db import transaction
+from consent import crypto
+from consent.audit import tlog
+from consent.cli.main import main
+from consent.cli.tlog import fetch_checkpoint
 from consent.errors import BadToken
-from consent.ledger import SI, STATE
-from consent.models import Subject
+from consent.ledger.recorder import SI, STATE
+from consent.store.db import transaction
+from consent.store.models import Subject
+from consent.web.app import create_app
 
 from .conftest import settings_for
 from .helpers import Tenant

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consent import tlog
+from consent.audit import tlog
 
 from .helpers import Tenant
 

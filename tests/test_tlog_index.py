@@ -15,8 +15,10 @@ import jwt
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from consent import batch_reads, batch_writes, db, tlog
-from consent.schemas import ConsentIn
+from consent.audit import tlog
+from consent.ledger import batch_reads, batch_writes
+from consent.ledger.schemas import ConsentIn
+from consent.store import db
 
 from . import rfc9162
 from .helpers import Tenant, make_tenant

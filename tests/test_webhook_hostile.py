@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from consent import webhooks
+from consent.integrations import webhooks
 
 from .helpers import Tenant, make_tenant
 from .live import LiveServer
@@ -94,7 +94,7 @@ def test_bombs_are_read_only_up_to_the_limit(client, tenant: Tenant, settings, h
 def test_a_hanging_endpoint_never_delays_another_tenants_delivery(settings, hostile) -> None:
     from starlette.testclient import TestClient
 
-    from consent.app import create_app
+    from consent.web.app import create_app
 
     hang = hostile("hang")
     healthy = Receiver().start()

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from consent import webhooks
-from consent.app import create_app
+from consent.integrations import webhooks
+from consent.web.app import create_app
 
 from .helpers import Tenant, make_tenant
 from .receiver import Receiver

@@ -1,0 +1,1 @@
+"""Audit: verifiable exports, their verifier, the transparency log and retention."""

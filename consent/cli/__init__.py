@@ -1,0 +1,1 @@
+"""The ``consent`` command line."""

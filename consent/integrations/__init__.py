@@ -1,0 +1,1 @@
+"""Integrations: webhooks, email links, notices, the snippet's server side and the consumer helpers."""

@@ -1,0 +1,313 @@
+"""Every SQL statement and rule fragment of the hot paths, written once.
+
+Two kinds of executor run them: the per-request ones (``checks``, ``ledger``: SQLAlchemy, in
+the request's transaction) and the batched ones (``batch_reads``: many checks per statement;
+``batch_writes``: group commit of records on PostgreSQL). Both take their SQL from here, so a
+rule (a live key, a stale grant, the chain-head move) cannot differ between them. Statements
+written as text are compiled once per dialect and parameter style at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from consent.ledger.tenants import key_live_sql
+from consent.store.models import (
+    IDENTIFIER_COVER_INDEX,
+    ConsentRecord,
+    ConsentState,
+    PolicyPurpose,
+    Subject,
+)
+
+PP = PolicyPurpose.__table__  # type: ignore[attr-defined]
+STATE = ConsentState.__table__  # type: ignore[attr-defined]
+RECORD = ConsentRecord.__table__  # type: ignore[attr-defined]
+SUBJECT = Subject.__table__  # type: ignore[attr-defined]
+
+
+# --- the staleness rule -----------------------------------------------------------------------
+# A decision recorded under a version is stale when a NEWER MATERIAL version of the same policy
+# covering the same purpose has taken effect by ``now`` (state.derive_status then says
+# ``stale`` for a grant or an acknowledgement; a denial or a withdrawal never goes stale).
+
+def stale_sql(row: str, now: str, true: str) -> str:
+    """The rule as SQL text over a row alias with ``tenant_id``, ``purpose``, ``policy_key``
+    and ``policy_version_id`` (``true``: the dialect's boolean literal)."""
+    return (f"EXISTS (SELECT 1 FROM policy_purpose pp WHERE pp.tenant_id = {row}.tenant_id "
+            f"AND pp.purpose = {row}.purpose AND pp.policy_key = {row}.policy_key AND pp.material = {true} "
+            f"AND pp.effective_at <= {now} AND pp.policy_version_id > {row}.policy_version_id)")
+
+
+def stale(tenant_id: Any, purpose: Any, policy_key: Any, policy_version_id: Any, now: Any) -> Any:
+    """The same rule as a SQLAlchemy EXISTS (columns or bound values)."""
+    return sa.exists().where(
+        PP.c.tenant_id == tenant_id, PP.c.purpose == purpose, PP.c.policy_key == policy_key,
+        PP.c.material.is_(True), PP.c.effective_at <= now, PP.c.policy_version_id > policy_version_id)
+
+
+def stale_state(now: Any) -> Any:
+    """``stale`` of the ``consent_state`` row being read, labelled ``stale``."""
+    return stale(STATE.c.tenant_id, STATE.c.purpose, STATE.c.policy_key, STATE.c.policy_version_id,
+                 now).label("stale")
+
+
+# The bulk form: the newest material version per policy in effect (a tiny aggregate built once
+# per statement) compared with each state's version; the same rule, as a join instead of an
+# EXISTS per row.
+BULK_NEWEST = ("LEFT JOIN (SELECT policy_key, max(policy_version_id) AS newest FROM policy_purpose "
+               "WHERE tenant_id = :t AND purpose = :p AND material = {true} AND effective_at <= :now "
+               "GROUP BY policy_key) n ON n.policy_key = s.policy_key ")
+
+
+# --- API keys ---------------------------------------------------------------------------------
+# What a key is, forever: its tenant, its kind and the tenant's identifier hash key (cached per
+# process). Whether it still works is never cached: every check statement tests
+# ``key_live_sql`` in the snapshot it answers from.
+KEY = ("SELECT k.tenant_id, k.kind, t.hash_key FROM api_key k JOIN tenant t ON t.id = k.tenant_id "
+       "WHERE k.key_hash = {kh}")
+
+
+# --- the single check, alone or batched -------------------------------------------------------
+# One statement answers any number of checks (one alone on the per-request executor, a batch on
+# the batched one). Input: a JSON array of [key digest, tenant id, kind, hash or subject id,
+# purpose]. Output per input, in input order: (i, key_ok, purpose_ok, subject_id, decision,
+# confirmed, policy_version, record_id, receipt, stale, gpc). ``subject_id`` is the subject the
+# identifier names when it is known, whether or not it has a decision on the purpose.
+#
+# The current record's id and receipt come from consent_state's copy where it belongs to the
+# state's record (receipt_seq = record_seq, what every writer leaves), else from the record: the
+# copy spares a probe of consent_record (and its TOAST table) per check.
+def _copied(state_col: str, record_col: str) -> str:
+    return (f"CASE WHEN s.receipt_seq = s.record_seq THEN s.{state_col} "
+            f"ELSE (SELECT r.{record_col} FROM consent_record r WHERE r.seq = s.record_seq) END")
+
+
+_RECORD_ID, _RECEIPT_OF = _copied("record_id", "id"), _copied("receipt", "receipt")
+
+# SQLite: one row holding a JSON array of answers. sqlite3 lets go of the GIL for each step of a
+# statement, and each time the reader thread wants it back it waits for the event loop; one
+# step per batch keeps those waits few. json_each is the outer loop (a LEFT JOIN is never
+# reordered, so json_group_array sees the inputs in order; ``i`` is checked anyway), then the
+# identifier by its covering index (named: the planner would take the primary key and read the
+# table), consent_state by its keys, api_key by key_hash, policy_purpose by its index.
+_CHECK_SQLITE = f"""
+WITH q AS MATERIALIZED (
+  SELECT j.key AS i, j.value ->> 1 AS t, j.value ->> 4 AS p,
+         EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = j.value ->> 0 AND k.tenant_id = j.value ->> 1
+                   AND {key_live_sql("k", ":now")}) AS key_ok,
+         CASE WHEN j.value ->> 2 = 'id'
+              THEN (SELECT su.id FROM subject su WHERE su.id = j.value ->> 3 AND su.tenant_id = j.value ->> 1)
+              ELSE (SELECT si.subject_id FROM subject_identifier si INDEXED BY {IDENTIFIER_COVER_INDEX}
+                    WHERE si.tenant_id = j.value ->> 1 AND si.kind = j.value ->> 2
+                      AND si.value_hash = j.value ->> 3) END AS sid
+  FROM json_each(:inputs) j)
+SELECT json_group_array(json_array(q.i, q.key_ok,
+  CASE WHEN s.subject_id IS NULL
+       THEN EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p) ELSE 1 END,
+  q.sid, s.decision, s.confirmed, s.policy_version, {_RECORD_ID}, {_RECEIPT_OF},
+  CASE WHEN s.subject_id IS NOT NULL THEN {stale_sql("s", ":now", "1")} END, s.gpc))
+FROM q
+LEFT JOIN consent_state s ON q.key_ok AND s.tenant_id = q.t AND s.purpose = q.p AND s.subject_id = q.sid
+"""
+
+# PostgreSQL: one row per input, in input order. The inputs travel as ONE JSON text unpacked by
+# json_to_recordset in C (no per-element array dumping in the driver); LATERAL keeps every
+# lookup an index probe whatever the planner guesses. ``{inputs}`` and ``{now}`` are filled per
+# executor: $1 / $2 for the prepared statement on libpq, bound names for SQLAlchemy.
+_CHECK_POSTGRES = f"""
+SELECT q.i,
+  EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = q.t AND {key_live_sql("k", "{now}")}),
+  EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p),
+  sq.sid, x.decision, x.confirmed, x.policy_version, x.record_id, x.receipt, x.stale, x.gpc
+FROM json_to_recordset({{inputs}}) AS q(i int, kh text, t text, kind text, h text, p text)
+LEFT JOIN LATERAL (
+  SELECT CASE WHEN q.kind = 'id'
+              THEN (SELECT su.id FROM subject su WHERE su.id = q.h AND su.tenant_id = q.t)
+              ELSE (SELECT si.subject_id FROM subject_identifier si
+                    WHERE si.tenant_id = q.t AND si.kind = q.kind AND si.value_hash = q.h) END AS sid
+) AS sq ON true
+LEFT JOIN LATERAL (
+  SELECT s.decision, s.confirmed, s.policy_version, {_RECORD_ID} AS record_id, {_RECEIPT_OF} AS receipt,
+         {stale_sql("s", "{now}", "true")} AS stale, s.gpc
+  FROM consent_state s
+  WHERE s.tenant_id = q.t AND s.purpose = q.p AND s.subject_id = sq.sid
+) AS x ON true
+ORDER BY q.i
+"""
+CHECK_PG_RAW = _CHECK_POSTGRES.replace("{inputs}", "$1::json").replace("{now}", "$2")  # libpq, prepared
+CHECK = {  # SQLAlchemy, bound names :inputs and :now
+    "sqlite": sa.text(_CHECK_SQLITE),
+    "postgresql": sa.text(_CHECK_POSTGRES.replace("{inputs}", "CAST(:inputs AS json)").replace("{now}", ":now")),
+}
+CHECK_PG_TYPES = ("json", "timestamptz")
+
+
+def check_inputs_pg(items: list[tuple[str, str, str, str, str]]) -> list[dict[str, Any]]:
+    """The PostgreSQL statement's JSON input for checks given as (kh, t, kind, h, p)."""
+    return [{"i": i, "kh": kh, "t": t, "kind": kind, "h": h, "p": p} for i, (kh, t, kind, h, p) in enumerate(items)]
+
+
+# --- the bulk check ---------------------------------------------------------------------------
+# The states of one purpose for many keys as ONE string: a code per key, in key order, joined by
+# commas; a code is decision + confirmed (0/1) + stale (0/1), or empty for no state. All keys
+# travel in ONE bound parameter (a JSON array, or comma-joined hashes on PostgreSQL: hex digits,
+# never a comma, split in C), one statement, one snapshot. SQLite runs joins as nested loops and
+# never reorders outer joins, so json_each is the outermost loop and group_concat sees one row per
+# key in array order (``checks.bulk_codes`` checks the count).
+_BULK_FROM = {
+    "ident": "LEFT JOIN subject_identifier si ON si.tenant_id = :t AND si.kind = :k AND si.value_hash = j.value "
+             "LEFT JOIN consent_state s ON s.tenant_id = :t AND s.subject_id = si.subject_id AND s.purpose = :p ",
+    "id": "LEFT JOIN consent_state s ON s.tenant_id = :t AND s.subject_id = j.value AND s.purpose = :p ",
+}
+_BULK_SQLITE = ("SELECT group_concat(coalesce(s.decision || s.confirmed || coalesce(n.newest > s.policy_version_id, 0), "
+                "''), ',') FROM json_each(:keys) j {joins}" + BULK_NEWEST.format(true=1))
+_BULK_POSTGRES = ("SELECT string_agg(coalesce(s.decision || CASE WHEN s.confirmed THEN '1' ELSE '0' END || "
+                  "CASE WHEN n.newest > s.policy_version_id THEN '1' ELSE '0' END, ''), ',' ORDER BY j.i) "
+                  "FROM {keys} WITH ORDINALITY AS j(value, i) {joins}" + BULK_NEWEST.format(true="true"))
+_PG_KEYS = {True: "jsonb_array_elements_text(CAST(:keys AS jsonb))", False: "unnest(string_to_array(:keys, ','))"}
+BULK = {(postgres, by_id): sa.text(
+    _BULK_POSTGRES.format(keys=_PG_KEYS[by_id], joins=_BULK_FROM["id" if by_id else "ident"]) if postgres
+    else _BULK_SQLITE.format(joins=_BULK_FROM["id" if by_id else "ident"]))
+    for postgres in (False, True) for by_id in (False, True)}
+
+
+# --- the chain head ---------------------------------------------------------------------------
+# The one concurrency rule of every hash chain: a subject's head moves to a record's hash only
+# from the head that record links to (compare and swap). The per-request writer holds the
+# subject's row lock, so its move always matches; the group writer holds no lock across round
+# trips, so a head moved in between makes its move (and so its record) not happen.
+MOVE_HEAD = (sa.update(SUBJECT)
+             .where(SUBJECT.c.id == sa.bindparam("sid"), SUBJECT.c.head_hash.is_not_distinct_from(sa.bindparam("prev")))
+             .values(head_hash=sa.bindparam("head")))
+_MOVE_HEAD_CTE = ("UPDATE subject s SET head_hash = v.record_hash FROM v "
+                  "WHERE s.id = v.subject_id AND s.head_hash IS NOT DISTINCT FROM v.prev_hash RETURNING v.i")
+
+
+# --- a record and the state it sets -----------------------------------------------------------
+RECORD_COLUMNS = tuple(c.key for c in RECORD.c if c.key != "seq")  # what an INSERT of a record writes
+RECORD_INSERT = sa.insert(RECORD).returning(RECORD.c.seq)
+STATE_COLUMNS = ("tenant_id", "subject_id", "purpose", "record_seq", "decision", "confirmed", "policy_key",
+                 "policy_version_id", "policy_version", "recorded_at", "receipt_seq", "record_id", "receipt", "gpc")
+# The newest decision by recorded_at wins per subject and purpose (an import of an older decision
+# does not overwrite a newer one).
+_STATE_NEWER = "consent_state.recorded_at <= EXCLUDED.recorded_at"
+
+
+def _state_upsert(insert: Any) -> Any:
+    ins = insert(STATE).values({k: sa.bindparam(k, type_=STATE.c[k].type) for k in STATE_COLUMNS})
+    update = {k: ins.excluded[k] for k in STATE_COLUMNS if k not in ("tenant_id", "subject_id", "purpose")}
+    return ins.on_conflict_do_update(index_elements=["tenant_id", "subject_id", "purpose"], set_=update,
+                                     where=sa.text(_STATE_NEWER))
+
+
+# Built once per dialect (building and cache-keying it per record cost ~1 ms CPU).
+STATE_UPSERT = {"postgresql": _state_upsert(postgresql.insert), "sqlite": _state_upsert(sqlite.insert)}
+_STATE_SET = ", ".join(f"{k} = EXCLUDED.{k}" for k in STATE_COLUMNS if k not in ("tenant_id", "subject_id", "purpose"))
+
+
+# --- the group commit (PostgreSQL) ------------------------------------------------------------
+# One read for a whole batch (one tenant): per input row ``i``, in one snapshot, whether its key
+# is a live secret key, the tenant's evidence settings, the purpose, the newest version covering
+# it, the subject and its chain head, an earlier record with the same Idempotency-Key, and the
+# tenant's webhook endpoints. A row is missing only where the tenant is gone.
+RECORD_READ = f"""
+SELECT q.i,
+  EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = t.id
+          AND {key_live_sql("k", "%(at)s")} AND k.kind = 'secret'),
+  t.store_full_ip, t.store_user_agent,
+  pu.key, pu.kind, pu.legal_basis, pu.double_opt_in,
+  v.id, v.policy_key, v.version, v.purposes, v.cookies, v.document_sha256, v.document_url,
+  subj.id, subj.pseudonym, subj.head_hash,
+  EXISTS (SELECT 1 FROM consent_record r WHERE r.tenant_id = t.id AND r.idempotency_key = q.ik),
+  (SELECT json_agg(json_build_array(e.id, e.event_types)) FROM webhook_endpoint e
+   WHERE e.tenant_id = t.id AND e.enabled AND e.deleted_at IS NULL)
+FROM json_to_recordset(%(q)s::json) AS q(i int, kh text, kind text, h text, ik text, p text, k text)
+JOIN tenant t ON t.id = %(t)s
+LEFT JOIN purpose pu ON pu.tenant_id = t.id AND pu.key = q.p
+LEFT JOIN LATERAL (
+  SELECT pv.id FROM policy_version pv JOIN policy_purpose pp ON pp.policy_version_id = pv.id
+  WHERE pv.tenant_id = t.id AND pv.policy_key = q.k AND pv.effective_at <= %(at)s AND pp.purpose = q.p
+  ORDER BY pv.id DESC LIMIT 1) lv ON true
+LEFT JOIN policy_version v ON v.id = lv.id
+LEFT JOIN LATERAL (
+  SELECT s.id, s.pseudonym, s.head_hash FROM subject s
+  JOIN subject_identifier si ON si.subject_id = s.id
+  WHERE si.tenant_id = t.id AND si.kind = q.kind AND si.value_hash = q.h) subj ON true
+ORDER BY q.i
+"""
+
+# The group commit (PostgreSQL): lock the batch's subjects whose chain head is still the one read, in
+# subject order, then take one leaf index per locked subject from the counter row (held to the
+# COMMIT that follows the batch's write). Rows ``(i, last leaf taken)``; none when no head held.
+CLAIM_SQL = """
+WITH v AS (SELECT * FROM json_to_recordset(%(q)s::json) AS v(i int, subject_id text, prev_hash text)),
+head AS (
+  SELECT v.i FROM v JOIN subject s ON s.id = v.subject_id
+  WHERE s.head_hash IS NOT DISTINCT FROM v.prev_hash ORDER BY s.id FOR UPDATE OF s
+), counter AS (
+  INSERT INTO event_counter (tenant_id, last_position, leaves) SELECT %(t)s, 0, count(*) FROM head
+  HAVING count(*) > 0
+  ON CONFLICT (tenant_id) DO UPDATE SET leaves = event_counter.leaves + EXCLUDED.leaves
+  RETURNING leaves
+)
+SELECT head.i, counter.leaves FROM head, counter ORDER BY head.i
+"""
+
+
+# What the write takes of a record (its tenant is the batch's).
+WRITE_COLUMNS = tuple(c for c in RECORD_COLUMNS if c != "tenant_id")
+
+# One write for a whole batch (one tenant, distinct subjects), in the claim's transaction: move
+# each chain head (MOVE_HEAD's rule), and for exactly the records whose head moved insert the
+# record, upsert consent_state (STATE_UPSERT's rule), take the tenant's next change-feed
+# positions (the counter row, held to the commit as in ``events._allocate``: one increment by
+# the number written) and insert the events and their webhook outbox rows. Returns ``(i, seq)``
+# of the records written. Rows come in subject order, so concurrent batches lock subjects in the
+# same order.
+RECORD_WRITE = f"""
+WITH v AS MATERIALIZED (
+  SELECT * FROM json_to_recordset(%(q)s::json) AS v(i int, id text, subject_id text, purpose text,
+    decision text, confirmed boolean, policy_key text, policy_version_id bigint, policy_version text,
+    source text, evidence json, evidence_sha256 text, disclosures json, recorded_at timestamptz,
+    idempotency_key text, request_sha256 text, prev_hash text, record_hash text, receipt text,
+    export_line text, gpc boolean, leaf_index bigint, event_id text, event_type text, event_data json, endpoints json)
+), head AS (
+  {_MOVE_HEAD_CTE}
+), w AS MATERIALIZED (
+  SELECT v.*, row_number() OVER (ORDER BY v.i) AS rn, count(*) OVER () AS n FROM v JOIN head USING (i)
+), rec AS (
+  INSERT INTO consent_record ({", ".join(RECORD_COLUMNS)})
+  SELECT {", ".join("%(t)s" if c == "tenant_id" else "decode(w.export_line, 'base64')" if c == "export_line"
+                    else f"w.{c}" for c in RECORD_COLUMNS)}
+  FROM w ORDER BY w.i
+  RETURNING seq, id
+), state AS (
+  INSERT INTO consent_state ({", ".join(STATE_COLUMNS)})
+  SELECT %(t)s, w.subject_id, w.purpose, rec.seq, w.decision, w.confirmed, w.policy_key,
+    w.policy_version_id, w.policy_version, w.recorded_at, rec.seq, w.id, w.receipt, w.gpc
+  FROM w JOIN rec ON rec.id = w.id WHERE w.decision <> 'notified'
+  ON CONFLICT (tenant_id, subject_id, purpose) DO UPDATE SET {_STATE_SET}
+  WHERE {_STATE_NEWER}
+), counter AS (
+  -- the change feed's positions (events._allocate's counter row)
+  INSERT INTO event_counter (tenant_id, last_position) SELECT %(t)s, count(*) FROM rec HAVING count(*) > 0
+  ON CONFLICT (tenant_id) DO UPDATE SET last_position = event_counter.last_position + EXCLUDED.last_position
+  RETURNING last_position
+), ev AS (
+  INSERT INTO event (tenant_id, position, id, type, record_id, subject_id, data, created_at)
+  SELECT %(t)s, counter.last_position - w.n + w.rn, w.event_id, w.event_type, w.id, w.subject_id,
+    w.event_data, %(now)s FROM w, counter
+  RETURNING position, id
+), outbox AS (
+  INSERT INTO webhook_delivery (tenant_id, endpoint_id, event_id, event_position, event_type, status,
+    attempts, next_attempt_at, created_at)
+  SELECT %(t)s, e.id, w.event_id, ev.position, w.event_type, 'pending', 0, %(now)s, %(now)s
+  FROM w JOIN ev ON ev.id = w.event_id, json_array_elements_text(w.endpoints) AS e(id)
+)
+SELECT w.i, rec.seq FROM w JOIN rec ON rec.id = w.id JOIN ev ON ev.id = w.event_id
+  LEFT JOIN (SELECT pg_notify('consent_feed', %(t)s) FROM counter) AS feed_note ON true
+"""

@@ -1,1 +1,0 @@
-../../client-snippet/dist/snippet.js

@@ -1,0 +1,1 @@
+"""The HTTP layer: the routes table, handlers, middleware, schemas of responses, pages and static files."""

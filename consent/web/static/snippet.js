@@ -1,0 +1,1 @@
+../../../client-snippet/dist/snippet.js
