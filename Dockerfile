@@ -19,9 +19,8 @@ WORKDIR /src
 # Dependencies first, pinned: this layer is rebuilt only when constraints.txt changes.
 COPY constraints.txt ./
 RUN pip install -r constraints.txt
-# Then the code (consent/store/migrations and consent/web/static/snippet.js link into these two).
+# Then the code (consent/web/static/snippet.js and snippet.css link into the built snippet).
 COPY pyproject.toml README.md LICENSE ./
-COPY migrations ./migrations
 COPY client-snippet/dist ./client-snippet/dist
 COPY consent ./consent
 RUN pip install --no-deps -c constraints.txt . \

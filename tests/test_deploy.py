@@ -32,20 +32,32 @@ def run(*cmd: str | Path, cwd: Path, env: dict[str, str], timeout: float = 600) 
     return done.stdout + done.stderr
 
 
+def dockerfile_copies() -> list[str]:
+    """The sources of the Dockerfile's COPY lines."""
+    sources = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            sources += line.split()[1:-1]
+    assert "consent" in sources and "constraints.txt" in sources
+    return sources
+
+
 def test_wheel_installs_and_serves_from_anywhere(tmp_path: Path) -> None:
     if "postgresql" not in BACKENDS:
         pytest.skip("needs PostgreSQL")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSENT_", "PROMETHEUS_", "VIRTUAL_ENV"))}
     wheels, venv, elsewhere = tmp_path / "wheels", tmp_path / "venv", tmp_path / "somewhere" / "else"
     elsewhere.mkdir(parents=True)
-    # the Docker build context: what the Dockerfile copies, links kept (built there, not in the clone)
+    # the Docker build context: exactly what the Dockerfile's COPY lines take, links kept (the
+    # wheel is built there, not in the clone)
     context = tmp_path / "context"
-    for name in ("pyproject.toml", "README.md", "LICENSE", "constraints.txt"):
+    for name in dockerfile_copies():
         (context / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, context / name)
-    for name in ("migrations", "client-snippet/dist", "consent"):
-        shutil.copytree(ROOT / name, context / name, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, context / name, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(ROOT / name, context / name)
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, context, cwd=elsewhere, env=env)
     wheel = next(wheels.glob("consent_service-*.whl"))
     run(sys.executable, "-m", "venv", venv, cwd=elsewhere, env=env)

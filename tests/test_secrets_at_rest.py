@@ -179,7 +179,7 @@ def test_sqlite_default_generates_a_0600_key_file_and_reuses_it(tmp_path: Path, 
     with TestClient(create_app(settings)) as c:
         t = make_tenant(c)
         t.record(email="ada@example.com")
-    database, key_file = data / "consent.db", data / "consent.store.db.kek"
+    database, key_file = data / "consent.db", data / "consent.db.kek"
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(database).st_mode) == 0o600
     key = key_file.read_text()
