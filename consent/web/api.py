@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -10,7 +9,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from consent import crypto
-from consent.errors import ConsentError, Unauthorized, Unavailable, ValidationFailed
+from consent.errors import ConsentError, Unauthorized, ValidationFailed
 from consent.ledger import asof, batch_writes, catalog, checks, recorder, tenants
 from consent.ledger.receipts import jwks as load_jwks
 from consent.ledger.schemas import (
@@ -49,7 +48,7 @@ from consent.web.http import (
     authenticate_token,
     bearer_value,
     check_body_headers,
-    db_work,
+    db_call,
     dumps,
     endpoint,
     parse_body,
@@ -206,14 +205,6 @@ def idempotency_key(headers: Any) -> str | None:
     if key is not None:
         require(0 < len(key) <= 200 and key.isprintable(), "Idempotency-Key", "1 to 200 printable characters")
     return key
-
-
-async def db_call(services: Any, fn: Callable[[], Any]) -> Any:
-    """``http.db_work``, a database that does not answer in time being a 503."""
-    try:
-        return await db_work(services, fn)
-    except TimeoutError:
-        raise Unavailable("the database did not answer in time; retry shortly", headers={"Retry-After": "1"}) from None
 
 
 def authorization(scope: Scope) -> str | None:

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from consent.errors import ConsentError, NotFound, OriginNotAllowed, Unauthorized, Unavailable
+from consent.errors import ConsentError, NotFound, OriginNotAllowed, Unauthorized
 from consent.integrations import snippet
 from consent.integrations.schemas_snippet import (
     GpcJson,
@@ -48,7 +48,7 @@ from consent.web.http import (
     Meta,
     Q,
     authenticate,
-    db_work,
+    db_call,
     describe,
     dumps,
     endpoint,
@@ -120,11 +120,7 @@ def cors_endpoint(*, summary: str, methods: tuple[str, ...], require_origin: boo
                     return fn(Ctx(request, db, services, principal, body, query, tenant))
 
             try:
-                try:
-                    response = render(await db_work(services, work), meta.status)
-                except TimeoutError:
-                    raise Unavailable("the database did not answer in time; retry shortly",
-                                      headers={"Retry-After": "1"}) from None
+                response = render(await db_call(services, work), meta.status)
             except ConsentError as exc:
                 response = problem_response(exc, request.url.path, _request_id(request))
             response.headers.update(cors)

@@ -323,6 +323,14 @@ async def db_work(services: Any, fn: Callable[[], Any]) -> Any:
         return await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)
 
 
+async def db_call(services: Any, fn: Callable[[], Any]) -> Any:
+    """``db_work``, a database that does not answer in time being a 503 the caller may retry."""
+    try:
+        return await db_work(services, fn)
+    except TimeoutError:
+        raise Unavailable("the database did not answer in time; retry shortly", headers={"Retry-After": "1"}) from None
+
+
 PREAUTH_BYTES = 64 * 1024  # bodies declared this small are read before the key check (one transaction)
 
 
@@ -403,11 +411,7 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
                     # a body that may be large is read only for a caller whose key is valid,
                     # so unauthenticated traffic never makes us hold megabytes
                     check_body_headers(request, meta, services.settings.max_body_bytes)
-                    try:
-                        checked.append(await db_work(services, lambda: pre_authenticate(services, request, auth)))
-                    except TimeoutError:
-                        raise Unavailable("the database did not answer in time; retry shortly",
-                                          headers={"Retry-After": "1"}) from None
+                    checked.append(await db_call(services, lambda: pre_authenticate(services, request, auth)))
             raw = await read_raw(request, meta, services.settings.max_body_bytes) if meta.body else None
 
             def work() -> Any:
@@ -424,11 +428,7 @@ def endpoint(*, auth: str | None, summary: str, **kw: Any) -> Callable[[Callable
             # Inline only on SQLite (in-process reads): on PostgreSQL the loop would sit blocked
             # through every round trip, so the threadpool overlaps them (measured: better p99).
             inline = meta.inline and services.engine.dialect.name == "sqlite"
-            try:
-                return render(work() if inline else await db_work(services, work), meta.status)
-            except TimeoutError:
-                raise Unavailable("the database did not answer in time; retry shortly",
-                                  headers={"Retry-After": "1"}) from None
+            return render(work() if inline else await db_call(services, work), meta.status)
 
         handler.meta = meta  # type: ignore[attr-defined]
         handler.__name__ = fn.__name__

@@ -21,11 +21,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from consent.errors import Forbidden, NotFound, Unauthorized, Unavailable
+from consent.errors import Forbidden, NotFound, Unauthorized
 from consent.ledger.tenants import attach_tenant, authenticate_key
 from consent.store.db import transaction
 from consent.web import api_snippet
-from consent.web.http import db_work, describe, dumps
+from consent.web.http import db_call, describe, dumps
 
 BUNDLE_CACHE = "public, no-cache"  # stored, revalidated on each use (a 304 is a few hundred bytes)
 # The built snippet ends with this call; the per-tenant script passes the key and config into it.
@@ -79,11 +79,7 @@ async def tenant_snippet(request: Request) -> Response:
     key = request.path_params["publishable_key"]
     query = {q.name: q.parse(request.query_params.get(q.name)) for q in api_snippet.CONFIG_QUERY}
     script = await api_snippet.asset(request)
-    try:
-        config, config_etag = await db_work(services, lambda: _config(services, key, query["lang"], query["policy"]))
-    except TimeoutError:
-        raise Unavailable("the database did not answer in time; retry shortly",
-                          headers={"Retry-After": "1"}) from None
+    config, config_etag = await db_call(services, lambda: _config(services, key, query["lang"], query["policy"]))
     etag = bundle_etag(script.etag, config_etag, key)
     headers = {"ETag": etag, "Cache-Control": BUNDLE_CACHE, "Vary": "Accept-Encoding",
                "Access-Control-Allow-Origin": "*", "Cross-Origin-Resource-Policy": "cross-origin"}
