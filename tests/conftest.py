@@ -128,6 +128,16 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield c
 
 
+@pytest.fixture(scope="module")
+def route_client(db_url: str) -> Iterator[TestClient]:
+    """The same service on its per-request executors only (no batched reader, no group commit):
+    what the batched executors' answers are compared with."""
+    with TestClient(create_app(settings_for(db_url))) as c:
+        services = c.app.state.services  # type: ignore[attr-defined]
+        services.check_reader = services.record_writer = None
+        yield c
+
+
 @pytest.fixture
 def tenant(client: TestClient) -> Tenant:
     """A fresh tenant with the usual catalog: purposes, a session cookie, a policy version."""

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import random
 import sqlite3
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -31,15 +30,6 @@ from consent.web.http import query_pairs
 
 from .conftest import settings_for
 from .helpers import ADMIN, Tenant, make_tenant
-
-
-@pytest.fixture(scope="module")
-def route_client(db_url: str) -> Iterator[TestClient]:
-    """The same service on its per-request executors only (no batched reader or writer)."""
-    with TestClient(create_app(settings_for(db_url))) as c:
-        services = c.app.state.services  # type: ignore[attr-defined]
-        services.check_reader = services.record_writer = None
-        yield c
 
 
 def reader_of(client: TestClient) -> batch_reads.Reader:

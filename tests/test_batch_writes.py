@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -29,19 +28,8 @@ from consent.errors import ValidationFailed
 from consent.ledger import batch_reads, batch_writes, recorder
 from consent.ledger.schemas import ConsentIn
 from consent.store import db
-from consent.web.app import create_app
 
-from .conftest import settings_for
 from .helpers import Tenant, make_tenant
-
-
-@pytest.fixture(scope="module")
-def route_client(db_url: str) -> Iterator[TestClient]:
-    """The same service on its per-request executors only (no group commit, no batched reader)."""
-    with TestClient(create_app(settings_for(db_url))) as c:
-        services = c.app.state.services  # type: ignore[attr-defined]
-        services.check_reader = services.record_writer = None
-        yield c
 
 
 class Taken:
