@@ -2,9 +2,10 @@
 the request it belongs to. ``consent serve`` passes ``log_config()`` to uvicorn, so workers
 configure themselves the same way; the CLI calls ``configure()``.
 
-The event loop only builds each record and queues it; one thread per process formats the
-queued records and writes them in one call per batch (``BatchWriter``), so an access line per
-request costs the loop a few microseconds and no system call.
+The event loop only queues each line (an access line as its fields, ``info_fields``: no
+LogRecord); one thread per process formats what is queued and writes it in one call per batch
+(``BatchWriter``), so an access line per request costs the loop about a microsecond and no
+system call.
 
 Secrets never reach a log line: our access log names the route *template* (never the path
 or the query string, which may carry ``?key=pk_…`` or ``?email=…``), uvicorn's own access
@@ -44,28 +45,60 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class JSONFormatter(logging.Formatter):
-    """``{"ts", "level", "logger", "msg", "request_id", ...extra}`` on one line."""
+_second: tuple[int, str] = (-1, "")  # the last second formatted: most lines share it
 
-    _second: tuple[int, str] = (-1, "")  # the last second formatted: most lines share it
+
+def json_line(created: float, level: str, logger: str, msg: str, fields: dict[str, Any],
+              request_id: str | None = None) -> str:
+    """One line: ``{"ts", "level", "logger", "msg", "request_id", ...fields}``."""
+    global _second
+    second, stamp = _second
+    if int(created) != second:
+        second = int(created)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = second, stamp
+    out: dict[str, Any] = {"ts": f"{stamp}.{int((created - second) * 1000):03d}Z", "level": level,
+                           "logger": logger, "msg": msg, "request_id": request_id}
+    out.update(fields)
+    return orjson.dumps(out, default=str).decode()
+
+
+class JSONFormatter(logging.Formatter):
+    """``json_line`` of a record: its extra attributes are the fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        second, stamp = self._second
-        if int(record.created) != second:
-            second = int(record.created)
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second, stamp
-        out: dict[str, Any] = {
-            "ts": f"{stamp}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-            "request_id": getattr(record, "request_id", None) or request_id_var.get(),
-        }
-        out.update({k: v for k, v in vars(record).items() if k not in _STD and not k.startswith("_")})
+        fields = {k: v for k, v in vars(record).items() if k not in _STD and not k.startswith("_")}
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+            fields["exc"] = self.formatException(record.exc_info)
+        return json_line(record.created, record.levelname.lower(), record.name, record.getMessage(), fields,
+                         getattr(record, "request_id", None) or request_id_var.get())
+
+
+def info_fields(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
+    """An INFO line of ``msg`` and ``fields`` (``request_id`` among them). Where every handler
+    the line reaches is a ``BatchWriter`` with no filter but ``RequestIdFilter`` (what
+    ``log_config`` sets up), the line is queued as it is: no LogRecord is built, which is most
+    of what a line costs. Otherwise it is logged as any record."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handlers = _handlers(logger)
+    if handlers and all(type(h) is BatchWriter and h.level <= logging.INFO
+                        and all(type(f) is RequestIdFilter for f in h.filters) for h in handlers):
+        created = time.time()
+        for h in handlers:
+            h.queue_line(created, logger.name, msg, fields)
+    else:
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, msg, (), None, extra=fields))
+
+
+def _handlers(logger: logging.Logger) -> list[logging.Handler]:
+    """The handlers a record of ``logger`` reaches (as ``Logger.callHandlers`` walks them)."""
+    found: list[logging.Handler] = []
+    at: logging.Logger | None = logger
+    while at is not None:
+        found.extend(at.handlers)
+        at = at.parent if at.propagate else None
+    return found
 
 
 class BatchWriter(logging.Handler):
@@ -91,7 +124,7 @@ class BatchWriter(logging.Handler):
             raise ValueError("interval must be positive (the thread wakes once per interval)")
         self.stream = stream if stream is not None else sys.stderr
         self.batched, self.interval, self.max_queued = frozenset(batched), interval, max_queued
-        self._queue: queue.SimpleQueue[logging.LogRecord | threading.Event | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # records, lines, events; None: stop
         self._hurry = threading.Event()  # write now, without waiting for more
         self._thread: threading.Thread | None = None
         self._pid = 0  # the process the thread runs in (a forked child starts its own)
@@ -108,11 +141,22 @@ class BatchWriter(logging.Handler):
             self._start()
         if record.args:  # merge now: an argument may change before the thread formats it
             record.msg, record.args = record.getMessage(), None
-        while self._queue.qsize() >= self.max_queued and self._alive():
-            time.sleep(0.001)
-        self._queue.put(record)
+        self._put(record)
         if record.name not in self.batched:
             self.flush()
+
+    def queue_line(self, created: float, logger: str, msg: str, fields: dict[str, Any]) -> None:
+        """A batched line of ``info_fields`` (written as ``json_line`` formats it)."""
+        if self._pid != os.getpid():
+            self._start()
+        self._put((created, logger, msg, fields))
+        if logger not in self.batched:
+            self.flush()
+
+    def _put(self, item: Any) -> None:
+        while self._queue.qsize() >= self.max_queued and self._alive():
+            time.sleep(0.001)
+        self._queue.put(item)
 
     def flush(self) -> None:
         """Return once every record queued so far is written."""
@@ -150,7 +194,7 @@ class BatchWriter(logging.Handler):
             # never wakes this thread, so it never takes the CPU from the event loop per line.
             self._hurry.wait(self.interval)
             self._hurry.clear()
-            batch: list[logging.LogRecord | threading.Event | None] = []
+            batch: list[Any] = []
             while True:
                 try:
                     batch.append(q.get_nowait())
@@ -158,19 +202,22 @@ class BatchWriter(logging.Handler):
                     break
             if not batch:
                 continue
-            records = [x for x in batch if isinstance(x, logging.LogRecord)]
             lines = []
-            for record in records:
+            for item in batch:
                 try:
-                    lines.append(self.format(record))
+                    if isinstance(item, tuple):
+                        created, logger, msg, fields = item
+                        lines.append(json_line(created, "info", logger, msg, fields, fields.get("request_id")))
+                    elif isinstance(item, logging.LogRecord):
+                        lines.append(self.format(item))
                 except Exception:  # noqa: BLE001 (as logging.Handler.emit: report it, keep writing)
-                    self.handleError(record)
+                    self.handleError(item if isinstance(item, logging.LogRecord) else logging.makeLogRecord({}))
             if lines:
                 try:
                     self.stream.write("\n".join(lines) + "\n")
                     self.stream.flush()
                 except Exception:  # noqa: BLE001 (as logging.Handler.emit: report it, keep writing)
-                    self.handleError(records[0])
+                    self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
             for item in batch:
                 if isinstance(item, threading.Event):
                     item.set()

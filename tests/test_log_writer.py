@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from consent.logs import BatchWriter, JSONFormatter, RequestIdFilter, request_id_var
+from consent.logs import BatchWriter, JSONFormatter, RequestIdFilter, info_fields, request_id_var
 
 
 class SlowStream(io.StringIO):
@@ -95,3 +95,30 @@ def test_a_stalled_stream_makes_the_caller_wait(loggers: tuple[logging.Logger, l
     stream.release.set()
     assert done.wait(5)
     caller.join(5)
+
+
+def test_info_fields_writes_what_a_record_would(loggers: tuple[logging.Logger, logging.Logger]) -> None:
+    """An access line queued as its fields (no LogRecord) reads exactly as the same line logged
+    as a record; through any other handler it is logged as a record."""
+    batched, other = loggers
+    stream = io.StringIO()
+    handler = attach(BatchWriter(stream, batched=(batched.name,), interval=5), batched)
+    fields = {"request_id": "req-9", "method": "GET", "route": "/v1/check", "status": 200, "duration_ms": 0.5}
+    info_fields(batched, "request", fields)
+    batched.handle(batched.makeRecord(batched.name, logging.INFO, "", 0, "request", (), None, extra=fields))
+    handler.flush()
+    fast, slow = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert fast.pop("ts")[:19] == slow.pop("ts")[:19] and fast == slow, (fast, slow)
+    assert fast == {"level": "info", "logger": batched.name, "msg": "request", **fields}
+
+    plain = io.StringIO()
+    sh = logging.StreamHandler(plain)
+    sh.setFormatter(JSONFormatter())
+    other.addHandler(sh)
+    info_fields(other, "request", fields)
+    line = json.loads(plain.getvalue())
+    assert line["route"] == "/v1/check" and line["request_id"] == "req-9" and line["logger"] == other.name
+
+    other.setLevel(logging.WARNING)  # a logger not enabled for INFO writes nothing
+    info_fields(other, "request", fields)
+    assert len(plain.getvalue().splitlines()) == 1

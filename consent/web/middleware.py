@@ -10,7 +10,7 @@ import time
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from consent.logs import request_id_var
+from consent.logs import info_fields, request_id_var
 from consent.web import metrics
 
 log = logging.getLogger("consent.access")
@@ -71,12 +71,9 @@ def finish_request(method: str | None, route: str, status: int, start: float, re
     duration = time.perf_counter() - start
     method = metrics.method_label(method)
     metrics.observe(method, route, status, duration)
-    if log.isEnabledFor(logging.INFO):
-        # makeRecord + handle skips log.info's caller lookup (a stack walk). The handler only
-        # queues the record: it is formatted (logs.JSONFormatter) and written off the loop.
-        access = {"request_id": request_id, "method": method, "route": route, "status": status,
-                  "duration_ms": round(duration * 1000, 3)}
-        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "request", (), None, extra=access))
+    if log.isEnabledFor(logging.INFO):  # queued as it is; formatted and written off the loop
+        info_fields(log, "request", {"request_id": request_id, "method": method, "route": route, "status": status,
+                                     "duration_ms": round(duration * 1000, 3)})
 
 
 def new_request_id() -> str:
