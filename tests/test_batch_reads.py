@@ -25,10 +25,8 @@ from starlette.testclient import TestClient
 from consent import crypto
 from consent.ledger import batch_reads, checks
 from consent.store import db, models
-from consent.web.app import create_app
 from consent.web.http import query_pairs
 
-from .conftest import settings_for
 from .helpers import ADMIN, Tenant, make_tenant
 
 
@@ -38,10 +36,8 @@ def reader_of(client: TestClient) -> batch_reads.Reader:
     return reader  # type: ignore[no-any-return]
 
 
-def reader_for(engine: Any, threaded: bool) -> batch_reads.Reader:
-    """A reader of the engine's database; on SQLite in a thread or on the loop as asked."""
-    if engine.dialect.name == "sqlite":
-        return batch_reads.SqliteReader(engine.url.database, batch_reads.sqlite_now, threaded=threaded)
+def reader_for(engine: Any) -> batch_reads.Reader:
+    """The batched reader of the engine's database."""
     reader = batch_reads.open_reader(engine)
     assert reader is not None
     return reader
@@ -206,12 +202,8 @@ def test_admin_rotation_and_foreign_keys(client: TestClient) -> None:
     assert client.get("/v1/check", params=params, headers=ADMIN).status_code == 403
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["thread", "loop"])
-def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str, threaded: bool) -> None:
-    """Many checks at once (one statement for a batch) give each caller its own answer; on
-    SQLite both in the reader thread and on the event loop."""
-    if not threaded and not db_url.startswith("sqlite"):
-        pytest.skip("the event-loop reader is SQLite's (PostgreSQL's is always on the loop)")
+def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str) -> None:
+    """Many checks at once (one statement for a batch) give each caller its own answer."""
     rng = random.Random(7)
     tenants: list[Tenant] = [make_tenant(client) for _ in range(3)]
     hash_keys = {}
@@ -241,14 +233,13 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str, thre
         rng.shuffle(items)
 
         async def run() -> tuple[list[Any], list[Any]]:
-            reader = reader_for(engine, threaded)
+            reader = reader_for(engine)
             try:
                 together = await asyncio.gather(*[reader.check(item) for item in items])
-                # batched: far fewer statements (SQLite: one per batch the reader thread takes;
-                # on the loop, one for everything submitted in one turn)
-                assert 0 < reader.statements <= (len(items) // 10 if threaded else 1), reader.statements
-                if isinstance(reader, batch_reads.SqliteReader):  # answers handed back together
-                    assert 0 < reader.batches < len(items), reader.batches
+                # batched: SQLite answers everything submitted in one turn with one statement;
+                # PostgreSQL's idle connections each take everything waiting
+                sqlite = isinstance(reader, batch_reads.SqliteReader)
+                assert 0 < reader.statements <= (1 if sqlite else len(items) // 10), reader.statements
                 one_by_one = [await reader.check(item) for item in items]
             finally:
                 await reader.close()
@@ -272,13 +263,12 @@ def test_batched_reads_match_one_at_a_time(client: TestClient, db_url: str, thre
         assert answer["status"] == row[3] and answer["allowed"] == (row[3] == "granted")
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["thread", "loop"])
-def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path, threaded: bool) -> None:
+def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path) -> None:
     """A database error is every waiting check's answer (the route logs, counts and answers it
     per request); the next check reconnects."""
     path = tmp_path / "ledger.db"
     path.write_bytes(b"this is not a database" * 300)
-    reader = batch_reads.SqliteReader(str(path), batch_reads.sqlite_now, threaded=threaded)
+    reader = batch_reads.SqliteReader(str(path), batch_reads.sqlite_now)
     item = ("0" * 64, "ten_x", "id", "sub_x", "marketing_email")
 
     async def run() -> None:
@@ -300,27 +290,6 @@ def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path, threade
             await reader.check(item)
 
     asyncio.run(run())
-
-
-def test_sqlite_reader_on_the_loop_where_no_core_is_spare(monkeypatch) -> None:
-    """auto: a reader thread only where this process has more cores than there are workers."""
-    monkeypatch.setattr(batch_reads.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert batch_reads.sqlite_threaded(1) is True
-    assert batch_reads.sqlite_threaded(2) is False
-
-
-def test_the_service_reads_on_the_loop_where_every_core_runs_a_worker(tmp_path, monkeypatch) -> None:
-    """As many workers as cores: the service's own checks are answered on the event loop."""
-    monkeypatch.setattr(batch_reads.os, "sched_getaffinity", lambda pid: {0, 1})
-    url = f"sqlite:///{tmp_path / 'loop.db'}"
-    with TestClient(create_app(settings_for(url, workers=2))) as c:
-        t = make_tenant(c)
-        t.record(email="ada@example.com")
-        reader = reader_of(c)
-        assert isinstance(reader, batch_reads.SqliteReader) and not reader._threaded
-        r = c.get("/v1/check", params={"purpose": "marketing_email", "email": "ada@example.com"}, headers=t.h)
-        assert r.status_code == 200 and r.json()["status"] == "granted" and reader.answered == 1
-        assert reader._thread is None
 
 
 @settings(max_examples=300, deadline=None)

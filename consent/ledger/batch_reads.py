@@ -5,10 +5,8 @@ from the row it gets back (``checks.check_answer``); the per-request executor
 (``checks.check_rows``) runs the same statement for one check, where no reader runs (an
 in-memory SQLite database) or after a reader failure (logged and counted in /metrics).
 
-- SQLite: the statement runs on a connection of its own, for a batch of checks at a time: in a
-  reader thread while the event loop goes on with other requests (sqlite3 lets go of the GIL
-  while SQLite works), or, where every core already runs a worker process, on the loop itself
-  (``sqlite_threaded``).
+- SQLite: the checks that arrive in one turn of the event loop are answered in its next turn,
+  by one statement on a connection of the process's own.
 - PostgreSQL: two asynchronous connections per process; an idle one takes *every* check
   waiting at that moment and answers them with one statement over all of them (group lookups,
   like group commit), prepared once per connection and run on libpq directly (``pgraw``).
@@ -21,10 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -94,35 +89,25 @@ def settle(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
 
 
 class SqliteReader(Reader):
-    """Reads in a thread of their own, on a connection of this process's own (file databases only).
+    """Reads on a connection of this process's own (file databases only), on the event loop.
 
-    The thread starts on a check as soon as it is queued, takes the checks waiting (at most half
-    of those in flight), answers them with one statement, and hands the answers back to the loop
-    with one wake-up. Why at most half: under load every client waited in the same batch, so the
-    loop sat idle while the thread read and the thread while the loop answered; half splits them
-    into two groups that take turns.
-
-    Not ``threaded``: the checks submitted in one turn of the event loop wait for its next turn
-    and are answered there with one statement, on the loop (no hand-offs; for processes that
-    have no core to spare, ``sqlite_threaded``).
+    The checks submitted in one turn of the loop wait for its next turn and are answered there
+    with one statement. No thread: a batch's statement costs a few microseconds per check,
+    less than handing the checks to a thread and back (and the GIL switches that come with it).
     """
 
-    def __init__(self, path: str, now_param: Callable[[], str], threaded: bool = True) -> None:
+    def __init__(self, path: str, now_param: Callable[[], str]) -> None:
         self._path = path
         self._now = now_param
         self._sql = str(statements.CHECK["sqlite"])
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (loop, item, future); None: stop
-        self._thread: threading.Thread | None = None
         self._closed = False
-        self._in_flight = 0  # checks submitted and not yet answered (the loop's count)
-        self._threaded = threaded
-        self._pending: list[Any] = []  # on the loop (not threaded): (loop, item, future) of this turn
-        self._conn: sqlite3.Connection | None = None  # on the loop: its connection
-        self.batches = 0  # hand-backs to the loop, or turns answered on it (tests, debugging)
+        self._pending: list[tuple[Item, asyncio.Future[Any]]] = []  # the checks of this turn
+        self._conn: sqlite3.Connection | None = None
+        self.batches = 0  # turns answered (tests, debugging)
         self.statements = 0  # check statements run (tests, debugging)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=5)
+        conn = sqlite3.connect(self._path, isolation_level=None, timeout=5)
         conn.execute("PRAGMA query_only=ON")
         # A page cache of its own (a check touches ~20 pages of six B-trees). Bounded memory,
         # unlike PRAGMA mmap_size: the mapped file counts in the process's RSS.
@@ -143,80 +128,30 @@ class SqliteReader(Reader):
             raise RuntimeError("the check reader is closed")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        if not self._threaded:
-            self._pending.append((loop, item, fut))
-            if len(self._pending) == 1:
-                loop.call_soon(self._run_pending)  # after every request of this turn has come in
-            return await fut
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, daemon=True, name="check-reader-sqlite")
-            self._thread.start()
-        self._in_flight += 1
-        self._queue.put((loop, item, fut))
-        try:
-            return await fut
-        finally:
-            self._in_flight -= 1
-
-    def _serve(self) -> None:
-        """The reader thread, until close()."""
-        conn: sqlite3.Connection | None = None
-        get, get_nowait = self._queue.get, self._queue.get_nowait
-        while True:
-            pending: list[Any] = [get()]
-            most = max(1, (self._in_flight + 1) // 2)  # read by this thread, written by the loop's
-            try:
-                while pending[-1] is not None and len(pending) < most:
-                    pending.append(get_nowait())
-            except queue.Empty:
-                pass
-            stop = pending[-1] is None
-            conn, answered = self._run(conn, pending[:-1] if stop else pending)
-            done: dict[Any, list[tuple[asyncio.Future[Any], Any]]] = {}
-            for (loop, _item, fut), result in answered:
-                done.setdefault(loop, []).append((fut, result))
-            for loop, answers in done.items():
-                try:
-                    loop.call_soon_threadsafe(self._answered, answers)
-                except RuntimeError:  # that loop is closed: nobody waits any more
-                    pass
-            if stop:
-                _closed(conn)
-                return
-
-    def _run(self, conn: sqlite3.Connection | None,
-             work: list[Any]) -> tuple[sqlite3.Connection | None, list[tuple[Any, Any]]]:
-        """Answer ``work`` ((loop, item, future) each) with one statement. A database error is
-        the answer of every check of the batch (the route logs, counts and runs them itself)
-        and drops the connection (reconnected next time)."""
-        if not work:
-            return conn, []
-        try:
-            if conn is None:
-                conn = self._connect()
-            results: list[Any] = self._work_batch(conn, [item[1] for item in work])
-        except Exception as exc:  # noqa: BLE001 - each waiting request gets it; the route logs and counts it
-            _closed(conn)
-            conn = None
-            results = [exc] * len(work)
-        return conn, list(zip(work, results))
+        self._pending.append((item, fut))
+        if len(self._pending) == 1:
+            loop.call_soon(self._run_pending)  # after every request of this turn has come in
+        return await fut
 
     def _run_pending(self) -> None:
-        """On the loop (not threaded): the checks that came in this turn, with one statement."""
+        """The checks that came in this turn, with one statement. A database error is the
+        answer of every check of the batch (the route logs, counts and runs them itself) and
+        drops the connection (reconnected next time)."""
         work, self._pending = self._pending, []
-        self._conn, answered = self._run(self._conn, work)
         self.batches += 1
-        settle([(item[2], result) for item, result in answered])
-
-    def _answered(self, answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
-        self.batches += 1
-        settle(answers)
+        results: list[Any]
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            results = self._work_batch(self._conn, [item for item, _ in work])
+        except Exception as exc:  # noqa: BLE001 - each waiting request gets it; the route logs and counts it
+            _closed(self._conn)
+            self._conn = None
+            results = [exc] * len(work)
+        settle([(fut, result) for (_, fut), result in zip(work, results)])
 
     async def close(self) -> None:
         self._closed = True
-        if self._thread is not None:
-            self._queue.put(None)
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
         _closed(self._conn)
         self._conn = None
 
@@ -306,25 +241,14 @@ def sqlite_now() -> str:
     return f"{_SECOND[1]}.{int((t - second) * 1_000_000):06d}"
 
 
-def sqlite_threaded(workers: int) -> bool:
-    """Whether the SQLite reader runs in a thread: where it has a core to itself, i.e. where
-    this process may use more cores than there are worker processes. Where every core already
-    runs a worker, the thread's hand-offs cost CPU and buy no parallelism."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return cores > workers
-
-
-def open_reader(engine: Engine, workers: int = 1) -> Reader | None:
+def open_reader(engine: Engine) -> Reader | None:
     """The batched reader for this engine's database, or None where it does not apply (an
     in-memory SQLite database is private to its one pooled connection)."""
     url = engine.url
     if engine.dialect.name == "sqlite":
         if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
             return None
-        return SqliteReader(url.database, sqlite_now, threaded=sqlite_threaded(workers))
+        return SqliteReader(url.database, sqlite_now)
     if engine.dialect.name == "postgresql":
         return PostgresReader(pg_connect_args(engine))
     return None

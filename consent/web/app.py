@@ -303,7 +303,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         worker = reader = sequencer = listener = None
         try:
             signer = await run_in_threadpool(prepare, settings, engine)
-            reader = batch_reads.open_reader(engine, settings.workers)
+            reader = batch_reads.open_reader(engine)
             services = Services(settings, engine, signer, db.head_revision(settings.database_url), reader)
             services.record_writer = batch_writes.open_writer(engine, services)
             app.state.services = services
