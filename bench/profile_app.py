@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import pstats
 import random
 import sys
@@ -107,7 +108,7 @@ async def main() -> None:
 
         consent.web.http.run_in_threadpool = direct  # type: ignore[assignment]
     meta = json.loads((HERE / ".cache" / f"ledger-{args.ledger}.json").read_text())[args.backend]
-    settings = Settings.from_env({"CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false",
+    settings = Settings.from_env({**os.environ, "CONSENT_DATABASE_URL": meta["url"], "CONSENT_DEMO": "false",
                                   "CONSENT_MIGRATE_ON_START": "false", "CONSENT_LOG_LEVEL": args.log_level,
                                   "CONSENT_RATE_LIMIT_PER_MINUTE": "100000000",  # as bench/run.py
                                   "CONSENT_RATE_LIMIT_IP_PER_MINUTE": "100000000"})
