@@ -86,6 +86,7 @@ def info_fields(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> Non
                         and all(type(f) is RequestIdFilter for f in h.filters) for h in handlers):
         created = time.time()
         for h in handlers:
+            assert isinstance(h, BatchWriter)
             h.queue_line(created, logger.name, msg, fields)
     else:
         logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, msg, (), None, extra=fields))
