@@ -116,14 +116,17 @@ LEFT JOIN consent_state s ON q.key_ok AND s.tenant_id = q.t AND s.purpose = q.p 
 
 # PostgreSQL: one row per input, in input order. The inputs travel as ONE JSON text unpacked by
 # json_to_recordset in C (no per-element array dumping in the driver); LATERAL keeps every
-# lookup an index probe whatever the planner guesses. ``{inputs}`` and ``{now}`` are filled per
-# executor: $1 / $2 for the prepared statement on libpq, bound names for SQLAlchemy.
+# lookup an index probe whatever the planner guesses (as EXISTS subqueries, the key and purpose
+# tests became hashed subplans that read every tenant's keys and purposes for each batch).
+# ``{inputs}`` and ``{now}`` are filled per executor: $1 / $2 for the prepared statement on
+# libpq, bound names for SQLAlchemy.
 _CHECK_POSTGRES = f"""
-SELECT q.i,
-  EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = q.t AND {key_live_sql("k", "{now}")}),
-  EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p),
+SELECT q.i, ko.ok IS NOT NULL, po.ok IS NOT NULL,
   sq.sid, x.decision, x.confirmed, x.policy_version, x.record_id, x.receipt, x.stale, x.gpc
 FROM json_to_recordset({{inputs}}) AS q(i int, kh text, t text, kind text, h text, p text)
+LEFT JOIN LATERAL (SELECT 1 AS ok FROM api_key k WHERE k.key_hash = q.kh AND k.tenant_id = q.t
+                   AND {key_live_sql("k", "{now}")} LIMIT 1) AS ko ON true
+LEFT JOIN LATERAL (SELECT 1 AS ok FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p LIMIT 1) AS po ON true
 LEFT JOIN LATERAL (
   SELECT CASE WHEN q.kind = 'id'
               THEN (SELECT su.id FROM subject su WHERE su.id = q.h AND su.tenant_id = q.t)
