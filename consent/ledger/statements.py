@@ -88,9 +88,8 @@ def _copied(state_col: str, record_col: str) -> str:
 
 _RECORD_ID, _RECEIPT_OF = _copied("record_id", "id"), _copied("receipt", "receipt")
 
-# SQLite: one row holding a JSON array of answers. sqlite3 lets go of the GIL for each step of a
-# statement, and each time the reader thread wants it back it waits for the event loop; one
-# step per batch keeps those waits few. json_each is the outer loop (a LEFT JOIN is never
+# SQLite: one row holding a JSON array of answers (one step of the statement per batch, and one
+# string for orjson to parse, instead of a Python row per check). json_each is the outer loop (a LEFT JOIN is never
 # reordered, so json_group_array sees the inputs in order; ``i`` is checked anyway), then the
 # identifier by its covering index (named: the planner would take the primary key and read the
 # table), consent_state by its keys, api_key by key_hash, policy_purpose by its index.
