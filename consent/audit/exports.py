@@ -45,10 +45,11 @@ from consent import crypto
 from consent.audit.tlog import CHECKPOINT
 from consent.ledger.recorder import LINE_SEP
 from consent.store.db import transaction
-from consent.store.models import ConsentRecord, ExportManifest, PolicyVersion, Subject, utcnow
+from consent.store.models import ExportManifest, utcnow
+from consent.store.tables import CONSENT_RECORD as REC
+from consent.store.tables import POLICY_VERSION as PV
+from consent.store.tables import SUBJECT as SUBJ
 
-REC = ConsentRecord.__table__  # type: ignore[attr-defined]
-SUBJ = Subject.__table__  # type: ignore[attr-defined]
 FORMATS = ("jsonl", "csv")
 MANIFEST_TYPE = "consent-export-manifest/1"
 CONTENT_KEYS = ("v", "id", "tenant", "subject", "purpose", "decision", "confirmed", "policy", "source",
@@ -66,7 +67,6 @@ CSV_COLUMNS = (*CSV_COLUMNS_V1, "gpc", "policy_url", "policy_sha256", "disclosed
 # JSONL: after the records, one line per policy document and per disclosure snapshot the
 # records point to (``References``), before the manifest (so inside ``body_sha256``).
 POLICY_LINE, DISCLOSURE_LINE = "policy_document", "disclosure"
-PV = PolicyVersion.__table__  # type: ignore[attr-defined]
 CHUNK = 1024  # records per yielded chunk (~1.6 MiB of JSONL): fewer thread hand-offs and writes
 HEADS_WORK_MEM = "64MB"  # PostgreSQL, for the chain-heads query of an export
 

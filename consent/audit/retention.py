@@ -25,13 +25,14 @@ from sqlalchemy.orm import Session
 
 from consent.errors import NotFound
 from consent.ledger import tenants
-from consent.ledger.recorder import SI, STATE
 from consent.store.db import rowcount, transaction
-from consent.store.models import ConsentRecord, Subject, Tenant, utcnow
+from consent.store.models import Tenant, utcnow
+from consent.store.tables import CONSENT_RECORD as REC
+from consent.store.tables import CONSENT_STATE as STATE
+from consent.store.tables import SUBJECT as SUBJ
+from consent.store.tables import SUBJECT_IDENTIFIER as SI
+from consent.store.tables import TENANT as TEN
 
-REC = ConsentRecord.__table__  # type: ignore[attr-defined]
-SUBJ = Subject.__table__  # type: ignore[attr-defined]
-TEN = Tenant.__table__  # type: ignore[attr-defined]
 LOCK_KEY = 0x636F6E73656E7401  # "consent" + 1: the retention run's advisory lock
 
 

@@ -40,20 +40,15 @@ from consent.ledger.events import COUNTER
 from consent.settings import Settings
 from consent.store.db import transaction
 from consent.store.models import (
-    ConsentRecord,
-    SigningKey,
-    TlogCheckpoint,
-    TlogLeaf,
-    TlogNode,
-    TlogState,
     utcnow,
 )
+from consent.store.tables import CONSENT_RECORD as REC
+from consent.store.tables import SIGNING_KEY
+from consent.store.tables import TLOG_CHECKPOINT as CHECKPOINT
+from consent.store.tables import TLOG_LEAF as LEAF
+from consent.store.tables import TLOG_NODE as NODE
+from consent.store.tables import TLOG_STATE as STATE
 
-LEAF = TlogLeaf.__table__  # type: ignore[attr-defined]
-NODE = TlogNode.__table__  # type: ignore[attr-defined]
-STATE = TlogState.__table__  # type: ignore[attr-defined]
-CHECKPOINT = TlogCheckpoint.__table__  # type: ignore[attr-defined]
-REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 NODE_LEVEL = 4  # complete subtrees of 16 leaves or more are stored; smaller ones are hashed from leaves
 CHUNK = 20_000  # leaves appended per transaction
 log = logging.getLogger("consent.audit.tlog")
@@ -259,7 +254,7 @@ def verifier_keys(db: Session, settings: Settings) -> list[str]:
     """The note verifier keys of every signing key (retired ones too), newest first."""
     from consent.crypto import note_vkey
 
-    keys = SigningKey.__table__  # type: ignore[attr-defined]
+    keys = SIGNING_KEY
     jwks = db.execute(sa.select(keys.c.public_jwk).order_by(keys.c.created_at.desc())).scalars()
     return [note_vkey(key_name(settings), jwk) for jwk in jwks]
 

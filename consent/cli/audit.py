@@ -20,6 +20,7 @@ from consent.ledger import receipts
 from consent.settings import Settings
 from consent.store import db
 from consent.store.models import Tenant
+from consent.store.tables import TENANT
 from consent.web.http import parse_time
 
 
@@ -56,7 +57,7 @@ class Progress:
 def choose_tenant(session: Any) -> str:
     """The only tenant, or on a terminal the one the user picks from the list; otherwise an
     error naming them."""
-    t = Tenant.__table__  # type: ignore[attr-defined]
+    t = TENANT
     rows = session.execute(sa.select(t.c.id, t.c.name).order_by(t.c.created_at)).all()
     if not rows:
         raise ConsentError("the database holds no tenant yet")

@@ -21,9 +21,7 @@ from consent.errors import BadToken
 from consent.ledger import receipts
 from consent.settings import Settings
 from consent.store import db
-from consent.store.models import Tenant
-
-TENANT = Tenant.__table__  # type: ignore[attr-defined]
+from consent.store.tables import TENANT
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> int:

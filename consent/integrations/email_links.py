@@ -24,6 +24,7 @@ from consent.ledger import recorder
 from consent.ledger.catalog import get_purpose
 from consent.ledger.schemas import ConsentIn, Evidence, SubjectRef
 from consent.store.models import ConsentState, EmailLinkSecret, Purpose, Subject, Tenant, utcnow
+from consent.store.tables import CONSENT_RECORD, EMAIL_LINK_SECRET, TENANT
 
 SALTS = ("unsubscribe", "confirm")
 ONE_CLICK = "List-Unsubscribe=One-Click"
@@ -43,7 +44,7 @@ class Link:
 
 def link_secrets(db: Session, tenant: Tenant) -> list[str]:
     """The tenant's link secrets, oldest first (itsdangerous signs with the last)."""
-    t = EmailLinkSecret.__table__  # type: ignore[attr-defined]
+    t = EMAIL_LINK_SECRET
     extra = db.execute(sa.select(t.c.secret).where(t.c.tenant_id == tenant.id)
                        .order_by(t.c.created_at, t.c.id)).scalars()
     return [tenant.token_secret, *extra]
@@ -61,8 +62,8 @@ def retire_secrets(db: Session, tenant: Tenant) -> int:
     """Keep only the newest link secret: links signed with any older one stop working (after a
     leak, or once the links sent before a rotation have expired). Returns the count (1)."""
     newest = link_secrets(db, tenant)[-1]
-    t = EmailLinkSecret.__table__  # type: ignore[attr-defined]
-    db.execute(sa.update(Tenant.__table__).where(Tenant.__table__.c.id == tenant.id)  # type: ignore[attr-defined]
+    t = EMAIL_LINK_SECRET
+    db.execute(sa.update(TENANT).where(TENANT.c.id == tenant.id)
                .values(token_secret=newest))
     db.execute(sa.delete(t).where(t.c.tenant_id == tenant.id))
     tenant.token_secret = newest
@@ -166,7 +167,7 @@ def unsubscribe(db: Session, link: Link, *, one_click: bool, signer: crypto.Sign
     """
     state = pending_state(db, link)
     if state is not None and state.decision in ("withdrawn", "denied"):
-        rec = recorder.ConsentRecord.__table__  # type: ignore[attr-defined]
+        rec = CONSENT_RECORD
         latest = db.execute(sa.select(recorder.ConsentRecord).where(rec.c.seq == state.record_seq)).scalar_one()
         return latest, False
     spec = ConsentIn(subject=_subject_ref(db, link), purpose=link.purpose.key, decision="withdrawn",
@@ -194,7 +195,7 @@ def confirm(db: Session, link: Link, *, signer: crypto.Signer, issuer: str, ip: 
                        code="nothing_to_confirm")
     if state.confirmed:
         raise Conflict("this subscription is already confirmed", code="already_confirmed")
-    rec = recorder.ConsentRecord.__table__  # type: ignore[attr-defined]
+    rec = CONSENT_RECORD
     pending = db.execute(sa.select(rec.c.id).where(rec.c.seq == state.record_seq)).scalar()
     spec = ConsentIn(subject=_subject_ref(db, link), purpose=link.purpose.key, decision="granted",
                      source="email_link", policy=state.policy_key or "privacy",

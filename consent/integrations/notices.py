@@ -21,10 +21,10 @@ from consent.ledger import events, recorder, statements
 from consent.ledger.schemas import ConsentIn, Evidence, SubjectRef
 from consent.ledger.state import derive_status
 from consent.store.db import transaction
-from consent.store.models import ConsentRecord, PolicyVersion, Tenant
+from consent.store.models import PolicyVersion, Tenant
+from consent.store.tables import CONSENT_RECORD as REC
+from consent.store.tables import CONSENT_STATE as STATE
 
-STATE = recorder.STATE
-REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 SUBJECT = statements.SUBJECT
 PAGE = 500
 

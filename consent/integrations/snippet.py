@@ -21,8 +21,6 @@ from consent.ledger import subject_tokens
 from consent.ledger.catalog import current_version, get_purpose, get_version, list_purposes
 from consent.ledger.checks import subject_states
 from consent.ledger.recorder import (
-    SI,
-    STATE,
     NewRecord,
     find_subject_id,
     lock_subject,
@@ -32,13 +30,15 @@ from consent.ledger.recorder import (
 from consent.ledger.schemas import ConsentIn, Evidence, Source, SubjectRef
 from consent.store.models import (
     ConsentRecord,
-    PolicyPurpose,
     PolicyVersion,
     Purpose,
     SnippetSettings,
     Tenant,
     utcnow,
 )
+from consent.store.tables import CONSENT_STATE as STATE
+from consent.store.tables import POLICY_PURPOSE, POLICY_VERSION, PURPOSE, SNIPPET_SETTINGS, TENANT
+from consent.store.tables import SUBJECT_IDENTIFIER as SI
 
 LANG_RE = re.compile(r"^[a-z]{2,3}$")
 
@@ -106,7 +106,7 @@ def put_settings(db: Session, tenant_id: str, spec: SnippetSettingsIn) -> dict[s
 
 def lock_tenant(db: Session, tenant_id: str) -> None:
     """Serialise writers of one tenant's settings (PostgreSQL row lock; SQLite has one writer)."""
-    t = Tenant.__table__  # type: ignore[attr-defined]
+    t = TENANT
     db.execute(sa.select(t.c.id).where(t.c.id == tenant_id).with_for_update())
 
 
@@ -121,8 +121,8 @@ def translated(translations: dict[str, Any] | None, lang: str) -> dict[str, Any]
 def ask_labels(db: Session, version: PolicyVersion, now: Any) -> dict[str, str]:
     """Per purpose of ``version``: the label of the newest material version in effect covering
     it, else of the first version covering it. An answer given for that label still counts."""
-    pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
-    pv = PolicyVersion.__table__  # type: ignore[attr-defined]
+    pp = POLICY_PURPOSE
+    pv = POLICY_VERSION
     rows = db.execute(
         sa.select(pp.c.purpose, pv.c.version, pv.c.material)
         .select_from(pp.join(pv, pv.c.id == pp.c.policy_version_id))
@@ -148,7 +148,7 @@ def build_config(db: Session, tenant: Tenant, policy_key: str, lang: str | None)
     settings = current_settings(db, tenant.id)
     own: dict[str, dict[str, str]] = settings.texts if settings else {}
     chosen = pick_lang(lang, tenant.default_lang, own)
-    pt = Purpose.__table__  # type: ignore[attr-defined]
+    pt = PURPOSE
     purposes = {p.key: p for p in db.execute(
         sa.select(Purpose).where(pt.c.tenant_id == tenant.id, pt.c.key.in_(version.purposes))
     ).scalars()}
@@ -196,10 +196,10 @@ def stamp_columns(tenant_id: Any) -> list[Any]:
     """``config_stamp``'s values as scalar subqueries with parameters ``k`` (policy key) and
     ``now``; ``tenant_id`` is a bound parameter or a column of an enclosing query
     (an enclosing query may read the stamp with its own rows)."""
-    pv = PolicyVersion.__table__  # type: ignore[attr-defined]
-    pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
-    pt = Purpose.__table__  # type: ignore[attr-defined]
-    ss = SnippetSettings.__table__  # type: ignore[attr-defined]
+    pv = POLICY_VERSION
+    pp = POLICY_PURPOSE
+    pt = PURPOSE
+    ss = SNIPPET_SETTINGS
     policy_key: Any = sa.bindparam("k")
     now = sa.bindparam("now", type_=pv.c.effective_at.type)
     of_policy = (pv.c.tenant_id == tenant_id, pv.c.policy_key == policy_key)
@@ -284,7 +284,7 @@ def _gpc_opt_out_on_record(db: Session, tenant: Tenant, ref: SubjectRef, purpose
         return None
     rec = db.execute(
         sa.select(ConsentRecord)
-        .join(STATE, ConsentRecord.seq == STATE.c.record_seq)
+        .join(STATE, STATE.c.record_seq == ConsentRecord.seq)
         .where(STATE.c.tenant_id == tenant.id, STATE.c.subject_id == sid, STATE.c.purpose == purpose)
     ).scalars().first()
     if rec is not None and rec.source == "gpc" and rec.decision == "denied" and rec.policy_version == version:

@@ -36,14 +36,14 @@ from consent.ledger import events
 from consent.ledger.catalog import decode_cursor, encode_cursor
 from consent.settings import Settings
 from consent.store.db import transaction
-from consent.store.models import Event, WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
+from consent.store.models import WebhookEndpoint, utcnow
+from consent.store.tables import EVENT
+from consent.store.tables import WEBHOOK_ATTEMPT as ATTEMPT
+from consent.store.tables import WEBHOOK_DELIVERY as DELIVERY
+from consent.store.tables import WEBHOOK_ENDPOINT as ENDPOINT
 
 log = logging.getLogger("consent.integrations.webhooks")
 
-ENDPOINT = WebhookEndpoint.__table__  # type: ignore[attr-defined]
-DELIVERY = WebhookDelivery.__table__  # type: ignore[attr-defined]
-ATTEMPT = WebhookAttempt.__table__  # type: ignore[attr-defined]
-EVENT = Event.__table__  # type: ignore[attr-defined]
 BATCH = 50  # deliveries in flight per process at most
 PER_ENDPOINT = 10  # deliveries of one endpoint per claim
 LEASE_EXTRA = 30.0  # seconds a claim outlives an attempt's total deadline

@@ -21,9 +21,9 @@ from consent.ledger.catalog import get_purpose, list_purposes
 from consent.ledger.checks import decision_answer, purpose_states
 from consent.ledger.recorder import SI
 from consent.ledger.tenants import TenantRef
-from consent.store.models import ConsentRecord, Subject, Tenant, utcnow
+from consent.store.models import Subject, Tenant, utcnow
+from consent.store.tables import CONSENT_RECORD as REC
 
-REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 SKEW = timedelta(seconds=5)
 
 

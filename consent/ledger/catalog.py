@@ -14,6 +14,7 @@ from sqlmodel import col
 from consent.errors import BadRequest, Conflict, NotFound, ValidationFailed
 from consent.ledger.schemas import CookieIn, PolicyVersionIn, PurposeIn
 from consent.store.models import Cookie, PolicyPurpose, PolicyVersion, Purpose, utcnow
+from consent.store.tables import POLICY_PURPOSE, POLICY_VERSION
 
 CLOCK_SKEW = timedelta(minutes=1)
 
@@ -243,8 +244,8 @@ def current_version(
 
 
 def _purpose_and_version_query(named: bool) -> Any:
-    pv = PolicyVersion.__table__  # type: ignore[attr-defined]
-    pp = PolicyPurpose.__table__  # type: ignore[attr-defined]
+    pv = POLICY_VERSION
+    pp = POLICY_PURPOSE
     of_policy = (pv.c.tenant_id == sa.bindparam("t"), pv.c.policy_key == sa.bindparam("k"))
     if named:
         vid = sa.select(pv.c.id).where(*of_policy, pv.c.version == sa.bindparam("v")).limit(1)

@@ -19,14 +19,14 @@ from consent.errors import Unauthorized, ValidationFailed
 from consent.ledger import statements
 from consent.ledger.catalog import get_purpose, list_purposes
 from consent.ledger.receipts import record_claims
-from consent.ledger.recorder import STATE, parse_subject_ref
+from consent.ledger.recorder import parse_subject_ref
 from consent.ledger.state import STATUSES, derive_status, is_allowed
 from consent.ledger.tenants import TenantRef
-from consent.store.models import ConsentRecord, Tenant, sqlite_time, utcnow
+from consent.store.models import Tenant, sqlite_time, utcnow
+from consent.store.tables import CONSENT_RECORD as REC
+from consent.store.tables import CONSENT_STATE as STATE
 
 BULK_CHUNK = 20_000  # emails per statement of a large bulk check on SQLite (see _sqlite_email_statuses)
-
-REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 
 
 def check_rows(conn: sa.Connection, items: list[tuple[str, str, str, str, str]], now: datetime) -> list[tuple[Any, ...]]:

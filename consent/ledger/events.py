@@ -45,19 +45,14 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from consent import crypto
 from consent.store.models import (
-    Event,
-    EventCounter,
-    SubjectIdentifier,
-    WebhookDelivery,
-    WebhookEndpoint,
     utcnow,
 )
+from consent.store.tables import EVENT
+from consent.store.tables import EVENT_COUNTER as COUNTER
+from consent.store.tables import SUBJECT_IDENTIFIER as SI
+from consent.store.tables import WEBHOOK_DELIVERY as DELIVERY
+from consent.store.tables import WEBHOOK_ENDPOINT as ENDPOINT
 
-EVENT = Event.__table__  # type: ignore[attr-defined]
-COUNTER = EventCounter.__table__  # type: ignore[attr-defined]
-SI = SubjectIdentifier.__table__  # type: ignore[attr-defined]
-ENDPOINT = WebhookEndpoint.__table__  # type: ignore[attr-defined]
-DELIVERY = WebhookDelivery.__table__  # type: ignore[attr-defined]
 _PENDING = "consent.pending_events"
 _LISTENING = "consent.events_listening"
 _ENQUEUED = "consent.deliveries_enqueued"

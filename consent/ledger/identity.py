@@ -27,19 +27,18 @@ from consent.ledger import recorder
 from consent.ledger.receipts import record_claims
 from consent.ledger.state import derive_status
 from consent.store.models import (
-    ConsentRecord,
-    ConsentState,
-    SigningKey,
-    Subject,
-    SubjectIdentifier,
     utcnow,
 )
+from consent.store.tables import CONSENT_RECORD as _REC
+from consent.store.tables import CONSENT_STATE as _ST
+from consent.store.tables import SIGNING_KEY as _KEY
+from consent.store.tables import SUBJECT as _SUBJ
+from consent.store.tables import SUBJECT_IDENTIFIER as _SI
 
 MERGED = "merged"
 MERGE_SOURCE = "merge"
 ALL_PURPOSES = "*"
 
-_REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 _RECORD_COLUMNS = ("id", "tenant_id", "subject_id", "purpose", "decision", "confirmed", "policy_key",
                    "policy_version_id", "policy_version", "source", "evidence", "evidence_sha256",
                    "disclosures", "recorded_at", "idempotency_key", "request_sha256", "prev_hash",
@@ -47,17 +46,13 @@ _RECORD_COLUMNS = ("id", "tenant_id", "subject_id", "purpose", "decision", "conf
 # The tables as revision 0013 has them (named columns only: a later revision's columns are
 # not this code's to write).
 RECORD = sa.table("consent_record", *[sa.column(c, _REC.c[c].type) for c in ("seq", *_RECORD_COLUMNS)])
-_SUBJ = Subject.__table__  # type: ignore[attr-defined]
 SUBJECT = sa.table("subject", *[sa.column(c, _SUBJ.c[c].type) for c in
                                 ("id", "tenant_id", "pseudonym", "head_hash", "created_at", "merged_into")])
-_SI = SubjectIdentifier.__table__  # type: ignore[attr-defined]
 IDENT = sa.table("subject_identifier", *[sa.column(c, _SI.c[c].type) for c in
                                          ("tenant_id", "kind", "value_hash", "value", "subject_id", "created_at")])
-_ST = ConsentState.__table__  # type: ignore[attr-defined]
 STATE = sa.table("consent_state", *[sa.column(c, _ST.c[c].type) for c in (
     "tenant_id", "subject_id", "purpose", "record_seq", "decision", "confirmed", "policy_key",
     "policy_version_id", "policy_version", "recorded_at", "receipt_seq", "record_id", "receipt")])
-_KEY = SigningKey.__table__  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -25,16 +25,14 @@ from consent.ledger.schemas import ConsentIn, SubjectRef
 from consent.ledger.state import derive_status
 from consent.store.models import (
     ConsentRecord,
-    ConsentState,
     Subject,
-    SubjectIdentifier,
     Tenant,
     utcnow,
 )
+from consent.store.tables import SUBJECT
+from consent.store.tables import SUBJECT_IDENTIFIER as SI
 
 PRIORITY = ("user", "email", "anon")
-SI = SubjectIdentifier.__table__  # type: ignore[attr-defined]
-STATE = ConsentState.__table__  # type: ignore[attr-defined]
 
 
 def insert_for(db: Session) -> Any:
@@ -143,7 +141,7 @@ def resolve_subject(db: Session, tenant: Tenant, ref: SubjectRef) -> Subject:
                 SI.c.tenant_id == tenant.id, SI.c.kind == k, SI.c.value_hash == h)).scalar_one()
             if winner != subject_id:
                 db.execute(sa.delete(SI).where(SI.c.subject_id == subject_id))
-                db.execute(sa.delete(Subject.__table__).where(Subject.__table__.c.id == subject_id))  # type: ignore[attr-defined]
+                db.execute(sa.delete(SUBJECT).where(SUBJECT.c.id == subject_id))
                 subject_id = winner
     return lock_subject(db, subject_id)
 

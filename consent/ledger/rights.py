@@ -30,8 +30,8 @@ from consent.ledger.recorder import (
 from consent.ledger.state import derive_status
 from consent.store.db import rowcount
 from consent.store.models import ConsentRecord, Subject, Tenant, utcnow
+from consent.store.tables import CONSENT_RECORD as REC
 
-REC = ConsentRecord.__table__  # type: ignore[attr-defined]
 ERASED = "erased"
 MERGED = "merged"  # consent/ledger/identity.py: one person's two subjects joined
 ALL_PURPOSES = "*"  # the purpose of an erasure record: it concerns the whole subject

@@ -17,17 +17,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from consent.ledger.tenants import key_live_sql
 from consent.store.models import (
     IDENTIFIER_COVER_INDEX,
-    ConsentRecord,
-    ConsentState,
-    PolicyPurpose,
-    Subject,
 )
-
-PP = PolicyPurpose.__table__  # type: ignore[attr-defined]
-STATE = ConsentState.__table__  # type: ignore[attr-defined]
-RECORD = ConsentRecord.__table__  # type: ignore[attr-defined]
-SUBJECT = Subject.__table__  # type: ignore[attr-defined]
-
+from consent.store.tables import CONSENT_RECORD as RECORD
+from consent.store.tables import CONSENT_STATE as STATE
+from consent.store.tables import POLICY_PURPOSE as PP
+from consent.store.tables import SUBJECT
 
 # --- the staleness rule -----------------------------------------------------------------------
 # A decision recorded under a version is stale when a NEWER MATERIAL version of the same policy

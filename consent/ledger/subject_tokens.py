@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from consent import crypto
 from consent.store.models import SubjectTokenKey, Tenant, utcnow
+from consent.store.tables import SUBJECT_TOKEN_KEY as STK
 
-STK = SubjectTokenKey.__table__  # type: ignore[attr-defined]
 LIVE_KEYS = 2  # the signing key and the one before it (tokens live 10 minutes at most)
 
 

@@ -15,6 +15,9 @@ from consent import crypto
 from consent.errors import Conflict, NotFound
 from consent.ledger.schemas import TenantIn, TenantPatch
 from consent.store.models import AdminToken, ApiKey, Tenant, TenantAudit, UTCDateTime, utcnow
+from consent.store.tables import API_KEY as _KEY
+from consent.store.tables import TENANT as _TENANT
+from consent.store.tables import TENANT_AUDIT
 
 # How long an old key keeps working after an ordinary rotation: pages embedding a publishable
 # key are cached (CDNs, static builds), secret keys live in deployments that roll out in hours.
@@ -191,7 +194,7 @@ def audit_trail(db: Session, tenant_id: str, *, limit: int, cursor: str | None) 
     """The tenant's audit entries, newest first; ``cursor`` is the last id of the previous page."""
     from consent.errors import ValidationFailed
 
-    audit = TenantAudit.__table__  # type: ignore[attr-defined]
+    audit = TENANT_AUDIT
     q = sa.select(TenantAudit).where(audit.c.tenant_id == tenant_id)
     if cursor is not None:
         if not cursor.isdigit() or len(cursor) > 18:
@@ -209,8 +212,6 @@ def get_tenant(db: Session, tenant_id: str) -> Tenant:
     return tenant
 
 
-_KEY = ApiKey.__table__  # type: ignore[attr-defined]
-_TENANT = Tenant.__table__  # type: ignore[attr-defined]
 # Perf: the key and its tenant's hash key in one indexed join (unique key_hash), so a check
 # needs no second query for the tenant (2 queries per GET /v1/check instead of 3); Core
 # columns run on the connection, skipping the ORM execute path (~120 us CPU per request).

@@ -34,6 +34,8 @@ from consent.store.models import (
     TenantAudit,
     utcnow,
 )
+from consent.store.tables import API_KEY, TENANT_AUDIT
+from consent.store.tables import CONSENT_STATE as STATE
 
 ROLES = ("admin", "read_only")
 SEARCH_KINDS = ("email", "user", "anon", "subject")
@@ -42,7 +44,6 @@ SEARCH_KINDS = ("email", "user", "anon", "subject")
 RECENT_WINDOW = 5000
 TOUCH_EVERY = timedelta(seconds=60)  # last_seen_at is written at most this often per session
 
-STATE = recorder.STATE
 
 
 # --- users ---------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def load_session(db: Session, raw: str, *, idle_seconds: int) -> SignedIn | None
     its user not disabled. Reads only (``touch_session`` moves its last-seen time)."""
     row = db.get(DashboardSession, crypto.hash_token(raw))
     now = utcnow()
-    key = ApiKey.__table__  # type: ignore[attr-defined]
+    key = API_KEY
     if row is None or row.ended_at is not None or now - row.last_seen_at > timedelta(seconds=idle_seconds):
         return None
     # a key in its grace period after a rotation still works here as on the API
@@ -204,7 +205,7 @@ def audit_trail(db: Session, tenant_id: str, limit: int = 100) -> list[TrailEntr
     """The tenant audit trail, its newest ``limit`` entries by the (tenant, id) index, newest
     first. A change made in the dashboard through a domain function is written once, by that
     function, so it shows once."""
-    audit = TenantAudit.__table__  # type: ignore[attr-defined]
+    audit = TENANT_AUDIT
     out = []
     for a in db.execute(sa.select(TenantAudit).where(audit.c.tenant_id == tenant_id)
                         .order_by(audit.c.id.desc()).limit(limit)).scalars():

@@ -34,14 +34,13 @@ from starlette.routing import BaseRoute, Route
 from consent.errors import RateLimited
 from consent.ledger.recorder import insert_for
 from consent.store.db import transaction
-from consent.store.models import RateLimitCounter
+from consent.store.tables import RATE_LIMIT_COUNTER as TABLE
 
 log = logging.getLogger("consent.web.ratelimit")
 
 WINDOW_SECONDS = 60
 PUBLIC_PREFIXES = ("/v1/snippet/", "/u/")
 PUBLIC_ROUTE_NAMES: frozenset[str] = frozenset({"dashboard_sign_in"})  # password guessing
-TABLE = RateLimitCounter.__table__  # type: ignore[attr-defined]
 # Routes limited per path token instead of per IP, and how many per token and window.
 BY_TOKEN = frozenset({"unsubscribe"})
 UNSUBSCRIBE_PER_TOKEN = 10
