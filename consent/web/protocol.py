@@ -9,7 +9,8 @@ this class.
 - **Deadlines.** A connection must finish its request headers within
   ``header_timeout_seconds`` of opening (or of its first byte after a keep-alive pause), and a
   request body must arrive within ``body_timeout_seconds`` of its headers. Past either deadline
-  the connection is closed (a handler waiting for the body sees a disconnect). So idle sockets,
+  the connection is closed (a handler waiting for the body sees a disconnect), at the next sweep
+  of the process's one deadline timer (``_Sweeper``). So idle sockets,
   slow headers and slow bodies each hold a connection slot for a bounded time, however many.
 
 httptools rather than h11: it parses a request in a fraction of h11's time, which is most of
@@ -38,11 +39,44 @@ def deadlines() -> tuple[float, float]:
     return s.header_timeout_seconds, s.body_timeout_seconds
 
 
+class _Sweeper:
+    """The deadlines of one process's guarded connections, checked by one timer: a request then
+    costs a field write and a set operation, not a timer armed and cancelled. A deadline is
+    enforced within a quarter of the shorter timeout (at most a second) after it passes."""
+
+    def __init__(self) -> None:
+        self.guarded: set[GuardedHttpToolsProtocol] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, conn: GuardedHttpToolsProtocol) -> None:
+        self.guarded.add(conn)
+        if self._timer is None or self._loop is not conn.loop:  # none yet, or a server before ours
+            self._loop = conn.loop
+            self._timer = conn.loop.call_later(self.interval(), self._sweep, conn.loop)
+
+    @staticmethod
+    def interval() -> float:
+        shortest = min(t for t in deadlines() if t > 0) if any(t > 0 for t in deadlines()) else 1.0
+        return min(1.0, max(0.05, shortest / 4))
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:
+            return
+        now = loop.time()
+        for conn in [c for c in self.guarded if c._deadline <= now]:
+            conn._expire()
+        self._timer = loop.call_later(self.interval(), self._sweep, loop) if self.guarded else None
+
+
+_SWEEPER = _Sweeper()
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # Bytes of the current request's header block seen so far; None from the end of its
     # headers to the end of its body.
     _head: int | None = 0
-    _guard: asyncio.TimerHandle | None = None
+    _deadline = 0.0  # loop time by which what is awaited must have arrived (while guarding)
     _guarding: str | None = None
     _upgraded = False
 
@@ -100,7 +134,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _watch(self) -> None:
-        """Arm the deadline of what the client owes; a wait keeps its first deadline, so
+        """Set the deadline of what the client owes; a wait keeps its first deadline, so
         trickling bytes never extends it."""
         if self._upgraded:
             return
@@ -112,19 +146,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._stop_guard()
 
     def _arm(self, waiting_for: str, seconds: float) -> None:
-        if self._guarding == waiting_for and self._guard is not None:
+        if self._guarding == waiting_for:
             return
-        self._stop_guard()
         if seconds > 0:
             self._guarding = waiting_for
-            self._guard = self.loop.call_later(seconds, self._expire)
+            self._deadline = self.loop.time() + seconds
+            _SWEEPER.add(self)
+        else:
+            self._stop_guard()
 
     def _stop_guard(self) -> None:
-        if self._guard is not None:
-            self._guard.cancel()
-        self._guard, self._guarding = None, None
+        if self._guarding is not None:
+            self._guarding = None
+            _SWEEPER.guarded.discard(self)
 
     def _expire(self) -> None:
-        self._guard, self._guarding = None, None
+        self._stop_guard()
         if not self.transport.is_closing():
             self.transport.close()
