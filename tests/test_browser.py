@@ -552,9 +552,14 @@ def test_rtl_language_from_data_lang_and_browser(live: Live, browser: Any) -> No
     ctx = browser.new_context(locale="ja-JP")
     try:
         page = ctx.new_page()
-        page.goto(serve(live, "/ar", tag(live, t, 'data-lang="ar"'), lang=""))
+        page.goto(serve(live, "/ar", tag(live, t, 'data-lang="ar"'), '<div dir="rtl"><input id="site"></div>', lang=""))
         page.wait_for_selector("#cns-banner", state="visible")
         assert page.get_attribute("#cns-banner", "dir") == "rtl"
+        page.click("[data-cns=prefs]")
+        # the centre's switches are mirrored; the page's own inputs under dir=rtl are left alone
+        assert page.evaluate("""() => [getComputedStyle(document.getElementById('site')).transform,
+            getComputedStyle(document.querySelector('#cns-prefs input')).transform]""") == ["none", "matrix(-1, 0, 0, 1, 0, 0)"]
+        page.keyboard.press("Escape")
         assert page.inner_text("[data-cns=accept]") == "قبول الكل"
         box = page.evaluate("""(() => { const r = document.querySelector('[data-cns=accept]').getBoundingClientRect(),
             j = document.querySelector('[data-cns=reject]').getBoundingClientRect(); return [r.left, j.left]; })()""")
