@@ -21,7 +21,7 @@ from consent.cli.tlog import fetch_checkpoint
 from consent.errors import BadToken
 from consent.store.db import transaction
 from consent.store.models import Subject
-from consent.store.tables import CONSENT_STATE as STATE
+from consent.store.tables import STATE
 from consent.store.tables import SUBJECT_IDENTIFIER as SI
 from consent.web.app import create_app
 

@@ -46,8 +46,8 @@ from consent.audit.tlog import CHECKPOINT
 from consent.ledger.recorder import LINE_SEP
 from consent.store.db import transaction
 from consent.store.models import ExportManifest, utcnow
-from consent.store.tables import CONSENT_RECORD as REC
 from consent.store.tables import POLICY_VERSION as PV
+from consent.store.tables import RECORD as REC
 from consent.store.tables import SUBJECT as SUBJ
 
 FORMATS = ("jsonl", "csv")

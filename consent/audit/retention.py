@@ -27,8 +27,8 @@ from consent.errors import NotFound
 from consent.ledger import tenants
 from consent.store.db import rowcount, transaction
 from consent.store.models import Tenant, utcnow
-from consent.store.tables import CONSENT_RECORD as REC
-from consent.store.tables import CONSENT_STATE as STATE
+from consent.store.tables import RECORD as REC
+from consent.store.tables import STATE
 from consent.store.tables import SUBJECT as SUBJ
 from consent.store.tables import SUBJECT_IDENTIFIER as SI
 from consent.store.tables import TENANT as TEN

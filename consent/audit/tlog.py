@@ -42,7 +42,7 @@ from consent.store.db import transaction
 from consent.store.models import (
     utcnow,
 )
-from consent.store.tables import CONSENT_RECORD as REC
+from consent.store.tables import RECORD as REC
 from consent.store.tables import SIGNING_KEY
 from consent.store.tables import TLOG_CHECKPOINT as CHECKPOINT
 from consent.store.tables import TLOG_LEAF as LEAF

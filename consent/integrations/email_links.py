@@ -24,7 +24,7 @@ from consent.ledger import recorder
 from consent.ledger.catalog import get_purpose
 from consent.ledger.schemas import ConsentIn, Evidence, SubjectRef
 from consent.store.models import ConsentState, EmailLinkSecret, Purpose, Subject, Tenant, utcnow
-from consent.store.tables import CONSENT_RECORD, EMAIL_LINK_SECRET, TENANT
+from consent.store.tables import EMAIL_LINK_SECRET, RECORD, TENANT
 
 SALTS = ("unsubscribe", "confirm")
 ONE_CLICK = "List-Unsubscribe=One-Click"
@@ -167,7 +167,7 @@ def unsubscribe(db: Session, link: Link, *, one_click: bool, signer: crypto.Sign
     """
     state = pending_state(db, link)
     if state is not None and state.decision in ("withdrawn", "denied"):
-        rec = CONSENT_RECORD
+        rec = RECORD
         latest = db.execute(sa.select(recorder.ConsentRecord).where(rec.c.seq == state.record_seq)).scalar_one()
         return latest, False
     spec = ConsentIn(subject=_subject_ref(db, link), purpose=link.purpose.key, decision="withdrawn",
@@ -195,7 +195,7 @@ def confirm(db: Session, link: Link, *, signer: crypto.Signer, issuer: str, ip: 
                        code="nothing_to_confirm")
     if state.confirmed:
         raise Conflict("this subscription is already confirmed", code="already_confirmed")
-    rec = CONSENT_RECORD
+    rec = RECORD
     pending = db.execute(sa.select(rec.c.id).where(rec.c.seq == state.record_seq)).scalar()
     spec = ConsentIn(subject=_subject_ref(db, link), purpose=link.purpose.key, decision="granted",
                      source="email_link", policy=state.policy_key or "privacy",

@@ -22,8 +22,8 @@ from consent.ledger.schemas import ConsentIn, Evidence, SubjectRef
 from consent.ledger.state import derive_status
 from consent.store.db import transaction
 from consent.store.models import PolicyVersion, Tenant
-from consent.store.tables import CONSENT_RECORD as REC
-from consent.store.tables import CONSENT_STATE as STATE
+from consent.store.tables import RECORD as REC
+from consent.store.tables import STATE
 
 SUBJECT = statements.SUBJECT
 PAGE = 500

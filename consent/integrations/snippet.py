@@ -36,8 +36,14 @@ from consent.store.models import (
     Tenant,
     utcnow,
 )
-from consent.store.tables import CONSENT_STATE as STATE
-from consent.store.tables import POLICY_PURPOSE, POLICY_VERSION, PURPOSE, SNIPPET_SETTINGS, TENANT
+from consent.store.tables import (
+    POLICY_PURPOSE,
+    POLICY_VERSION,
+    PURPOSE,
+    SNIPPET_SETTINGS,
+    STATE,
+    TENANT,
+)
 from consent.store.tables import SUBJECT_IDENTIFIER as SI
 
 LANG_RE = re.compile(r"^[a-z]{2,3}$")

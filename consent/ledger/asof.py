@@ -22,7 +22,7 @@ from consent.ledger.checks import decision_answer, purpose_states
 from consent.ledger.recorder import SI
 from consent.ledger.tenants import TenantRef
 from consent.store.models import Subject, Tenant, utcnow
-from consent.store.tables import CONSENT_RECORD as REC
+from consent.store.tables import RECORD as REC
 
 SKEW = timedelta(seconds=5)
 

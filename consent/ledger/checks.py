@@ -23,8 +23,8 @@ from consent.ledger.recorder import parse_subject_ref
 from consent.ledger.state import STATUSES, derive_status, is_allowed
 from consent.ledger.tenants import TenantRef
 from consent.store.models import Tenant, sqlite_time, utcnow
-from consent.store.tables import CONSENT_RECORD as REC
-from consent.store.tables import CONSENT_STATE as STATE
+from consent.store.tables import RECORD as REC
+from consent.store.tables import STATE
 
 BULK_CHUNK = 20_000  # emails per statement of a large bulk check on SQLite (see _sqlite_email_statuses)
 

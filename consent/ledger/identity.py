@@ -29,9 +29,9 @@ from consent.ledger.state import derive_status
 from consent.store.models import (
     utcnow,
 )
-from consent.store.tables import CONSENT_RECORD as _REC
-from consent.store.tables import CONSENT_STATE as _ST
+from consent.store.tables import RECORD as _REC
 from consent.store.tables import SIGNING_KEY as _KEY
+from consent.store.tables import STATE as _ST
 from consent.store.tables import SUBJECT as _SUBJ
 from consent.store.tables import SUBJECT_IDENTIFIER as _SI
 

@@ -30,7 +30,7 @@ from consent.ledger.recorder import (
 from consent.ledger.state import derive_status
 from consent.store.db import rowcount
 from consent.store.models import ConsentRecord, Subject, Tenant, utcnow
-from consent.store.tables import CONSENT_RECORD as REC
+from consent.store.tables import RECORD as REC
 
 ERASED = "erased"
 MERGED = "merged"  # consent/ledger/identity.py: one person's two subjects joined

@@ -18,10 +18,8 @@ from consent.ledger.tenants import key_live_sql
 from consent.store.models import (
     IDENTIFIER_COVER_INDEX,
 )
-from consent.store.tables import CONSENT_RECORD as RECORD
-from consent.store.tables import CONSENT_STATE as STATE
 from consent.store.tables import POLICY_PURPOSE as PP
-from consent.store.tables import SUBJECT
+from consent.store.tables import RECORD, STATE, SUBJECT
 
 # --- the staleness rule -----------------------------------------------------------------------
 # A decision recorded under a version is stale when a NEWER MATERIAL version of the same policy

@@ -34,8 +34,7 @@ from consent.store.models import (
     TenantAudit,
     utcnow,
 )
-from consent.store.tables import API_KEY, TENANT_AUDIT
-from consent.store.tables import CONSENT_STATE as STATE
+from consent.store.tables import API_KEY, STATE, TENANT_AUDIT
 
 ROLES = ("admin", "read_only")
 SEARCH_KINDS = ("email", "user", "anon", "subject")
