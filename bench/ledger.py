@@ -1,7 +1,9 @@
 """Generate a realistic, valid ledger for the benchmark, fast, with bulk Core inserts.
 
 One tenant, 3 purposes, 2 policy versions, N subjects (each with an email and half with a
-user id) and about 5 records per subject. Every row is what the service itself would have
+user id) and about 5 records per subject; or, with ``history=False`` (the 1,000,000-subject
+ledger of bench/bulk_bench.py, which would not fit on the disk otherwise), one record per
+subject, on ``marketing_email``. Every row is what the service itself would have
 written: identifier hashes under the tenant's key, hash-chained records (``seal_record``: hash and export line),
 receipts signed by the database's own signing key, consent_state in step with the newest record.
 The catalog (tenant, keys, purposes, versions) is made through the domain layer; only the bulk
@@ -82,7 +84,8 @@ def make_catalog(engine: Engine, signing: SigningKey | None) -> dict[str, Any]:
     return out
 
 
-def generate(meta: dict[str, Any], subjects: int, seed: int = 7) -> Iterator[dict[str, list[dict[str, Any]]]]:
+def generate(meta: dict[str, Any], subjects: int, seed: int = 7,
+             history: bool = True) -> Iterator[dict[str, list[dict[str, Any]]]]:
     """Batches of rows (subject, subject_identifier, consent_record, consent_state)."""
     rng = random.Random(seed)
     signer = crypto.Signer(meta["signing"]["kid"], meta["signing"]["private_pem"])
@@ -105,7 +108,8 @@ def generate(meta: dict[str, Any], subjects: int, seed: int = 7) -> Iterator[dic
                                    "value": uid, "subject_id": sid, "created_at": created})
             # ~5 records: one per purpose, then two later changes of mind.
             plan = [(p, rng.random() < 0.6) for p in PURPOSES] + [
-                (rng.choice(PURPOSES), rng.random() < 0.5) for _ in range(2)]
+                (rng.choice(PURPOSES), rng.random() < 0.5) for _ in range(2)] if history else [
+                (PURPOSES[0], rng.random() < 0.6)]
             prev = None
             at = created
             latest: dict[str, dict[str, Any]] = {}
@@ -147,10 +151,10 @@ def generate(meta: dict[str, Any], subjects: int, seed: int = 7) -> Iterator[dic
         yield rows
 
 
-def _fill(url: str, meta: dict[str, Any], subjects: int) -> int:
+def _fill(url: str, meta: dict[str, Any], subjects: int, history: bool = True) -> int:
     engine = db.create_db_engine(url)
     records = 0
-    for rows in generate(meta, subjects):
+    for rows in generate(meta, subjects, history=history):
         with engine.begin() as conn:
             for name, model in TABLES:
                 conn.execute(sa.insert(model.__table__), rows[name])  # type: ignore[attr-defined]
@@ -188,8 +192,9 @@ def vacuum(url: str) -> None:
 TABLES = (("subject", Subject), ("si", SubjectIdentifier), ("rec", ConsentRecord), ("state", ConsentState))
 
 
-def build(urls: list[str], subjects: int, log: Any = print) -> dict[str, Any]:
-    """Fill every database in ``urls`` with a ledger of that size; returns each one's meta (keys etc.)."""
+def build(urls: list[str], subjects: int, log: Any = print, history: bool = True) -> dict[str, Any]:
+    """Fill every database in ``urls`` with a ledger of that size (``history``: see the module
+    docstring); returns each one's meta (keys etc.)."""
     for url in urls:
         reset(url)
     engines = [db.create_db_engine(u) for u in urls]
@@ -205,7 +210,7 @@ def build(urls: list[str], subjects: int, log: Any = print) -> dict[str, Any]:
     import multiprocessing
 
     with multiprocessing.get_context("fork").Pool(len(urls)) as pool:
-        counts = pool.starmap(_fill, [(url, meta, subjects) for url, meta in zip(urls, metas)])
+        counts = pool.starmap(_fill, [(url, meta, subjects, history) for url, meta in zip(urls, metas)])
     for url in urls:
         log(f"  {url}: {subjects} subjects loaded")
     records = counts[0]
