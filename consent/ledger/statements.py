@@ -146,27 +146,46 @@ def check_inputs_pg(items: list[tuple[str, str, str, str, str]]) -> list[dict[st
 
 
 # --- the bulk check ---------------------------------------------------------------------------
-# The states of one purpose for many keys as ONE string: a code per key, in key order, joined by
-# commas; a code is decision + confirmed (0/1) + stale (0/1), or empty for no state. All keys
-# travel in ONE bound parameter (a JSON array, or comma-joined hashes on PostgreSQL: hex digits,
-# never a comma, split in C), one statement, one snapshot. SQLite runs joins as nested loops and
-# never reorders outer joins, so json_each is the outermost loop and group_concat sees one row per
-# key in array order (``checks.bulk_codes`` checks the count).
-_BULK_FROM = {
-    "ident": "LEFT JOIN subject_identifier si ON si.tenant_id = :t AND si.kind = :k AND si.value_hash = j.value "
-             "LEFT JOIN consent_state s ON s.tenant_id = :t AND s.subject_id = si.subject_id AND s.purpose = :p ",
-    "id": "LEFT JOIN consent_state s ON s.tenant_id = :t AND s.subject_id = j.value AND s.purpose = :p ",
+# The states of one purpose for many keys (identifier hashes of one kind, or subject ids) in ONE
+# statement, so one snapshot, all keys in ONE bound parameter. The answer is ONE JSON object:
+# key -> code, the code being decision + confirmed (0/1) + stale (0/1); a key with no state on
+# the purpose is absent (PostgreSQL) or null (SQLite).
+#
+# PostgreSQL: the keys are a semi-join (identifier hashes comma-joined and split by
+# string_to_array; subject ids, which may hold commas, as a quoted text[] literal). For many keys
+# ``checks.bulk_codes`` makes it one pass over the tenant's identifiers and the purpose's states
+# with hash joins and a parallel worker; for a few, the planner probes the indexes.
+# SQLite: json_each is the outer loop (left of every LEFT JOIN, which SQLite never reorders) and
+# drives probes of the covering indexes in the keys' sorted order, so consecutive probes share pages.
+_BULK_CODE = {"sqlite": "s.decision || s.confirmed || coalesce(n.newest > s.policy_version_id, 0)",
+              "postgresql": "s.decision || CASE WHEN s.confirmed THEN '1' ELSE '0' END || "
+                            "CASE WHEN n.newest > s.policy_version_id THEN '1' ELSE '0' END"}
+_BULK_SQLITE = {
+    False: ("SELECT json_group_object(j.value, {code}) FROM json_each(:keys) j "
+            "LEFT JOIN subject_identifier si ON si.tenant_id = :t AND si.kind = :k AND si.value_hash = j.value "
+            "LEFT JOIN consent_state s ON s.tenant_id = :t AND s.subject_id = si.subject_id AND s.purpose = :p "),
+    True: ("SELECT json_group_object(j.value, {code}) FROM json_each(:keys) j "
+           "LEFT JOIN consent_state s ON s.tenant_id = :t AND s.subject_id = j.value AND s.purpose = :p "),
 }
-_BULK_SQLITE = ("SELECT group_concat(coalesce(s.decision || s.confirmed || coalesce(n.newest > s.policy_version_id, 0), "
-                "''), ',') FROM json_each(:keys) j {joins}" + BULK_NEWEST.format(true=1))
-_BULK_POSTGRES = ("SELECT string_agg(coalesce(s.decision || CASE WHEN s.confirmed THEN '1' ELSE '0' END || "
-                  "CASE WHEN n.newest > s.policy_version_id THEN '1' ELSE '0' END, ''), ',' ORDER BY j.i) "
-                  "FROM {keys} WITH ORDINALITY AS j(value, i) {joins}" + BULK_NEWEST.format(true="true"))
-_PG_KEYS = {True: "jsonb_array_elements_text(CAST(:keys AS jsonb))", False: "unnest(string_to_array(:keys, ','))"}
+_BULK_POSTGRES = {
+    False: ("SELECT CAST(json_object_agg(si.value_hash, {code}) AS text) FROM subject_identifier si "
+            "JOIN consent_state s ON s.tenant_id = :t AND s.subject_id = si.subject_id AND s.purpose = :p "
+            "{newest}WHERE si.tenant_id = :t AND si.kind = :k "
+            "AND si.value_hash IN (SELECT x FROM unnest(string_to_array(:keys, ',')) x)"),
+    True: ("SELECT CAST(json_object_agg(s.subject_id, {code}) AS text) FROM consent_state s "
+           "{newest}WHERE s.tenant_id = :t AND s.purpose = :p "
+           "AND s.subject_id IN (SELECT x FROM unnest(CAST(:keys AS text[])) x)"),
+}
 BULK = {(postgres, by_id): sa.text(
-    _BULK_POSTGRES.format(keys=_PG_KEYS[by_id], joins=_BULK_FROM["id" if by_id else "ident"]) if postgres
-    else _BULK_SQLITE.format(joins=_BULK_FROM["id" if by_id else "ident"]))
+    _BULK_POSTGRES[by_id].format(code=_BULK_CODE["postgresql"], newest=BULK_NEWEST.format(true="true")) if postgres
+    else _BULK_SQLITE[by_id].format(code=_BULK_CODE["sqlite"]) + BULK_NEWEST.format(true=1))
     for postgres in (False, True) for by_id in (False, True)}
+
+
+def pg_text_array(keys: list[str]) -> str:
+    """``keys`` as a PostgreSQL text[] literal, each element quoted: a subject id may hold any
+    character but NUL, which no JSON body lets through."""
+    return "{" + ",".join('"' + k.replace("\\", "\\\\").replace('"', '\\"') + '"' for k in keys) + "}"
 
 
 # --- the chain head ---------------------------------------------------------------------------
