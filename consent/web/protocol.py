@@ -57,8 +57,8 @@ class _Sweeper:
 
     @staticmethod
     def interval() -> float:
-        shortest = min(t for t in deadlines() if t > 0) if any(t > 0 for t in deadlines()) else 1.0
-        return min(1.0, max(0.05, shortest / 4))
+        armed = [t for t in deadlines() if t > 0]
+        return min(1.0, max(0.05, min(armed) / 4)) if armed else 1.0
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         if loop is not self._loop:
