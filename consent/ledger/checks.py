@@ -1,7 +1,7 @@
 """Consent checks: the single check's per-request executor and the one answer builder, the
 bulk check, a subject's state. The statements are ``statements.CHECK`` / ``statements.BULK``;
-staleness is decided inside them (``statements.stale_sql``), so no cache can go stale behind a
-write.
+staleness is decided inside them (``statements.stale``, compiled into them), so no cache can go
+stale behind a write.
 """
 
 from __future__ import annotations

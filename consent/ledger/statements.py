@@ -25,20 +25,25 @@ from consent.store.tables import RECORD, STATE, SUBJECT
 # A decision recorded under a version is stale when a NEWER MATERIAL version of the same policy
 # covering the same purpose has taken effect by ``now`` (state.derive_status then says
 # ``stale`` for a grant or an acknowledgement; a denial or a withdrawal never goes stale).
+# Written once, as SQLAlchemy Core: the SQLAlchemy queries use it as it is, the statements
+# written as text embed it compiled per dialect (``_sql``).
 
-def stale_sql(row: str, now: str, true: str) -> str:
-    """The rule as SQL text over a row alias with ``tenant_id``, ``purpose``, ``policy_key``
-    and ``policy_version_id`` (``true``: the dialect's boolean literal)."""
-    return (f"EXISTS (SELECT 1 FROM policy_purpose pp WHERE pp.tenant_id = {row}.tenant_id "
-            f"AND pp.purpose = {row}.purpose AND pp.policy_key = {row}.policy_key AND pp.material = {true} "
-            f"AND pp.effective_at <= {now} AND pp.policy_version_id > {row}.policy_version_id)")
+def _in_effect(tenant_id: Any, purpose: Any, now: Any) -> tuple[Any, ...]:
+    """The ``policy_purpose`` rows that can make a decision on ``purpose`` stale at ``now``: the
+    material versions covering it in effect."""
+    return (PP.c.tenant_id == tenant_id, PP.c.purpose == purpose, PP.c.material,
+            PP.c.effective_at <= now)
+
+
+def _newer(version_id: Any, than: Any) -> Any:
+    """``version_id`` is a newer version than ``than`` (ids grow as versions are published)."""
+    return version_id > than
 
 
 def stale(tenant_id: Any, purpose: Any, policy_key: Any, policy_version_id: Any, now: Any) -> Any:
-    """The same rule as a SQLAlchemy EXISTS (columns or bound values)."""
-    return sa.exists().where(
-        PP.c.tenant_id == tenant_id, PP.c.purpose == purpose, PP.c.policy_key == policy_key,
-        PP.c.material.is_(True), PP.c.effective_at <= now, PP.c.policy_version_id > policy_version_id)
+    """The rule for one decision, as an EXISTS (columns or bound values)."""
+    return sa.exists().where(*_in_effect(tenant_id, purpose, now), PP.c.policy_key == policy_key,
+                             _newer(PP.c.policy_version_id, policy_version_id))
 
 
 def stale_state(now: Any) -> Any:
@@ -47,12 +52,31 @@ def stale_state(now: Any) -> Any:
                  now).label("stale")
 
 
-# The bulk form: the newest material version per policy in effect (a tiny aggregate built once
-# per statement) compared with each state's version; the same rule, as a join instead of an
-# EXISTS per row.
-BULK_NEWEST = ("LEFT JOIN (SELECT policy_key, max(policy_version_id) AS newest FROM policy_purpose "
-               "WHERE tenant_id = :t AND purpose = :p AND material = {true} AND effective_at <= :now "
-               "GROUP BY policy_key) n ON n.policy_key = s.policy_key ")
+def _newest(tenant_id: Any, purpose: Any, now: Any) -> Any:
+    """The rule for every decision on a purpose at once: per policy, its newest version in
+    effect (a decision under an older one is stale). One tiny aggregate instead of an EXISTS
+    per decision."""
+    return (sa.select(PP.c.policy_key, sa.func.max(PP.c.policy_version_id).label("newest"))
+            .where(*_in_effect(tenant_id, purpose, now)).group_by(PP.c.policy_key).subquery("n"))
+
+
+_DIALECTS = {"sqlite": sqlite.dialect(), "postgresql": postgresql.dialect()}
+
+
+def _sql(expr: Any, dialect: str) -> str:
+    """``expr`` as SQL text to embed in a statement written as text, on one line. It holds no
+    bound values: the statement's row columns and placeholders go in as ``sa.literal_column``."""
+    return str(expr.compile(dialect=_DIALECTS[dialect], compile_kwargs={"literal_binds": True})).replace(" \n", " ")
+
+
+def _col(name: str) -> Any:
+    return sa.literal_column(name)
+
+
+def _stale_sql(dialect: str, now: str) -> str:
+    """``stale`` of the statement's ``consent_state s``."""
+    return _sql(stale(_col("s.tenant_id"), _col("s.purpose"), _col("s.policy_key"), _col("s.policy_version_id"),
+                      _col(now)), dialect)
 
 
 # --- API keys ---------------------------------------------------------------------------------
@@ -100,7 +124,7 @@ SELECT json_group_array(json_array(q.i, q.key_ok,
   CASE WHEN s.subject_id IS NULL
        THEN EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p) ELSE 1 END,
   q.sid, s.decision, s.confirmed, s.policy_version, {_RECORD_ID}, {_RECEIPT_OF},
-  CASE WHEN s.subject_id IS NOT NULL THEN {stale_sql("s", ":now", "1")} END, s.gpc))
+  CASE WHEN s.subject_id IS NOT NULL THEN {_stale_sql("sqlite", ":now")} END, s.gpc))
 FROM q
 LEFT JOIN consent_state s ON q.key_ok AND s.tenant_id = q.t AND s.purpose = q.p AND s.subject_id = q.sid
 """
@@ -126,7 +150,7 @@ LEFT JOIN LATERAL (
 ) AS sq ON true
 LEFT JOIN LATERAL (
   SELECT s.decision, s.confirmed, s.policy_version, {_RECORD_ID} AS record_id, {_RECEIPT_OF} AS receipt,
-         {stale_sql("s", "{now}", "true")} AS stale, s.gpc
+         {_stale_sql("postgresql", "{now}")} AS stale, s.gpc
   FROM consent_state s
   WHERE s.tenant_id = q.t AND s.purpose = q.p AND s.subject_id = sq.sid
 ) AS x ON true
@@ -157,9 +181,9 @@ def check_inputs_pg(items: list[tuple[str, str, str, str, str]]) -> list[dict[st
 # with hash joins and a parallel worker; for a few, the planner probes the indexes.
 # SQLite: json_each is the outer loop (left of every LEFT JOIN, which SQLite never reorders) and
 # drives probes of the covering indexes in the keys' sorted order, so consecutive probes share pages.
-_BULK_CODE = {"sqlite": "s.decision || s.confirmed || coalesce(n.newest > s.policy_version_id, 0)",
+_BULK_CODE = {"sqlite": "s.decision || s.confirmed || coalesce({stale}, 0)",
               "postgresql": "s.decision || CASE WHEN s.confirmed THEN '1' ELSE '0' END || "
-                            "CASE WHEN n.newest > s.policy_version_id THEN '1' ELSE '0' END"}
+                            "CASE WHEN {stale} THEN '1' ELSE '0' END"}
 _BULK_SQLITE = {
     False: ("SELECT json_group_object(j.value, {code}) FROM json_each(:keys) j "
             "LEFT JOIN subject_identifier si ON si.tenant_id = :t AND si.kind = :k AND si.value_hash = j.value "
@@ -176,10 +200,20 @@ _BULK_POSTGRES = {
            "{newest}WHERE s.tenant_id = :t AND s.purpose = :p "
            "AND s.subject_id IN (SELECT x FROM unnest(CAST(:keys AS text[])) x)"),
 }
-BULK = {(postgres, by_id): sa.text(
-    _BULK_POSTGRES[by_id].format(code=_BULK_CODE["postgresql"], newest=BULK_NEWEST.format(true="true")) if postgres
-    else _BULK_SQLITE[by_id].format(code=_BULK_CODE["sqlite"]) + BULK_NEWEST.format(true=1))
-    for postgres in (False, True) for by_id in (False, True)}
+# The rule in bulk: ``_newest`` of the statement's tenant and purpose, joined to the states by
+# policy; a state is stale when that newest version is newer than its own.
+_NEWEST = _newest(_col(":t"), _col(":p"), _col(":now"))
+
+
+def _bulk(dialect: str, template: str) -> Any:
+    stale_sql = _sql(_newer(_NEWEST.c.newest, _col("s.policy_version_id")), dialect)
+    newest = f"LEFT JOIN ({_sql(_NEWEST.element, dialect)}) n ON n.policy_key = s.policy_key "
+    return sa.text(template.format(code=_BULK_CODE[dialect].format(stale=stale_sql), newest=newest))
+
+
+BULK = {(postgres, by_id): _bulk("postgresql", _BULK_POSTGRES[by_id]) if postgres
+        else _bulk("sqlite", _BULK_SQLITE[by_id] + "{newest}")
+        for postgres in (False, True) for by_id in (False, True)}
 
 
 def pg_text_array(keys: list[str]) -> str:
