@@ -117,11 +117,9 @@ class SqliteReader(Reader):
     def _work_batch(self, conn: sqlite3.Connection, items: list[Item]) -> list[Row]:
         """Checks on ``conn`` with one statement (one snapshot): their rows, in order."""
         self.statements += 1
-        out = conn.execute(self._sql, {"inputs": orjson.dumps(items), "now": self._now()}).fetchone()[0]
-        rows = orjson.loads(out)
-        if [r[0] for r in rows] != list(range(len(items))):
-            raise sqlite3.DatabaseError(f"{len(rows)} rows out of order for {len(items)} checks")
-        return [tuple(r[1:]) for r in rows]
+        inputs, order = statements.check_input_sqlite(items)
+        answers, receipts = conn.execute(self._sql, {"inputs": inputs, "now": self._now()}).fetchone()
+        return statements.check_rows_sqlite(answers, receipts, order)
 
     async def check(self, item: Item) -> Row:
         if self._closed:

@@ -33,9 +33,10 @@ def check_rows(conn: sa.Connection, items: list[tuple[str, str, str, str, str]],
         rows = conn.execute(statements.CHECK["postgresql"],
                             {"inputs": orjson.dumps(statements.check_inputs_pg(items)).decode(), "now": now}).all()
         return [tuple(r[1:]) for r in rows]
-    out = conn.execute(statements.CHECK["sqlite"], {"inputs": orjson.dumps(items).decode(),
-                                                    "now": sqlite_time(now)}).scalar_one()
-    return [tuple(r[1:]) for r in orjson.loads(out)]
+    inputs, order = statements.check_input_sqlite(items)
+    answers, receipts = conn.execute(statements.CHECK["sqlite"], {"inputs": inputs.decode(),
+                                                                  "now": sqlite_time(now)}).one()
+    return statements.check_rows_sqlite(answers, receipts, order)
 
 
 def decision_answer(decision: str | None, *, confirmed: Any, stale: Any, policy_version: str | None,

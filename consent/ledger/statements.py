@@ -9,8 +9,10 @@ written as text are compiled once per dialect and parameter style at import.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -89,10 +91,11 @@ KEY = ("SELECT k.tenant_id, k.kind, t.hash_key FROM api_key k JOIN tenant t ON t
 
 # --- the single check, alone or batched -------------------------------------------------------
 # One statement answers any number of checks (one alone on the per-request executor, a batch on
-# the batched one). Input: a JSON array of [key digest, tenant id, kind, hash or subject id,
-# purpose]. Output per input, in input order: (i, key_ok, purpose_ok, subject_id, decision,
-# confirmed, policy_version, record_id, receipt, stale, gpc). ``subject_id`` is the subject the
-# identifier names when it is known, whether or not it has a decision on the purpose.
+# the batched one). A check is (key digest, tenant id, kind, hash or subject id, purpose), all
+# of a statement's in one JSON parameter (shaped per dialect); its answer, as the executors hand
+# it back in input order: (key_ok, purpose_ok, subject_id, decision, confirmed, policy_version,
+# record_id, receipt, stale, gpc). ``subject_id`` is the subject the identifier names when it is
+# known, whether or not it has a decision on the purpose.
 #
 # The current record's id and receipt come from consent_state's copy where it belongs to the
 # state's record (receipt_seq = record_seq, what every writer leaves), else from the record: the
@@ -104,30 +107,67 @@ def _copied(state_col: str, record_col: str) -> str:
 
 _RECORD_ID, _RECEIPT_OF = _copied("record_id", "id"), _copied("receipt", "receipt")
 
-# SQLite: one row holding a JSON array of answers (one step of the statement per batch, and one
-# string for orjson to parse, instead of a Python row per check). json_each is the outer loop (a LEFT JOIN is never
-# reordered, so json_group_array sees the inputs in order; ``i`` is checked anyway), then the
+# SQLite: one row of two texts: a JSON array of answers, and their receipts. In a batch, nearly
+# every check shares its key, tenant, kind and purpose with others, so the input is GROUPED by
+# them (``check_input_sqlite``): [[key digest, tenant id, kind, purpose, [hash or subject id,
+# ...]], ...]. Per group, once: its fields out of the JSON (``->>`` re-parses the element's text
+# on every use), whether the key works and whether the purpose exists. Per check: only the
 # identifier by its covering index (named: the planner would take the primary key and read the
-# table), consent_state by its keys, api_key by key_hash, policy_purpose by its index.
+# table), its consent_state row, and the staleness rule. Each LEFT JOIN is never reordered, so
+# the aggregates see the checks in group order (each answer starts with its group and position,
+# and ``check_rows_sqlite`` checks them). A receipt is a compact JWS (never empty, never a space)
+# and JSON-quoting its ~1 KB cost more than the rest of its answer: receipts come space-joined in
+# their own text, '' for none, and each answer holds null in their place.
 _CHECK_SQLITE = f"""
-WITH q AS MATERIALIZED (
-  SELECT j.key AS i, j.value ->> 1 AS t, j.value ->> 4 AS p,
-         EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = j.value ->> 0 AND k.tenant_id = j.value ->> 1
-                   AND {key_live_sql("k", ":now")}) AS key_ok,
-         CASE WHEN j.value ->> 2 = 'id'
-              THEN (SELECT su.id FROM subject su WHERE su.id = j.value ->> 3 AND su.tenant_id = j.value ->> 1)
-              ELSE (SELECT si.subject_id FROM subject_identifier si INDEXED BY {IDENTIFIER_COVER_INDEX}
-                    WHERE si.tenant_id = j.value ->> 1 AND si.kind = j.value ->> 2
-                      AND si.value_hash = j.value ->> 3) END AS sid
-  FROM json_each(:inputs) j)
-SELECT json_group_array(json_array(q.i, q.key_ok,
-  CASE WHEN s.subject_id IS NULL
-       THEN EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = q.t AND pu.key = q.p) ELSE 1 END,
-  q.sid, s.decision, s.confirmed, s.policy_version, {_RECORD_ID}, {_RECEIPT_OF},
-  CASE WHEN s.subject_id IS NOT NULL THEN {_stale_sql("sqlite", ":now")} END, s.gpc))
-FROM q
-LEFT JOIN consent_state s ON q.key_ok AND s.tenant_id = q.t AND s.purpose = q.p AND s.subject_id = q.sid
+WITH g AS MATERIALIZED (
+  SELECT key AS gi, value ->> 1 AS t, value ->> 2 AS kind, value ->> 3 AS p,
+         EXISTS (SELECT 1 FROM api_key k WHERE k.key_hash = value ->> 0 AND k.tenant_id = value ->> 1
+                 AND {key_live_sql("k", ":now")}) AS key_ok,
+         EXISTS (SELECT 1 FROM purpose pu WHERE pu.tenant_id = value ->> 1 AND pu.key = value ->> 3) AS purpose_ok
+  FROM json_each(:inputs))
+SELECT json_group_array(json_array(g.gi, c.key, g.key_ok, s.subject_id IS NOT NULL OR g.purpose_ok,
+         coalesce(si.subject_id, su.id), s.decision, s.confirmed, s.policy_version, {_RECORD_ID},
+         NULL, CASE WHEN s.subject_id IS NOT NULL THEN {_stale_sql("sqlite", ":now")} END, s.gpc)),
+       group_concat(coalesce({_RECEIPT_OF}, ''), ' ')
+FROM g JOIN json_each(:inputs, format('$[%d][4]', g.gi)) c
+LEFT JOIN subject_identifier si INDEXED BY {IDENTIFIER_COVER_INDEX}
+  ON g.kind <> 'id' AND si.tenant_id = g.t AND si.kind = g.kind AND si.value_hash = c.value
+LEFT JOIN subject su ON g.kind = 'id' AND su.id = c.value AND su.tenant_id = g.t
+LEFT JOIN consent_state s ON g.key_ok AND s.tenant_id = g.t AND s.purpose = g.p
+  AND s.subject_id = coalesce(si.subject_id, su.id)
 """
+
+
+def check_input_sqlite(items: list[tuple[str, str, str, str, str]]) -> tuple[bytes, list[tuple[int, int, int]]]:
+    """The SQLite statement's input for checks given as (kh, t, kind, h, p), and for each answer
+    it gives, in order: its group, its position in the group and its position in ``items``."""
+    groups: dict[tuple[str, str, str, str], tuple[list[str], list[int]]] = {}
+    for n, (kh, t, kind, h, p) in enumerate(items):
+        group = groups.get((kh, t, kind, p))
+        if group is None:
+            groups[(kh, t, kind, p)] = group = ([], [])
+        group[0].append(h)
+        group[1].append(n)
+    order = [(gi, i, n) for gi, (_, ns) in enumerate(groups.values()) for i, n in enumerate(ns)]
+    return orjson.dumps([[*key, hs] for key, (hs, _) in groups.items()]), order
+
+
+def check_rows_sqlite(answers: str, receipts: str, order: list[tuple[int, int, int]]) -> list[tuple[Any, ...]]:
+    """The rows of the SQLite statement's output (its two texts), in the order of the items
+    ``check_input_sqlite`` was given: (key_ok, purpose_ok, subject_id, decision, confirmed,
+    policy_version, record_id, receipt, stale, gpc) each."""
+    rows = orjson.loads(answers)
+    receipt = receipts.split(" ")
+    if len(rows) != len(order) or len(receipt) != len(order):
+        raise sqlite3.DatabaseError(f"{len(rows)} answers and {len(receipt)} receipts for {len(order)} checks")
+    out: list[tuple[Any, ...]] = [()] * len(order)
+    for r, rc, (gi, i, n) in zip(rows, receipt, order):
+        if r[0] != gi or r[1] != i:
+            raise sqlite3.DatabaseError(f"answer {r[:2]} where {[gi, i]} was due")
+        r[9] = rc or None
+        out[n] = tuple(r[2:])
+    return out
+
 
 # PostgreSQL: one row per input, in input order. The inputs travel as ONE JSON text unpacked by
 # json_to_recordset in C (no per-element array dumping in the driver); LATERAL keeps every
