@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from consent import crypto
-from consent.ledger import batch_reads, checks
+from consent.ledger import batch_reads, checks, statements
 from consent.store import db, models
 from consent.web.http import query_pairs
 
@@ -290,6 +290,17 @@ def test_sqlite_reader_declines_database_errors_and_reconnects(tmp_path) -> None
             await reader.check(item)
 
     asyncio.run(run())
+
+
+def test_sqlite_check_input_is_bound_as_text() -> None:
+    """Bound as bytes, the input would be a BLOB, which SQLite 3.45 and later read as binary
+    JSONB (not the text JSON the statement sends): it must reach SQLite as text."""
+    items = [("0" * 64, "ten_x", "email", "h1", "p"), ("0" * 64, "ten_x", "id", "sub_x", "p"),
+             ("0" * 64, "ten_x", "email", "h2", "p")]
+    inputs, order = statements.check_input_sqlite(items)
+    assert sqlite3.connect(":memory:").execute("SELECT typeof(?)", (inputs,)).fetchone()[0] == "text"
+    assert sorted(n for _, _, n in order) == [0, 1, 2]  # every check answered once
+    assert [(g, i) for g, i, _ in order] == [(0, 0), (0, 1), (1, 0)]  # grouped by key, tenant, kind, purpose
 
 
 @settings(max_examples=300, deadline=None)

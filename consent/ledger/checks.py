@@ -34,7 +34,7 @@ def check_rows(conn: sa.Connection, items: list[tuple[str, str, str, str, str]],
                             {"inputs": orjson.dumps(statements.check_inputs_pg(items)).decode(), "now": now}).all()
         return [tuple(r[1:]) for r in rows]
     inputs, order = statements.check_input_sqlite(items)
-    answers, receipts = conn.execute(statements.CHECK["sqlite"], {"inputs": inputs.decode(),
+    answers, receipts = conn.execute(statements.CHECK["sqlite"], {"inputs": inputs,
                                                                   "now": sqlite_time(now)}).one()
     return statements.check_rows_sqlite(answers, receipts, order)
 

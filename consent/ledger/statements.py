@@ -138,9 +138,10 @@ LEFT JOIN consent_state s ON g.key_ok AND s.tenant_id = g.t AND s.purpose = g.p
 """
 
 
-def check_input_sqlite(items: list[tuple[str, str, str, str, str]]) -> tuple[bytes, list[tuple[int, int, int]]]:
+def check_input_sqlite(items: list[tuple[str, str, str, str, str]]) -> tuple[str, list[tuple[int, int, int]]]:
     """The SQLite statement's input for checks given as (kh, t, kind, h, p), and for each answer
-    it gives, in order: its group, its position in the group and its position in ``items``."""
+    it gives, in order: its group, its position in the group and its position in ``items``. The
+    input is text: bound as bytes it would be a BLOB, which SQLite 3.45+ reads as binary JSONB."""
     groups: dict[tuple[str, str, str, str], tuple[list[str], list[int]]] = {}
     for n, (kh, t, kind, h, p) in enumerate(items):
         group = groups.get((kh, t, kind, p))
@@ -149,7 +150,7 @@ def check_input_sqlite(items: list[tuple[str, str, str, str, str]]) -> tuple[byt
         group[0].append(h)
         group[1].append(n)
     order = [(gi, i, n) for gi, (_, ns) in enumerate(groups.values()) for i, n in enumerate(ns)]
-    return orjson.dumps([[*key, hs] for key, (hs, _) in groups.items()]), order
+    return orjson.dumps([[*key, hs] for key, (hs, _) in groups.items()]).decode(), order
 
 
 def check_rows_sqlite(answers: str, receipts: str, order: list[tuple[int, int, int]]) -> list[tuple[Any, ...]]:
