@@ -25,7 +25,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from sqlalchemy.engine import Engine
 
 from consent.ledger import pgraw, statements
@@ -209,7 +208,7 @@ class PostgresReader(Reader):
 
     async def _execute(self, conn: Any, items: list[Item]) -> list[Row]:
         self.statements += 1
-        inputs = orjson.dumps(statements.check_inputs_pg(items))
+        inputs = statements.check_input_pg(items)
         res = await _PG_BATCH.run(conn, [inputs, utcnow().isoformat().encode()])
         if res.ntuples != len(items):
             raise pgraw.StatementError(f"{res.ntuples} rows for {len(items)} checks")

@@ -31,7 +31,7 @@ def check_rows(conn: sa.Connection, items: list[tuple[str, str, str, str, str]],
     same checks ((key digest, tenant id, kind, hash or subject id, purpose) each), in order."""
     if conn.dialect.name == "postgresql":
         rows = conn.execute(statements.CHECK["postgresql"],
-                            {"inputs": orjson.dumps(statements.check_inputs_pg(items)).decode(), "now": now}).all()
+                            {"inputs": statements.check_input_pg(items).decode(), "now": now}).all()
         return [tuple(r[1:]) for r in rows]
     inputs, order = statements.check_input_sqlite(items)
     answers, receipts = conn.execute(statements.CHECK["sqlite"], {"inputs": inputs,

@@ -153,6 +153,9 @@ def check_input_sqlite(items: list[tuple[str, str, str, str, str]]) -> tuple[str
     return orjson.dumps([[*key, hs] for key, (hs, _) in groups.items()]).decode(), order
 
 
+_RECEIPT_AT = 9  # the receipt's place in an answer: after group, position and 7 columns
+
+
 def check_rows_sqlite(answers: str, receipts: str, order: list[tuple[int, int, int]]) -> list[tuple[Any, ...]]:
     """The rows of the SQLite statement's output (its two texts), in the order of the items
     ``check_input_sqlite`` was given: (key_ok, purpose_ok, subject_id, decision, confirmed,
@@ -165,7 +168,7 @@ def check_rows_sqlite(answers: str, receipts: str, order: list[tuple[int, int, i
     for r, rc, (gi, i, n) in zip(rows, receipt, order):
         if r[0] != gi or r[1] != i:
             raise sqlite3.DatabaseError(f"answer {r[:2]} where {[gi, i]} was due")
-        r[9] = rc or None
+        r[_RECEIPT_AT] = rc or None
         out[n] = tuple(r[2:])
     return out
 
@@ -205,9 +208,11 @@ CHECK = {  # SQLAlchemy, bound names :inputs and :now
 CHECK_PG_TYPES = ("json", "timestamptz")
 
 
-def check_inputs_pg(items: list[tuple[str, str, str, str, str]]) -> list[dict[str, Any]]:
-    """The PostgreSQL statement's JSON input for checks given as (kh, t, kind, h, p)."""
-    return [{"i": i, "kh": kh, "t": t, "kind": kind, "h": h, "p": p} for i, (kh, t, kind, h, p) in enumerate(items)]
+def check_input_pg(items: list[tuple[str, str, str, str, str]]) -> bytes:
+    """The PostgreSQL statement's input (JSON, as libpq takes a parameter) for checks given as
+    (kh, t, kind, h, p)."""
+    return orjson.dumps([{"i": i, "kh": kh, "t": t, "kind": kind, "h": h, "p": p}
+                         for i, (kh, t, kind, h, p) in enumerate(items)])
 
 
 # --- the bulk check ---------------------------------------------------------------------------
